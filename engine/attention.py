@@ -1,0 +1,171 @@
+"""Attention over the paged KV cache, behind one interface.
+
+A step's batch is ragged: the new tokens of every scheduled sequence are flattened into one
+`(T, ...)` tensor, sequence `i` owning rows `query_start_loc[i]:query_start_loc[i + 1]`. A row is
+either a prefill-chunk token or the one decode token of a running sequence; nothing is padded.
+
+KV cache of one layer (the layout the model runner allocates and kv_transfer moves)::
+
+    kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim)
+               ^ 0 = keys, 1 = values
+    slot = block_id * block_size + offset_in_block
+
+This file holds the torch implementation used on CPU (and as the GPU kernels' oracle); the Triton
+kernels come later behind the same `AttentionBackend` interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where each new token goes in the cache and what each sequence attends to.
+
+    `seq_lens[i]` is sequence i's context length in tokens after this step (cached + new);
+    `block_tables[i]` holds its block ids, enough blocks to cover `seq_lens[i]`.
+    """
+
+    slot_mapping: torch.Tensor  # (T,) int64
+    query_start_loc: list[int]  # (S + 1,)
+    seq_lens: list[int]  # (S,)
+    block_tables: list[torch.Tensor]  # S x (num_blocks_i,) int64
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+
+class AttentionBackend(ABC):
+    """Computes attention for one layer and writes the layer's new K/V into its cache."""
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # (T, num_heads, head_dim)
+        k: torch.Tensor,  # (T, num_kv_heads, head_dim)
+        v: torch.Tensor,  # (T, num_kv_heads, head_dim)
+        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:  # (T, num_heads, head_dim)
+        """Store k/v at `meta.slot_mapping`, then attend causally over each sequence's context."""
+
+
+class TorchPagedAttention(AttentionBackend):
+    """Reference implementation in plain torch.
+
+    Decode rows (one query per sequence) are attended together in one batched product over
+    the sequences' gathered blocks (masked past each sequence's length); prefill chunks go
+    through SDPA one sequence at a time.
+    """
+
+    def forward(self, q, k, v, kv_cache, meta, scale, sliding_window):  # type: ignore[override]
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        flat_k = kv_cache[0].view(-1, num_kv_heads, head_dim)
+        flat_v = kv_cache[1].view(-1, num_kv_heads, head_dim)
+        flat_k.index_copy_(0, meta.slot_mapping, k)
+        flat_v.index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty_like(q)
+        decodes = []
+        for i, seq_len in enumerate(meta.seq_lens):
+            start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            if end - start == 1:
+                decodes.append(i)
+                continue
+            blocks = meta.block_tables[i]
+            keys = kv_cache[0, blocks].flatten(0, 1)[:seq_len]  # (L, Hkv, D)
+            values = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+            out[start:end] = attend(q[start:end], keys, values, scale, sliding_window)
+        if decodes:
+            rows = torch.tensor([meta.query_start_loc[i] for i in decodes], device=q.device)
+            out[rows] = attend_decode(q[rows], kv_cache, meta, decodes, scale, sliding_window)
+        return out
+
+
+def attend_decode(
+    q: torch.Tensor,  # (S, H, D): one query per sequence, at position seq_len - 1
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D)
+    meta: AttentionMetadata,
+    seqs: list[int],  # which of meta's sequences these rows belong to
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:  # (S, H, D)
+    """One batched attention for single-token queries over each sequence's paged context."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    lens = torch.tensor([meta.seq_lens[i] for i in seqs], device=q.device)
+    max_blocks = max(meta.block_tables[i].numel() for i in seqs)
+    tables = torch.zeros(num_seqs, max_blocks, dtype=torch.long, device=q.device)
+    for row, i in enumerate(seqs):
+        tables[row, : meta.block_tables[i].numel()] = meta.block_tables[i]
+    span = max_blocks * block_size
+    keys = kv_cache[0, tables].view(num_seqs, span, num_kv_heads, head_dim)
+    values = kv_cache[1, tables].view(num_seqs, span, num_kv_heads, head_dim)
+    group = num_heads // num_kv_heads
+    qg = q.view(num_seqs, num_kv_heads, group, head_dim)  # (S, Hkv, G, D)
+    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)) * scale  # (S, Hkv, G, span)
+    key_pos = torch.arange(span, device=q.device)
+    visible = key_pos < lens.unsqueeze(1)  # (S, span)
+    if sliding_window is not None:
+        visible &= key_pos > (lens - 1 - sliding_window).unsqueeze(1)
+    scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+    out = torch.matmul(probs, values.transpose(1, 2))  # (S, Hkv, G, D)
+    return out.view(num_seqs, num_heads, head_dim)
+
+
+def attend(
+    q: torch.Tensor,  # (Lq, H, D): the last Lq positions of the context
+    keys: torch.Tensor,  # (L, Hkv, D)
+    values: torch.Tensor,  # (L, Hkv, D)
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:  # (Lq, H, D)
+    """Causal (optionally sliding-window) attention of the last `Lq` positions over `L` keys.
+
+    Query j sits at absolute position p = L - Lq + j and sees keys t with t <= p and, with a
+    window W, t > p - W (W keys including itself, as transformers masks it).
+    """
+    num_q, seq_len = q.shape[0], keys.shape[0]
+    group = q.shape[1] // keys.shape[1]
+    if group > 1:  # SDPA's enable_gqa is far slower on CPU than repeating K/V
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    mask = _causal_mask(num_q, seq_len, sliding_window, q.device)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),  # (H, Lq, D)
+        keys.transpose(0, 1),  # (H, L, D)
+        values.transpose(0, 1),
+        attn_mask=mask,
+        is_causal=mask is None and num_q > 1,
+        scale=scale,
+    )
+    return out.transpose(0, 1)
+
+
+def _causal_mask(
+    num_q: int, seq_len: int, sliding_window: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean (Lq, L) mask, or None where plain causal (or no mask) is exact."""
+    windowed = sliding_window is not None and seq_len > sliding_window
+    if not windowed and (num_q == 1 or num_q == seq_len):
+        return None
+    pos = torch.arange(seq_len - num_q, seq_len, device=device).unsqueeze(1)  # (Lq, 1)
+    key_pos = torch.arange(seq_len, device=device).unsqueeze(0)  # (1, L)
+    mask = key_pos <= pos
+    if sliding_window is not None and windowed:
+        mask &= key_pos > pos - sliding_window
+    return mask
+
+
+def get_attention_backend(device: torch.device) -> AttentionBackend:
+    """The attention implementation for `device` (torch everywhere until the GPU kernels land)."""
+    return TorchPagedAttention()

@@ -1,0 +1,220 @@
+"""Engine configuration: small dataclasses, one per concern.
+
+`ModelConfig` is parsed from a local Hugging Face directory's `config.json`; `CacheConfig` sizes
+the paged KV cache; `SchedulerConfig` bounds each step's batch. `EngineConfig` bundles them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """What the engine needs to know about a Llama-family model.
+
+    Lengths are in tokens. `rope_scaling` is None or a dict with at least `rope_type`.
+    """
+
+    model: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_model_len: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_proj_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    dtype: torch.dtype
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | Path, dtype: str | torch.dtype = "auto", max_model_len: int | None = None
+    ) -> ModelConfig:
+        """Read `config.json` (and `generation_config.json` for extra eos ids) from `model`."""
+        path = Path(model)
+        hf = _read_json(path / "config.json", what="model config")
+        archs = hf.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"model: unsupported architecture {archs or hf.get('model_type')!r} in {path}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        rope_theta, rope_scaling = _parse_rope(hf)
+        num_heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        context = int(hf.get("max_position_embeddings", 2048))
+        if max_model_len is not None and not 1 <= max_model_len <= context:
+            raise ValueError(
+                f"max_model_len must be in [1, {context}] (the model's context), "
+                f"got {max_model_len}"
+            )
+        return cls(
+            model=str(path),
+            architecture=arch,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(hf.get("head_dim") or hidden // num_heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_model_len=max_model_len or context,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            o_proj_bias=arch != "Qwen2ForCausalLM" and bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=_sliding_window(hf, arch),
+            dtype=_resolve_dtype(dtype, hf),
+            eos_token_ids=_eos_ids(path, hf),
+            bos_token_id=hf.get("bos_token_id"),
+        )
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """Paged KV cache sizing. `block_size` is in tokens; the budget is in bytes.
+
+    `num_blocks`, when set, overrides the byte budget (tests use it to force preemption).
+    """
+
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 1 << 30
+    num_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_memory_bytes < 1:
+            raise ValueError(
+                f"kv_cache_memory_bytes must be >= 1, got {self.kv_cache_memory_bytes}"
+            )
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """Per-step limits: tokens computed in one forward pass and sequences in the batch."""
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything one engine instance runs with."""
+
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.parent.is_dir():
+        raise ValueError(f"model: directory {path.parent} does not exist")
+    if not path.is_file():
+        raise ValueError(f"model: {path.parent} has no {path.name} ({what})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"model: {path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"model: {path} must hold a JSON object")
+    return data
+
+
+def _parse_rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """Normalise transformers' `rope_parameters` (v5) and `rope_theta`/`rope_scaling` (v4)."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = dict(hf.get("rope_scaling") or params)
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"model: unsupported rope_type {rope_type!r}; supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    scaling.pop("rope_theta", None)
+    return theta, (None if rope_type == "default" else {"rope_type": rope_type, **scaling})
+
+
+def _sliding_window(hf: dict[str, Any], arch: str) -> int | None:
+    window = hf.get("sliding_window")
+    qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    if arch == "LlamaForCausalLM" or (qwen and not hf.get("use_sliding_window", False)):
+        return None
+    return int(window) if window else None
+
+
+def _resolve_dtype(dtype: str | torch.dtype, hf: dict[str, Any]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _eos_ids(path: Path, hf: dict[str, Any]) -> list[int]:
+    ids: list[int] = []
+    sources = [hf.get("eos_token_id")]
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        with contextlib.suppress(json.JSONDecodeError):
+            sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for src in sources:
+        for tok in src if isinstance(src, list) else [src]:
+            if isinstance(tok, int) and tok not in ids:
+                ids.append(tok)
+    return ids

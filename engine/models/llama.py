@@ -1,0 +1,199 @@
+"""The Llama family of decoder-only transformers (Touvron et al. 2023, "Llama 2"; Llama 3) in torch.
+
+One implementation covers the architectures `engine.config.ModelConfig` accepts; they differ
+only in switches the config carries:
+
+    Llama 2/3   rope scaling "linear" / "llama3"
+    Qwen2       bias on q/k/v
+    Qwen3       per-head RMSNorm on q and k before rotary, explicit head_dim
+    Mistral     sliding-window attention (handled by the attention backend)
+
+The batch is ragged and flattened: `T` is the total number of new tokens of all sequences this
+step; the attention backend reads and writes the paged KV cache. Weights follow transformers'
+names except that q/k/v are fused into `qkv_proj` and gate/up into `gate_up_proj` (one GEMM each);
+`engine.models.loader` fills them from a Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionBackend, AttentionMetadata
+from engine.config import ModelConfig
+from engine.models.rotary import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019) over the last dim, computed in float32.
+
+    Op order matches transformers' LlamaRMSNorm, so float32 results agree to rounding.
+    """
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim) -> (..., dim)
+        h = x.to(torch.float32)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention of one layer; the backend does the cache and the softmax."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.sliding_window = config.sliding_window
+        self.attn_backend = attn_backend
+        dtype = config.dtype
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias, dtype=dtype
+        )
+        self.o_proj = nn.Linear(
+            self.q_size, config.hidden_size, bias=config.o_proj_bias, dtype=dtype
+        )
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (T, hidden)
+        cos_sin: torch.Tensor,  # (T, 2, 1, head_dim)
+        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
+        attn_meta: AttentionMetadata,
+    ) -> torch.Tensor:  # (T, hidden)
+        num_tokens = x.shape[0]
+        qkv = self.qkv_proj(x)  # (T, q_size + 2 * kv_size)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos_sin), apply_rotary(k, cos_sin)
+        out = self.attn_backend.forward(
+            q, k, v, kv_cache, attn_meta, scale=self.scale, sliding_window=self.sliding_window
+        )  # (T, H, D)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        dtype, bias = config.dtype, config.mlp_bias
+        self.gate_up_proj = nn.Linear(
+            config.hidden_size, 2 * config.intermediate_size, bias=bias, dtype=dtype
+        )
+        self.down_proj = nn.Linear(
+            config.intermediate_size, config.hidden_size, bias=bias, dtype=dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, hidden) -> (T, hidden)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        self.self_attn = LlamaAttention(config, layer_idx, attn_backend)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, config.dtype
+        )
+        self.mlp = LlamaMLP(config)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # (T, hidden)
+        cos_sin: torch.Tensor,  # (T, 2, 1, head_dim)
+        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
+        attn_meta: AttentionMetadata,
+    ) -> torch.Tensor:  # (T, hidden)
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, attn_meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and the final norm: token ids -> last hidden states."""
+
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=config.dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, attn_backend) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        self.rotary = RotaryEmbedding(
+            config.head_dim,
+            config.max_model_len,
+            config.rope_theta,
+            config.rope_scaling,
+            config.dtype,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (T,) int64
+        positions: torch.Tensor,  # (T,) int64
+        kv_caches: list[torch.Tensor],  # num_layers x (2, num_blocks, block_size, Hkv, D)
+        attn_meta: AttentionMetadata,
+    ) -> torch.Tensor:  # (T, hidden), final-normed
+        hidden = self.embed_tokens(input_ids)  # (T, hidden)
+        cos_sin = self.rotary.lookup(positions)  # (T, 2, 1, D), shared by every layer
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(hidden, cos_sin, kv_cache, attn_meta)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family language model over a paged KV cache.
+
+    `forward` returns the final-normed hidden states of every new token (a speculator such as
+    EAGLE can read them); `compute_logits` projects only the rows the sampler needs.
+    Parameters are created in `config.dtype` on the current default device and left for
+    `engine.models.loader.load_model` to overwrite.
+    """
+
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, attn_backend)
+        self.lm_head = nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False, dtype=config.dtype
+        )
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (T,) int64, the ragged batch flattened
+        positions: torch.Tensor,  # (T,) int64 absolute positions in each sequence
+        kv_caches: list[torch.Tensor],  # num_layers x (2, num_blocks, block_size, Hkv, D)
+        attn_meta: AttentionMetadata,
+    ) -> torch.Tensor:  # (T, hidden_size)
+        """Run the new tokens through the model, writing their K/V into `kv_caches`."""
+        return self.model(input_ids, positions, kv_caches, attn_meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) hidden states -> (N, vocab_size) float32 logits."""
+        return self.lm_head(hidden).float()
