@@ -1,0 +1,82 @@
+"""The engine core: schedule, run, update. Token ids in, token ids out; no text.
+
+Both worker roles host one `EngineCore`; `LLMEngine` wraps it with tokenization and
+detokenization for the offline API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from engine.config import EngineConfig
+from engine.kv_cache.manager import KVCacheManager, cdiv
+from engine.model_runner import ModelRunner
+from engine.outputs import EngineCoreOutput
+from engine.request import Request, RequestStatus
+from engine.scheduler.output import SchedulerOutput
+from engine.scheduler.scheduler import Scheduler
+
+
+class EngineCore:
+    """One model, one KV cache, one scheduler; `step()` runs one batch."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a validated request. Raises ValueError if it could never fit the KV cache."""
+        longest = min(
+            request.num_prompt_tokens + request.max_tokens, self.config.model.max_model_len
+        )
+        needed = cdiv(longest, self.config.cache.block_size)
+        if needed > self.kv.pool.num_blocks:
+            raise ValueError(
+                f"prompt plus max_tokens ({longest} tokens) needs {needed} KV blocks, but the KV "
+                f"cache holds {self.kv.pool.num_blocks}: lower max_tokens or raise the cache size"
+            )
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
+        """Stop the given requests now and free their blocks; unknown ids are ignored."""
+        return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def stop_requests(self, request_ids: Iterable[str]) -> list[Request]:
+        """Finish requests as stopped (a stop string matched in their text)."""
+        return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        """Schedule a batch, run it, and return what each request produced."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        result = self.runner.execute(scheduled)
+        self._advance_prompt_logprobs(scheduled)
+        outputs = self.scheduler.update_from_output(scheduled, result.sampled)
+        by_id = {o.request_id: o for o in outputs}
+        for request_id, rows in result.prompt_logprobs.items():
+            out = by_id.get(request_id)
+            if out is None:
+                out = by_id[request_id] = EngineCoreOutput(request_id, [])
+                outputs.append(out)
+            out.prompt_logprobs = rows
+        for request_id, rows in result.logprobs.items():
+            by_id[request_id].new_logprobs = rows
+        return outputs
+
+    def check_integrity(self, expect_all_free: bool = False) -> None:
+        """The block pool's accounting check; with `expect_all_free`, also that nothing leaked."""
+        self.kv.check_integrity(expect_all_free=expect_all_free)
+
+    @staticmethod
+    def _advance_prompt_logprobs(scheduled: SchedulerOutput) -> None:
+        for item in scheduled.scheduled:
+            request = item.request
+            if request.params.prompt_logprobs is not None:
+                end = min(item.start + item.num_tokens, request.num_prompt_tokens - 1)
+                request.prompt_logprob_pos = max(request.prompt_logprob_pos, end)

@@ -1,0 +1,139 @@
+"""The offline API, shaped like vLLM's: `LLM(model=DIR).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from engine.llm_engine import LLMEngine, Prompt
+from engine.outputs import RequestOutput, StreamOutput
+from engine.sampling_params import SamplingParams
+
+Message = dict[str, Any]
+
+
+class LLM:
+    """Runs a model in this process. Keyword arguments are `LLMEngine.from_args`'s."""
+
+    def __init__(self, model: str, **engine_args: Any) -> None:
+        self.engine = LLMEngine.from_args(str(model), **engine_args)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); outputs come back in prompt order."""
+        batch = _as_batch(prompts)
+        params = _params_per_prompt(sampling_params, len(batch))
+        return self._run(batch, params, add_special_tokens=True, use_tqdm=use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.apply_chat_template(c, tools, chat_template_kwargs) for c in conversations]
+        params = _params_per_prompt(sampling_params, len(prompts))
+        return self._run(prompts, params, add_special_tokens=False, use_tqdm=use_tqdm)
+
+    def stream(
+        self,
+        prompt: Prompt | list[Message],
+        sampling_params: SamplingParams | None = None,
+        chat: bool = False,
+    ) -> Iterator[StreamOutput]:
+        """Yield each completion's new text as it is generated (stop strings held back)."""
+        engine = self.engine
+        params = sampling_params or SamplingParams()
+        add_special = not chat
+        if chat:
+            prompt = self.apply_chat_template(prompt)  # type: ignore[arg-type]
+        request_id = engine.next_request_id()
+        engine.add_request(request_id, prompt, params, add_special_tokens=add_special)  # type: ignore[arg-type]
+        try:
+            while engine.has_unfinished_requests():
+                for state in engine.step():
+                    yield from engine.output_processor.stream_deltas(state)
+        finally:
+            engine.abort_request([request_id])
+
+    def apply_chat_template(
+        self,
+        messages: list[Message],
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        tokenizer = self.engine.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("messages: this model's tokenizer has no chat template")
+        return tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=True,
+            **(chat_template_kwargs or {}),
+        )
+
+    def check_integrity(self) -> None:
+        """Assert the KV block pool is consistent and every block is free (tests call this)."""
+        self.engine.check_integrity(expect_all_free=True)
+
+    def _run(
+        self,
+        prompts: list[Prompt],
+        params: list[SamplingParams],
+        add_special_tokens: bool,
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        engine = self.engine
+        ids = [engine.next_request_id() for _ in prompts]
+        added: list[str] = []
+        try:
+            for request_id, prompt, p in zip(ids, prompts, params, strict=False):
+                engine.add_request(request_id, prompt, p, add_special_tokens=add_special_tokens)
+                added.append(request_id)
+            return self._drain(ids, use_tqdm)
+        finally:
+            engine.abort_request(added)  # no-op for finished requests; frees on error
+
+    def _drain(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
+            while len(results) < len(ids) and self.engine.has_unfinished_requests():
+                for state in self.engine.step():
+                    if state.finished:
+                        results[state.request_id] = state.to_output()
+                        bar.update(1)
+        return [results[i] for i in ids]
+
+
+def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # type: ignore[list-item]
+    return list(prompts)  # type: ignore[arg-type]
+
+
+def _params_per_prompt(
+    params: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise ValueError(f"sampling_params: got {len(params)} for {n} prompts")
+    return list(params)

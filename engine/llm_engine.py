@@ -1,0 +1,146 @@
+"""`LLMEngine`: the engine core plus tokenization, validation and detokenization.
+
+Used in-process by the offline `LLM` API. Requests are validated in full before anything is
+queued, so a bad request raises ValueError and leaves the running ones untouched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.core import EngineCore
+from engine.detokenizer import IncrementalDetokenizer
+from engine.models.loader import load_tokenizer
+from engine.output_processor import CompletionState, OutputProcessor, RequestState
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+class LLMEngine:
+    """Add requests, call `step()` until done; each step returns the requests it advanced."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model.model)
+        self.core = EngineCore(config)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_args(
+        cls,
+        model: str,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        kv_cache_memory_bytes: int = 1 << 30,
+        num_kv_blocks: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> LLMEngine:
+        """Build the configs from flat arguments (the `LLM` and CLI spelling)."""
+        config = EngineConfig(
+            model=ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len),
+            cache=CacheConfig(block_size, kv_cache_memory_bytes, num_kv_blocks),
+            scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs),
+            device=torch.device(device),
+            seed=seed,
+        )
+        torch.manual_seed(seed)
+        return cls(config)
+
+    def next_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def tokenize(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        return [int(t) for t in prompt]
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        add_special_tokens: bool = True,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate, tokenize and queue one request (fanned out to `params.n` children)."""
+        if request_id in self.output_processor.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        token_ids = self.tokenize(prompt, add_special_tokens)
+        max_tokens = self._validate(token_ids, params)
+        arrival = arrival_time or time.time()
+        eos = tuple(self.config.model.eos_token_ids)
+        children: dict[str, CompletionState] = {}
+        for index in range(params.n):
+            child_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            child_params = _child_params(params, index)
+            request = Request(child_id, token_ids, child_params, max_tokens, eos, arrival)
+            detok = IncrementalDetokenizer(self.tokenizer, child_params, token_ids)
+            children[child_id] = CompletionState(index, request, detok)
+        added: list[str] = []
+        try:
+            for child_id, completion in children.items():
+                self.core.add_request(completion.request)
+                added.append(child_id)
+        except ValueError:
+            self.core.abort_requests(added)
+            raise
+        text = prompt if isinstance(prompt, str) else None
+        self.output_processor.add(RequestState(request_id, text, token_ids, children))
+
+    def abort_request(self, request_ids: Sequence[str]) -> None:
+        """Abort user requests (all their completions) and free their blocks."""
+        for request_id in request_ids:
+            self.core.abort_requests(self.output_processor.remove(request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def step(self) -> list[RequestState]:
+        """Run one batch; return the states of the requests it advanced."""
+        states, stopped = self.output_processor.process(self.core.step())
+        if stopped:
+            self.core.stop_requests(stopped)
+        return states
+
+    def check_integrity(self, expect_all_free: bool = False) -> None:
+        self.core.check_integrity(expect_all_free=expect_all_free)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
+        """Check the prompt against the model; return the resolved max_tokens."""
+        model = self.config.model
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        if not all(0 <= t < model.vocab_size for t in token_ids):
+            bad = next(t for t in token_ids if not 0 <= t < model.vocab_size)
+            raise ValueError(
+                f"prompt_token_ids must be in [0, {model.vocab_size}) (the vocabulary), got {bad}"
+            )
+        if len(token_ids) >= model.max_model_len:
+            raise ValueError(
+                f"prompt is {len(token_ids)} tokens, but the model's context (max_model_len) is "
+                f"{model.max_model_len}: the prompt must be shorter than max_model_len"
+            )
+        params.verify_token_ids(model.vocab_size)
+        room = model.max_model_len - len(token_ids)
+        return room if params.max_tokens is None else min(params.max_tokens, room)
+
+
+def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """vLLM's fan-out: each child samples once; seeded children get seed + index."""
+    if params.n == 1:
+        return params
+    seed = None if params.seed is None else params.seed + index
+    return replace(params, n=1, seed=seed)

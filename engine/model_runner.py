@@ -1,0 +1,193 @@
+"""Turns a `SchedulerOutput` into tensors, runs the forward pass, and samples.
+
+The model runner knows nothing of queues or policies: it reads the scheduled requests (tokens,
+positions, block ids), builds one ragged batch, computes logits only for the rows that need them
+(the last token of each request that samples, and prompt positions whose logprobs were asked
+for), and samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.config import EngineConfig, ModelConfig
+from engine.models.loader import load_model
+from engine.sampling.logprobs import LogprobsTensors, compute_prompt_logprobs
+from engine.sampling.metadata import SamplingMetadata, SamplingRow
+from engine.sampling.sampler import Sampler
+from engine.scheduler.output import ScheduledRequest, SchedulerOutput
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """Per request id: the sampled token, its logprobs row, and prompt logprobs rows."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, LogprobsTensors] = field(default_factory=dict)
+    prompt_logprobs: dict[str, LogprobsTensors] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _PromptLogprobsSlice:
+    request_id: str
+    rows: slice  # rows of the logits tensor
+    targets: list[int]  # the prompt token each row scores
+    num_top: int
+
+
+@dataclass(slots=True)
+class _BatchInputs:
+    input_ids: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (T,)
+    attn_meta: AttentionMetadata
+    logits_indices: torch.Tensor  # (R,) rows of the hidden states to project to logits
+    sample_rows: list[ScheduledRequest]  # the first len(sample_rows) logits rows, in order
+    prompt_slices: list[_PromptLogprobsSlice]
+
+
+def kv_cache_block_bytes(model: ModelConfig, block_size: int) -> int:
+    """Bytes one block of `block_size` tokens takes across all layers (K and V)."""
+    elem = torch.tensor([], dtype=model.dtype).element_size()
+    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * elem
+
+
+class ModelRunner:
+    """Owns the model weights and the KV cache tensors of one engine."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.device
+        self.block_size = config.cache.block_size
+        self.model = load_model(config.model, self.device)
+        self.sampler = Sampler()
+        self.num_blocks = self._num_blocks()
+        m = config.model
+        shape = (2, self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        self.kv_caches = [
+            torch.zeros(shape, dtype=m.dtype, device=self.device) for _ in range(m.num_layers)
+        ]
+
+    def _num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        num = cache.kv_cache_memory_bytes // kv_cache_block_bytes(
+            self.config.model, self.block_size
+        )
+        if num < 1:
+            raise ValueError(
+                f"kv_cache_memory_bytes={cache.kv_cache_memory_bytes} is smaller than one KV block "
+                f"({kv_cache_block_bytes(self.config.model, self.block_size)} bytes)"
+            )
+        return int(num)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step's forward pass and sample for the requests that reached their end."""
+        batch = self._prepare(scheduled)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_meta)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])  # (R, vocab) float32
+        out = ModelRunnerOutput()
+        if batch.sample_rows:
+            self._sample(logits[: len(batch.sample_rows)], batch.sample_rows, out)
+        for piece in batch.prompt_slices:
+            targets = torch.tensor(piece.targets, device=self.device)
+            out.prompt_logprobs[piece.request_id] = compute_prompt_logprobs(
+                logits[piece.rows], targets, piece.num_top
+            )
+        return out
+
+    def _sample(
+        self, logits: torch.Tensor, items: list[ScheduledRequest], out: ModelRunnerOutput
+    ) -> None:
+        rows = [
+            SamplingRow(
+                params=s.request.params,
+                prompt_token_ids=s.request.prompt_token_ids,
+                output_token_ids=s.request.output_token_ids,
+                generator=s.request.generator,
+                eos_token_ids=s.request.eos_token_ids,
+            )
+            for s in items
+        ]
+        meta = SamplingMetadata.build(rows, self.config.model.vocab_size, self.device)
+        result = self.sampler(logits, meta)
+        tokens = result.sampled_token_ids.tolist()
+        for i, item in enumerate(items):
+            request_id = item.request.request_id
+            out.sampled[request_id] = tokens[i]
+            if result.logprobs is not None and item.request.params.logprobs is not None:
+                out.logprobs[request_id] = _row(result.logprobs, i)
+
+    def _prepare(self, scheduled: SchedulerOutput) -> _BatchInputs:
+        bs = self.block_size
+        tokens: list[int] = []
+        positions, slots, tables = [], [], []
+        query_start_loc, seq_lens = [0], []
+        sample_idx: list[int] = []
+        sample_rows: list[ScheduledRequest] = []
+        prompt_idx: list[int] = []
+        prompt_pieces: list[tuple[str, int, list[int], int]] = []
+        for item in scheduled.scheduled:
+            request, start, n = item.request, item.start, item.num_tokens
+            end, offset = start + n, query_start_loc[-1]
+            tokens.extend(request.all_token_ids[start:end])
+            pos = torch.arange(start, end)
+            table = torch.tensor(item.block_ids, dtype=torch.long)
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            tables.append(table.to(self.device))
+            query_start_loc.append(offset + n)
+            seq_lens.append(end)
+            if item.samples:
+                sample_idx.append(offset + n - 1)
+                sample_rows.append(item)
+            piece = self._prompt_logprob_rows(item, offset)
+            if piece is not None:
+                prompt_pieces.append((request.request_id, len(prompt_idx), piece[1], piece[2]))
+                prompt_idx.extend(piece[0])
+        first = len(sample_idx)
+        prompt_slices = [
+            _PromptLogprobsSlice(rid, slice(first + at, first + at + len(t)), t, k)
+            for rid, at, t, k in prompt_pieces
+        ]
+        dev = self.device
+        return _BatchInputs(
+            input_ids=torch.tensor(tokens, dtype=torch.long, device=dev),
+            positions=torch.cat(positions).to(dev),
+            attn_meta=AttentionMetadata(
+                slot_mapping=torch.cat(slots).to(dev),
+                query_start_loc=query_start_loc,
+                seq_lens=seq_lens,
+                block_tables=tables,
+            ),
+            logits_indices=torch.tensor(sample_idx + prompt_idx, dtype=torch.long, device=dev),
+            sample_rows=sample_rows,
+            prompt_slices=prompt_slices,
+        )
+
+    def _prompt_logprob_rows(
+        self, item: ScheduledRequest, offset: int
+    ) -> tuple[list[int], list[int], int] | None:
+        """Batch rows, target tokens and top-k count for the prompt logprobs of this chunk."""
+        request = item.request
+        num_top = request.params.prompt_logprobs
+        if num_top is None:
+            return None
+        lo = max(item.start, request.prompt_logprob_pos)
+        hi = min(item.start + item.num_tokens, request.num_prompt_tokens - 1)
+        if hi <= lo:
+            return None
+        rows = list(range(offset + lo - item.start, offset + hi - item.start))
+        if num_top == -1:
+            num_top = self.config.model.vocab_size
+        return rows, request.prompt_token_ids[lo + 1 : hi + 1], num_top
+
+
+def _row(t: LogprobsTensors, i: int) -> LogprobsTensors:
+    return LogprobsTensors(
+        token_ids=t.token_ids[i : i + 1], logprobs=t.logprobs[i : i + 1], ranks=t.ranks[i : i + 1]
+    )

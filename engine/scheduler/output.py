@@ -1,0 +1,45 @@
+"""The one contract between the scheduler and the model runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.request import Request
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """`num_tokens` tokens of `request`, starting at its `num_computed_tokens`, run this step.
+
+    `block_ids` cover every token up to the end of this step's chunk.
+    """
+
+    request: Request
+    num_tokens: int
+    block_ids: list[int]
+
+    @property
+    def start(self) -> int:
+        """Position of the first token computed this step."""
+        return self.request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the request's tokens, so a token is sampled."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What one engine step computes: requests in batch order, with their token counts."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled

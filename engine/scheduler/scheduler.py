@@ -1,0 +1,162 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each step has a budget of `max_num_batched_tokens`. Running requests are served first, in
+order: a decoding request computes 1 token, a request still prefilling computes the next chunk
+of its prompt. Then waiting requests are admitted while budget, sequence slots and free blocks
+last. When a running request needs a block and none is free, the request at the back of the
+running list is preempted: its blocks are freed and it waits to be recomputed from scratch
+(prompt plus what it has generated so far), ahead of new arrivals.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from engine.config import SchedulerConfig
+from engine.kv_cache.manager import KVCacheManager
+from engine.outputs import EngineCoreOutput
+from engine.request import Request, RequestStatus
+from engine.scheduler.output import ScheduledRequest, SchedulerOutput
+from engine.scheduler.queues import FCFSQueue, RequestQueue
+
+
+class Scheduler:
+    """Decides each step's batch and applies the step's sampled tokens."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: RequestQueue = FCFSQueue()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0  # since start, for metrics and tests
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already running")
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_tokens, out):
+                break  # the request preempted itself: it was the last one running
+            out.scheduled.append(self._scheduled(request, num_tokens))
+            budget -= num_tokens
+            i += 1
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def update_from_output(
+        self, scheduled: SchedulerOutput, sampled: dict[str, int]
+    ) -> list[EngineCoreOutput]:
+        """Advance each scheduled request; append sampled tokens; finish stopped requests."""
+        outputs = []
+        for item in scheduled.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_tokens
+            if request.request_id not in sampled:
+                continue
+            request.append_output_token(sampled[request.request_id])
+            now = time.time()
+            request.times.first_token = request.times.first_token or now
+            request.times.last_token = now
+            outputs.append(self._check_stop(request))
+        return outputs
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Finish (abort, or stop for a stop string) the given requests and free their blocks."""
+        finished = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._free(request, status)
+            finished.append(request)
+        return finished
+
+    def _scheduled(self, request: Request, num_tokens: int) -> ScheduledRequest:
+        return ScheduledRequest(request, num_tokens, self.kv.block_ids(request.request_id))
+
+    def _allocate_or_preempt(self, request: Request, num_tokens: int, out: SchedulerOutput) -> bool:
+        while not self.kv.allocate_slots(request, num_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.prepend(request)
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(request, num_tokens):
+                break
+            self.waiting.pop()
+            request.status = RequestStatus.RUNNING
+            request.times.first_scheduled = request.times.first_scheduled or time.time()
+            self.running.append(request)
+            out.scheduled.append(self._scheduled(request, num_tokens))
+            budget -= num_tokens
+
+    def _check_stop(self, request: Request) -> EngineCoreOutput:
+        """vLLM's order: length first, then (past min_tokens) eos, then stop_token_ids."""
+        params, token = request.params, request.output_token_ids[-1]
+        status, stop_reason, by_token = None, None, False
+        if request.num_tokens >= self.max_model_len or (
+            request.num_output_tokens >= request.max_tokens
+        ):
+            status = RequestStatus.FINISHED_LENGTH
+        elif request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                status, by_token = RequestStatus.FINISHED_STOPPED, True
+            elif params.stop_token_ids and token in params.stop_token_ids:
+                status, stop_reason, by_token = RequestStatus.FINISHED_STOPPED, token, True
+        if status is not None:
+            self.running.remove(request)
+            self._free(request, status)
+            request.stop_reason = stop_reason
+        return EngineCoreOutput(
+            request_id=request.request_id,
+            new_token_ids=[token],
+            finish_reason=status.finish_reason if status else None,
+            stop_reason=stop_reason,
+            stopped_by_token=by_token,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+
+    def _free(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        request.times.finished = time.time()
+        self.kv.free(request)
+        del self.requests[request.request_id]

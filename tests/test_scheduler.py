@@ -1,0 +1,106 @@
+"""Scheduler logic on its own: budgets, chunked prefill, preemption by recompute, stops."""
+
+from engine.config import SchedulerConfig
+from engine.kv_cache.manager import KVCacheManager
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler.scheduler import Scheduler
+
+
+def _scheduler(num_blocks=64, block_size=4, tokens=32, seqs=8, max_len=1000) -> Scheduler:
+    kv = KVCacheManager(num_blocks, block_size)
+    return Scheduler(SchedulerConfig(tokens, seqs), kv, max_len)
+
+
+def _request(rid: str, prompt_len: int, max_tokens: int = 4, **kw) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, **kw)
+    return Request(rid, list(range(1, prompt_len + 1)), params, max_tokens, eos_token_ids=(0,))
+
+
+def _run_step(sched: Scheduler, token: int = 7):
+    out = sched.schedule()
+    sampled = {s.request.request_id: token for s in out.scheduled if s.samples}
+    return out, sched.update_from_output(out, sampled)
+
+
+def test_chunked_prefill_respects_budget():
+    sched = _scheduler(tokens=10)
+    sched.add_request(_request("long", 25))
+    sched.add_request(_request("short", 3))
+    chunks = []
+    for _ in range(3):
+        out, _ = _run_step(sched)
+        chunks.append([(s.request.request_id, s.num_tokens) for s in out.scheduled])
+        assert out.num_batched_tokens <= 10
+    assert chunks[0] == [("long", 10)]
+    assert chunks[1] == [("long", 10)]
+    assert chunks[2] == [("long", 5), ("short", 3)]  # prefill done: both sample
+    assert sched.requests["long"].output_token_ids == [7]
+
+
+def test_max_num_seqs_limits_running():
+    sched = _scheduler(seqs=2)
+    for i in range(4):
+        sched.add_request(_request(f"r{i}", 3))
+    out, _ = _run_step(sched)
+    assert [s.request.request_id for s in out.scheduled] == ["r0", "r1"]
+    assert sched.num_waiting() == 2
+
+
+def test_preemption_recomputes_latest_request():
+    sched = _scheduler(num_blocks=4, block_size=4, tokens=64)
+    a, b = _request("a", 7, max_tokens=8), _request("b", 7, max_tokens=8)
+    sched.add_request(a)
+    sched.add_request(b)
+    _run_step(sched)  # both prefilled: 2 blocks each, pool full
+    _run_step(sched)  # token 8 of each still fits in block 2
+    out, _ = _run_step(sched)  # a needs a 3rd block: b is preempted
+    assert [r.request_id for r in out.preempted] == ["b"]
+    assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+    assert b.output_token_ids == [7, 7]
+    sched.kv.check_integrity()
+    while sched.has_unfinished_requests():
+        _run_step(sched)
+    assert a.output_token_ids == [7] * 8 and b.output_token_ids == [7] * 8
+    assert b.num_preemptions >= 1
+    sched.kv.check_integrity(expect_all_free=True)
+
+
+def test_stop_conditions():
+    sched = _scheduler()
+    sched.add_request(_request("eos", 3, max_tokens=10))
+    sched.add_request(_request("min", 3, max_tokens=10, min_tokens=2))
+    sched.add_request(_request("ignore", 3, max_tokens=2, ignore_eos=True))
+    sched.add_request(_request("stop_id", 3, max_tokens=10, stop_token_ids=[9]))
+    _, outs = _run_step(sched, token=0)
+    reasons = {o.request_id: (o.finish_reason, o.stop_reason) for o in outs}
+    assert reasons["eos"] == ("stop", None)
+    assert reasons["min"] == (None, None)
+    assert reasons["ignore"] == (None, None)
+    assert reasons["stop_id"] == ("stop", None)  # eos also ends it
+    _, outs = _run_step(sched, token=9)
+    reasons = {o.request_id: (o.finish_reason, o.stop_reason) for o in outs}
+    assert reasons["ignore"] == ("length", None)
+    assert reasons["min"] == (None, None)  # 9 is not a stop token for it
+    sched.kv.check_integrity()
+
+
+def test_max_model_len_caps_length():
+    sched = _scheduler(max_len=6)
+    sched.add_request(_request("r", 4, max_tokens=100))
+    _run_step(sched)
+    _, outs = _run_step(sched)
+    assert outs[0].finish_reason == "length"
+    assert sched.kv.num_free_blocks() == 64
+
+
+def test_abort_waiting_and_running():
+    sched = _scheduler(seqs=1)
+    sched.add_request(_request("run", 3))
+    sched.add_request(_request("wait", 3))
+    _run_step(sched)
+    done = sched.finish_requests(["run", "wait", "unknown"], RequestStatus.FINISHED_ABORTED)
+    assert {r.request_id for r in done} == {"run", "wait"}
+    assert all(r.status.finish_reason == "abort" for r in done)
+    assert not sched.has_unfinished_requests()
+    sched.kv.check_integrity(expect_all_free=True)
