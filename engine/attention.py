@@ -80,9 +80,12 @@ class TorchPagedAttention(AttentionBackend):
             if end - start == 1:
                 decodes.append(i)
                 continue
-            blocks = meta.block_tables[i]
-            keys = kv_cache[0, blocks].flatten(0, 1)[:seq_len]  # (L, Hkv, D)
-            values = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+            if end - start == seq_len:  # no cached context: the new K/V are all of it
+                keys, values = k[start:end], v[start:end]
+            else:
+                blocks = meta.block_tables[i]
+                keys = kv_cache[0, blocks].flatten(0, 1)[:seq_len]  # (L, Hkv, D)
+                values = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
             out[start:end] = attend(q[start:end], keys, values, scale, sliding_window)
         if decodes:
             rows = torch.tensor([meta.query_start_loc[i] for i in decodes], device=q.device)
@@ -107,18 +110,22 @@ def attend_decode(
     for row, i in enumerate(seqs):
         tables[row, : meta.block_tables[i].numel()] = meta.block_tables[i]
     span = max_blocks * block_size
-    keys = kv_cache[0, tables].view(num_seqs, span, num_kv_heads, head_dim)
-    values = kv_cache[1, tables].view(num_seqs, span, num_kv_heads, head_dim)
-    group = num_heads // num_kv_heads
-    qg = q.view(num_seqs, num_kv_heads, group, head_dim)  # (S, Hkv, G, D)
-    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)) * scale  # (S, Hkv, G, span)
+    # (S, Hkv, span, D): each sequence's blocks gathered, then made contiguous per head
+    keys = kv_cache[0, tables].view(num_seqs, span, num_kv_heads, head_dim).transpose(1, 2)
+    values = kv_cache[1, tables].view(num_seqs, span, num_kv_heads, head_dim).transpose(1, 2)
     key_pos = torch.arange(span, device=q.device)
     visible = key_pos < lens.unsqueeze(1)  # (S, span)
     if sliding_window is not None:
         visible &= key_pos > (lens - 1 - sliding_window).unsqueeze(1)
-    scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values.transpose(1, 2))  # (S, Hkv, G, D)
+    # The G query heads that share a KV head act as G query rows: no K/V repetition.
+    group = num_heads // num_kv_heads
+    out = F.scaled_dot_product_attention(
+        q.view(num_seqs, num_kv_heads, group, head_dim),
+        keys.reshape(num_seqs, num_kv_heads, span, head_dim),
+        values.reshape(num_seqs, num_kv_heads, span, head_dim),
+        attn_mask=visible[:, None, None, :],
+        scale=scale,
+    )  # (S, Hkv, G, D)
     return out.view(num_seqs, num_heads, head_dim)
 
 
@@ -140,15 +147,16 @@ def attend(
         keys = keys.repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)
     mask = _causal_mask(num_q, seq_len, sliding_window, q.device)
+    # 4-D inputs: on CPU, SDPA takes its fused flash kernel only for (B, H, L, D).
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),  # (H, Lq, D)
-        keys.transpose(0, 1),  # (H, L, D)
-        values.transpose(0, 1),
+        q.transpose(0, 1).unsqueeze(0),  # (1, H, Lq, D)
+        keys.transpose(0, 1).unsqueeze(0),  # (1, H, L, D)
+        values.transpose(0, 1).unsqueeze(0),
         attn_mask=mask,
         is_causal=mask is None and num_q > 1,
         scale=scale,
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def _causal_mask(

@@ -1,0 +1,1 @@
+"""Benchmarks and (later) the load generator behind `baton bench`."""

@@ -1,0 +1,159 @@
+"""Offline throughput: Baton's engine against transformers `generate`, same prompts, same run.
+
+Workload (issue 2): 16 concurrent requests on the demo model, prompt lengths drawn uniformly
+from 64 to 512 tokens (seeded), 64 output tokens each (eos ignored), greedy. Two baselines on
+the same prompts: transformers' `generate` on all 16 as one left-padded batch (its fastest way
+to serve them: the baseline that counts), and `generate` one request at a time (a server
+without batching). All run in float32 on the same torch threads. Writes a JSON result.
+
+    python -m bench.engine_throughput [--out bench/results/engine_throughput_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.machine import describe_machine
+
+
+def make_prompts(vocab_size: int, num: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    """`num` random-token prompts with lengths uniform in [lo, hi] tokens."""
+    rng = random.Random(seed)
+    return [
+        [rng.randrange(100, vocab_size) for _ in range(rng.randint(lo, hi))] for _ in range(num)
+    ]
+
+
+def run_baton(model_dir: Path, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(str(model_dir), max_num_seqs=len(prompts), max_num_batched_tokens=2048)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outputs]
+    llm.check_integrity()
+    return {
+        "seconds": elapsed,
+        "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+        "mean_ttft_s": sum(ttft) / len(ttft),
+        "tokens": [o.outputs[0].token_ids for o in outputs],
+    }
+
+
+def _generation_config(output_len: int):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=output_len,
+        min_new_tokens=output_len,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+
+
+def run_transformers_batched(model, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
+    """All prompts as one left-padded batch through `generate`."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, as generate expects for decoder-only
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    config = _generation_config(output_len)
+    with torch.inference_mode():
+        model.generate(ids[:2, -8:], attention_mask=mask[:2, -8:], max_new_tokens=2)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, generation_config=config)
+        elapsed = time.perf_counter() - start
+    return {
+        "seconds": elapsed,
+        "output_tokens": int(out[:, width:].numel()),
+        "tokens": out[:, width:].tolist(),
+    }
+
+
+def run_transformers_sequential(model, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
+    """One `generate` call per prompt, unpadded."""
+    config = _generation_config(output_len)
+    tokens = []
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for p in prompts:
+            ids = torch.tensor([p])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            tokens.append(out[0, len(p) :].tolist())
+        elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "output_tokens": sum(map(len, tokens)), "tokens": tokens}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="model dir (default: demo model)")
+    parser.add_argument("--num-requests", type=int, default=16)
+    parser.add_argument("--min-prompt", type=int, default=64)
+    parser.add_argument("--max-prompt", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results/engine_throughput_cpu.json")
+    )
+    args = parser.parse_args(argv)
+    if args.model is None:
+        from engine.models.demo import ensure_demo_model
+
+        args.model = ensure_demo_model()
+    vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
+    prompts = make_prompts(vocab, args.num_requests, args.min_prompt, args.max_prompt, args.seed)
+    baton = run_baton(args.model, prompts, args.output_len)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    hf = run_transformers_batched(model, prompts, args.output_len)
+    hf_seq = run_transformers_sequential(model, prompts, args.output_len)
+    reference = hf_seq.pop("tokens")
+    same = sum(a == b for a, b in zip(baton.pop("tokens"), reference, strict=True))
+    same_hf = sum(a == b for a, b in zip(hf.pop("tokens"), reference, strict=True))
+    for r in (baton, hf, hf_seq):
+        r["output_tokens_per_s"] = r["output_tokens"] / r["seconds"]
+    result = {
+        "benchmark": "engine_throughput",
+        "workload": {
+            "num_requests": args.num_requests,
+            "prompt_len": [args.min_prompt, args.max_prompt],
+            "prompt_tokens": sum(len(p) for p in prompts),
+            "output_len": args.output_len,
+            "seed": args.seed,
+            "model": args.model.name,
+            "dtype": "float32",
+            "greedy": True,
+        },
+        "baton": baton,
+        "transformers_generate_batched": hf,
+        "transformers_generate_sequential": hf_seq,
+        "speedup_vs_batched": hf["seconds"] / baton["seconds"],
+        "speedup_vs_sequential": hf_seq["seconds"] / baton["seconds"],
+        # greedy outputs equal to transformers' unpadded, one-at-a-time generate
+        "identical_greedy_outputs": f"{same}/{len(prompts)}",
+        "identical_greedy_outputs_batched_transformers": f"{same_hf}/{len(prompts)}",
+        "machine": describe_machine(),
+        "command": "python -m bench.engine_throughput",
+    }
+    print(json.dumps(result, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
