@@ -8,7 +8,7 @@ from engine.scheduler.scheduler import Scheduler
 
 
 def _scheduler(num_blocks=64, block_size=4, tokens=32, seqs=8, max_len=1000) -> Scheduler:
-    kv = KVCacheManager(num_blocks, block_size)
+    kv = KVCacheManager(num_blocks, block_size, enable_caching=False)
     return Scheduler(SchedulerConfig(tokens, seqs), kv, max_len)
 
 

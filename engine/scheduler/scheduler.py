@@ -14,28 +14,41 @@ import time
 from collections.abc import Iterable
 
 from engine.config import SchedulerConfig
+from engine.errors import EngineOverloadedError
 from engine.kv_cache.manager import KVCacheManager
 from engine.outputs import EngineCoreOutput
 from engine.request import Request, RequestStatus
 from engine.scheduler.output import ScheduledRequest, SchedulerOutput
-from engine.scheduler.queues import FCFSQueue, RequestQueue
+from engine.scheduler.policies import SchedulingPolicy, make_policy
+from engine.scheduler.queues import RequestQueue
 
 
 class Scheduler:
     """Decides each step's batch and applies the step's sampled tokens."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        max_model_len: int,
+        policy: SchedulingPolicy | None = None,
+    ) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
-        self.waiting: RequestQueue = FCFSQueue()
+        self.policy = policy or make_policy(config.policy, config.aging_seconds)
+        self.waiting: RequestQueue = self.policy.new_queue()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # since start, for metrics and tests
 
     def add_request(self, request: Request) -> None:
+        """Queue a new request; EngineOverloadedError if `max_num_waiting` are already waiting."""
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already running")
+        limit = self.config.max_num_waiting
+        if limit is not None and len(self.waiting) >= limit:
+            raise EngineOverloadedError(len(self.waiting), limit)
         self.requests[request.request_id] = request
         self.waiting.add(request)
 
@@ -55,11 +68,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_tokens, out):
-                break  # the request preempted itself: it was the last one running
-            out.scheduled.append(self._scheduled(request, num_tokens))
-            budget -= num_tokens
-            i += 1
+            if self._allocate_or_preempt(request, num_tokens, out):
+                out.scheduled.append(self._scheduled(request, num_tokens))
+                budget -= num_tokens
+            # Preemptions may have removed scheduled requests: recount from what remains.
+            budget = self.config.max_num_batched_tokens - out.num_batched_tokens
+            i = len(out.scheduled)
         if not out.preempted:
             self._admit_waiting(out, budget)
         return out
@@ -72,6 +86,7 @@ class Scheduler:
         for item in scheduled.scheduled:
             request = item.request
             request.num_computed_tokens += item.num_tokens
+            self.kv.cache_blocks(request)
             if request.request_id not in sampled:
                 continue
             request.append_output_token(sampled[request.request_id])
@@ -99,9 +114,15 @@ class Scheduler:
     def _scheduled(self, request: Request, num_tokens: int) -> ScheduledRequest:
         return ScheduledRequest(request, num_tokens, self.kv.block_ids(request.request_id))
 
-    def _allocate_or_preempt(self, request: Request, num_tokens: int, out: SchedulerOutput) -> bool:
+    def _allocate_or_preempt(
+        self, request: Request, num_tokens: int, out: SchedulerOutput
+    ) -> bool:
+        """Allocate, preempting the policy's victims until it fits; False if `request` itself
+        was preempted. A victim already scheduled this step is taken out of `out`."""
         while not self.kv.allocate_slots(request, num_tokens):
-            victim = self.running.pop()
+            victim = self.policy.pick_victim(self.running)
+            self.running.remove(victim)
+            out.scheduled = [s for s in out.scheduled if s.request is not victim]
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is request:
@@ -119,12 +140,19 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
-            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(request, num_tokens):
+            hits = self.kv.get_computed_blocks(request) if request.num_computed_tokens == 0 else []
+            num_cached = len(hits) * self.kv.block_size
+            num_tokens = min(request.num_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(request, num_tokens, hits):
                 break
             self.waiting.pop()
+            self.kv.stats.queries += request.num_tokens
+            self.kv.stats.hits += num_cached
+            request.num_computed_tokens = num_cached
+            if request.times.first_scheduled is None:
+                request.times.first_scheduled = time.time()
+                request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
-            request.times.first_scheduled = request.times.first_scheduled or time.time()
             self.running.append(request)
             out.scheduled.append(self._scheduled(request, num_tokens))
             budget -= num_tokens
