@@ -60,12 +60,20 @@ class ModelConfig:
     dtype: torch.dtype
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    served_model_name: str = ""  # the model's identity in block hashes and in the API
 
     @classmethod
     def from_pretrained(
-        cls, model: str | Path, dtype: str | torch.dtype = "auto", max_model_len: int | None = None
+        cls,
+        model: str | Path,
+        dtype: str | torch.dtype = "auto",
+        max_model_len: int | None = None,
+        served_model_name: str | None = None,
     ) -> ModelConfig:
-        """Read `config.json` (and `generation_config.json` for extra eos ids) from `model`."""
+        """Read `config.json` (and `generation_config.json` for extra eos ids) from `model`.
+
+        `served_model_name` defaults to the directory's name.
+        """
         path = Path(model)
         hf = _read_json(path / "config.json", what="model config")
         archs = hf.get("architectures") or []
@@ -107,19 +115,21 @@ class ModelConfig:
             dtype=_resolve_dtype(dtype, hf),
             eos_token_ids=_eos_ids(path, hf),
             bos_token_id=hf.get("bos_token_id"),
+            served_model_name=served_model_name or path.resolve().name,
         )
 
 
 @dataclass(slots=True)
 class CacheConfig:
-    """Paged KV cache sizing. `block_size` is in tokens; the budget is in bytes.
-
-    `num_blocks`, when set, overrides the byte budget (tests use it to force preemption).
+    """Paged KV cache sizing and prefix caching. `block_size` is in tokens; the budget is in
+    bytes. `num_blocks`, when set, overrides the byte budget (tests use it to force preemption).
     """
 
     block_size: int = 16
     kv_cache_memory_bytes: int = 1 << 30
     num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    enable_kv_events: bool = False  # buffer KV events for a host that drains them
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -134,10 +144,19 @@ class CacheConfig:
 
 @dataclass(slots=True)
 class SchedulerConfig:
-    """Per-step limits: tokens computed in one forward pass and sequences in the batch."""
+    """Per-step limits (tokens computed in one forward pass, sequences in the batch), the
+    admission policy, and admission control.
+
+    `policy` is fcfs, priority or fair; `aging_seconds` is how long a waiting request must wait
+    for its priority to improve by one level (None: no aging); beyond `max_num_waiting` waiting
+    requests, new ones are refused with EngineOverloadedError (None: no limit).
+    """
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
+    policy: str = "fcfs"
+    aging_seconds: float | None = 60.0
+    max_num_waiting: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -146,6 +165,10 @@ class SchedulerConfig:
             )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_waiting is not None and self.max_num_waiting < 0:
+            raise ValueError(f"max_num_waiting must be >= 0, got {self.max_num_waiting}")
+        if self.aging_seconds is not None and self.aging_seconds <= 0:
+            raise ValueError(f"aging_seconds must be > 0, got {self.aging_seconds}")
 
 
 @dataclass(slots=True)

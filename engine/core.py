@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from engine.config import EngineConfig
-from engine.kv_cache.manager import KVCacheManager, cdiv
+from engine.kv_cache.events import KVEvent, KVEventLog
+from engine.kv_cache.manager import KVCacheManager, PrefixCacheStats, cdiv
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineCoreOutput
 from engine.request import Request, RequestStatus
@@ -23,7 +24,14 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.runner = ModelRunner(config)
-        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
+        self.events = KVEventLog(enabled=config.cache.enable_kv_events)
+        self.kv = KVCacheManager(
+            self.runner.num_blocks,
+            config.cache.block_size,
+            enable_caching=config.cache.enable_prefix_caching,
+            model_identity=config.model.served_model_name,
+            events=self.events,
+        )
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
 
     def add_request(self, request: Request) -> None:
@@ -49,6 +57,18 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def drain_kv_events(self) -> list[KVEvent]:
+        """KV events since the last drain (empty unless `enable_kv_events`)."""
+        return self.events.drain()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache; False (nothing done) while requests hold blocks."""
+        return self.kv.reset_prefix_cache()
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return self.kv.stats
 
     def step(self) -> list[EngineCoreOutput]:
         """Schedule a batch, run it, and return what each request produced."""

@@ -28,11 +28,23 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+        cache_salt: str | None = None,
     ) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); outputs come back in prompt order."""
+        """Generate for each prompt (text or token ids); outputs come back in prompt order.
+
+        `priority` (one per prompt, lower first) matters under the priority policy;
+        `cache_salt` keeps these requests' prefix cache apart from other salts'.
+        """
         batch = _as_batch(prompts)
         params = _params_per_prompt(sampling_params, len(batch))
-        return self._run(batch, params, add_special_tokens=True, use_tqdm=use_tqdm)
+        if priority is not None and len(priority) != len(batch):
+            raise ValueError(f"priority: got {len(priority)} values for {len(batch)} prompts")
+        extra = [
+            {"priority": priority[i] if priority else 0, "cache_salt": cache_salt}
+            for i in range(len(batch))
+        ]
+        return self._run(batch, params, add_special_tokens=True, use_tqdm=use_tqdm, extra=extra)
 
     def chat(
         self,
@@ -86,6 +98,10 @@ class LLM:
             **(chat_template_kwargs or {}),
         )
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached prefix blocks; False (nothing done) while requests are running."""
+        return self.engine.core.reset_prefix_cache()
+
     def check_integrity(self) -> None:
         """Assert the KV block pool is consistent and every block is free (tests call this)."""
         self.engine.check_integrity(expect_all_free=True)
@@ -96,13 +112,17 @@ class LLM:
         params: list[SamplingParams],
         add_special_tokens: bool,
         use_tqdm: bool,
+        extra: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
         engine = self.engine
         ids = [engine.next_request_id() for _ in prompts]
+        extra = extra or [{} for _ in prompts]
         added: list[str] = []
         try:
-            for request_id, prompt, p in zip(ids, prompts, params, strict=False):
-                engine.add_request(request_id, prompt, p, add_special_tokens=add_special_tokens)
+            for request_id, prompt, p, kw in zip(ids, prompts, params, extra, strict=True):
+                engine.add_request(
+                    request_id, prompt, p, add_special_tokens=add_special_tokens, **kw
+                )
                 added.append(request_id)
             return self._drain(ids, use_tqdm)
         finally:

@@ -45,14 +45,32 @@ class LLMEngine:
         num_kv_blocks: int | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
+        enable_kv_events: bool = False,
+        scheduling_policy: str = "fcfs",
+        aging_seconds: float | None = 60.0,
+        max_num_waiting: int | None = None,
+        served_model_name: str | None = None,
         seed: int = 0,
         device: str = "cpu",
     ) -> LLMEngine:
         """Build the configs from flat arguments (the `LLM` and CLI spelling)."""
         config = EngineConfig(
-            model=ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len),
-            cache=CacheConfig(block_size, kv_cache_memory_bytes, num_kv_blocks),
-            scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs),
+            model=ModelConfig.from_pretrained(model, dtype, max_model_len, served_model_name),
+            cache=CacheConfig(
+                block_size,
+                kv_cache_memory_bytes,
+                num_kv_blocks,
+                enable_prefix_caching=enable_prefix_caching,
+                enable_kv_events=enable_kv_events,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens,
+                max_num_seqs,
+                policy=scheduling_policy,
+                aging_seconds=aging_seconds,
+                max_num_waiting=max_num_waiting,
+            ),
             device=torch.device(device),
             seed=seed,
         )
@@ -74,8 +92,15 @@ class LLMEngine:
         params: SamplingParams,
         add_special_tokens: bool = True,
         arrival_time: float | None = None,
+        priority: int = 0,
+        tenant: str = "default",
+        cache_salt: str | None = None,
     ) -> None:
-        """Validate, tokenize and queue one request (fanned out to `params.n` children)."""
+        """Validate, tokenize and queue one request (fanned out to `params.n` children).
+
+        `priority` (lower first) and `tenant` feed the scheduling policy; requests share cached
+        prefix blocks only with requests of the same `cache_salt`.
+        """
         if request_id in self.output_processor.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         token_ids = self.tokenize(prompt, add_special_tokens)
@@ -86,7 +111,17 @@ class LLMEngine:
         for index in range(params.n):
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
             child_params = _child_params(params, index)
-            request = Request(child_id, token_ids, child_params, max_tokens, eos, arrival)
+            request = Request(
+                child_id,
+                token_ids,
+                child_params,
+                max_tokens,
+                eos,
+                arrival,
+                priority=priority,
+                tenant=tenant,
+                cache_salt=cache_salt,
+            )
             detok = IncrementalDetokenizer(self.tokenizer, child_params, token_ids)
             children[child_id] = CompletionState(index, request, detok)
         added: list[str] = []
@@ -94,7 +129,7 @@ class LLMEngine:
             for child_id, completion in children.items():
                 self.core.add_request(completion.request)
                 added.append(child_id)
-        except ValueError:
+        except Exception:
             self.core.abort_requests(added)
             raise
         text = prompt if isinstance(prompt, str) else None

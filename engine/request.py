@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.kv_cache.hashing import BlockHash
 from engine.sampling_params import SamplingParams
 
 
@@ -62,6 +63,9 @@ class Request:
     max_tokens: int
     eos_token_ids: tuple[int, ...] = ()
     arrival_time: float = field(default_factory=time.time)
+    priority: int = 0  # lower runs first under the priority policy
+    tenant: str = "default"  # fair-share policy unit
+    cache_salt: str | None = None  # prefix-cache isolation: only equal salts share blocks
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -71,6 +75,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
+    block_hashes: list[BlockHash] = field(default_factory=list)  # of full blocks, in order
     times: RequestTimes = field(init=False)
 
     def __post_init__(self) -> None:

@@ -51,7 +51,7 @@ def _request(rid: str, n: int) -> Request:
 
 
 def test_manager_allocates_by_block_and_frees_tail_first():
-    kv = KVCacheManager(num_blocks=6, block_size=4)
+    kv = KVCacheManager(num_blocks=6, block_size=4, enable_caching=False)
     req = _request("a", 9)
     assert kv.allocate_slots(req, 9)
     assert len(kv.block_ids("a")) == 3  # ceil(9 / 4)

@@ -1,28 +1,75 @@
-"""Per-request block tables on top of the block pool.
+"""Per-request block tables on top of the block pool, with automatic prefix caching.
 
 A request holding `n` tokens of KV owns `ceil(n / block_size)` blocks, in order::
 
     tokens : [t0 .. t15][t16 .. t31][t32 t33 _ _ ...]
     blocks :  block 7    block 2     block 9 (partly filled)
+    hashes :  h0         h1          (none: only full blocks are hashed)
+
+On admission the scheduler asks `get_computed_blocks` for the longest chain of cached blocks
+that starts the request (at most num_tokens - 1 tokens, so the last token is computed for its
+logits) and passes them to `allocate_slots`; after each step `cache_blocks` indexes the blocks
+that became full.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 from engine.kv_cache.block_pool import BlockPool, KVCacheBlock
+from engine.kv_cache.events import KVEventLog
+from engine.kv_cache.hashing import (
+    ROOT_HASH,
+    BlockHash,
+    ExtraKeys,
+    hash_prompt_blocks,
+    request_extra_keys,
+)
 from engine.request import Request
+
+HashFn = Callable[[Sequence[int], int, ExtraKeys, BlockHash, int], list[BlockHash]]
 
 
 def cdiv(a: int, b: int) -> int:
     return -(a // -b)
 
 
+@dataclass(slots=True)
+class PrefixCacheStats:
+    """Prompt tokens looked up in the prefix cache, and how many of them hit (both in tokens)."""
+
+    queries: int = 0
+    hits: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
 class KVCacheManager:
     """Allocates and frees the blocks of each request; the scheduler's only view of the cache."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_caching: bool = True,
+        model_identity: str = "",
+        events: KVEventLog | None = None,
+        hash_fn: HashFn = hash_prompt_blocks,
+        event_token_ids: bool = False,
+    ) -> None:
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
+        self.enable_caching = enable_caching
+        self.model_identity = model_identity
+        self.events = events or KVEventLog(enabled=False)
+        self.pool = BlockPool(num_blocks, self.events)
+        self.hash_fn = hash_fn
+        self.event_token_ids = event_token_ids
+        self.stats = PrefixCacheStats()
         self._blocks: dict[str, list[KVCacheBlock]] = {}
+        self._num_cached: dict[str, int] = {}  # leading blocks of a request already indexed
 
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
@@ -31,25 +78,83 @@ class KVCacheManager:
         """Fraction of the cache's blocks in use, in [0, 1]."""
         return self.pool.usage()
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Make room for `num_new_tokens` more tokens after the computed ones.
+    def extra_keys(self, request: Request) -> ExtraKeys:
+        return request_extra_keys(self.model_identity, request.cache_salt)
 
-        Returns False, allocating nothing, if the pool lacks the blocks.
+    def get_computed_blocks(self, request: Request) -> list[KVCacheBlock]:
+        """The cached blocks that start `request` (verified token by token), longest chain."""
+        if not self._caches(request):
+            return []
+        hashes = self._block_hashes(request)
+        limit = min(len(hashes), (request.num_tokens - 1) // self.block_size)
+        extra, parent, bs = self.extra_keys(request), ROOT_HASH, self.block_size
+        hits: list[KVCacheBlock] = []
+        for i in range(limit):
+            tokens = tuple(request.all_token_ids[i * bs : (i + 1) * bs])
+            block = self.pool.lookup(hashes[i], parent, tokens, extra)
+            if block is None:
+                break
+            hits.append(block)
+            parent = hashes[i]
+        return hits
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed: Sequence[KVCacheBlock] = ()
+    ) -> bool:
+        """Make room for `num_new_tokens` after the computed ones (and the `computed` hits).
+
+        Returns False, changing nothing, if the pool lacks the blocks.
         """
         blocks = self._blocks.setdefault(request.request_id, [])
-        needed = cdiv(request.num_computed_tokens + num_new_tokens, self.block_size) - len(blocks)
-        if needed <= 0:
-            return True
-        if needed > self.pool.num_free_blocks:
+        total = request.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        needed = cdiv(total, self.block_size) - len(blocks) - len(computed)
+        reclaimed = sum(1 for b in computed if b.ref_cnt == 0)  # hits sitting in the free queue
+        if max(needed, 0) + reclaimed > self.pool.num_free_blocks:
+            if not blocks:
+                del self._blocks[request.request_id]
             return False
-        blocks.extend(self.pool.allocate(needed))
+        if computed:
+            self.pool.touch(computed)
+            blocks.extend(computed)
+            self._num_cached[request.request_id] = len(computed)
+        if needed > 0:
+            blocks.extend(self.pool.allocate(needed))
         return True
+
+    def cache_blocks(self, request: Request) -> None:
+        """Index the request's blocks that are now full of computed KV."""
+        if not self._caches(request):
+            return
+        rid, bs = request.request_id, self.block_size
+        start = self._num_cached.get(rid, 0)
+        end = request.num_computed_tokens // bs
+        if end <= start:
+            return
+        hashes = self._block_hashes(request)
+        blocks, extra = self._blocks[rid], self.extra_keys(request)
+        stored: list[BlockHash] = []
+        first_parent = hashes[start - 1] if start else ROOT_HASH
+        for i in range(start, end):
+            parent = hashes[i - 1] if i else ROOT_HASH
+            tokens = tuple(request.all_token_ids[i * bs : (i + 1) * bs])
+            if self.pool.cache(blocks[i], hashes[i], parent, tokens, extra):
+                stored.append(hashes[i])
+            else:  # a duplicate elsewhere: emit what we have, restart the run after it
+                self._emit_stored(stored, first_parent, request, i - len(stored))
+                stored, first_parent = [], hashes[i]
+        self._emit_stored(stored, first_parent, request, end - len(stored))
+        self._num_cached[rid] = end
 
     def free(self, request: Request) -> None:
         """Release all of the request's blocks, tail first (so a chain's tail is evicted first)."""
         blocks = self._blocks.pop(request.request_id, None)
+        self._num_cached.pop(request.request_id, None)
         if blocks:
             self.pool.free(reversed(blocks))
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached blocks; False (nothing done) while any request holds blocks."""
+        return self.pool.reset_prefix_cache()
 
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self._blocks.get(request_id, ())]
@@ -61,3 +166,34 @@ class KVCacheManager:
             assert all(b.ref_cnt > 0 for b in blocks), "a request holds a freed block"
         if expect_all_free:
             assert not any(self._blocks.values()), f"requests hold blocks: {list(self._blocks)}"
+
+    def _caches(self, request: Request) -> bool:
+        # Prompt logprobs need the logits of every prompt position: no reuse (as vLLM).
+        return self.enable_caching and request.params.prompt_logprobs is None
+
+    def _block_hashes(self, request: Request) -> list[BlockHash]:
+        """The request's full-block hashes, extended as its tokens grow."""
+        hashes = request.block_hashes
+        if len(hashes) < request.num_tokens // self.block_size:
+            parent = hashes[-1] if hashes else ROOT_HASH
+            hashes.extend(
+                self.hash_fn(
+                    request.all_token_ids,
+                    self.block_size,
+                    self.extra_keys(request),
+                    parent,
+                    len(hashes),
+                )
+            )
+        return hashes
+
+    def _emit_stored(
+        self, hashes: list[BlockHash], parent: BlockHash, request: Request, first: int
+    ) -> None:
+        if not hashes:
+            return
+        tokens = None
+        if self.event_token_ids:
+            bs = self.block_size
+            tokens = tuple(request.all_token_ids[first * bs : (first + len(hashes)) * bs])
+        self.events.stored(tuple(hashes), None if first == 0 else parent, self.block_size, tokens)
