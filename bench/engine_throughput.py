@@ -31,6 +31,12 @@ def make_prompts(vocab_size: int, num: int, lo: int, hi: int, seed: int) -> list
     ]
 
 
+def _ttft(output) -> float:
+    m = output.metrics
+    assert m is not None and m.first_token_time is not None
+    return m.first_token_time - m.arrival_time
+
+
 def run_baton(model_dir: Path, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
     from engine import LLM, SamplingParams
 
@@ -40,7 +46,7 @@ def run_baton(model_dir: Path, prompts: list[list[int]], output_len: int) -> dic
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outputs]
+    ttft = [_ttft(o) for o in outputs]
     llm.check_integrity()
     return {
         "seconds": elapsed,

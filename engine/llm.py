@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
@@ -55,8 +55,11 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate."""
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [self.apply_chat_template(c, tools, chat_template_kwargs) for c in conversations]
+        nested = bool(messages) and isinstance(messages[0], list)
+        conversations = cast(list[list[Message]], messages if nested else [messages])
+        prompts: list[Prompt] = [
+            self.apply_chat_template(c, tools, chat_template_kwargs) for c in conversations
+        ]
         params = _params_per_prompt(sampling_params, len(prompts))
         return self._run(prompts, params, add_special_tokens=False, use_tqdm=use_tqdm)
 
@@ -75,9 +78,12 @@ class LLM:
         request_id = engine.next_request_id()
         engine.add_request(request_id, prompt, params, add_special_tokens=add_special)  # type: ignore[arg-type]
         try:
-            while engine.has_unfinished_requests():
+            finished = False
+            while not finished and engine.has_unfinished_requests():
                 for state in engine.step():
-                    yield from engine.output_processor.stream_deltas(state)
+                    if state.request_id == request_id:
+                        yield from engine.output_processor.stream_deltas(state)
+                        finished = state.finished
         finally:
             engine.abort_request([request_id])
 
@@ -90,13 +96,15 @@ class LLM:
         tokenizer = self.engine.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("messages: this model's tokenizer has no chat template")
-        return tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             messages,
-            tools=tools,
+            tools=cast(Any, tools),
             tokenize=False,
             add_generation_prompt=True,
             **(chat_template_kwargs or {}),
         )
+        assert isinstance(text, str)
+        return text
 
     def reset_prefix_cache(self) -> bool:
         """Forget all cached prefix blocks; False (nothing done) while requests are running."""
