@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
+
 from engine.config import EngineConfig
 from engine.kv_cache.events import KVEvent, KVEventLog
 from engine.kv_cache.manager import KVCacheManager, PrefixCacheStats, cdiv
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineCoreOutput
 from engine.request import Request, RequestStatus
+from engine.sampling.topk_topp import advance_generator
+from engine.sampling_params import SamplingType
 from engine.scheduler.output import SchedulerOutput
 from engine.scheduler.scheduler import Scheduler
 
@@ -33,9 +37,16 @@ class EngineCore:
             events=self.events,
         )
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
+        self.scheduler.kv_export = self._export
+        # Prefill role: KV of handed-off requests, by request id, for the host to send.
+        self.exports: dict[str, list[torch.Tensor]] = {}
 
     def add_request(self, request: Request) -> None:
         """Queue a validated request. Raises ValueError if it could never fit the KV cache."""
+        self._check_fits(request)
+        self.scheduler.add_request(request)
+
+    def _check_fits(self, request: Request) -> None:
         longest = min(
             request.num_prompt_tokens + request.max_tokens, self.config.model.max_model_len
         )
@@ -45,7 +56,6 @@ class EngineCore:
                 f"prompt plus max_tokens ({longest} tokens) needs {needed} KV blocks, but the KV "
                 f"cache holds {self.kv.pool.num_blocks}: lower max_tokens or raise the cache size"
             )
-        self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
         """Stop the given requests now and free their blocks; unknown ids are ignored."""
@@ -57,6 +67,44 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def has_work(self) -> bool:
+        """True when `step()` would compute something."""
+        return self.scheduler.has_work()
+
+    # --- disaggregation: the prefill and decode roles ------------------------------------
+
+    def reserve(self, request: Request) -> tuple[list[int], int]:
+        """Decode role: hold KV blocks for `request`'s prompt (see Scheduler.reserve).
+
+        Returns the block ids another engine must fill, and the prompt tokens cached here.
+        """
+        self._check_fits(request)
+        return self.scheduler.reserve(request)
+
+    def start_decode(self, request_id: str, first_token: int) -> None:
+        """Decode role: the reserved KV is in place; decode on from `first_token`."""
+        request = self.scheduler.start_decode(request_id, first_token)
+        seeded = request.params.sampling_type == SamplingType.RANDOM_SEED
+        if seeded and request.generator is not None:  # the prefill engine drew the first token
+            advance_generator(request.generator, self.config.model.vocab_size)
+
+    def copy_blocks(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """Prefill role: a copy of the given blocks' KV, one (2, n, block_size, Hkv, D) tensor
+        per layer, taken before the blocks can be reused."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.config.device)
+        return [cache.index_select(1, index) for cache in self.runner.kv_caches]
+
+    def _export(self, request: Request, block_ids: list[int]) -> None:
+        assert request.kv_transfer is not None
+        first = request.kv_transfer.num_cached_tokens // self.config.cache.block_size
+        self.exports[request.request_id] = self.copy_blocks(block_ids[first:])
+
+    def write_blocks(self, block_ids: list[int], layers: list[torch.Tensor]) -> None:
+        """Decode role: write KV (as `copy_blocks` returns it) into reserved blocks."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.config.device)
+        for cache, data in zip(self.runner.kv_caches, layers, strict=True):
+            cache.index_copy_(1, index, data.to(cache.device, cache.dtype))
 
     def drain_kv_events(self) -> list[KVEvent]:
         """KV events since the last drain (empty unless `enable_kv_events`)."""

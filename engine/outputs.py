@@ -29,10 +29,16 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     stopped_by_token: bool = False
     num_cached_tokens: int = 0
+    handed_off: bool = False  # prefill role: decoding goes on in another engine
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def done_here(self) -> bool:
+        """No more outputs for this request will come from this engine."""
+        return self.finished or self.handed_off
 
 
 @dataclass(slots=True)

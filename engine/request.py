@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -19,10 +20,13 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
+    WAITING_FOR_KV = enum.auto()  # decode role: blocks reserved, KV pushed by a prefill worker
+    HANDED_OFF = enum.auto()  # prefill role: first token sampled, KV exported, decoding elsewhere
 
     @property
     def finished(self) -> bool:
-        return self in _FINISH_REASONS
+        """Done in this engine (a handed-off request goes on in another one)."""
+        return self in _FINISH_REASONS or self == RequestStatus.HANDED_OFF
 
     @property
     def finish_reason(self) -> str | None:
@@ -35,6 +39,18 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class KVHandoff:
+    """Prefill role: the decode side's reservation that this request's KV goes to.
+
+    The first `num_cached_tokens` prompt tokens (whole blocks) are already on the decode side
+    and are not sent; `target` is the transport's address of the reserved blocks.
+    """
+
+    num_cached_tokens: int = 0
+    target: Any = None
 
 
 @dataclass(slots=True)
@@ -76,6 +92,9 @@ class Request:
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
     block_hashes: list[BlockHash] = field(default_factory=list)  # of full blocks, in order
+    # Prefill role: where this request's KV goes. Set, the request ends here after its first
+    # token (unless that token finishes it) and its KV is exported before its blocks are freed.
+    kv_transfer: KVHandoff | None = None
     times: RequestTimes = field(init=False)
 
     def __post_init__(self) -> None:

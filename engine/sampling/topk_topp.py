@@ -70,3 +70,13 @@ def _exponential(n: int, generator: torch.Generator, device: torch.device) -> to
     # Draw on the generator's own device (the engine may keep CPU generators for GPU logits).
     q = torch.empty(n, device=generator.device).exponential_(generator=generator)
     return q.to(device, non_blocking=True)
+
+
+def advance_generator(generator: torch.Generator, vocab_size: int, steps: int = 1) -> None:
+    """Consume what `steps` sampling steps draw from a seeded row's generator.
+
+    A decode engine that continues a request sampled elsewhere (disaggregated prefill) calls
+    this so its seeded draws line up with a single engine's.
+    """
+    for _ in range(steps):
+        _exponential(vocab_size, generator, generator.device)

@@ -11,7 +11,7 @@ running list is preempted: its blocks are freed and it waits to be recomputed fr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from engine.config import SchedulerConfig
 from engine.errors import EngineOverloadedError
@@ -41,6 +41,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # since start, for metrics and tests
+        self.reserved: dict[str, Request] = {}  # decode role: waiting for their KV
+        # Prefill role: called with a handed-off request and its block ids before they are freed.
+        self.kv_export: Callable[[Request, list[int]], None] | None = None
 
     def add_request(self, request: Request) -> None:
         """Queue a new request; EngineOverloadedError if `max_num_waiting` are already waiting."""
@@ -54,6 +57,44 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def has_work(self) -> bool:
+        """True when a step would compute something (reservations alone need no step)."""
+        return bool(self.waiting) or bool(self.running)
+
+    def reserve(self, request: Request) -> tuple[list[int], int]:
+        """Decode role: hold blocks for a prompt whose KV another engine will push.
+
+        Reuses this engine's own prefix cache; returns the block ids to fill (those after the
+        cached ones) and the number of cached prompt tokens. Raises EngineOverloadedError when
+        the blocks are not free now.
+        """
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already running")
+        hits = self.kv.get_computed_blocks(request)
+        num_cached = len(hits) * self.kv.block_size
+        if not self.kv.allocate_slots(request, request.num_tokens - num_cached, hits):
+            raise EngineOverloadedError(len(self.reserved), self.kv.num_free_blocks())
+        self.kv.stats.queries += request.num_tokens
+        self.kv.stats.hits += num_cached
+        request.status = RequestStatus.WAITING_FOR_KV
+        request.num_cached_tokens = num_cached
+        self.requests[request.request_id] = request
+        self.reserved[request.request_id] = request
+        return self.kv.block_ids(request.request_id)[len(hits) :], num_cached
+
+    def start_decode(self, request_id: str, first_token: int) -> Request:
+        """Decode role: the reserved KV has arrived; queue the request to decode after
+        `first_token` (sampled by the prefill engine), ahead of new arrivals."""
+        request = self.reserved.pop(request_id, None)
+        if request is None:
+            raise KeyError(f"no reservation {request_id!r} (expired or aborted)")
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.kv.cache_blocks(request)
+        request.append_output_token(first_token)
+        request.status = RequestStatus.WAITING
+        self.waiting.prepend(request)
+        return request
 
     def num_waiting(self) -> int:
         return len(self.waiting)
@@ -105,6 +146,8 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
+            elif request.status == RequestStatus.WAITING_FOR_KV:
+                del self.reserved[request_id]
             else:
                 self.waiting.remove(request)
             self._free(request, status)
@@ -170,6 +213,8 @@ class Scheduler:
                 status, by_token = RequestStatus.FINISHED_STOPPED, True
             elif params.stop_token_ids and token in params.stop_token_ids:
                 status, stop_reason, by_token = RequestStatus.FINISHED_STOPPED, token, True
+        if status is None and request.kv_transfer is not None:
+            status = RequestStatus.HANDED_OFF  # prefill role: decoding goes on elsewhere
         if status is not None:
             self.running.remove(request)
             self._free(request, status)
@@ -181,10 +226,13 @@ class Scheduler:
             stop_reason=stop_reason,
             stopped_by_token=by_token,
             num_cached_tokens=request.num_cached_tokens,
+            handed_off=status == RequestStatus.HANDED_OFF,
         )
 
     def _free(self, request: Request, status: RequestStatus) -> None:
         request.status = status
         request.times.finished = time.time()
+        if status == RequestStatus.HANDED_OFF and self.kv_export is not None:
+            self.kv_export(request, self.kv.block_ids(request.request_id))
         self.kv.free(request)
         del self.requests[request.request_id]
