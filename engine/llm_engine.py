@@ -20,6 +20,7 @@ from engine.models.loader import load_tokenizer
 from engine.output_processor import CompletionState, OutputProcessor, RequestState
 from engine.request import Request
 from engine.sampling_params import SamplingParams
+from engine.validation import validate_prompt
 
 Prompt = str | Sequence[int]
 
@@ -104,7 +105,7 @@ class LLMEngine:
         if request_id in self.output_processor.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         token_ids = self.tokenize(prompt, add_special_tokens)
-        max_tokens = self._validate(token_ids, params)
+        max_tokens = validate_prompt(token_ids, params, self.config.model)
         arrival = arrival_time or time.time()
         eos = tuple(self.config.model.eos_token_ids)
         children: dict[str, CompletionState] = {}
@@ -152,25 +153,6 @@ class LLMEngine:
 
     def check_integrity(self, expect_all_free: bool = False) -> None:
         self.core.check_integrity(expect_all_free=expect_all_free)
-
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
-        """Check the prompt against the model; return the resolved max_tokens."""
-        model = self.config.model
-        if not token_ids:
-            raise ValueError("prompt must not be empty")
-        if not all(0 <= t < model.vocab_size for t in token_ids):
-            bad = next(t for t in token_ids if not 0 <= t < model.vocab_size)
-            raise ValueError(
-                f"prompt_token_ids must be in [0, {model.vocab_size}) (the vocabulary), got {bad}"
-            )
-        if len(token_ids) >= model.max_model_len:
-            raise ValueError(
-                f"prompt is {len(token_ids)} tokens, but the model's context (max_model_len) is "
-                f"{model.max_model_len}: the prompt must be shorter than max_model_len"
-            )
-        params.verify_token_ids(model.vocab_size)
-        room = model.max_model_len - len(token_ids)
-        return room if params.max_tokens is None else min(params.max_tokens, room)
 
 
 def _child_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -41,6 +41,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # since start, for metrics and tests
+        self.num_steps = 0
         self.reserved: dict[str, Request] = {}  # decode role: waiting for their KV
         # Prefill role: called with a handed-off request and its block ids before they are freed.
         self.kv_export: Callable[[Request, list[int]], None] | None = None
@@ -103,6 +104,7 @@ class Scheduler:
         return len(self.running)
 
     def schedule(self) -> SchedulerOutput:
+        self.num_steps += 1
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         i = 0

@@ -1,0 +1,44 @@
+"""`python -m decode_service --model DIR [--role decode|colocated] [--port P] [--kv-port K]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from decode_service.server import (
+    COLOCATED_SERVICE_NAME,
+    DECODE_SERVICE_NAME,
+    ColocatedServicer,
+    DecodeServicer,
+)
+from engine.async_core import AsyncEngineCore
+from kv_transfer.tcp import TcpKVReceiver
+from proto.baton.v1 import worker_pb2_grpc
+from worker_common.main import run_worker, worker_parser
+from worker_common.metrics import WorkerMetrics
+from worker_common.server import Registration
+
+
+async def setup(
+    args: argparse.Namespace, engine: AsyncEngineCore, metrics: WorkerMetrics
+) -> list[Registration]:
+    if args.role == "colocated":
+        servicer = ColocatedServicer(engine, metrics)
+        add = worker_pb2_grpc.add_ColocatedWorkerServicer_to_server
+        return [(add, servicer, COLOCATED_SERVICE_NAME)]
+    receiver = TcpKVReceiver(engine.core.runner.kv_caches, args.host, args.kv_port)
+    await receiver.start()
+    decode = DecodeServicer(engine, receiver, metrics)
+    add_decode = worker_pb2_grpc.add_DecodeWorkerServicer_to_server
+    return [(add_decode, decode, DECODE_SERVICE_NAME)]
+
+
+def main() -> None:
+    parser = worker_parser(__doc__ or "")
+    parser.add_argument("--role", choices=["decode", "colocated"], default="decode")
+    parser.add_argument("--kv-port", type=int, default=0, help="KV receiver port (0: a free one)")
+    args = parser.parse_args()
+    run_worker(args, args.role, setup)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""`baton.v1.DecodeWorker` and `baton.v1.ColocatedWorker` over one engine.
+
+Decode: `Reserve` holds blocks for a prompt (reusing this worker's own prefix cache) and
+registers the transfer with the KV receiver; the lease ends at a deadline, after which the
+blocks are freed if no `Decode` claimed them. `Decode` waits until the KV is in place, then joins
+the request to the running batch after the first token the prefill worker sampled, and streams
+the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.async_core import AsyncEngineCore
+from engine.outputs import EngineCoreOutput
+from kv_transfer.base import KVReceiver
+from proto.baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from worker_common.convert import chunk_from_output, load_to_proto, request_from_proto
+from worker_common.errors import streaming, unary
+from worker_common.metrics import WorkerMetrics
+
+MAX_LEASE_S = 600.0
+
+
+@dataclass(eq=False)
+class _Lease:
+    request: object  # engine Request
+    kv_arrived: asyncio.Future
+    expiry: asyncio.TimerHandle | None = None
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
+    """Serves Reserve, Decode, Abort and GetLoad."""
+
+    def __init__(
+        self, engine: AsyncEngineCore, receiver: KVReceiver, metrics: WorkerMetrics
+    ) -> None:
+        self.engine = engine
+        self.receiver = receiver
+        self.metrics = metrics
+        self.model = engine.core.config.model
+        self.block_size = engine.core.config.cache.block_size
+        self.leases: dict[str, _Lease] = {}
+
+    async def Reserve(self, request, context):  # noqa: N802 - gRPC method name
+        return await unary(context, lambda: self._reserve(request))
+
+    async def _reserve(self, msg: worker_pb2.ReserveRequest) -> worker_pb2.Reservation:
+        if not 0 < msg.lease_seconds <= MAX_LEASE_S:
+            raise ValueError(
+                f"lease_seconds must be in (0, {MAX_LEASE_S}], got {msg.lease_seconds}"
+            )
+        request = request_from_proto(msg.request, self.model)
+        rid = request.request_id
+        if rid in self.leases:
+            raise ValueError(f"request_id {rid!r} already has a reservation")
+        block_ids, num_cached = await self.engine.call(lambda core: core.reserve(request))
+        deadline = time.time() + msg.lease_seconds
+        lease = _Lease(request, self.receiver.expect(rid, block_ids, deadline))
+        self.leases[rid] = lease
+        loop = asyncio.get_running_loop()
+        lease.expiry = loop.call_later(msg.lease_seconds, self._expire, rid)
+        target = worker_pb2.KVTransferTarget(
+            transfer_id=rid,
+            endpoint=self.receiver.endpoint,
+            block_ids=block_ids,
+            num_cached_tokens=num_cached,
+            deadline=deadline,
+        )
+        return worker_pb2.Reservation(target=target)
+
+    def _expire(self, request_id: str) -> None:
+        if self.leases.pop(request_id, None) is not None:
+            self.receiver.cancel(request_id)
+            asyncio.ensure_future(self.engine.abort([request_id]))
+
+    async def Decode(self, request, context):  # noqa: N802
+        async for chunk in streaming(context, lambda: self._decode(request)):
+            yield chunk
+
+    async def _decode(self, msg: worker_pb2.DecodeRequest):
+        lease = self.leases.pop(msg.request_id, None)
+        if lease is None:
+            raise KeyError(f"no reservation for request_id {msg.request_id!r} (expired or aborted)")
+        if lease.expiry is not None:
+            lease.expiry.cancel()
+        try:
+            await lease.kv_arrived
+        except BaseException:
+            await self.engine.abort([msg.request_id])
+            raise
+        outputs = self.engine.decode(msg.request_id, msg.first_token_id)
+        async for chunk in with_final_chunk(outputs, lease.request, msg.request_id):
+            yield chunk
+
+    async def Abort(self, request, context):  # noqa: N802
+        ids = list(request.request_ids)
+        for rid in ids:
+            lease = self.leases.pop(rid, None)
+            if lease is not None:
+                self.receiver.cancel(rid)
+                if lease.expiry is not None:
+                    lease.expiry.cancel()
+        return common_pb2.AbortResponse(num_aborted=await self.engine.abort(ids))
+
+    async def GetLoad(self, request, context):  # noqa: N802
+        return load_to_proto(self.engine.load, "decode", self.model, self.block_size)
+
+
+class ColocatedServicer(worker_pb2_grpc.ColocatedWorkerServicer):
+    """Prefill and decode in one engine: Generate streams every token, the first included."""
+
+    def __init__(self, engine: AsyncEngineCore, metrics: WorkerMetrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.model = engine.core.config.model
+        self.block_size = engine.core.config.cache.block_size
+
+    async def Generate(self, request, context):  # noqa: N802
+        async for chunk in streaming(context, lambda: self._generate(request)):
+            yield chunk
+
+    async def _generate(self, msg: worker_pb2.WorkerRequest):
+        request = request_from_proto(msg, self.model)
+        async for chunk in with_final_chunk(self.engine.generate(request), request, msg.request_id):
+            yield chunk
+
+    async def Abort(self, request, context):  # noqa: N802
+        return common_pb2.AbortResponse(
+            num_aborted=await self.engine.abort(list(request.request_ids))
+        )
+
+    async def GetLoad(self, request, context):  # noqa: N802
+        return load_to_proto(self.engine.load, "colocated", self.model, self.block_size)
+
+
+async def with_final_chunk(outputs: AsyncIterator[EngineCoreOutput], request, request_id: str):
+    """Chunks for `outputs`, closed by an "abort" chunk if the engine dropped the request."""
+    finished = False
+    async for out in outputs:
+        finished = out.finished
+        yield chunk_from_output(out, request)
+    if not finished:
+        yield common_pb2.TokenChunk(request_id=request_id, finish_reason="abort")
+
+
+def _service_name(name: str) -> str:
+    return worker_pb2.DESCRIPTOR.services_by_name[name].full_name
+
+
+DECODE_SERVICE_NAME = _service_name("DecodeWorker")
+COLOCATED_SERVICE_NAME = _service_name("ColocatedWorker")

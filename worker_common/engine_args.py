@@ -1,0 +1,54 @@
+"""Command-line arguments that build a worker's engine."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.core import EngineCore
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine flags every worker takes (names follow vLLM's)."""
+    parser.add_argument("--model", required=True, help="local Hugging Face model directory")
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-waiting", type=int, default=None)
+    parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "fair"])
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def build_engine_core(args: argparse.Namespace) -> EngineCore:
+    """An EngineCore from parsed `add_engine_args` flags (KV events on: the index reads them)."""
+    torch.manual_seed(args.seed)
+    config = EngineConfig(
+        model=ModelConfig.from_pretrained(
+            args.model, args.dtype, args.max_model_len, args.served_model_name
+        ),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            num_blocks=args.num_kv_blocks,
+            enable_prefix_caching=not args.no_prefix_caching,
+            enable_kv_events=False,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            policy=args.scheduling_policy,
+            max_num_waiting=args.max_num_waiting,
+        ),
+        device=torch.device(args.device),
+        seed=args.seed,
+    )
+    return EngineCore(config)

@@ -1,0 +1,56 @@
+"""Process entry point shared by the worker services: flags, engine thread, gRPC server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+
+from engine.async_core import AsyncEngineCore
+from worker_common.engine_args import add_engine_args, build_engine_core
+from worker_common.metrics import WorkerMetrics
+from worker_common.server import Registration, serve
+
+Setup = Callable[
+    [argparse.Namespace, AsyncEngineCore, WorkerMetrics], Awaitable[list[Registration]]
+]
+
+
+def worker_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    add_engine_args(parser)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (0: a free one)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics")
+    return parser
+
+
+def run_worker(args: argparse.Namespace, role: str, setup: Setup) -> None:
+    """Build the engine, let `setup` create the servicers, serve until SIGTERM.
+
+    Prints `READY <role> <host>:<port>` on stdout once serving (the launcher waits for it).
+    """
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    try:
+        core = build_engine_core(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    engine = AsyncEngineCore(core)
+    metrics = WorkerMetrics(role, core.config.model.served_model_name)
+    metrics.attach(engine)
+    engine.start()
+
+    def ready(port: int) -> None:
+        print(f"READY {role} {args.host}:{port}", flush=True)
+
+    async def main() -> None:
+        registrations = await setup(args, engine, metrics)
+        await serve(registrations, args.host, args.port, args.metrics_port, on_ready=ready)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()

@@ -1,0 +1,58 @@
+"""A worker's Prometheus metrics, named like vLLM's with a `baton:` prefix."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from engine.async_core import AsyncEngineCore
+from engine.outputs import EngineCoreOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class WorkerMetrics:
+    """Engine gauges refreshed every step, plus token counters and KV-transfer figures."""
+
+    def __init__(self, role: str, model: str, registry: CollectorRegistry = REGISTRY) -> None:
+        labels = {"role": role, "model_name": model}
+        names = list(labels)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"baton:{name}", doc, names, registry=registry).labels(**labels)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"baton:{name}", doc, names, registry=registry).labels(**labels)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(
+                f"baton:{name}", doc, names, buckets=_LATENCY_BUCKETS, registry=registry
+            ).labels(**labels)
+
+        self.running = gauge("num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.reserved = gauge("num_requests_reserved", "Decode reservations waiting for KV.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found cached.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.step_seconds = histogram("engine_step_seconds", "Time of one engine step.")
+        self.kv_transfer_bytes = counter("kv_transfer_bytes", "KV bytes pushed or received.")
+        self.kv_transfer_seconds = histogram("kv_transfer_seconds", "Time of one KV transfer.")
+        self._queries = self._hits = 0
+
+    def attach(self, engine: AsyncEngineCore) -> None:
+        """Refresh from the engine after every step (called on the engine thread)."""
+
+        def on_step(outputs: list[EngineCoreOutput], seconds: float) -> None:
+            load = engine.load
+            self.running.set(load.num_running)
+            self.waiting.set(load.num_waiting)
+            self.reserved.set(load.num_reserved)
+            self.kv_usage.set(load.kv_usage)
+            self.prefix_queries.inc(load.prefix_cache_queries - self._queries)
+            self.prefix_hits.inc(load.prefix_cache_hits - self._hits)
+            self._queries, self._hits = load.prefix_cache_queries, load.prefix_cache_hits
+            self.generation_tokens.inc(sum(len(o.new_token_ids) for o in outputs))
+            self.step_seconds.observe(seconds)
+
+        engine.on_step = on_step
