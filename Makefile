@@ -9,11 +9,13 @@ PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.baton-installed
 PROMPT      ?= What is the capital of France?
 
-.PHONY: help setup test lint serve bench clean
+.PHONY: help setup test lint serve generate proto bench clean
 
 help:
 	@echo "make test    set up $(VENV) if needed, then ruff and pytest"
-	@echo "make serve   set up, then answer a sample prompt with the demo model"
+	@echo "make serve   set up, then serve the demo model: router + 1 prefill + 1 decode worker"
+	@echo "make generate  answer PROMPT with the demo model, in-process"
+	@echo "make proto   regenerate the gRPC stubs from proto/baton/v1/*.proto"
 	@echo "make lint    ruff check"
 	@echo "make bench   engine throughput benchmark"
 	@echo "make clean   remove build and cache files (keeps $(VENV))"
@@ -36,7 +38,13 @@ test: lint
 	$(PY) -m pytest
 
 serve: $(STAMP)
+	$(VENV)/bin/baton serve
+
+generate: $(STAMP)
 	$(VENV)/bin/baton generate "$(PROMPT)"
+
+proto: $(STAMP)
+	$(PY) -m proto.generate
 
 bench: $(STAMP)
 	$(PY) -m bench.engine_throughput

@@ -3,6 +3,7 @@
     baton generate [options] PROMPT     stream one answer from the offline engine
     baton make-tiny-model DIR --arch A  write a small random-weight model for tests
     baton demo-model                    convert (once) and print the demo model's directory
+    baton serve [--model DIR] [...]     router and workers on this machine
 
 torch and transformers are imported inside the commands, so `baton --help` stays fast.
 """
@@ -22,8 +23,17 @@ from typing import Any
 TINY_MODEL_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXIT_USAGE = 2  # argparse's exit status for a bad command line; also used for a bad request
-_BYTE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
-               "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+_BYTE_UNITS = {
+    "": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "t": 1000**4,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+    "ti": 1024**4,
+}
 
 
 class UsageError(Exception):
@@ -54,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_make_tiny_model(commands)
     _add_demo_model(commands)
+    _add_serve(commands)
     return parser
 
 
@@ -79,12 +90,20 @@ def _add_generate(commands: Any) -> None:
     """`baton generate`: engine, sampling and prompt options."""
     sub = _subparser(commands, "generate", "Generate an answer to one prompt, streamed to stdout.")
     sub.add_argument("prompt", metavar="PROMPT", help="the prompt (the user message in chat mode)")
-    sub.add_argument("--model", type=Path, metavar="DIR",
-                     help="local Hugging Face model directory (default: the demo model, "
-                          "SmolLM2-135M-Instruct, converted on first use)")
+    sub.add_argument(
+        "--model",
+        type=Path,
+        metavar="DIR",
+        help="local Hugging Face model directory (default: the demo model, "
+        "SmolLM2-135M-Instruct, converted on first use)",
+    )
     _add_sampling_options(sub)
-    sub.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                     help="apply the tokenizer's chat template (default: when it has one)")
+    sub.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="apply the tokenizer's chat template (default: when it has one)",
+    )
     _add_engine_options(sub)
     sub.set_defaults(run=_run_generate)
 
@@ -92,38 +111,93 @@ def _add_generate(commands: Any) -> None:
 def _add_sampling_options(sub: argparse.ArgumentParser) -> None:
     """SamplingParams fields, with vLLM's meanings."""
     group = sub.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=256, metavar="N",
-                       help="most tokens to generate (default: %(default)s)")
-    group.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                       help="0 = greedy (default: %(default)s)")
-    group.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                       help="nucleus sampling mass, 1 = off (default: %(default)s)")
-    group.add_argument("--top-k", type=int, default=-1, metavar="K",
-                       help="keep the K likeliest tokens, -1 = off (default: %(default)s)")
-    group.add_argument("--min-p", type=float, default=0.0, metavar="P",
-                       help="drop tokens below P x the top probability, 0 = off "
-                            "(default: %(default)s)")
-    group.add_argument("--seed", type=int, default=None, metavar="S",
-                       help="seed of this request's sampler (default: random)")
-    group.add_argument("--stop", action="append", default=[], metavar="STR",
-                       help="stop when STR is generated; repeat for several")
-    group.add_argument("--ignore-eos", action="store_true",
-                       help="keep generating past the end-of-sequence token")
+    group.add_argument(
+        "--max-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="most tokens to generate (default: %(default)s)",
+    )
+    group.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="0 = greedy (default: %(default)s)",
+    )
+    group.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="nucleus sampling mass, 1 = off (default: %(default)s)",
+    )
+    group.add_argument(
+        "--top-k",
+        type=int,
+        default=-1,
+        metavar="K",
+        help="keep the K likeliest tokens, -1 = off (default: %(default)s)",
+    )
+    group.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="drop tokens below P x the top probability, 0 = off (default: %(default)s)",
+    )
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="S",
+        help="seed of this request's sampler (default: random)",
+    )
+    group.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="stop when STR is generated; repeat for several",
+    )
+    group.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token"
+    )
 
 
 def _add_engine_options(sub: argparse.ArgumentParser) -> None:
     """LLM(...) constructor options; unset ones keep the engine's defaults."""
     group = sub.add_argument_group("engine")
-    group.add_argument("--dtype", choices=DTYPES, default="auto",
-                       help="weight and activation dtype (default: %(default)s, from the config)")
-    group.add_argument("--block-size", type=int, default=16, metavar="TOKENS",
-                       help="tokens per KV cache block (default: %(default)s)")
-    group.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
-                       help="most sequences in one batch")
-    group.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
-                       help="most tokens in one forward pass (chunked prefill budget)")
-    group.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None, metavar="BYTES",
-                       help="KV cache size in bytes; accepts suffixes, e.g. 512MiB or 2G")
+    group.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weight and activation dtype (default: %(default)s, from the config)",
+    )
+    group.add_argument(
+        "--block-size",
+        type=int,
+        default=16,
+        metavar="TOKENS",
+        help="tokens per KV cache block (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-num-seqs", type=int, default=None, metavar="N", help="most sequences in one batch"
+    )
+    group.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most tokens in one forward pass (chunked prefill budget)",
+    )
+    group.add_argument(
+        "--kv-cache-memory-bytes",
+        type=parse_bytes,
+        default=None,
+        metavar="BYTES",
+        help="KV cache size in bytes; accepts suffixes, e.g. 512MiB or 2G",
+    )
 
 
 def parse_bytes(text: str) -> int:
@@ -143,9 +217,14 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     try:
         params = SamplingParams(
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            min_p=args.min_p, seed=args.seed, max_tokens=args.max_tokens,
-            stop=list(args.stop), ignore_eos=args.ignore_eos,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            stop=list(args.stop),
+            ignore_eos=args.ignore_eos,
         )
         llm = LLM(model=str(model_dir), **_engine_kwargs(args))
         prompt: Any = [{"role": "user", "content": args.prompt}] if chat else args.prompt
@@ -215,14 +294,23 @@ def has_chat_template(model_dir: Path) -> bool:
 
 def _add_make_tiny_model(commands: Any) -> None:
     """`baton make-tiny-model DIR --arch A [--seed N]`."""
-    sub = _subparser(commands, "make-tiny-model",
-                     "Write a small random-weight model with a trained tokenizer and chat "
-                     "template (for tests: no model hub is needed).")
+    sub = _subparser(
+        commands,
+        "make-tiny-model",
+        "Write a small random-weight model with a trained tokenizer and chat "
+        "template (for tests: no model hub is needed).",
+    )
     sub.add_argument("path", type=Path, metavar="DIR", help="directory to write the model into")
-    sub.add_argument("--arch", choices=TINY_MODEL_ARCHS, required=True,
-                     help="model family to imitate")
-    sub.add_argument("--seed", type=int, default=0, metavar="N",
-                     help="seed of the random weights (default: %(default)s)")
+    sub.add_argument(
+        "--arch", choices=TINY_MODEL_ARCHS, required=True, help="model family to imitate"
+    )
+    sub.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of the random weights (default: %(default)s)",
+    )
     sub.set_defaults(run=_run_make_tiny_model)
 
 
@@ -243,12 +331,19 @@ def _run_make_tiny_model(args: argparse.Namespace) -> int:
 
 def _add_demo_model(commands: Any) -> None:
     """`baton demo-model [--cache-dir DIR]`."""
-    sub = _subparser(commands, "demo-model",
-                     "Convert the demo model (SmolLM2-135M-Instruct) if needed and print its "
-                     "directory.")
-    sub.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                     help="Baton's cache root (default: $BATON_CACHE_DIR, else "
-                          "$XDG_CACHE_HOME/baton, else ~/.cache/baton)")
+    sub = _subparser(
+        commands,
+        "demo-model",
+        "Convert the demo model (SmolLM2-135M-Instruct) if needed and print its directory.",
+    )
+    sub.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="Baton's cache root (default: $BATON_CACHE_DIR, else "
+        "$XDG_CACHE_HOME/baton, else ~/.cache/baton)",
+    )
     sub.set_defaults(run=_run_demo_model)
 
 
@@ -262,3 +357,56 @@ def _run_demo_model(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     print(path)
     return 0
+
+
+# --- baton serve -------------------------------------------------------------------------------
+
+
+def _add_serve(commands: Any) -> None:
+    """`baton serve`: the cluster on this machine."""
+    sub = _subparser(commands, "serve", "Serve the OpenAI API and gRPC with local workers.")
+    sub.add_argument("--model", type=Path, default=None, help="model directory (default: demo)")
+    pair_help = "default 1, or 0 with --colocated"
+    sub.add_argument("--prefill-workers", type=int, default=None, help=pair_help)
+    sub.add_argument("--decode-workers", type=int, default=None, help=pair_help)
+    sub.add_argument("--colocated", type=int, default=0, help="colocated workers (both roles)")
+    sub.add_argument("--host", default="127.0.0.1")
+    sub.add_argument("--port", type=int, default=8000, help="OpenAI HTTP port")
+    sub.add_argument("--grpc-port", type=int, default=50051, help="public gRPC port")
+    sub.add_argument("--policy", default="least_loaded", choices=["round_robin", "least_loaded"])
+    sub.add_argument("--num-kv-blocks", type=int, default=None)
+    sub.add_argument("--max-num-seqs", type=int, default=None)
+    sub.add_argument("--max-num-batched-tokens", type=int, default=None)
+    sub.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from launcher.serve import ClusterSpec, serve_forever
+
+    default_pair = 0 if args.colocated else 1
+    prefill = default_pair if args.prefill_workers is None else args.prefill_workers
+    decode = default_pair if args.decode_workers is None else args.decode_workers
+    if (prefill == 0) != (decode == 0):
+        raise UsageError("--prefill-workers and --decode-workers must both be 0 or both >= 1")
+    if prefill + decode + args.colocated == 0:
+        raise UsageError("no workers: give --prefill-workers/--decode-workers or --colocated")
+    worker_args: list[str] = []
+    for flag in ("num_kv_blocks", "max_num_seqs", "max_num_batched_tokens"):
+        value = getattr(args, flag)
+        if value is not None:
+            worker_args += [f"--{flag.replace('_', '-')}", str(value)]
+    spec = ClusterSpec(
+        model=_resolve_model_dir(args.model),
+        prefill=prefill,
+        decode=decode,
+        colocated=args.colocated,
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        policy=args.policy,
+        worker_args=worker_args,
+    )
+    try:
+        return serve_forever(spec)
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from exc

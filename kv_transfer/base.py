@@ -1,0 +1,144 @@
+"""The KV-transfer interface: one sender/receiver pair per transport (tcp, local, later nccl).
+
+A transfer moves the KV of one prompt's blocks from a prefill worker's paged cache into blocks a
+decode worker reserved for it::
+
+    decode worker                    router                       prefill worker
+    receiver.expect(id, dst, t) ---> TransferSpec(id, endpoint, dst, t) ---> sender.send(spec, src)
+    future resolves <--------------- layer 0, layer 1, ..., extras <------------ (ack returns send)
+
+Data moves one layer at a time: `KVLayerSource.layer(i)` is pulled only when layer `i` is due, so
+a GPU sender can ship layer L while layer L+1 is still being computed. Every layer tensor has the
+cache layout of `engine.attention`, restricted to the sent blocks::
+
+    layer: (2, num_blocks_sent, block_size, num_kv_heads, head_dim)   0 = keys, 1 = values
+
+`extra` tensors (e.g. the last hidden state, for speculative decoding) travel after the layers
+and come out of the receiver's future by name.
+
+Times are wall-clock seconds since the epoch (`time.time()`), so a deadline means the same on
+every host of the cluster (clocks are assumed NTP-synchronised to well under a lease).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class KVTransferError(RuntimeError):
+    """A transfer failed: refused, malformed, cut short, cancelled or past its deadline.
+
+    Both sides see it: the sender's `send` raises it and the receiver's future fails with it.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class TransferSpec:
+    """What the decode side reserved; travels router -> prefill worker.
+
+    `endpoint` is the receiver's transport address (`tcp://host:port`, `local://name`);
+    `dst_block_ids` are the decode worker's block ids to fill, in the order of the sent blocks;
+    `deadline` is the `time.time()` (seconds) after which the receiver drops the reservation.
+    """
+
+    transfer_id: str
+    endpoint: str
+    dst_block_ids: tuple[int, ...]
+    deadline: float
+
+    def seconds_left(self) -> float:
+        """Seconds until `deadline` (negative once it has passed)."""
+        return self.deadline - time.time()
+
+
+class KVLayerSource(Protocol):
+    """The sender's view of the KV to send, pulled one layer at a time."""
+
+    @property
+    def num_layers(self) -> int:
+        """Number of layers; `layer(i)` is valid for `0 <= i < num_layers`."""
+        ...
+
+    def layer(self, i: int) -> torch.Tensor:
+        """Layer `i`'s KV of the sent blocks: (2, num_blocks_sent, block_size, Hkv, D).
+
+        Every layer has the same shape and dtype. The tcp sender moves it to CPU if needed.
+        """
+        ...
+
+
+class KVSender(ABC):
+    """Pushes KV blocks into a remote (or local) receiver's reserved blocks."""
+
+    @abstractmethod
+    async def send(
+        self,
+        spec: TransferSpec,
+        layers: KVLayerSource,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Send every layer of `layers` (the source blocks, in `spec.dst_block_ids` order).
+
+        The receiver refuses a transfer whose `spec.dst_block_ids` are not exactly its reservation.
+
+        Returns once the receiver has written all of it into its caches and resolved its future.
+        Raises `KVTransferError` when the receiver refuses or fails the transfer, the connection
+        breaks, or `spec.deadline` passes; never waits past `spec.deadline`. Exceptions raised by
+        `layers.layer(i)` itself propagate unchanged (the receiver's reservation then fails).
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the sender's resources; sends still in flight fail with `KVTransferError`."""
+
+
+class KVReceiver(ABC):
+    """Receives transfers into a decode worker's KV caches, at blocks reserved beforehand.
+
+    `expect` and `cancel` are called on the event loop that ran `start()`; receivers write cache
+    blocks from that same loop's thread. Blocks reserved for a transfer belong to it alone until
+    its future is done (the engine neither reads nor writes them meanwhile), so writing them while
+    the engine steps other requests' blocks is safe. Nothing is written into a reservation's
+    blocks after its future is done, whatever ended it.
+    """
+
+    @property
+    @abstractmethod
+    def endpoint(self) -> str:
+        """This receiver's address for `TransferSpec.endpoint`; known once `start()` returned."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Begin accepting transfers (bind the socket, register the name, ...)."""
+
+    @abstractmethod
+    def expect(
+        self, transfer_id: str, dst_block_ids: Sequence[int], deadline: float
+    ) -> asyncio.Future[dict[str, torch.Tensor]]:
+        """Reserve `dst_block_ids` for transfer `transfer_id` until `deadline` (`time.time()` s).
+
+        The future resolves with the transfer's `extra` tensors once every layer has been written
+        into the caches at `dst_block_ids`; it fails with `KVTransferError` on a refused, short,
+        malformed or late transfer (at `deadline` at the latest), and is cancelled by `cancel`.
+        Cancelling the future yourself is the same as `cancel(transfer_id)`.
+        Raises `ValueError` for a transfer id already pending or block ids that are repeated or
+        out of range.
+        """
+
+    @abstractmethod
+    def cancel(self, transfer_id: str) -> None:
+        """Drop a reservation (lease expired, request aborted); a later send for it is refused.
+
+        No-op for an unknown or finished transfer id.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop accepting transfers; pending reservations fail with `KVTransferError`."""

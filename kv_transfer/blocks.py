@@ -1,0 +1,80 @@
+"""Gathering the KV of some blocks out of a paged cache, and scattering it into another.
+
+Every cache is one tensor per layer, in `engine.attention`'s layout; blocks are indexed along
+dim 1::
+
+    kv_caches[layer]: (2, num_blocks, block_size, num_kv_heads, head_dim)
+    gathered layer:   (2, len(block_ids), block_size, num_kv_heads, head_dim), contiguous
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kv_transfer.base import KVLayerSource, KVTransferError
+
+BlockIds = Sequence[int] | torch.Tensor
+
+
+def block_index(block_ids: BlockIds, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`block_ids` as an int64 index tensor of shape (n,) on `device`."""
+    return torch.as_tensor(block_ids, dtype=torch.long, device=device).reshape(-1)
+
+
+class GatheredBlocks:
+    """A lazy `KVLayerSource` over `kv_caches`: layer `i` is copied out only when asked for."""
+
+    def __init__(self, kv_caches: Sequence[torch.Tensor], block_ids: BlockIds) -> None:
+        self._kv_caches = list(kv_caches)
+        device = self._kv_caches[0].device if self._kv_caches else "cpu"
+        self._index = block_index(block_ids, device)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of layers in the cache."""
+        return len(self._kv_caches)
+
+    def layer(self, i: int) -> torch.Tensor:
+        """Layer `i`'s KV of the gathered blocks: a new contiguous (2, n, bs, Hkv, D) tensor."""
+        return self._kv_caches[i].index_select(1, self._index)
+
+
+def gather_blocks(kv_caches: Sequence[torch.Tensor], block_ids: BlockIds) -> KVLayerSource:
+    """A per-layer source of the KV at `block_ids` (in that order), copied on demand."""
+    return GatheredBlocks(kv_caches, block_ids)
+
+
+def scatter_layer(cache: torch.Tensor, block_ids: BlockIds, data: torch.Tensor) -> None:
+    """Write `data` (2, n, bs, Hkv, D) into one layer's `cache` at `block_ids`: one bulk copy.
+
+    `block_ids` must be distinct; `data` is moved to the cache's device if needed.
+    """
+    index = block_ids if isinstance(block_ids, torch.Tensor) else block_index(block_ids)
+    cache.index_copy_(1, index.to(cache.device), data.to(cache.device))
+
+
+def check_layer(
+    transfer_id: str,
+    i: int,
+    cache: torch.Tensor,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    num_blocks: int,
+) -> None:
+    """`KVTransferError` unless a layer of `shape`/`dtype` fits layer `i`'s `cache`.
+
+    `num_blocks` is the number of reserved destination blocks: the layer must be
+    (2, num_blocks, *cache.shape[2:]) in the cache's dtype.
+    """
+    if dtype != cache.dtype:
+        raise KVTransferError(
+            f"transfer {transfer_id!r}, layer {i}: sender dtype {dtype}, receiver {cache.dtype}"
+        )
+    expected = (2, num_blocks, *cache.shape[2:])
+    if tuple(shape) != expected:
+        raise KVTransferError(
+            f"transfer {transfer_id!r}, layer {i}: sender shape {tuple(shape)}, receiver expects "
+            f"{expected} (2, reserved blocks, block_size, num_kv_heads, head_dim)"
+        )

@@ -1,0 +1,173 @@
+"""`baton serve`: the cluster on one machine, as processes.
+
+Starts the workers (prefill, decode, colocated) on free ports, then the router with their
+addresses; waits until the router answers `/health`; prints the endpoints; on SIGTERM or Ctrl-C
+stops the router first (it drains in-flight requests), then the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROUTER_READY_TIMEOUT_S = 120.0
+
+
+@dataclass
+class ClusterSpec:
+    """What to start. Counts are processes; `worker_args` go to every worker."""
+
+    model: Path
+    prefill: int = 1
+    decode: int = 1
+    colocated: int = 0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int = 50051
+    policy: str = "least_loaded"
+    worker_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WorkerHandle:
+    """One worker process: its role, gRPC address (host:port) and Prometheus endpoint."""
+
+    role: str
+    proc: subprocess.Popen
+    address: str
+    metrics_url: str
+
+
+@dataclass
+class Cluster:
+    """The running processes; `stop()` ends them, router first."""
+
+    workers: list[WorkerHandle] = field(default_factory=list)
+    router: subprocess.Popen | None = None
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        procs = ([self.router] if self.router else []) + [w.proc for w in self.workers]
+        for proc in procs:  # router first: it drains, then the workers go
+            _terminate(proc, grace_s)
+
+
+def _terminate(proc: subprocess.Popen, grace_s: float) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def start_worker(role: str, module: str, spec: ClusterSpec, extra: list[str]) -> WorkerHandle:
+    """Start one worker process; return its handle once it printed READY."""
+    metrics_port = free_port(spec.host)
+    cmd = [sys.executable, "-m", module, "--model", str(spec.model), "--host", spec.host]
+    cmd += ["--metrics-port", str(metrics_port)]
+    proc = subprocess.Popen(
+        [*cmd, *spec.worker_args, *extra], stdout=subprocess.PIPE, text=True, env=_env()
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("READY"):
+        _terminate(proc, 5)
+        raise RuntimeError(f"{module} failed to start (see its log above)")
+    metrics_url = f"http://{spec.host}:{metrics_port}/metrics"
+    return WorkerHandle(role, proc, line.split()[-1], metrics_url)
+
+
+def start_cluster(spec: ClusterSpec) -> Cluster:
+    """Start workers then the router; raise RuntimeError (after cleaning up) on failure."""
+    cluster = Cluster()
+    roles = [
+        ("prefill", "prefill_service", [], spec.prefill),
+        ("decode", "decode_service", ["--role", "decode"], spec.decode),
+        ("colocated", "decode_service", ["--role", "colocated"], spec.colocated),
+    ]
+    try:
+        for role, module, extra, count in roles:
+            for _ in range(count):
+                cluster.workers.append(start_worker(role, module, spec, extra))
+        cluster.router = _start_router(spec, cluster)
+        _wait_healthy(spec, cluster.router)
+    except BaseException:
+        cluster.stop(grace_s=5)
+        raise
+    return cluster
+
+
+def _start_router(spec: ClusterSpec, cluster: Cluster) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "router", "--model", str(spec.model), "--host", spec.host]
+    cmd += ["--port", str(spec.port), "--grpc-port", str(spec.grpc_port), "--policy", spec.policy]
+    for role in ("prefill", "decode", "colocated"):
+        addresses = [w.address for w in cluster.workers if w.role == role]
+        if addresses:
+            cmd += [f"--{role}", *addresses]
+    return subprocess.Popen(cmd, env=_env())
+
+
+def _wait_healthy(spec: ClusterSpec, router: subprocess.Popen) -> None:
+    url = f"http://{spec.host}:{spec.port}/health"
+    deadline = time.time() + ROUTER_READY_TIMEOUT_S
+    while time.time() < deadline:
+        if router.poll() is not None:
+            raise RuntimeError(f"the router exited with status {router.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the router did not become healthy at {url}")
+
+
+def _env() -> dict[str, str]:
+    """Children import the repository's packages even when Baton is not installed."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def serve_forever(spec: ClusterSpec) -> int:
+    """`baton serve`: start, print the endpoints, wait for a signal, stop. Exit status."""
+    cluster = start_cluster(spec)
+    print(f"Baton is serving {spec.model.name}:")
+    print(f"  OpenAI HTTP  http://{spec.host}:{spec.port}/v1  (health /health, metrics /metrics)")
+    print(f"  gRPC         {spec.host}:{spec.grpc_port}  (baton.v1.Router/Generate)")
+    for w in cluster.workers:
+        print(f"  {w.role:<9}    {w.address}  (metrics {w.metrics_url})")
+    print("Ctrl-C or SIGTERM drains and stops.", flush=True)
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not stopping:
+            if cluster.router is not None and cluster.router.poll() is not None:
+                print("the router exited; stopping", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+    finally:
+        cluster.stop()
+    return 0
