@@ -40,3 +40,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
         return built[key]
 
     return make
+
+
+@pytest.fixture()
+def redis_server():
+    """A fresh `redis-server` on a free port for one test (stopped afterwards)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer()
+    yield server
+    server.stop()

@@ -1,0 +1,41 @@
+"""The prefix index's two faces: routers read it, workers' publishers write it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from proto.baton.v1 import kv_events_pb2
+
+
+class IndexUnavailableError(RuntimeError):
+    """The index's store cannot be reached; callers fall back (routing by load only)."""
+
+
+class PrefixIndex(ABC):
+    """What a router asks: for a prompt's block hashes, which live workers hold how much."""
+
+    @abstractmethod
+    async def match(self, block_hashes: Sequence[int]) -> dict[str, int]:
+        """`{worker_id: number of leading blocks of block_hashes it holds}` for every live worker
+        holding at least the first block. Stops at the first block no worker holds. Entries of
+        a worker whose heartbeat lapsed or whose epoch changed are never returned."""
+
+    @abstractmethod
+    async def drop_worker(self, worker_id: str) -> None:
+        """Forget everything about a worker (it left the cluster)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release connections."""
+
+
+class IndexWriter(ABC):
+    """Where a worker's publisher sends its batches."""
+
+    @abstractmethod
+    async def apply(self, batch: kv_events_pb2.KVEventBatch) -> bool:
+        """Apply one batch; True when the index needs a snapshot from this worker (a gap, an
+        unknown epoch). Raises IndexUnavailableError when the store cannot be reached."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release connections."""
