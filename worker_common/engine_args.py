@@ -28,6 +28,24 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def add_index_args(parser: argparse.ArgumentParser) -> None:
+    """Where the worker publishes its KV events (the prefix index); neither flag: nowhere."""
+    parser.add_argument("--index-redis-url", default=None, help="redis:// or rediss:// URL")
+    parser.add_argument(
+        "--index-router",
+        nargs="*",
+        default=None,
+        metavar="ADDR",
+        help="routers' gRPC addresses (their in-process index)",
+    )
+    parser.add_argument("--cluster-name", default="default", help="Redis key namespace part")
+    parser.add_argument("--worker-id", default=None, help="default: HOST:PORT of this worker")
+
+
+def publishes_kv_events(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "index_redis_url", None) or getattr(args, "index_router", None))
+
+
 def build_engine_core(args: argparse.Namespace) -> EngineCore:
     """An EngineCore from parsed `add_engine_args` flags (KV events on: the index reads them)."""
     torch.manual_seed(args.seed)
@@ -40,7 +58,7 @@ def build_engine_core(args: argparse.Namespace) -> EngineCore:
             kv_cache_memory_bytes=args.kv_cache_memory_bytes,
             num_blocks=args.num_kv_blocks,
             enable_prefix_caching=not args.no_prefix_caching,
-            enable_kv_events=False,
+            enable_kv_events=publishes_kv_events(args),
         ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.max_num_batched_tokens,

@@ -9,7 +9,14 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from engine.async_core import AsyncEngineCore
-from worker_common.engine_args import add_engine_args, build_engine_core
+from prefix_index.base import IndexWriter
+from prefix_index.publisher import KVEventPublisher, RouterIndexWriter
+from worker_common.engine_args import (
+    add_engine_args,
+    add_index_args,
+    build_engine_core,
+    publishes_kv_events,
+)
 from worker_common.metrics import WorkerMetrics
 from worker_common.server import Registration, serve
 
@@ -24,7 +31,18 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0: a free one)")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics")
+    add_index_args(parser)
     return parser
+
+
+def index_writer(args: argparse.Namespace, model_name: str) -> IndexWriter:
+    if args.index_redis_url:
+        from prefix_index.redis_store import RedisIndexWriter, connect, namespace
+
+        return RedisIndexWriter(
+            connect(args.index_redis_url), namespace(args.cluster_name, model_name)
+        )
+    return RouterIndexWriter(args.index_router)
 
 
 def run_worker(args: argparse.Namespace, role: str, setup: Setup) -> None:
@@ -43,7 +61,14 @@ def run_worker(args: argparse.Namespace, role: str, setup: Setup) -> None:
     metrics.attach(engine)
     engine.start()
 
+    tasks: list[asyncio.Task] = []
+
     def ready(port: int) -> None:
+        if publishes_kv_events(args):
+            model = core.config.model.served_model_name
+            worker_id = args.worker_id or f"{args.host}:{port}"
+            publisher = KVEventPublisher(engine, index_writer(args, model), worker_id, role)
+            tasks.append(asyncio.get_running_loop().create_task(publisher.run()))
         print(f"READY {role} {args.host}:{port}", flush=True)
 
     async def main() -> None:
