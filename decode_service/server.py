@@ -96,6 +96,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         async for chunk in with_final_chunk(outputs, lease.request, msg.request_id):
             yield chunk
 
+    async def Generate(self, request, context):  # noqa: N802
+        async for chunk in streaming(context, lambda: generate_locally(self.engine, request)):
+            yield chunk
+
     async def Abort(self, request, context):  # noqa: N802
         ids = list(request.request_ids)
         for rid in ids:
@@ -120,12 +124,7 @@ class ColocatedServicer(worker_pb2_grpc.ColocatedWorkerServicer):
         self.block_size = engine.core.config.cache.block_size
 
     async def Generate(self, request, context):  # noqa: N802
-        async for chunk in streaming(context, lambda: self._generate(request)):
-            yield chunk
-
-    async def _generate(self, msg: worker_pb2.WorkerRequest):
-        request = request_from_proto(msg, self.model)
-        async for chunk in with_final_chunk(self.engine.generate(request), request, msg.request_id):
+        async for chunk in streaming(context, lambda: generate_locally(self.engine, request)):
             yield chunk
 
     async def Abort(self, request, context):  # noqa: N802
@@ -135,6 +134,13 @@ class ColocatedServicer(worker_pb2_grpc.ColocatedWorkerServicer):
 
     async def GetLoad(self, request, context):  # noqa: N802
         return load_to_proto(self.engine.load, "colocated", self.model, self.block_size)
+
+
+async def generate_locally(engine: AsyncEngineCore, msg: worker_pb2.WorkerRequest):
+    """Prefill and decode `msg` in this worker's engine; every token, the first included."""
+    request = request_from_proto(msg, engine.core.config.model)
+    async for chunk in with_final_chunk(engine.generate(request), request, msg.request_id):
+        yield chunk
 
 
 async def with_final_chunk(outputs: AsyncIterator[EngineCoreOutput], request, request_id: str):

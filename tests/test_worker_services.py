@@ -115,6 +115,13 @@ def test_colocated_equals_offline(workers, offline):
     assert _all_free(workers["colocated"])
 
 
+def test_decode_worker_prefills_locally_when_asked(workers, offline):
+    """Conditional disaggregation: the decode worker runs the whole request itself."""
+    chunks = list(workers["decode"].Generate(_request("local", PROMPTS[0], PARAMS[0]), timeout=30))
+    assert [t for c in chunks for t in c.token_ids] == offline[0].token_ids
+    assert _all_free(workers["decode"])
+
+
 def test_expired_lease_frees_blocks(workers):
     req = _request("lease", PROMPTS[0], PARAMS[0])
     workers["decode"].Reserve(worker_pb2.ReserveRequest(request=req, lease_seconds=0.3))

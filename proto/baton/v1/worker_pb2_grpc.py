@@ -207,6 +207,11 @@ class DecodeWorkerStub:
                 request_serializer=baton_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_common__pb2.TokenChunk.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/baton.v1.DecodeWorker/Generate',
+                request_serializer=baton_dot_v1_dot_worker__pb2.WorkerRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_common__pb2.TokenChunk.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/baton.v1.DecodeWorker/Abort',
                 request_serializer=baton_dot_v1_dot_common__pb2.AbortRequest.SerializeToString,
@@ -236,6 +241,14 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Prefill here and decode (conditional disaggregation: this worker already holds all but a
+        short suffix of the prompt, so moving KV would cost more than computing it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -259,6 +272,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
                     request_deserializer=baton_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_common__pb2.TokenChunk.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=baton_dot_v1_dot_worker__pb2.WorkerRequest.FromString,
                     response_serializer=baton_dot_v1_dot_common__pb2.TokenChunk.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
@@ -326,6 +344,33 @@ class DecodeWorker:
             target,
             '/baton.v1.DecodeWorker/Decode',
             baton_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
+            baton_dot_v1_dot_common__pb2.TokenChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/baton.v1.DecodeWorker/Generate',
+            baton_dot_v1_dot_worker__pb2.WorkerRequest.SerializeToString,
             baton_dot_v1_dot_common__pb2.TokenChunk.FromString,
             options,
             channel_credentials,
