@@ -1,0 +1,105 @@
+"""`baton serve` end to end: the CLI starts router and workers, serves load, and drains."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from engine import LLM, SamplingParams
+from launcher.serve import free_port
+from tests.workers import ROOT
+
+NUM_REQUESTS = 32
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model):
+    model_dir = tiny_model("qwen2")
+    port, grpc_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launcher",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--grpc-port",
+            str(grpc_port),
+            "--num-kv-blocks",
+            "256",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Ctrl-C"):
+            break
+    else:
+        pytest.fail(f"baton serve did not start: {lines}")
+    yield model_dir, f"http://127.0.0.1:{port}", lines, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_serve_prints_endpoints(cluster):
+    _, base, lines, _ = cluster
+    text = "".join(lines)
+    assert f"{base}/v1" in text and "prefill" in text and "decode" in text
+
+
+def test_concurrent_requests_all_complete_and_match_offline(cluster):
+    model_dir, base, _, _ = cluster
+    prompts = [[5 + i, 6 + i, 7 + i] + list(range(40, 40 + i)) for i in range(NUM_REQUESTS)]
+
+    async def one(client, prompt):
+        body = {
+            "model": model_dir.name,
+            "prompt": prompt,
+            "max_tokens": 8,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        response = await client.post(f"{base}/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    texts = asyncio.run(run())
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    offline = LLM(str(model_dir)).generate(prompts, params, use_tqdm=False)
+    assert texts == [o.outputs[0].text for o in offline]
+
+
+def test_sigterm_drains_and_stops_everything(cluster):
+    _, base, lines, proc = cluster
+    workers = [line.split()[1] for line in lines if line.split()[:1] in (["prefill"], ["decode"])]
+    assert len(workers) == 2
+    assert httpx.get(f"{base}/health", timeout=5).status_code == 200
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    time.sleep(0.5)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{base}/health", timeout=2)
+    for address in workers:  # the worker processes are gone too
+        host, port = address.rsplit(":", 1)
+        with pytest.raises(OSError):
+            socket.create_connection((host, int(port)), timeout=1).close()
