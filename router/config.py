@@ -1,0 +1,90 @@
+"""The router's configuration: one dataclass, filled from the command line or by tests."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from router.policies import POLICIES
+
+
+@dataclass(slots=True)
+class Deadlines:
+    """Per-RPC deadlines in seconds (every worker call has one)."""
+
+    reserve_s: float = 10.0
+    prefill_s: float = 120.0  # queueing plus prompt compute plus KV push
+    decode_s: float = 3600.0  # a whole decode stream
+    generate_s: float = 3600.0  # a whole colocated stream
+    abort_s: float = 5.0
+    poll_s: float = 1.0  # GetLoad and health checks
+
+
+@dataclass(slots=True)
+class RouterConfig:
+    """Everything `python -m router` takes. Times in seconds, addresses as `host:port`."""
+
+    model: str
+    served_model_name: str = ""  # defaults to the model directory's name, as the workers do
+    prefill: list[str] = field(default_factory=list)
+    decode: list[str] = field(default_factory=list)
+    colocated: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int = 50051  # 0 = no gRPC front
+    policy: str = "least_loaded"
+    poll_interval_s: float = 0.5
+    lease_s: float = 30.0  # how long a decode worker holds a reservation waiting for KV
+    max_logprobs: int = 20  # the most top logprobs a request may ask for (vLLM's default)
+    max_model_len: int | None = None  # None: the workers' (smallest) max_model_len
+    drain_grace_s: float = 30.0  # SIGTERM: time in-flight requests get to finish
+    deadlines: Deadlines = field(default_factory=Deadlines)
+
+    def __post_init__(self) -> None:
+        if not self.served_model_name:
+            self.served_model_name = Path(self.model).name
+
+
+def parse_args(argv: list[str] | None = None) -> RouterConfig:
+    """Build a RouterConfig from `python -m router` arguments."""
+    p = argparse.ArgumentParser(
+        prog="python -m router", description="Baton router: OpenAI HTTP and gRPC front."
+    )
+    p.add_argument("--model", required=True, help="model directory (only its tokenizer is read)")
+    p.add_argument("--served-model-name", default="", help="name in the API (default: dir name)")
+    for role in ("prefill", "decode", "colocated"):
+        p.add_argument(
+            f"--{role}", nargs="+", action="extend", default=[], metavar="ADDR",
+            help=f"{role} workers' gRPC addresses (host:port; the flag may repeat)",
+        )  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: none)")
+    p.add_argument("--policy", default="least_loaded", choices=sorted(POLICIES))
+    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between load polls")
+    p.add_argument("--lease", type=float, default=30.0, help="reservation lease in seconds")
+    p.add_argument("--max-model-len", type=int, default=None, help="override the workers' value")
+    p.add_argument("--max-logprobs", type=int, default=20)
+    p.add_argument("--drain-grace", type=float, default=30.0, help="seconds to finish on SIGTERM")
+    a = p.parse_args(argv)
+    if not (a.prefill or a.decode or a.colocated):
+        p.error("give at least one worker: --prefill and --decode, or --colocated")
+    if bool(a.prefill) != bool(a.decode):
+        p.error("--prefill and --decode go together (a pair is needed for disaggregation)")
+    return RouterConfig(
+        model=a.model,
+        served_model_name=a.served_model_name,
+        prefill=a.prefill,
+        decode=a.decode,
+        colocated=a.colocated,
+        host=a.host,
+        port=a.port,
+        grpc_port=a.grpc_port,
+        policy=a.policy,
+        poll_interval_s=a.poll_interval,
+        lease_s=a.lease,
+        max_model_len=a.max_model_len,
+        max_logprobs=a.max_logprobs,
+        drain_grace_s=a.drain_grace,
+    )

@@ -1,0 +1,167 @@
+"""One request through a prefill/decode pair.
+
+::
+
+    router --Reserve(request, lease)--> D        D holds blocks for the prompt's KV
+    router --Prefill(request, target)--> P       P computes the prompt, pushes KV into D,
+           <------- first token --------          answers with the first token
+    router --Decode(request_id, first)--> D      D streams the tokens after the first
+           <====== token chunks ========
+
+Reserve goes to the next decode worker when one is full or unreachable. A Prefill that fails
+with UNAVAILABLE (KV transfer failed) or RESOURCE_EXHAUSTED is tried once more on another
+prefill worker; the reservation stays valid meanwhile. Whatever ends the request early (a
+first token that already finishes it, a stop string, a cancelled client, an error) aborts the
+reservation / request on D, and an interrupted Prefill is aborted on P.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator
+
+import grpc
+
+from proto.baton.v1 import common_pb2, worker_pb2
+from router.aborts import AbortSender
+from router.backend import Backend, choose_worker, is_retryable, is_unreachable
+from router.config import Deadlines
+from router.errors import NoWorkerError, RouterError, from_rpc_error
+from router.policies import RequestContext, RoutingPolicy
+from router.registry import WorkerRegistry
+from router.workers import Role, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+PREFILL_ATTEMPTS = 2  # the first try and one retry on another prefill worker
+
+
+class DisaggregatedBackend(Backend):
+    """Reserve on D, Prefill on P, Decode on D. `lease_s`: seconds D holds the reservation."""
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        policy: RoutingPolicy,
+        aborts: AbortSender,
+        deadlines: Deadlines,
+        lease_s: float = 30.0,
+    ) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.aborts = aborts
+        self.deadlines = deadlines
+        self.lease_s = lease_s
+
+    def available(self) -> bool:
+        return bool(self.registry.healthy(Role.PREFILL) and self.registry.healthy(Role.DECODE))
+
+    async def stream(
+        self, request: worker_pb2.WorkerRequest, ctx: RequestContext
+    ) -> AsyncGenerator[common_pb2.TokenChunk, None]:
+        decode, target = await self._reserve(request, ctx)
+        finished_on_decode = False
+        try:
+            first = await self._prefill(request, target, ctx)
+            yield first
+            if first.finish_reason:
+                return  # the first token ended it: the reservation is aborted below
+            async for chunk in self._decode(decode, request.request_id, first.token_ids[0]):
+                finished_on_decode = bool(chunk.finish_reason)
+                yield chunk
+        finally:
+            if not finished_on_decode:
+                self.aborts.abort(decode, [request.request_id])
+
+    async def _reserve(
+        self, request: worker_pb2.WorkerRequest, ctx: RequestContext
+    ) -> tuple[WorkerInfo, worker_pb2.KVTransferTarget]:
+        """Reserve blocks on a decode worker, trying the next one when one is full or down."""
+        tried: list[WorkerInfo] = []
+        last_error: RouterError | None = None
+        message = worker_pb2.ReserveRequest(request=request, lease_seconds=self.lease_s)
+        while True:
+            try:
+                worker = choose_worker(self.registry, self.policy, Role.DECODE, ctx, tried)
+            except NoWorkerError:
+                if last_error is None:
+                    raise
+                raise last_error from None  # every decode worker refused: say why
+            tried.append(worker)
+            try:
+                reservation = await self._call_reserve(worker, message)
+                return worker, reservation.target
+            except grpc.RpcError as error:
+                last_error = from_rpc_error(error, f"reserve on decode worker {worker.address}")
+                if is_unreachable(error):
+                    self.registry.mark_unhealthy(worker, last_error.message)
+                if not is_retryable(error):
+                    raise last_error from error
+
+    async def _call_reserve(
+        self, worker: WorkerInfo, message: worker_pb2.ReserveRequest
+    ) -> worker_pb2.Reservation:
+        try:
+            reservation: worker_pb2.Reservation = await worker.stub.Reserve(
+                message, timeout=self.deadlines.reserve_s
+            )
+        except asyncio.CancelledError:
+            # The reservation may exist on D although we never saw it.
+            self.aborts.abort(worker, [message.request.request_id])
+            raise
+        return reservation
+
+    async def _prefill(
+        self,
+        request: worker_pb2.WorkerRequest,
+        target: worker_pb2.KVTransferTarget,
+        ctx: RequestContext,
+    ) -> common_pb2.TokenChunk:
+        """The first token from a prefill worker (one retry on another after a failure)."""
+        message = worker_pb2.PrefillRequest(request=request, target=target)
+        tried: list[WorkerInfo] = []
+        while True:
+            worker = choose_worker(self.registry, self.policy, Role.PREFILL, ctx, tried)
+            tried.append(worker)
+            try:
+                response = await self._call_prefill(worker, message)
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error, f"prefill on {worker.address}")
+                if len(tried) < PREFILL_ATTEMPTS and is_retryable(error):
+                    others = [w for w in self.registry.healthy(Role.PREFILL) if w not in tried]
+                    if others:
+                        log.warning("%s; retrying on another prefill worker", failure.message)
+                        continue
+                raise failure from error
+            if not response.first.token_ids:
+                raise RouterError(f"prefill on {worker.address} returned no token")
+            return response.first
+
+    async def _call_prefill(
+        self, worker: WorkerInfo, message: worker_pb2.PrefillRequest
+    ) -> worker_pb2.PrefillResponse:
+        try:
+            response: worker_pb2.PrefillResponse = await worker.stub.Prefill(
+                message, timeout=self.deadlines.prefill_s
+            )
+        except asyncio.CancelledError:
+            self.aborts.abort(worker, [message.request.request_id])
+            raise
+        return response
+
+    async def _decode(
+        self, worker: WorkerInfo, request_id: str, first_token_id: int
+    ) -> AsyncGenerator[common_pb2.TokenChunk, None]:
+        """The decode worker's chunks; cancelling the call aborts the request there."""
+        call = worker.stub.Decode(
+            worker_pb2.DecodeRequest(request_id=request_id, first_token_id=first_token_id),
+            timeout=self.deadlines.decode_s,
+        )
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, f"decode on {worker.address}") from error
+        finally:
+            call.cancel()

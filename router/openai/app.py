@@ -1,0 +1,67 @@
+"""The FastAPI application: routes of the OpenAI-compatible API, health and metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from router.errors import NoWorkerError
+from router.openai.chat import create_chat_completion
+from router.openai.completions import create_completion
+from router.openai.errors import install_error_handlers, router_error_response
+from router.openai.protocol import ChatCompletionRequest, CompletionRequest
+from router.openai.serving import unless_disconnected
+from router.services import RouterServices
+
+
+def build_app(services: RouterServices) -> FastAPI:
+    """The HTTP API over `services` (started and closed by whoever runs the server)."""
+    app = FastAPI(title="Baton router", version="0.1.0")
+    app.state.services = services
+    created = int(time.time())
+    install_error_handlers(app, services.metrics.request_failed)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """OpenAI's completions API."""
+        return await unless_disconnected(request, create_completion(body, services))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        """OpenAI's chat completions API."""
+        return await unless_disconnected(request, create_chat_completion(body, services))
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        """The served model."""
+        config = services.config
+        card = {
+            "id": config.served_model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "baton",
+            "root": config.model,
+            "parent": None,
+            "max_model_len": config.max_model_len or services.registry.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        """200 when requests can be served, else 503 (draining, or no healthy worker)."""
+        if services.ready():
+            return JSONResponse({"status": "ok"})
+        reason = "draining" if services.generator.draining else "no healthy worker"
+        return router_error_response(NoWorkerError(f"not ready: {reason}"))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text exposition."""
+        body = services.metrics.render(services.registry.workers)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,109 @@
+"""Errors in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}.
+
+FastAPI's own failures are folded in: a body that is not JSON or fails validation is a 400
+naming the field (not FastAPI's 422), an unknown path a 404, a wrong method a 405.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from router.errors import OverloadedError, RouterError
+
+log = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error"}
+
+
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | int | None = None
+) -> dict[str, Any]:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def router_error_body(error: RouterError) -> dict[str, Any]:
+    """A RouterError as OpenAI's error object."""
+    return error_body(error.message, error.error_type, error.param, error.code)
+
+
+def router_error_response(error: RouterError) -> JSONResponse:
+    """A RouterError as an HTTP response (with Retry-After, in whole seconds, for a 429)."""
+    headers = {}
+    if isinstance(error, OverloadedError):
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    return JSONResponse(router_error_body(error), status_code=error.http_status, headers=headers)
+
+
+def validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    """A readable message for the first validation problem, and the field it names."""
+    errors = error.errors()
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return f"the request body is not valid JSON: {detail}".rstrip(": "), None
+    loc = _loc(first)
+    if not loc:
+        return "the request body must be a JSON object (Content-Type: application/json)", None
+    # A union reports each branch it tried (e.g. prompt.str, prompt.list[int]): name them all.
+    path = loc[: next((i for i, p in enumerate(loc) if _is_type_name(p)), len(loc))]
+    param = ".".join(path)
+    branches = [
+        e_loc[len(path)]
+        for e_loc in map(_loc, errors)
+        if len(e_loc) > len(path) and e_loc[: len(path)] == path and _is_type_name(e_loc[len(path)])
+    ]
+    if branches:
+        return f"{param}: expected one of {', '.join(dict.fromkeys(branches))}", param
+    return f"{param}: {first.get('msg', 'invalid value')}", param
+
+
+def _loc(error: Any) -> list[str]:
+    return [str(part) for part in error.get("loc", ()) if part != "body"]
+
+
+def _is_type_name(part: str) -> bool:
+    return part in {"str", "int", "float", "bool", "list[int]", "list[str]", "list[list[int]]"} or (
+        part.startswith(("list[", "dict[", "function-"))
+    )
+
+
+def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
+    """Render every error in OpenAI's shape; `on_error(status)` is told each one's status."""
+
+    def report(status: int) -> None:
+        if on_error is not None:
+            on_error(status)
+
+    @app.exception_handler(RouterError)
+    async def _router_error(_: Request, error: RouterError) -> JSONResponse:
+        report(error.http_status)
+        return router_error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        report(400)
+        message, param = validation_message(error)
+        body = error_body(message, "invalid_request_error", param, "invalid_value")
+        return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
+        body = error_body(str(error.detail), _TYPES.get(error.status_code, "server_error"))
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        report(500)
+        body = error_body(f"internal error: {error!r}", "server_error")
+        return JSONResponse(body, status_code=500)

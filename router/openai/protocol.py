@@ -1,0 +1,207 @@
+"""Request bodies of the OpenAI-compatible API (pydantic), with vLLM's extra sampling fields.
+
+Types are strict (a string is not a number, a bool is not an int) and ranges are checked here,
+so a bad field is a 400 that names it. Unknown fields are accepted and ignored, as OpenAI's
+and vLLM's servers do. `to_sampling_params` builds the engine's `SamplingParams`; `max_tokens`
+left unset means "up to the end of the context" (the router resolves it per prompt).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.sampling_params import SamplingParams
+from router.errors import InvalidRequestError
+from router.preprocess import params_error
+
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs range, as OpenAI's API
+
+
+class StrictModel(BaseModel):
+    """Strict types, extra fields ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class SamplingFields(StrictModel):
+    """The sampling fields both endpoints share (OpenAI's, then vLLM's extras)."""
+
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=128)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extra parameters
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    min_tokens: int = Field(default=0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    priority: int = 0
+    cache_salt: str | None = Field(default=None, min_length=1)
+
+    def check_stream_options(self) -> None:
+        """stream_options only make sense with stream=true (vLLM's rule)."""
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError(
+                "stream_options can only be given when stream is true", "stream_options"
+            )
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The engine's SamplingParams; ValueError from it becomes a 400 naming the field."""
+        optional: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        try:
+            return SamplingParams(
+                n=self.n,
+                max_tokens=max_tokens,
+                seed=self.seed,
+                stop=self.stop,
+                stop_token_ids=self.stop_token_ids,
+                ignore_eos=self.ignore_eos,
+                min_tokens=self.min_tokens,
+                logprobs=logprobs,
+                logit_bias=_logit_bias(self.logit_bias),
+                allowed_token_ids=self.allowed_token_ids,
+                skip_special_tokens=self.skip_special_tokens,
+                spaces_between_special_tokens=self.spaces_between_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                **{k: v for k, v in optional.items() if v is not None},
+            )
+        except ValueError as error:
+            raise params_error(error) from error
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions. `prompt`: a string, token ids, or a list of either."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's and vLLM's default for completions
+    logprobs: int | None = Field(default=None, ge=0)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The request's SamplingParams (InvalidRequestError for what is not supported)."""
+        self.check_stream_options()
+        if self.suffix:
+            raise InvalidRequestError("suffix is not supported", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("best_of is not supported (use n)", "best_of")
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError("echo with logprobs needs prompt logprobs", "echo")
+        return self.sampling_params(self.max_tokens, self.logprobs)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s), one entry per prompt."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+
+
+class ChatMessage(BaseModel):
+    """One message; extra fields (name, tool_calls, tool_call_id, ...) go to the template."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The request's SamplingParams: max_completion_tokens wins over max_tokens."""
+        self.check_stream_options()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs=true", "top_logprobs")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequestError(
+                "response_format other than text is not supported yet", "response_format"
+            )
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        return self.sampling_params(max_tokens, logprobs)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages as the chat template reads them: text parts joined into one string."""
+        return [_template_message(m, i) for i, m in enumerate(self.messages)]
+
+
+def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
+    out = message.model_dump(exclude_none=True)
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequestError(
+                    f"only text content parts are supported, got {part.get('type')!r}",
+                    f"messages.{index}.content",
+                )
+            texts.append(part["text"])
+        out["content"] = "\n".join(texts)
+    return out
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if bias is None:
+        return None
+    try:
+        return {int(token): value for token, value in bias.items()}
+    except ValueError as error:
+        raise InvalidRequestError("logit_bias keys must be token ids", "logit_bias") from error

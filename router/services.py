@@ -1,0 +1,81 @@
+"""The router's parts wired together once, shared by the HTTP and the gRPC fronts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerFast
+
+from engine.models.loader import load_tokenizer
+from router.aborts import AbortSender
+from router.colocated import ColocatedBackend
+from router.config import RouterConfig
+from router.disaggregated import DisaggregatedBackend
+from router.generation import Generator
+from router.metrics import RouterMetrics
+from router.policies import make_policy
+from router.preprocess import Preprocessor, model_vocab_size
+from router.registry import WorkerRegistry
+from router.workers import Role
+
+
+@dataclass(eq=False)
+class RouterServices:
+    """Tokenizer, worker registry, preprocessing, generation and metrics of one router."""
+
+    config: RouterConfig
+    tokenizer: PreTrainedTokenizerFast
+    registry: WorkerRegistry
+    preprocessor: Preprocessor
+    generator: Generator
+    metrics: RouterMetrics
+    aborts: AbortSender
+
+    @classmethod
+    def build(cls, config: RouterConfig) -> RouterServices:
+        """Load the tokenizer (no weights) and create every part; `start()` before use.
+
+        Must run inside the event loop that will serve (the channels bind to it).
+        """
+        tokenizer = load_tokenizer(config.model)
+        name = config.served_model_name
+        registry = WorkerRegistry(
+            {
+                Role.PREFILL: config.prefill,
+                Role.DECODE: config.decode,
+                Role.COLOCATED: config.colocated,
+            },
+            name,
+            config.poll_interval_s,
+            config.deadlines.poll_s,
+        )
+        policy = make_policy(config.policy)
+        aborts = AbortSender(config.deadlines.abort_s)
+        backends = [
+            DisaggregatedBackend(registry, policy, aborts, config.deadlines, config.lease_s),
+            ColocatedBackend(registry, policy, aborts, config.deadlines),
+        ]
+        metrics = RouterMetrics(name)
+        preprocessor = Preprocessor(
+            tokenizer,
+            name,
+            model_vocab_size(config.model, tokenizer),
+            lambda: config.max_model_len or registry.max_model_len,
+            config.max_logprobs,
+        )
+        generator = Generator(tokenizer, registry, backends, metrics, name)
+        return cls(config, tokenizer, registry, preprocessor, generator, metrics, aborts)
+
+    async def start(self) -> None:
+        """Poll the workers once, then keep polling in the background."""
+        await self.registry.start()
+
+    async def close(self) -> None:
+        """Let pending aborts go out, then stop polling and close the channels."""
+        await self.aborts.wait()
+        await self.registry.close()
+
+    def ready(self) -> bool:
+        """True when requests can be served: not draining, and some backend has workers."""
+        generator = self.generator
+        return not generator.draining and any(b.available() for b in generator.backends)
