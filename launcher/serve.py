@@ -31,8 +31,21 @@ class ClusterSpec:
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 50051
-    policy: str = "least_loaded"
+    policy: str = ""  # "": the router's default (prefix_aware with an index)
+    routers: int = 1  # routers on consecutive ports; more than one shares a Redis index
+    redis_url: str = ""  # the prefix index in Redis ("" = in-process in each router)
+    cluster_name: str = "default"
     worker_args: list[str] = field(default_factory=list)
+
+    def router_ports(self) -> list[tuple[int, int]]:
+        """(HTTP port, gRPC port) of each router."""
+        return [(self.port + i, self.grpc_port + i) for i in range(self.routers)]
+
+    def index_args(self) -> list[str]:
+        """How workers publish KV events: to Redis, or to every router's in-process index."""
+        if self.redis_url:
+            return ["--index-redis-url", self.redis_url, "--cluster-name", self.cluster_name]
+        return ["--index-router", *(f"{self.host}:{g}" for _, g in self.router_ports())]
 
 
 @dataclass
@@ -50,10 +63,14 @@ class Cluster:
     """The running processes; `stop()` ends them, router first."""
 
     workers: list[WorkerHandle] = field(default_factory=list)
-    router: subprocess.Popen | None = None
+    routers: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def router(self) -> subprocess.Popen | None:
+        return self.routers[0] if self.routers else None
 
     def stop(self, grace_s: float = 15.0) -> None:
-        procs = ([self.router] if self.router else []) + [w.proc for w in self.workers]
+        procs = [*self.routers, *(w.proc for w in self.workers)]
         for proc in procs:  # router first: it drains, then the workers go
             _terminate(proc, grace_s)
 
@@ -79,6 +96,7 @@ def start_worker(role: str, module: str, spec: ClusterSpec, extra: list[str]) ->
     metrics_port = free_port(spec.host)
     cmd = [sys.executable, "-m", module, "--model", str(spec.model), "--host", spec.host]
     cmd += ["--metrics-port", str(metrics_port)]
+    cmd += spec.index_args()
     proc = subprocess.Popen(
         [*cmd, *spec.worker_args, *extra], stdout=subprocess.PIPE, text=True, env=_env()
     )
@@ -103,17 +121,25 @@ def start_cluster(spec: ClusterSpec) -> Cluster:
         for role, module, extra, count in roles:
             for _ in range(count):
                 cluster.workers.append(start_worker(role, module, spec, extra))
-        cluster.router = _start_router(spec, cluster)
-        _wait_healthy(spec, cluster.router)
+        for port, grpc_port in spec.router_ports():
+            cluster.routers.append(_start_router(spec, cluster, port, grpc_port))
+        for router, (port, _) in zip(cluster.routers, spec.router_ports(), strict=True):
+            _wait_healthy(spec.host, port, router)
     except BaseException:
         cluster.stop(grace_s=5)
         raise
     return cluster
 
 
-def _start_router(spec: ClusterSpec, cluster: Cluster) -> subprocess.Popen:
+def _start_router(
+    spec: ClusterSpec, cluster: Cluster, port: int, grpc_port: int
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "router", "--model", str(spec.model), "--host", spec.host]
-    cmd += ["--port", str(spec.port), "--grpc-port", str(spec.grpc_port), "--policy", spec.policy]
+    cmd += ["--port", str(port), "--grpc-port", str(grpc_port)]
+    if spec.policy:
+        cmd += ["--policy", spec.policy]
+    if spec.redis_url:
+        cmd += ["--redis-url", spec.redis_url, "--cluster-name", spec.cluster_name]
     for role in ("prefill", "decode", "colocated"):
         addresses = [w.address for w in cluster.workers if w.role == role]
         if addresses:
@@ -121,8 +147,8 @@ def _start_router(spec: ClusterSpec, cluster: Cluster) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=_env())
 
 
-def _wait_healthy(spec: ClusterSpec, router: subprocess.Popen) -> None:
-    url = f"http://{spec.host}:{spec.port}/health"
+def _wait_healthy(host: str, port: int, router: subprocess.Popen) -> None:
+    url = f"http://{host}:{port}/health"
     deadline = time.time() + ROUTER_READY_TIMEOUT_S
     while time.time() < deadline:
         if router.poll() is not None:
@@ -149,8 +175,10 @@ def serve_forever(spec: ClusterSpec) -> int:
     """`baton serve`: start, print the endpoints, wait for a signal, stop. Exit status."""
     cluster = start_cluster(spec)
     print(f"Baton is serving {spec.model.name}:")
-    print(f"  OpenAI HTTP  http://{spec.host}:{spec.port}/v1  (health /health, metrics /metrics)")
-    print(f"  gRPC         {spec.host}:{spec.grpc_port}  (baton.v1.Router/Generate)")
+    for port, grpc_port in spec.router_ports():
+        print(f"  OpenAI HTTP  http://{spec.host}:{port}/v1  (health /health, metrics /metrics)")
+        print(f"  gRPC         {spec.host}:{grpc_port}  (baton.v1.Router/Generate)")
+    print(f"  prefix index {spec.redis_url or 'in-process, in each router'}")
     for w in cluster.workers:
         print(f"  {w.role:<9}    {w.address}  (metrics {w.metrics_url})")
     print("Ctrl-C or SIGTERM drains and stops.", flush=True)
@@ -164,8 +192,8 @@ def serve_forever(spec: ClusterSpec) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         while not stopping:
-            if cluster.router is not None and cluster.router.poll() is not None:
-                print("the router exited; stopping", file=sys.stderr)
+            if any(router.poll() is not None for router in cluster.routers):
+                print("a router exited; stopping", file=sys.stderr)
                 return 1
             time.sleep(0.2)
     finally:

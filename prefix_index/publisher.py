@@ -92,7 +92,7 @@ class KVEventPublisher:
                 if not self.needs_snapshot:
                     log.warning("prefix index unavailable (%s): will resync when it is back", e)
                 self.needs_snapshot = True
-                await asyncio.sleep(min(1.0, self.ttl_s / 3))
+                await asyncio.sleep(min(0.25, self.ttl_s / 3))
             await asyncio.sleep(self.interval_s)
 
     async def publish_once(self) -> None:

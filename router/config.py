@@ -33,7 +33,13 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 50051  # 0 = no gRPC front
-    policy: str = "least_loaded"
+    policy: str = ""  # "": prefix_aware with a prefix index, else least_loaded
+    prefix_index: str = "memory"  # memory (fed by workers over gRPC), redis, or none
+    redis_url: str = ""  # redis:// or rediss:// (password in the URL); implies prefix_index=redis
+    cluster_name: str = "default"  # Redis key namespace part, shared with the workers
+    # Conditional disaggregation: a decode worker already holding all but at most this many
+    # prompt tokens prefills them itself (0: never).
+    local_prefill_threshold: int = 64
     poll_interval_s: float = 0.5
     lease_s: float = 30.0  # how long a decode worker holds a reservation waiting for KV
     max_logprobs: int = 20  # the most top logprobs a request may ask for (vLLM's default)
@@ -44,6 +50,16 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if not self.served_model_name:
             self.served_model_name = Path(self.model).name
+        if self.redis_url:
+            self.prefix_index = "redis"
+        if self.prefix_index not in ("memory", "redis", "none"):
+            raise ValueError(
+                f"prefix_index must be memory, redis or none, got {self.prefix_index!r}"
+            )
+        if self.prefix_index == "redis" and not self.redis_url:
+            raise ValueError("prefix_index=redis needs redis_url")
+        if not self.policy:
+            self.policy = "least_loaded" if self.prefix_index == "none" else "prefix_aware"
 
 
 def parse_args(argv: list[str] | None = None) -> RouterConfig:
@@ -61,7 +77,21 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: none)")
-    p.add_argument("--policy", default="least_loaded", choices=sorted(POLICIES))
+    p.add_argument(
+        "--policy",
+        default="",
+        choices=["", *sorted(POLICIES)],
+        help="default: prefix_aware with a prefix index, else least_loaded",
+    )
+    p.add_argument("--prefix-index", default="memory", choices=["memory", "redis", "none"])
+    p.add_argument("--redis-url", default="", help="redis:// or rediss:// URL of the index")
+    p.add_argument("--cluster-name", default="default", help="Redis key namespace part")
+    p.add_argument(
+        "--local-prefill-threshold",
+        type=int,
+        default=64,
+        help="tokens a decode worker may prefill itself when it holds the rest",
+    )
     p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between load polls")
     p.add_argument("--lease", type=float, default=30.0, help="reservation lease in seconds")
     p.add_argument("--max-model-len", type=int, default=None, help="override the workers' value")
@@ -82,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         port=a.port,
         grpc_port=a.grpc_port,
         policy=a.policy,
+        prefix_index=a.prefix_index,
+        redis_url=a.redis_url,
+        cluster_name=a.cluster_name,
+        local_prefill_threshold=a.local_prefill_threshold,
         poll_interval_s=a.poll_interval,
         lease_s=a.lease,
         max_model_len=a.max_model_len,

@@ -28,6 +28,7 @@ from router.aborts import AbortSender
 from router.backend import Backend, choose_worker, is_retryable, is_unreachable
 from router.config import Deadlines
 from router.errors import NoWorkerError, RouterError, from_rpc_error
+from router.metrics import RouterMetrics
 from router.policies import RequestContext, RoutingPolicy
 from router.registry import WorkerRegistry
 from router.workers import Role, WorkerInfo
@@ -47,12 +48,16 @@ class DisaggregatedBackend(Backend):
         aborts: AbortSender,
         deadlines: Deadlines,
         lease_s: float = 30.0,
+        local_prefill_threshold: int = 0,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.policy = policy
         self.aborts = aborts
         self.deadlines = deadlines
         self.lease_s = lease_s
+        self.local_prefill_threshold = local_prefill_threshold
+        self.metrics = metrics
 
     def available(self) -> bool:
         return bool(self.registry.healthy(Role.PREFILL) and self.registry.healthy(Role.DECODE))
@@ -60,6 +65,11 @@ class DisaggregatedBackend(Backend):
     async def stream(
         self, request: worker_pb2.WorkerRequest, ctx: RequestContext
     ) -> AsyncGenerator[common_pb2.TokenChunk, None]:
+        local = self._local_prefill_worker(ctx)
+        if local is not None:
+            async for chunk in self._generate_locally(local, request):
+                yield chunk
+            return
         decode, target = await self._reserve(request, ctx)
         finished_on_decode = False
         try:
@@ -73,6 +83,42 @@ class DisaggregatedBackend(Backend):
         finally:
             if not finished_on_decode:
                 self.aborts.abort(decode, [request.request_id])
+
+    def _local_prefill_worker(self, ctx: RequestContext) -> WorkerInfo | None:
+        """Conditional disaggregation: the decode worker the policy picks, if it already holds
+        all but at most `local_prefill_threshold` prompt tokens (and some of them)."""
+        if self.local_prefill_threshold <= 0 or not ctx.prefix_matches:
+            return None
+        candidates = self.registry.healthy(Role.DECODE)
+        if not candidates:
+            return None
+        worker = self.policy.choose(candidates, ctx)
+        cached = ctx.cached_tokens(worker)
+        if cached == 0 or len(ctx.prompt_token_ids) - cached > self.local_prefill_threshold:
+            return None
+        worker.assigned_since_poll += 1
+        if self.metrics is not None:
+            self.metrics.local_prefills.labels(self.metrics.model_name).inc()
+        return worker
+
+    async def _generate_locally(
+        self, worker: WorkerInfo, request: worker_pb2.WorkerRequest
+    ) -> AsyncGenerator[common_pb2.TokenChunk, None]:
+        """The whole request on one decode worker (no KV moves); closing it aborts there."""
+        call = worker.stub.Generate(request, timeout=self.deadlines.generate_s)
+        finished = False
+        try:
+            async for chunk in call:
+                finished = bool(chunk.finish_reason)
+                yield chunk
+        except grpc.RpcError as error:
+            raise from_rpc_error(
+                error, f"local prefill on decode worker {worker.address}"
+            ) from error
+        finally:
+            call.cancel()
+            if not finished:
+                self.aborts.abort(worker, [request.request_id])
 
     async def _reserve(
         self, request: worker_pb2.WorkerRequest, ctx: RequestContext

@@ -25,6 +25,7 @@ from router.completion import CompletionDelta, CompletionTracker
 from router.errors import NoWorkerError, RouterError
 from router.metrics import RouterMetrics
 from router.policies import RequestContext
+from router.prefix_lookup import PrefixLookup
 from router.preprocess import GenerationRequest
 from router.registry import WorkerRegistry
 from router.streams import merge_streams
@@ -83,6 +84,8 @@ class Generation:
         self._generator.num_inflight += 1
         merged = merge_streams([self._completion(t) for t in self.trackers])
         try:
+            if self._generator.prefix_lookup is not None:  # one lookup for all n completions
+                await self._generator.prefix_lookup.annotate(self._context)
             async with contextlib.aclosing(merged):
                 async for _, delta in merged:
                     yield delta
@@ -137,6 +140,7 @@ class Generator:
         self.served_model_name = served_model_name
         self.num_inflight = 0  # requests being generated
         self.draining = False
+        self.prefix_lookup: PrefixLookup | None = None  # None: route by load only
         self._token_text: dict[int, str] = {}
 
     def start(self, request: GenerationRequest) -> Generation:

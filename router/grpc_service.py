@@ -16,6 +16,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from prefix_index.memory import InProcessPrefixIndex
+from prefix_index.service import ADD_TO_SERVER as add_index_servicer
+from prefix_index.service import SERVICE_NAME as INDEX_SERVICE_NAME
+from prefix_index.service import PrefixIndexServicer
 from proto.baton.v1 import router_pb2, router_pb2_grpc
 from proto.convert import params_from_proto
 from router.completion import CompletionDelta
@@ -134,7 +138,10 @@ def build_grpc_server(
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(services), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    names: tuple[str, ...] = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    if isinstance(services.index, InProcessPrefixIndex):  # workers publish KV events here
+        add_index_servicer(PrefixIndexServicer(services.index), server)
+        names += (INDEX_SERVICE_NAME,)
     reflection.enable_server_reflection(names, server)
     port = server.add_insecure_port(address)
     return server, health_servicer, port

@@ -47,6 +47,12 @@ class RouterMetrics:
             buckets=E2E_BUCKETS,
             registry=r,
         )
+        self.local_prefills = Counter(
+            "baton:local_prefills",
+            "Requests a decode worker prefilled itself (conditional disaggregation)",
+            model,
+            registry=r,
+        )
         self.running = Gauge(
             "baton:num_requests_running", "In-flight requests that have a token", model, registry=r
         )

@@ -35,6 +35,12 @@ class RequestContext:
     block_hashes: list[BlockHash] = field(default_factory=list)
     priority: int = 0
     tenant: str = ""
+    # From the prefix index: worker address -> leading blocks of the prompt it holds.
+    prefix_matches: dict[str, int] = field(default_factory=dict)
+
+    def cached_tokens(self, worker: WorkerInfo) -> int:
+        """Prompt tokens `worker` already holds, per the prefix index."""
+        return self.prefix_matches.get(worker.address, 0) * (self.block_size or 0)
 
     @classmethod
     def build(
@@ -89,9 +95,38 @@ class LeastLoadedPolicy(RoutingPolicy):
         return min(candidates, key=lambda w: (w.num_queued, w.num_used_blocks))
 
 
+class PrefixAwarePolicy(RoutingPolicy):
+    """The worker holding the longest cached prefix, unless load is imbalanced.
+
+    As SGLang's cache-aware router: while the busiest candidate's queue exceeds the idlest's by
+    more than `balance_abs` requests and by a factor over `balance_rel`, route by load alone, so
+    a hot prefix cannot pile everything onto one worker. Otherwise take the most cached leading
+    blocks; ties (and no hit anywhere) go to the least loaded, then to the lowest address, so
+    routers sharing one index make the same choice.
+    """
+
+    name = "prefix_aware"
+
+    def __init__(self, balance_abs: int = 4, balance_rel: float = 1.5) -> None:
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+
+    def choose(self, candidates: Sequence[WorkerInfo], ctx: RequestContext) -> WorkerInfo:
+        by_load = sorted(candidates, key=lambda w: (w.num_queued, w.num_used_blocks, w.address))
+        if self.imbalanced(candidates):
+            return by_load[0]
+        return min(by_load, key=lambda w: -ctx.prefix_matches.get(w.address, 0))
+
+    def imbalanced(self, candidates: Sequence[WorkerInfo]) -> bool:
+        queues = [w.num_queued for w in candidates]
+        busiest, idlest = max(queues), min(queues)
+        return busiest - idlest > self.balance_abs and busiest > self.balance_rel * idlest
+
+
 POLICIES: dict[str, type[RoutingPolicy]] = {
     RoundRobinPolicy.name: RoundRobinPolicy,
     LeastLoadedPolicy.name: LeastLoadedPolicy,
+    PrefixAwarePolicy.name: PrefixAwarePolicy,
 }
 
 

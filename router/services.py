@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerFast
 
 from engine.models.loader import load_tokenizer
+from prefix_index.base import PrefixIndex
+from prefix_index.memory import InProcessPrefixIndex
 from router.aborts import AbortSender
 from router.colocated import ColocatedBackend
 from router.config import RouterConfig
@@ -14,9 +16,22 @@ from router.disaggregated import DisaggregatedBackend
 from router.generation import Generator
 from router.metrics import RouterMetrics
 from router.policies import make_policy
+from router.prefix_lookup import PrefixLookup
 from router.preprocess import Preprocessor, model_vocab_size
 from router.registry import WorkerRegistry
 from router.workers import Role
+
+
+def build_index(config: RouterConfig) -> PrefixIndex | None:
+    """The prefix index the config names: in-process, Redis, or none."""
+    if config.prefix_index == "none":
+        return None
+    if config.prefix_index == "redis":
+        from prefix_index.redis_store import RedisPrefixIndex, connect, namespace
+
+        ns = namespace(config.cluster_name, config.served_model_name)
+        return RedisPrefixIndex(connect(config.redis_url), ns)
+    return InProcessPrefixIndex()
 
 
 @dataclass(eq=False)
@@ -30,6 +45,7 @@ class RouterServices:
     generator: Generator
     metrics: RouterMetrics
     aborts: AbortSender
+    index: PrefixIndex | None = None
 
     @classmethod
     def build(cls, config: RouterConfig) -> RouterServices:
@@ -51,11 +67,15 @@ class RouterServices:
         )
         policy = make_policy(config.policy)
         aborts = AbortSender(config.deadlines.abort_s)
-        backends = [
-            DisaggregatedBackend(registry, policy, aborts, config.deadlines, config.lease_s),
-            ColocatedBackend(registry, policy, aborts, config.deadlines),
-        ]
         metrics = RouterMetrics(name)
+        backends = [
+            DisaggregatedBackend(
+                registry, policy, aborts, config.deadlines, config.lease_s,
+                config.local_prefill_threshold, metrics,
+            ),
+            ColocatedBackend(registry, policy, aborts, config.deadlines),
+        ]  # fmt: skip
+        index = build_index(config)
         preprocessor = Preprocessor(
             tokenizer,
             name,
@@ -64,7 +84,9 @@ class RouterServices:
             config.max_logprobs,
         )
         generator = Generator(tokenizer, registry, backends, metrics, name)
-        return cls(config, tokenizer, registry, preprocessor, generator, metrics, aborts)
+        if index is not None:
+            generator.prefix_lookup = PrefixLookup(index, metrics.registry, name)
+        return cls(config, tokenizer, registry, preprocessor, generator, metrics, aborts, index)
 
     async def start(self) -> None:
         """Poll the workers once, then keep polling in the background."""
@@ -74,6 +96,8 @@ class RouterServices:
         """Let pending aborts go out, then stop polling and close the channels."""
         await self.aborts.wait()
         await self.registry.close()
+        if self.index is not None:
+            await self.index.close()
 
     def ready(self) -> bool:
         """True when requests can be served: not draining, and some backend has workers."""

@@ -182,7 +182,8 @@ def test_command_line():
     workers = ["--prefill", "a:1", "b:2", "--prefill", "c:3", "--decode", "d:4"]
     config = parse_args(["--model", "/models/tiny", *workers])
     assert config.prefill == ["a:1", "b:2", "c:3"] and config.decode == ["d:4"]
-    assert config.served_model_name == "tiny" and config.policy == "least_loaded"
+    assert config.served_model_name == "tiny" and config.policy == "prefix_aware"
+    assert parse_args(["--model", "m", "--prefix-index", "none", *workers]).policy == "least_loaded"
     for bad in (["--model", "m"], ["--model", "m", "--prefill", "a:1"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
