@@ -36,6 +36,7 @@ class ClusterSpec:
     redis_url: str = ""  # the prefix index in Redis ("" = in-process in each router)
     cluster_name: str = "default"
     worker_args: list[str] = field(default_factory=list)
+    router_args: list[str] = field(default_factory=list)
 
     def router_ports(self) -> list[tuple[int, int]]:
         """(HTTP port, gRPC port) of each router."""
@@ -140,6 +141,7 @@ def _start_router(
         cmd += ["--policy", spec.policy]
     if spec.redis_url:
         cmd += ["--redis-url", spec.redis_url, "--cluster-name", spec.cluster_name]
+    cmd += spec.router_args
     for role in ("prefill", "decode", "colocated"):
         addresses = [w.address for w in cluster.workers if w.role == role]
         if addresses:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.kv_cache.hashing import BlockHash, ExtraKeys, hash_prompt_blocks
@@ -37,6 +37,8 @@ class RequestContext:
     tenant: str = ""
     # From the prefix index: worker address -> leading blocks of the prompt it holds.
     prefix_matches: dict[str, int] = field(default_factory=dict)
+    # Called with each worker the request is routed to (the prefix lookup remembers it).
+    on_routed: Callable[[WorkerInfo, RequestContext], None] | None = None
 
     def cached_tokens(self, worker: WorkerInfo) -> int:
         """Prompt tokens `worker` already holds, per the prefix index."""

@@ -45,7 +45,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
 @pytest.fixture()
 def redis_server():
     """A fresh `redis-server` on a free port for one test (stopped afterwards)."""
-    from tests.redis_server import RedisServer
+    from bench.local_redis import RedisServer
 
     server = RedisServer()
     yield server

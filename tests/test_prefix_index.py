@@ -140,7 +140,7 @@ def test_namespaces_do_not_mix(redis_server):
 
 
 def test_redis_password_and_unavailable(redis_server):
-    from tests.redis_server import RedisServer
+    from bench.local_redis import RedisServer
 
     secured = RedisServer(password="s3cret")
     try:

@@ -1,4 +1,4 @@
-"""A real `redis-server` for tests, on a free port, stoppable and restartable."""
+"""A local `redis-server` on a free port, stoppable and restartable (tests and benchmarks)."""
 
 from __future__ import annotations
 
