@@ -38,6 +38,15 @@ class ClusterSpec:
     worker_args: list[str] = field(default_factory=list)
     router_args: list[str] = field(default_factory=list)
 
+    @property
+    def num_workers(self) -> int:
+        return self.prefill + self.decode + self.colocated
+
+    def threads_per_worker(self) -> int:
+        """CPU threads for each worker's torch: the cores shared out, so workers on one machine
+        do not oversubscribe it (OpenMP threads spinning against each other stall everyone)."""
+        return max(1, (os.cpu_count() or 1) // max(1, self.num_workers))
+
     def router_ports(self) -> list[tuple[int, int]]:
         """(HTTP port, gRPC port) of each router."""
         return [(self.port + i, self.grpc_port + i) for i in range(self.routers)]
@@ -98,6 +107,8 @@ def start_worker(role: str, module: str, spec: ClusterSpec, extra: list[str]) ->
     cmd = [sys.executable, "-m", module, "--model", str(spec.model), "--host", spec.host]
     cmd += ["--metrics-port", str(metrics_port)]
     cmd += spec.index_args()
+    if "--num-threads" not in spec.worker_args:
+        cmd += ["--num-threads", str(spec.threads_per_worker())]
     proc = subprocess.Popen(
         [*cmd, *spec.worker_args, *extra], stdout=subprocess.PIPE, text=True, env=_env()
     )

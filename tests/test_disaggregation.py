@@ -80,6 +80,19 @@ def test_disaggregated_equals_single_engine(tiny_model, params):
     assert not prefill.exports
 
 
+def test_decode_engine_computes_only_new_tokens(tiny_model):
+    """The pushed KV is used: after start_decode, a step computes one token per request."""
+    decode = _core(tiny_model("llama"))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    eos = decode.config.model.eos_token_ids
+    for i in range(3):
+        decode.reserve(_request(f"r{i}", list(range(3, 50 + i)), params, eos))
+        decode.start_decode(f"r{i}", 7)
+    scheduled = decode.scheduler.schedule()
+    assert [s.num_tokens for s in scheduled.scheduled] == [1, 1, 1]
+    assert sorted(s.start for s in scheduled.scheduled) == [47, 48, 49]
+
+
 def test_unclaimed_reservation_is_freed_on_abort(tiny_model):
     decode = _core(tiny_model("llama"), num_blocks=8)
     params = SamplingParams(max_tokens=4)

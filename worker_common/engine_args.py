@@ -25,6 +25,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "fair"])
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's, one per core)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -49,6 +55,8 @@ def publishes_kv_events(args: argparse.Namespace) -> bool:
 def build_engine_core(args: argparse.Namespace) -> EngineCore:
     """An EngineCore from parsed `add_engine_args` flags (KV events on: the index reads them)."""
     torch.manual_seed(args.seed)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     config = EngineConfig(
         model=ModelConfig.from_pretrained(
             args.model, args.dtype, args.max_model_len, args.served_model_name

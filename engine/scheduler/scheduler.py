@@ -91,6 +91,7 @@ class Scheduler:
         if request is None:
             raise KeyError(f"no reservation {request_id!r} (expired or aborted)")
         request.num_computed_tokens = request.num_prompt_tokens
+        request.times.first_scheduled = time.time()
         self.kv.cache_blocks(request)
         request.append_output_token(first_token)
         request.status = RequestStatus.WAITING
@@ -185,18 +186,20 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
-            hits = self.kv.get_computed_blocks(request) if request.num_computed_tokens == 0 else []
-            num_cached = len(hits) * self.kv.block_size
-            num_tokens = min(request.num_tokens - num_cached, budget)
+            fresh = request.num_computed_tokens == 0  # new or preempted: look in the cache
+            hits = self.kv.get_computed_blocks(request) if fresh else []
+            computed = len(hits) * self.kv.block_size if fresh else request.num_computed_tokens
+            num_tokens = min(request.num_tokens - computed, budget)
             if not self.kv.allocate_slots(request, num_tokens, hits):
                 break
             self.waiting.pop()
-            self.kv.stats.queries += request.num_tokens
-            self.kv.stats.hits += num_cached
-            request.num_computed_tokens = num_cached
+            if fresh:
+                self.kv.stats.queries += request.num_tokens
+                self.kv.stats.hits += computed
+                request.num_computed_tokens = computed
             if request.times.first_scheduled is None:
                 request.times.first_scheduled = time.time()
-                request.num_cached_tokens = num_cached
+                request.num_cached_tokens = computed
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(self._scheduled(request, num_tokens))
