@@ -23,7 +23,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
     shape = SharedPrefix(args.num_prefixes, args.prefix_len, args.question_len, args.output_len)
     workload = shape.generate(args.num_requests, args.seed, vocab)
-    oracle = oracle_hit_rate([r.prompt for r in workload], args.model.name)
+    oracle = oracle_hit_rate([cast(list[int], r.prompt) for r in workload], args.model.name)
     policies = {p: measure_policy(p, args.model, workload, args.concurrency) for p in POLICIES}
     for result in policies.values():
         result["fraction_of_oracle"] = result["hit_rate"] / oracle

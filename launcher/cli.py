@@ -4,6 +4,7 @@
     baton make-tiny-model DIR --arch A  write a small random-weight model for tests
     baton demo-model                    convert (once) and print the demo model's directory
     baton serve [--model DIR] [...]     router and workers on this machine
+    baton bench run|sweep|compare ...   benchmark a server, or compare cluster configurations
 
 torch and transformers are imported inside the commands, so `baton --help` stays fast.
 """
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_tiny_model(commands)
     _add_demo_model(commands)
     _add_serve(commands)
+    _add_bench(commands)
     return parser
 
 
@@ -373,7 +375,15 @@ def _add_serve(commands: Any) -> None:
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8000, help="OpenAI HTTP port")
     sub.add_argument("--grpc-port", type=int, default=50051, help="public gRPC port")
-    sub.add_argument("--policy", default="least_loaded", choices=["round_robin", "least_loaded"])
+    sub.add_argument(
+        "--policy",
+        default="",
+        choices=["", "round_robin", "least_loaded", "prefix_aware"],
+        help="routing (default: prefix_aware)",
+    )
+    sub.add_argument("--routers", type=int, default=1, help="routers (>1 needs --redis-url)")
+    sub.add_argument("--redis-url", default="", help="prefix index in Redis (redis://...)")
+    sub.add_argument("--cluster-name", default="default", help="Redis key namespace part")
     sub.add_argument("--num-kv-blocks", type=int, default=None)
     sub.add_argument("--max-num-seqs", type=int, default=None)
     sub.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -390,6 +400,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise UsageError("--prefill-workers and --decode-workers must both be 0 or both >= 1")
     if prefill + decode + args.colocated == 0:
         raise UsageError("no workers: give --prefill-workers/--decode-workers or --colocated")
+    if args.routers < 1 or (args.routers > 1 and not args.redis_url):
+        raise UsageError("--routers must be >= 1, and more than one router needs --redis-url")
     worker_args: list[str] = []
     for flag in ("num_kv_blocks", "max_num_seqs", "max_num_batched_tokens"):
         value = getattr(args, flag)
@@ -404,9 +416,35 @@ def _run_serve(args: argparse.Namespace) -> int:
         port=args.port,
         grpc_port=args.grpc_port,
         policy=args.policy,
+        routers=args.routers,
+        redis_url=args.redis_url,
+        cluster_name=args.cluster_name,
         worker_args=worker_args,
     )
     try:
         return serve_forever(spec)
     except RuntimeError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+# --- baton bench -------------------------------------------------------------------------------
+
+
+def _add_bench(commands: Any) -> None:
+    """`baton bench run|sweep|compare`: options live in bench.cli."""
+    from bench.cli import add_bench_commands
+
+    help_text = "Benchmark a server (run, sweep rates) or compare cluster configurations."
+    sub = _subparser(commands, "bench", help_text)
+    add_bench_commands(sub)
+    sub.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from bench.commands import BenchUsageError, run_bench
+
+    args.prog = f"baton bench {args.bench_mode}"
+    try:
+        return run_bench(args)
+    except BenchUsageError as exc:
         raise UsageError(str(exc)) from exc

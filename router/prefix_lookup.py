@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
@@ -75,7 +76,7 @@ class PrefixLookup:
         for block_hash in ctx.block_hashes:
             recent[block_hash] = expiry
 
-    def _recent_matches(self, block_hashes: list[int]) -> dict[str, int]:
+    def _recent_matches(self, block_hashes: Sequence[int]) -> dict[str, int]:
         now = time.monotonic()
         matches = {}
         for worker, recent in self._recent.items():
