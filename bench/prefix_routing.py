@@ -191,7 +191,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot_hit_rates(result, args.out.with_suffix(".png"))
     return result
+
+
+def plot_hit_rates(result: dict[str, Any], path: Path) -> None:
+    """Bar chart: each policy's cluster prefix hit rate, with the oracle bound as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["policies"])
+    rates = [result["policies"][n]["hit_rate"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bars = ax.bar(names, rates, color=["#999999", "#6688cc", "#33aa66"][: len(names)])
+    ax.axhline(result["oracle_hit_rate"], color="black", linestyle="--", label="oracle bound")
+    for bar, rate in zip(bars, rates, strict=True):
+        fraction = rate / result["oracle_hit_rate"]
+        ax.annotate(f"{rate:.2f} ({fraction:.0%} of oracle)", (bar.get_x() + bar.get_width() / 2,
+                    rate), ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax.set_ylabel("cached prompt tokens / prompt tokens")
+    ax.set_title("Cluster prefix hit rate, 4 prefill workers, shared-prefix workload")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

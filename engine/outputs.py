@@ -30,6 +30,7 @@ class EngineCoreOutput:
     stopped_by_token: bool = False
     num_cached_tokens: int = 0
     handed_off: bool = False  # prefill role: decoding goes on in another engine
+    queue_time_s: float | None = None  # on a request's first output here: scheduled - arrival
 
     @property
     def finished(self) -> bool:

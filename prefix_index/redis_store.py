@@ -2,19 +2,24 @@
 
 Keys, under a namespace `baton:{cluster}:{model}` (so clusters and models never mix)::
 
-    {ns}:b:{hash}            HASH  worker_id -> epoch      who holds this block
-    {ns}:w:{worker_id}       HASH  epoch, next_seq         the worker's published position
-    {ns}:ws:{worker}:{epoch} SET   block hashes            for clearing a worker's entries
-    {ns}:alive:{worker_id}   STRING epoch, with a TTL      the heartbeat
+    {ns}:workers             SET    worker ids that ever published
+    {ns}:w:{worker_id}       HASH   epoch, next_seq          the worker's published position
+    {ns}:ws:{worker}:{epoch} SET    block hashes the worker holds (8-byte little-endian
+                                    strings; the set expires unless refreshed)
+    {ns}:alive:{worker_id}   STRING epoch, with a TTL        the heartbeat
 
-A block entry counts only while the worker's heartbeat key holds the same epoch, so entries of a
-dead or restarted worker are never returned. Applying a batch and matching a prompt are each one
-server-side Lua script: one round trip whatever the prompt length. (Single Redis instance; a
-Redis Cluster would need the keys in one hash slot.)
+A worker's blocks count only while its heartbeat key holds the same epoch, so entries of a dead
+or restarted worker are never returned. Applying a batch and matching a prompt are each one
+server-side Lua script: one round trip whatever the prompt length. A match asks each live
+worker's set about all of the prompt's blocks at once (SMISMEMBER) and counts the leading ones:
+it stops at the first missing block. Hashes travel packed in one binary argument: a prompt's 512
+hashes cost one argument, not 512. (Single Redis instance; a Redis Cluster would need the keys
+in one hash slot.)
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
@@ -30,64 +35,62 @@ local next_seq = tonumber(ARGV[7])
 local wkey = ns .. ':w:' .. wid
 local cur_epoch = redis.call('HGET', wkey, 'epoch')
 local cur_next = tonumber(redis.call('HGET', wkey, 'next_seq') or '-1')
-local function clear(old)
-  local skey = ns .. ':ws:' .. wid .. ':' .. old
-  for _, h in ipairs(redis.call('SMEMBERS', skey)) do redis.call('HDEL', ns .. ':b:' .. h, wid) end
-  redis.call('DEL', skey)
-end
 if snapshot then
-  if cur_epoch then clear(cur_epoch) end
+  if cur_epoch then redis.call('DEL', ns .. ':ws:' .. wid .. ':' .. cur_epoch) end
 elseif cur_epoch ~= epoch then
-  if cur_epoch then clear(cur_epoch); redis.call('DEL', wkey) end
+  if cur_epoch then
+    redis.call('DEL', ns .. ':ws:' .. wid .. ':' .. cur_epoch); redis.call('DEL', wkey)
+  end
   return 1
 elseif cur_next ~= first_seq then
   return 1
 end
 local skey = ns .. ':ws:' .. wid .. ':' .. epoch
-local i = 8
-while i <= #ARGV do
-  local op, n = ARGV[i], tonumber(ARGV[i + 1])
-  if op == 'C' then
-    clear(epoch)
-  end
-  for j = i + 2, i + 1 + n do
-    local h = ARGV[j]
+local function split(blob)
+  local out = {}
+  for k = 1, #blob, 8 do out[#out + 1] = string.sub(blob, k, k + 7) end
+  return out
+end
+for i = 8, #ARGV, 2 do
+  local op, hashes = ARGV[i], split(ARGV[i + 1])
+  if op == 'C' then redis.call('DEL', skey) end
+  for j = 1, #hashes, 4000 do
+    local last = math.min(j + 3999, #hashes)
     if op == 'S' then
-      redis.call('HSET', ns .. ':b:' .. h, wid, epoch); redis.call('SADD', skey, h)
-    else
-      redis.call('HDEL', ns .. ':b:' .. h, wid); redis.call('SREM', skey, h)
+      redis.call('SADD', skey, unpack(hashes, j, last))
+    elseif op == 'R' then
+      redis.call('SREM', skey, unpack(hashes, j, last))
     end
   end
-  i = i + 2 + n
 end
+redis.call('SADD', ns .. ':workers', wid)
 redis.call('HSET', wkey, 'epoch', epoch, 'next_seq', next_seq)
 redis.call('SET', ns .. ':alive:' .. wid, epoch, 'PX', ttl_ms)
+redis.call('PEXPIRE', skey, ttl_ms * 3)
 return 0
 """
 
 MATCH_SCRIPT = """
-local ns = ARGV[1]
-local alive = {}
-local function is_alive(w, e)
-  local a = alive[w]
-  if a == nil then a = redis.call('GET', ns .. ':alive:' .. w) or false; alive[w] = a end
-  return a == e
-end
-local active, counts = nil, {}
-for i = 2, #ARGV do
-  local entries = redis.call('HGETALL', ns .. ':b:' .. ARGV[i])
-  local holders, any = {}, false
-  for j = 1, #entries, 2 do
-    local w, e = entries[j], entries[j + 1]
-    if (active == nil or active[w]) and is_alive(w, e) then
-      holders[w] = true; counts[w] = i - 1; any = true
-    end
-  end
-  if not any then break end
-  active = holders
-end
+local ns, blob = ARGV[1], ARGV[2]
+local hashes = {}
+for k = 1, #blob, 8 do hashes[#hashes + 1] = string.sub(blob, k, k + 7) end
 local out = {}
-for w, c in pairs(counts) do table.insert(out, w); table.insert(out, c) end
+for _, w in ipairs(redis.call('SMEMBERS', ns .. ':workers')) do
+  local epoch = redis.call('GET', ns .. ':alive:' .. w)
+  if epoch then
+    local skey = ns .. ':ws:' .. w .. ':' .. epoch
+    local count, done = 0, false
+    for j = 1, #hashes, 32 do  -- chunks: a worker without the prefix costs one small call
+      local bits = redis.call('SMISMEMBER', skey, unpack(hashes, j, math.min(j + 31, #hashes)))
+      for _, bit in ipairs(bits) do
+        if bit == 0 then done = true; break end
+        count = count + 1
+      end
+      if done then break end
+    end
+    if count > 0 then table.insert(out, w); table.insert(out, count) end
+  end
+end
 return out
 """
 
@@ -97,20 +100,24 @@ def namespace(cluster: str, model: str) -> str:
     return f"baton:{cluster}:{model}"
 
 
-def _encode_ops(batch: kv_events_pb2.KVEventBatch) -> list[str]:
-    """Events (or a snapshot's hashes) as the script's flat op list: op, count, hashes..."""
+def pack_hashes(hashes) -> bytes:
+    """Block hashes as one binary string: 8 bytes each, little-endian."""
+    return struct.pack(f"<{len(hashes)}Q", *hashes)
+
+
+def _encode_ops(batch: kv_events_pb2.KVEventBatch) -> list[str | bytes]:
+    """Events (or a snapshot's hashes) as the script's op list: op, packed hashes, ..."""
     if batch.snapshot:
-        return ["S", str(len(batch.snapshot_hashes)), *map(str, batch.snapshot_hashes)]
-    ops: list[str] = []
+        return ["S", pack_hashes(batch.snapshot_hashes)]
+    ops: list[str | bytes] = []
     for event in batch.events:
         kind = event.WhichOneof("kind")
         if kind == "stored":
-            ops += ["S", str(len(event.stored.block_hashes)), *map(str, event.stored.block_hashes)]
+            ops += ["S", pack_hashes(event.stored.block_hashes)]
         elif kind == "removed":
-            hashes = event.removed.block_hashes
-            ops += ["R", str(len(hashes)), *map(str, hashes)]
+            ops += ["R", pack_hashes(event.removed.block_hashes)]
         else:
-            ops += ["C", "0"]
+            ops += ["C", b""]
     return ops
 
 
@@ -153,7 +160,7 @@ class RedisPrefixIndex(PrefixIndex):
         if not block_hashes:
             return {}
         try:
-            flat = await self._script(args=[self._ns, *map(str, block_hashes)])
+            flat = await self._script(args=[self._ns, pack_hashes(block_hashes)])
         except (RedisError, OSError) as e:
             raise IndexUnavailableError(f"redis: {e}") from e
         return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}

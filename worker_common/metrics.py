@@ -36,6 +36,9 @@ class WorkerMetrics:
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found cached.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.step_seconds = histogram("engine_step_seconds", "Time of one engine step.")
+        self.queue_time = histogram(
+            "request_queue_time_seconds", "Arrival to first scheduling, in this worker."
+        )
         self.kv_transfer_bytes = counter("kv_transfer_bytes", "KV bytes pushed or received.")
         self.kv_transfer_seconds = histogram("kv_transfer_seconds", "Time of one KV transfer.")
         self._queries = self._hits = 0
@@ -54,5 +57,8 @@ class WorkerMetrics:
             self._queries, self._hits = load.prefix_cache_queries, load.prefix_cache_hits
             self.generation_tokens.inc(sum(len(o.new_token_ids) for o in outputs))
             self.step_seconds.observe(seconds)
+            for out in outputs:
+                if out.queue_time_s is not None:
+                    self.queue_time.observe(out.queue_time_s)
 
         engine.on_step = on_step

@@ -135,9 +135,13 @@ class Scheduler:
                 continue
             request.append_output_token(sampled[request.request_id])
             now = time.time()
+            first = request.times.first_token is None
             request.times.first_token = request.times.first_token or now
             request.times.last_token = now
-            outputs.append(self._check_stop(request))
+            out = self._check_stop(request)
+            if first and request.num_output_tokens == 1 and request.times.first_scheduled:
+                out.queue_time_s = request.times.first_scheduled - request.times.arrival
+            outputs.append(out)
         return outputs
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
