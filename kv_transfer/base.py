@@ -142,3 +142,15 @@ class KVReceiver(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Stop accepting transfers; pending reservations fail with `KVTransferError`."""
+
+
+def check_send(closed: bool, spec: TransferSpec, layers: KVLayerSource) -> float:
+    """The checks every sender makes before sending; returns the seconds left to `deadline`."""
+    if closed:
+        raise KVTransferError("sender is closed")
+    if layers.num_layers < 1:
+        raise KVTransferError(f"transfer {spec.transfer_id!r}: no layers to send")
+    left = spec.seconds_left()
+    if left <= 0:
+        raise KVTransferError(f"transfer {spec.transfer_id!r}: deadline passed before send")
+    return left

@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from kv_transfer.base import KVLayerSource, KVReceiver, KVSender, KVTransferError, TransferSpec
+from kv_transfer.base import (
+    KVLayerSource,
+    KVReceiver,
+    KVSender,
+    KVTransferError,
+    TransferSpec,
+    check_send,
+)
 from kv_transfer.blocks import check_layer, scatter_layer
 from kv_transfer.reservations import Extras, Reservation, ReservationTable
 
@@ -178,13 +185,7 @@ class LocalKVSender(KVSender):
         extra: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """See `KVSender.send`; yields to the event loop between layers."""
-        if self._closed:
-            raise KVTransferError("sender is closed")
-        if layers.num_layers < 1:
-            raise KVTransferError(f"transfer {spec.transfer_id!r}: no layers to send")
-        left = spec.seconds_left()
-        if left <= 0:
-            raise KVTransferError(f"transfer {spec.transfer_id!r}: deadline passed before send")
+        left = check_send(self._closed, spec, layers)
         receiver = find_receiver(spec.endpoint)
         try:
             async with asyncio.timeout(left):

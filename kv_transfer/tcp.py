@@ -20,7 +20,14 @@ from urllib.parse import urlsplit
 
 import torch
 
-from kv_transfer.base import KVLayerSource, KVReceiver, KVSender, KVTransferError, TransferSpec
+from kv_transfer.base import (
+    KVLayerSource,
+    KVReceiver,
+    KVSender,
+    KVTransferError,
+    TransferSpec,
+    check_send,
+)
 from kv_transfer.blocks import check_layer, scatter_layer
 from kv_transfer.reservations import Extras, Reservation, ReservationTable
 from kv_transfer.wire import (
@@ -86,13 +93,7 @@ class TcpKVSender(KVSender):
         extra: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """See `KVSender.send`; the whole exchange runs under `spec.deadline`."""
-        if self._closed:
-            raise KVTransferError("sender is closed")
-        if layers.num_layers < 1:
-            raise KVTransferError(f"transfer {spec.transfer_id!r}: no layers to send")
-        left = spec.seconds_left()
-        if left <= 0:
-            raise KVTransferError(f"transfer {spec.transfer_id!r}: deadline passed before send")
+        left = check_send(self._closed, spec, layers)
         host, port = parse_endpoint(spec.endpoint)
         try:
             async with asyncio.timeout(left):
