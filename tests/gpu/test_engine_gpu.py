@@ -1,0 +1,37 @@
+"""The engine on a GPU (torch attention backend): greedy tokens equal transformers' on the GPU."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_greedy_float32_on_gpu_matches_transformers(tiny_model, arch):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from engine import LLM, SamplingParams
+
+    model_dir = tiny_model(arch)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (1, 7, 33, 70, 150)]
+    llm = LLM(str(model_dir), device="cuda", max_num_batched_tokens=64)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    config = GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = []
+    for p in prompts:
+        ids = torch.tensor([p], device="cuda")
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        expected.append(out[0, len(p) :].tolist())
+    assert got == expected
+    llm.check_integrity()
