@@ -126,7 +126,7 @@ def attend_decode(
         attn_mask=visible[:, None, None, :],
         scale=scale,
     )  # (S, Hkv, G, D)
-    return out.view(num_seqs, num_heads, head_dim)
+    return out.reshape(num_seqs, num_heads, head_dim)  # CUDA SDPA may return it strided
 
 
 def attend(

@@ -1,0 +1,138 @@
+"""Rotary position embedding applied in place to q and k (RoFormer, Su et al. 2021).
+
+The rotate_half convention of engine.models.rotary: the head dimension splits into two halves
+x1, x2 that rotate together, `out = x * cos + cat(-x2, x1) * sin`. The cos/sin cache is
+`RotaryEmbedding.cos_sin`, `(max_positions, 2, D)` with [:, 0] = cos and [:, 1] = sin; any
+frequency scaling (linear, llama3) is already folded into it, so the kernel only looks it up.
+Each product and the sum are rounded to the input dtype as torch rounds them, so bfloat16
+results match the model's eager rotary.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,
+    stride_t,
+    stride_h,
+    token,
+    num_heads,
+    cos1,
+    cos2,
+    sin1,
+    sin2,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    heads = tl.arange(0, BLOCK_H)
+    offs = tl.arange(0, BLOCK_HALF)
+    mask = (heads[:, None] < num_heads) & (offs[None, :] < HALF)
+    ptr1 = x_ptr + token * stride_t + heads[:, None] * stride_h + offs[None, :]  # (BH, HALF)
+    x1 = tl.load(ptr1, mask=mask, other=0.0)
+    x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0)
+    dtype = x1.dtype
+    a1 = x1.to(tl.float32)
+    a2 = x2.to(tl.float32)
+    # x * cos and rotate_half(x) * sin are rounded separately, then summed, like torch does.
+    out1 = (a1 * cos1[None, :]).to(dtype).to(tl.float32) + (-a2 * sin1[None, :]).to(dtype).to(
+        tl.float32
+    )
+    out2 = (a2 * cos2[None, :]).to(dtype).to(tl.float32) + (a1 * sin2[None, :]).to(dtype).to(
+        tl.float32
+    )
+    tl.store(ptr1, out1.to(dtype), mask=mask)
+    tl.store(ptr1 + HALF, out2.to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    pos_ptr,
+    cache_ptr,
+    num_q_heads,
+    num_k_heads,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_cache_p,
+    stride_cache_cs,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    offs = tl.arange(0, BLOCK_HALF)
+    mask = offs < HALF
+    cos_ptr = cache_ptr + pos * stride_cache_p + offs
+    sin_ptr = cos_ptr + stride_cache_cs
+    cos1 = tl.load(cos_ptr, mask=mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr, mask=mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    _rotate_heads(
+        q_ptr, stride_qt, stride_qh, token, num_q_heads, cos1, cos2, sin1, sin2,
+        HALF, BLOCK_HQ, BLOCK_HALF,
+    )  # fmt: skip
+    _rotate_heads(
+        k_ptr, stride_kt, stride_kh, token, num_k_heads, cos1, cos2, sin1, sin2,
+        HALF, BLOCK_HK, BLOCK_HALF,
+    )  # fmt: skip
+
+
+def rotary(
+    q: torch.Tensor,  # (T, H, D), last dim contiguous; rotated in place
+    k: torch.Tensor,  # (T, Hkv, D), last dim contiguous; rotated in place
+    positions: torch.Tensor,  # (T,) integer positions (tokens)
+    cos_sin_cache: torch.Tensor,  # (max_positions, 2, D): RotaryEmbedding.cos_sin
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k in place by the cos/sin of each token's position; returns (q, k).
+
+    q and k may be strided views (e.g. slices of a fused qkv projection) as long as their last
+    dimension is contiguous. Positions must lie in [0, max_positions).
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    if k.shape[0] != num_tokens or k.shape[2] != head_dim or positions.shape != (num_tokens,):
+        raise ValueError("q (T, H, D), k (T, Hkv, D) and positions (T,) must agree on T and D")
+    if cos_sin_cache.shape[1:] != (2, head_dim) or head_dim % 2:
+        raise ValueError(f"cos_sin_cache must be (P, 2, {head_dim}) with an even head_dim")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("q, k and cos_sin_cache need a contiguous last dimension")
+    if num_tokens == 0:
+        return q, k
+    half = head_dim // 2
+    _rotary_kernel[(num_tokens,)](
+        q, k, positions, cos_sin_cache, num_q_heads, k.shape[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        cos_sin_cache.stride(0), cos_sin_cache.stride(1),
+        HALF=half,
+        BLOCK_HQ=triton.next_power_of_2(num_q_heads),
+        BLOCK_HK=triton.next_power_of_2(k.shape[1]),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        num_warps=4,
+    )  # fmt: skip
+    return q, k
+
+
+def rotary_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch oracle of `rotary` (in place too), as engine.models.rotary.apply_rotary."""
+    cos_sin = cos_sin_cache[positions].unsqueeze(2)  # (T, 2, 1, D)
+    cos, sin = cos_sin[:, 0], cos_sin[:, 1]  # (T, 1, D) each
+    for x in (q, k):
+        x1, x2 = x.chunk(2, dim=-1)
+        x.copy_((x * cos) + (torch.cat((-x2, x1), dim=-1) * sin))
+    return q, k

@@ -1,0 +1,92 @@
+"""Store a step's new K/V rows into the paged KV cache.
+
+KV cache of one layer (engine.attention's layout)::
+
+    kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim)   0 = keys, 1 = values
+    slot = block_id * block_size + offset_in_block
+
+A negative slot means "do not store" (padding rows), as in vLLM's reshape_and_cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr,
+    v_ptr,
+    cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_c_kv,
+    stride_c_block,
+    stride_c_tok,
+    stride_c_head,
+    block_size,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot >= 0:
+        offs = tl.arange(0, BLOCK_D)
+        mask = offs < HEAD_DIM
+        block = slot // block_size
+        dst = cache_ptr + block * stride_c_block + (slot % block_size) * stride_c_tok
+        dst += head * stride_c_head + offs
+        k = tl.load(k_ptr + token * stride_kt + head * stride_kh + offs, mask=mask)
+        v = tl.load(v_ptr + token * stride_vt + head * stride_vh + offs, mask=mask)
+        tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + stride_c_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(
+    k: torch.Tensor,  # (T, Hkv, D), last dim contiguous
+    v: torch.Tensor,  # (T, Hkv, D), last dim contiguous
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D), last dim contiguous
+    slot_mapping: torch.Tensor,  # (T,) integer slots; < 0 = skip the row
+) -> None:
+    """Write row t of k and v into `kv_cache` at slot `slot_mapping[t]` (in place).
+
+    Slots must be distinct (a duplicate slot gets one of its rows, unspecified which).
+    """
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if v.shape != k.shape or kv_cache.shape[3:] != (num_kv_heads, head_dim):
+        raise ValueError("k, v must be (T, Hkv, D) matching kv_cache (2, N, B, Hkv, D)")
+    if slot_mapping.shape != (num_tokens,):
+        raise ValueError("slot_mapping must hold one slot per token")
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or kv_cache.stride(-1) != 1:
+        raise ValueError("k, v and kv_cache need a contiguous last dimension")
+    if num_tokens == 0:
+        return
+    _write_kv_kernel[(num_tokens, num_kv_heads)](
+        k, v, kv_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        kv_cache.shape[2],
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=1 if head_dim <= 128 else 2,
+    )  # fmt: skip
+
+
+def write_kv_ref(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Plain-torch oracle of `write_kv`: index_copy_ of the rows whose slot is >= 0."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k[keep].to(kv_cache.dtype))
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v[keep].to(kv_cache.dtype))

@@ -1,0 +1,351 @@
+"""Triton kernels against their plain-torch references (and the engine's own attention).
+
+Run on a GPU machine: `python3 -m pytest -m gpu tests/gpu/test_kernels.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+pytest.importorskip("triton")
+
+from engine.attention import AttentionMetadata, attend, attend_decode  # noqa: E402
+from engine.models.rotary import RotaryEmbedding  # noqa: E402
+from kernels.block_copy import (  # noqa: E402
+    gather_blocks,
+    gather_blocks_ref,
+    scatter_blocks,
+    scatter_blocks_ref,
+)
+from kernels.paged_decode_attention import (  # noqa: E402
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
+from kernels.paged_prefill_attention import (  # noqa: E402
+    paged_prefill_attention,
+    paged_prefill_attention_ref,
+)
+from kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
+from kernels.rotary import rotary, rotary_ref  # noqa: E402
+from kernels.write_kv import write_kv, write_kv_ref  # noqa: E402
+
+CUDA = torch.device("cuda")
+BLOCK_SIZE = 16
+TOL = {
+    torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
+}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_exact_matmul():
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 oracles must be exact
+
+
+# ---------------------------------------------------------------- rms_norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 7), (33, 4096), (5, 3, 1000), (2, 8192)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(dtype, shape, with_residual):
+    x = torch.randn(shape, dtype=dtype, device=CUDA)
+    weight = 1 + 0.1 * torch.randn(shape[-1], dtype=dtype, device=CUDA)
+    residual = torch.randn_like(x) if with_residual else None
+    x_before = x.clone()
+    out, new_res = rms_norm(x, weight, 1e-6, residual)
+    ref_out, ref_res = rms_norm_ref(x, weight, 1e-6, residual)
+    assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    torch.testing.assert_close(new_res, ref_res, atol=0, rtol=0)  # one rounded add: exact
+    assert torch.equal(x, x_before)  # inputs untouched
+
+
+def test_rms_norm_matches_the_model_module():
+    from engine.models.llama import RMSNorm
+
+    norm = RMSNorm(2048, 1e-5, torch.bfloat16).to(CUDA)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1)
+    x = torch.randn(17, 2048, dtype=torch.bfloat16, device=CUDA)
+    residual = torch.randn_like(x)
+    out, new_res = rms_norm(x, norm.weight.detach(), norm.eps, residual)
+    torch.testing.assert_close(out, norm(x + residual).detach(), **TOL[torch.bfloat16])
+    assert torch.equal(new_res, x + residual)
+
+
+# ---------------------------------------------------------------- rotary
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(8, 8, 64), (32, 8, 128), (12, 3, 64)])
+@pytest.mark.parametrize("num_tokens", [1, 37, 300])
+def test_rotary_matches_reference(dtype, num_heads, num_kv_heads, head_dim, num_tokens):
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 1024,
+    }
+    cache = RotaryEmbedding(head_dim, 8192, 500000.0, scaling, dtype).to(CUDA).cos_sin
+    positions = torch.randint(0, 8192, (num_tokens,), device=CUDA)
+    # q and k as strided views of one fused projection, as the model slices them
+    qkv = torch.randn(
+        num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, device=CUDA
+    )
+    q = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(
+        num_tokens, num_kv_heads, head_dim
+    )
+    q_ref, k_ref = q.clone(), k.clone()
+    v_before = qkv[:, (num_heads + num_kv_heads) * head_dim :].clone()
+    rotary(q, k, positions, cache)
+    rotary_ref(q_ref, k_ref, positions, cache)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(k, k_ref, **tol)
+    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], v_before)
+
+
+def test_rotary_reference_matches_the_model():
+    from engine.models.rotary import apply_rotary
+
+    emb = RotaryEmbedding(64, 4096, 10000.0, None, torch.bfloat16).to(CUDA)
+    positions = torch.randint(0, 4096, (50,), device=CUDA)
+    q = torch.randn(50, 8, 64, dtype=torch.bfloat16, device=CUDA)
+    k = torch.randn(50, 2, 64, dtype=torch.bfloat16, device=CUDA)
+    want_q, want_k = apply_rotary(q, emb.lookup(positions)), apply_rotary(k, emb.lookup(positions))
+    rotary(q, k, positions, emb.cos_sin)
+    torch.testing.assert_close(q, want_q, **TOL[torch.bfloat16])
+    torch.testing.assert_close(k, want_k, **TOL[torch.bfloat16])
+
+
+# ---------------------------------------------------------------- write_kv and block copies
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (8, 128), (3, 64)])
+@pytest.mark.parametrize("num_tokens", [1, 45, 513])
+def test_write_kv_matches_reference(dtype, num_kv_heads, head_dim, num_tokens):
+    num_blocks = (num_tokens // BLOCK_SIZE) + 4
+    cache = torch.randn(2, num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, dtype=dtype, device=CUDA)
+    cache_ref = cache.clone()
+    kv = torch.randn(num_tokens, 2 * num_kv_heads, head_dim, dtype=dtype, device=CUDA)
+    k, v = kv[:, :num_kv_heads], kv[:, num_kv_heads:]  # strided views
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device=CUDA)[:num_tokens]
+    if num_tokens > 1:
+        slots[num_tokens // 2] = -1  # a padding row: must be skipped
+    write_kv(k, v, cache, slots)
+    write_kv_ref(k, v, cache_ref, slots)
+    assert torch.equal(cache, cache_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_kv_heads,head_dim,n", [(1, 64, 1), (8, 128, 37), (2, 64, 200)])
+def test_gather_and_scatter_blocks_match_reference(dtype, num_kv_heads, head_dim, n):
+    num_blocks = n + 11
+    cache = torch.randn(2, num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, dtype=dtype, device=CUDA)
+    ids = torch.randperm(num_blocks, device=CUDA)[:n]
+    packed = gather_blocks(cache, ids)
+    assert packed.shape == (2, n, BLOCK_SIZE, num_kv_heads, head_dim) and packed.is_contiguous()
+    assert torch.equal(packed, gather_blocks_ref(cache, ids))
+
+    data = torch.randn_like(packed)
+    target, target_ref = cache.clone(), cache.clone()
+    scatter_blocks(target, ids.to(torch.int32), data)
+    scatter_blocks_ref(target_ref, ids, data)
+    assert torch.equal(target, target_ref)
+
+
+def test_block_copy_round_trip_between_caches():
+    src = torch.randn(2, 40, BLOCK_SIZE, 4, 64, dtype=torch.bfloat16, device=CUDA)
+    dst = torch.zeros_like(src)
+    src_ids = torch.tensor([3, 17, 5, 39], device=CUDA)
+    dst_ids = torch.tensor([0, 1, 30, 2], device=CUDA)
+    scatter_blocks(dst, dst_ids, gather_blocks(src, src_ids))
+    assert torch.equal(dst[:, dst_ids], src[:, src_ids])
+    untouched = torch.ones(40, dtype=torch.bool, device=CUDA)
+    untouched[dst_ids] = False
+    assert torch.count_nonzero(dst[:, untouched]) == 0
+
+
+# ---------------------------------------------------------------- paged decode attention
+
+
+def make_paged_context(seq_lens, num_kv_heads, head_dim, dtype, pad=-1):
+    """A random cache whose blocks are shuffled among sequences, and padded block tables."""
+    needed = [math.ceil(n / BLOCK_SIZE) for n in seq_lens]
+    num_blocks = sum(needed) + 3
+    cache = torch.randn(2, num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, dtype=dtype, device=CUDA)
+    order = torch.randperm(num_blocks, device=CUDA)
+    tables = torch.full((len(seq_lens), max(needed) + 2), pad, dtype=torch.int32, device=CUDA)
+    used = 0
+    for i, count in enumerate(needed):
+        tables[i, :count] = order[used : used + count]
+        used += count
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=CUDA)
+    return cache, tables, lens
+
+
+DECODE_LENS = [
+    [1],
+    [1, 15, 16, 17, 33],
+    [100, 1000, 4999],
+    [5000, 7, 2048, 257],
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim", [(4, 4, 64), (32, 8, 128), (16, 2, 128), (8, 1, 64)]
+)
+@pytest.mark.parametrize("seq_lens", DECODE_LENS)
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+@pytest.mark.parametrize("sliding_window", [None, 300])
+def test_paged_decode_attention_matches_reference(
+    dtype, num_heads, num_kv_heads, head_dim, seq_lens, num_splits, sliding_window
+):
+    cache, tables, lens = make_paged_context(seq_lens, num_kv_heads, head_dim, dtype)
+    q = torch.randn(len(seq_lens), num_heads, head_dim, dtype=dtype, device=CUDA)
+    scale = head_dim**-0.5
+    out = paged_decode_attention(q, cache, tables, lens, scale, sliding_window, num_splits)
+    ref = paged_decode_attention_ref(q, cache, tables, lens, scale, sliding_window, num_splits)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 16, 64])
+def test_paged_decode_attention_splits_agree(num_splits):
+    cache, tables, lens = make_paged_context([4321, 1, 640], 8, 128, torch.float32)
+    q = torch.randn(3, 32, 128, device=CUDA)
+    base = paged_decode_attention_ref(q, cache, tables, lens, 128**-0.5)
+    out = paged_decode_attention(q, cache, tables, lens, 128**-0.5, num_splits=num_splits)
+    torch.testing.assert_close(out, base, **TOL[torch.float32])
+
+
+def test_paged_decode_attention_of_one_key_is_its_value():
+    cache, tables, lens = make_paged_context([1, 1], 2, 64, torch.float32)
+    q = torch.randn(2, 8, 64, device=CUDA)
+    out = paged_decode_attention(q, cache, tables, lens, 0.125)
+    for i in range(2):
+        value = cache[1, tables[i, 0].long(), 0]  # (Hkv, D)
+        torch.testing.assert_close(out[i], value.repeat_interleave(4, dim=0), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sliding_window", [None, 100])
+def test_paged_decode_attention_agrees_with_engine_attend_decode(dtype, sliding_window):
+    seq_lens = [1, 16, 17, 250, 3000]
+    cache, tables, lens = make_paged_context(seq_lens, 4, 64, dtype, pad=0)
+    q = torch.randn(len(seq_lens), 16, 64, dtype=dtype, device=CUDA)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(len(seq_lens), dtype=torch.long, device=CUDA),
+        query_start_loc=list(range(len(seq_lens) + 1)),
+        seq_lens=seq_lens,
+        block_tables=[
+            tables[i, : math.ceil(n / BLOCK_SIZE)].long() for i, n in enumerate(seq_lens)
+        ],
+    )
+    want = attend_decode(q, cache, meta, list(range(len(seq_lens))), 0.125, sliding_window)
+    out = paged_decode_attention(q, cache, tables, lens, 0.125, sliding_window)
+    tol = {"atol": 2e-4, "rtol": 2e-4} if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(out, want, **tol)
+
+
+def test_paged_decode_attention_large_batch_sanity():
+    """A serving-sized batch: finite, right shape, agrees with the oracle (no timing)."""
+    seq_lens = torch.randint(1, 3000, (48,)).tolist()
+    cache, tables, lens = make_paged_context(seq_lens, 8, 128, torch.bfloat16)
+    q = torch.randn(48, 32, 128, dtype=torch.bfloat16, device=CUDA)
+    out = paged_decode_attention(q, cache, tables, lens, 128**-0.5)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    ref = paged_decode_attention_ref(q, cache, tables, lens, 128**-0.5)
+    torch.testing.assert_close(out, ref, **TOL[torch.bfloat16])
+
+
+# ---------------------------------------------------------------- paged prefill attention
+
+# (query chunk rows, context tokens) per sequence: whole prompts, chunks after cached prefixes
+PREFILL_BATCHES = [
+    [(1, 1)],
+    [(5, 5), (17, 40), (1, 777)],
+    [(100, 100), (64, 1000), (130, 130)],
+    [(300, 2500), (33, 33), (200, 4100)],
+]
+
+
+def make_prefill_batch(batch, num_heads, num_kv_heads, head_dim, dtype):
+    q_lens, seq_lens = [b[0] for b in batch], [b[1] for b in batch]
+    cache, tables, lens = make_paged_context(seq_lens, num_kv_heads, head_dim, dtype)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, dtype=dtype, device=CUDA)
+    cu = torch.tensor([0, *q_lens], device=CUDA).cumsum(0).to(torch.int32)
+    return q, cache, cu, lens, tables
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim", [(4, 4, 64), (32, 8, 128), (16, 2, 128), (8, 1, 64)]
+)
+@pytest.mark.parametrize("batch", PREFILL_BATCHES)
+@pytest.mark.parametrize("sliding_window", [None, 128])
+def test_paged_prefill_attention_matches_reference(
+    dtype, num_heads, num_kv_heads, head_dim, batch, sliding_window
+):
+    q, cache, cu, lens, tables = make_prefill_batch(batch, num_heads, num_kv_heads, head_dim, dtype)
+    scale = head_dim**-0.5
+    out = paged_prefill_attention(q, cache, cu, lens, tables, scale, sliding_window)
+    ref = paged_prefill_attention_ref(q, cache, cu, lens, tables, scale, sliding_window)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sliding_window", [None, 50])
+def test_paged_prefill_attention_agrees_with_engine_attend(dtype, sliding_window):
+    batch = [(40, 40), (7, 300), (129, 500)]
+    q, cache, cu, lens, tables = make_prefill_batch(batch, 12, 4, 64, dtype)
+    max_q = max(b[0] for b in batch)
+    out = paged_prefill_attention(q, cache, cu, lens, tables, 0.125, sliding_window, max_q)
+    starts = cu.tolist()
+    tol = {"atol": 2e-4, "rtol": 2e-4} if dtype == torch.float32 else TOL[dtype]
+    for i, (_, seq_len) in enumerate(batch):
+        blocks = tables[i, : math.ceil(seq_len / BLOCK_SIZE)].long()
+        keys = cache[0, blocks].flatten(0, 1)[:seq_len]
+        values = cache[1, blocks].flatten(0, 1)[:seq_len]
+        rows = slice(starts[i], starts[i + 1])
+        want = attend(q[rows], keys, values, 0.125, sliding_window)
+        torch.testing.assert_close(out[rows], want, **tol)
+
+
+def test_prefill_then_decode_through_write_kv():
+    """write_kv a prompt, prefill it, then decode one more token: the kernels compose."""
+    num_kv_heads, head_dim, prompt = 2, 64, 70
+    cache = torch.zeros(2, 10, BLOCK_SIZE, num_kv_heads, head_dim, device=CUDA)
+    table = torch.tensor([[7, 2, 9, 0, 5, -1]], dtype=torch.int32, device=CUDA)
+    slots = torch.tensor(
+        [table[0, t // BLOCK_SIZE].item() * BLOCK_SIZE + t % BLOCK_SIZE for t in range(prompt + 1)],
+        device=CUDA,
+    )
+    k = torch.randn(prompt + 1, num_kv_heads, head_dim, device=CUDA)
+    v = torch.randn_like(k)
+    q = torch.randn(prompt + 1, 8, head_dim, device=CUDA)
+    write_kv(k[:prompt], v[:prompt], cache, slots[:prompt])
+    cu = torch.tensor([0, prompt], dtype=torch.int32, device=CUDA)
+    lens = torch.tensor([prompt], dtype=torch.int32, device=CUDA)
+    out = paged_prefill_attention(q[:prompt], cache, cu, lens, table, 0.125)
+    write_kv(k[prompt:], v[prompt:], cache, slots[prompt:])
+    step = paged_decode_attention(q[prompt:], cache, table, lens + 1, 0.125, num_splits=3)
+    want = attend(q, k, v, 0.125, None)  # the whole sequence at once
+    torch.testing.assert_close(out, want[:prompt], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(step, want[prompt:], atol=2e-4, rtol=2e-4)
