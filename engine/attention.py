@@ -10,14 +10,17 @@ KV cache of one layer (the layout the model runner allocates and kv_transfer mov
                ^ 0 = keys, 1 = values
     slot = block_id * block_size + offset_in_block
 
-This file holds the torch implementation used on CPU (and as the GPU kernels' oracle); the Triton
-kernels come later behind the same `AttentionBackend` interface.
+This file holds the torch implementation used on CPU (and as the GPU kernels' oracle) and the
+Triton backend over `kernels/`, both behind the same `AttentionBackend` interface.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +38,30 @@ class AttentionMetadata:
     query_start_loc: list[int]  # (S + 1,)
     seq_lens: list[int]  # (S,)
     block_tables: list[torch.Tensor]  # S x (num_blocks_i,) int64
+    _padded: dict[str, Any] = field(default_factory=dict)  # built once per step, for kernels
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
+
+    def padded(self, device: torch.device) -> dict[str, Any]:
+        """The batch as kernels take it (built on first use, shared by every layer):
+        `block_tables` (S, max_blocks) int32 (0-padded), `seq_lens` (S,) and `cu_seqlens_q`
+        (S + 1,) int32, `max_seqlen_q` and `all_decode` (every sequence has one query row)."""
+        if not self._padded:
+            width = max(t.numel() for t in self.block_tables)
+            tables = torch.zeros(self.num_seqs, width, dtype=torch.int32)
+            for i, table in enumerate(self.block_tables):
+                tables[i, : table.numel()] = table.cpu()
+            rows = [b - a for a, b in itertools.pairwise(self.query_start_loc)]
+            self._padded.update(
+                block_tables=tables.to(device, non_blocking=True),
+                seq_lens=torch.tensor(self.seq_lens, dtype=torch.int32).to(device),
+                cu_seqlens_q=torch.tensor(self.query_start_loc, dtype=torch.int32).to(device),
+                max_seqlen_q=max(rows),
+                all_decode=max(rows) == 1,
+            )
+        return self._padded
 
 
 class AttentionBackend(ABC):
@@ -174,6 +197,45 @@ def _causal_mask(
     return mask
 
 
+class TritonPagedAttention(AttentionBackend):
+    """The GPU path: `kernels/` (KV write, paged prefill attention, split-K paged decode)."""
+
+    def __init__(self) -> None:
+        from kernels.paged_decode_attention import paged_decode_attention
+        from kernels.paged_prefill_attention import paged_prefill_attention
+        from kernels.write_kv import write_kv
+
+        self._write_kv = write_kv
+        self._decode = paged_decode_attention
+        self._prefill = paged_prefill_attention
+
+    def forward(self, q, k, v, kv_cache, meta, scale, sliding_window):  # type: ignore[override]
+        batch = meta.padded(q.device)
+        self._write_kv(k, v, kv_cache, meta.slot_mapping)
+        if batch["all_decode"]:
+            return self._decode(
+                q, kv_cache, batch["block_tables"], batch["seq_lens"], scale, sliding_window
+            )
+        return self._prefill(
+            q, kv_cache, batch["cu_seqlens_q"], batch["seq_lens"], batch["block_tables"],
+            scale, sliding_window, max_seqlen_q=batch["max_seqlen_q"],
+        )  # fmt: skip
+
+
 def get_attention_backend(device: torch.device) -> AttentionBackend:
-    """The attention implementation for `device` (torch everywhere until the GPU kernels land)."""
+    """Triton kernels on CUDA (when triton is installed), the torch reference elsewhere.
+
+    `BATON_ATTENTION_BACKEND=torch` forces the reference (e.g. to compare on a GPU).
+    """
+    choice = os.environ.get("BATON_ATTENTION_BACKEND", "auto")
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"BATON_ATTENTION_BACKEND must be auto, torch or triton, got {choice!r}")
+    if choice == "triton" or (choice == "auto" and device.type == "cuda" and _has_triton()):
+        return TritonPagedAttention()
     return TorchPagedAttention()
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None

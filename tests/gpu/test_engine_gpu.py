@@ -13,8 +13,11 @@ pytestmark = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-def test_greedy_float32_on_gpu_matches_transformers(tiny_model, arch):
+def test_greedy_float32_on_gpu_matches_transformers(tiny_model, arch, backend, monkeypatch):
+    """Mixed prefill chunks and decodes, a prompt beyond the step budget, mistral's window."""
+    monkeypatch.setenv("BATON_ATTENTION_BACKEND", backend)
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from engine import LLM, SamplingParams
@@ -23,6 +26,8 @@ def test_greedy_float32_on_gpu_matches_transformers(tiny_model, arch):
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (1, 7, 33, 70, 150)]
     llm = LLM(str(model_dir), device="cuda", max_num_batched_tokens=64)
+    attention = llm.engine.core.runner.model.model.layers[0].self_attn.attn_backend
+    assert type(attention).__name__.lower().startswith(backend)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
