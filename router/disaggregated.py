@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import grpc
 
@@ -148,14 +149,11 @@ class DisaggregatedBackend(Backend):
     async def _call_reserve(
         self, worker: WorkerInfo, message: worker_pb2.ReserveRequest
     ) -> worker_pb2.Reservation:
-        try:
-            reservation: worker_pb2.Reservation = await worker.stub.Reserve(
-                message, timeout=self.deadlines.reserve_s
-            )
-        except asyncio.CancelledError:
-            # The reservation may exist on D although we never saw it.
-            self.aborts.abort(worker, [message.request.request_id])
-            raise
+        # A cancelled call may still have made the reservation on D: abort it there.
+        call = worker.stub.Reserve(message, timeout=self.deadlines.reserve_s)
+        reservation: worker_pb2.Reservation = await self._abort_if_cancelled(
+            worker, message.request.request_id, call
+        )
         return reservation
 
     async def _prefill(
@@ -187,14 +185,19 @@ class DisaggregatedBackend(Backend):
     async def _call_prefill(
         self, worker: WorkerInfo, message: worker_pb2.PrefillRequest
     ) -> worker_pb2.PrefillResponse:
-        try:
-            response: worker_pb2.PrefillResponse = await worker.stub.Prefill(
-                message, timeout=self.deadlines.prefill_s
-            )
-        except asyncio.CancelledError:
-            self.aborts.abort(worker, [message.request.request_id])
-            raise
+        call = worker.stub.Prefill(message, timeout=self.deadlines.prefill_s)
+        response: worker_pb2.PrefillResponse = await self._abort_if_cancelled(
+            worker, message.request.request_id, call
+        )
         return response
+
+    async def _abort_if_cancelled(self, worker: WorkerInfo, request_id: str, call: Any) -> Any:
+        """Await a unary call; if this request is cancelled meanwhile, abort it on `worker`."""
+        try:
+            return await call
+        except asyncio.CancelledError:
+            self.aborts.abort(worker, [request_id])
+            raise
 
     async def _decode(
         self, worker: WorkerInfo, request_id: str, first_token_id: int
