@@ -122,19 +122,26 @@ class ModelConfig:
 @dataclass(slots=True)
 class CacheConfig:
     """Paged KV cache sizing and prefix caching. `block_size` is in tokens; the budget is in
-    bytes. `num_blocks`, when set, overrides the byte budget (tests use it to force preemption).
+    bytes. `num_blocks`, when set, overrides the byte budget (tests use it to force preemption);
+    with neither, the cache takes 1 GiB on CPU, and on a GPU what is left of
+    `gpu_memory_utilization` of its memory once the weights are loaded (as vLLM sizes it).
     """
 
     block_size: int = 16
-    kv_cache_memory_bytes: int = 1 << 30
+    kv_cache_memory_bytes: int | None = None  # None: 1 GiB on CPU, gpu_memory_utilization on GPU
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
     enable_kv_events: bool = False  # buffer KV events for a host that drains them
+    gpu_memory_utilization: float = 0.9  # GPU: the share of its memory weights + KV may take
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.kv_cache_memory_bytes < 1:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise ValueError(
                 f"kv_cache_memory_bytes must be >= 1, got {self.kv_cache_memory_bytes}"
             )

@@ -42,7 +42,8 @@ class LLMEngine:
         dtype: str = "auto",
         max_model_len: int | None = None,
         block_size: int = 16,
-        kv_cache_memory_bytes: int = 1 << 30,
+        kv_cache_memory_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
         num_kv_blocks: int | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
@@ -64,6 +65,7 @@ class LLMEngine:
                 num_kv_blocks,
                 enable_prefix_caching=enable_prefix_caching,
                 enable_kv_events=enable_kv_events,
+                gpu_memory_utilization=gpu_memory_utilization,
             ),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens,

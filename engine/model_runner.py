@@ -74,15 +74,25 @@ class ModelRunner:
         cache = self.config.cache
         if cache.num_blocks is not None:
             return cache.num_blocks
-        num = cache.kv_cache_memory_bytes // kv_cache_block_bytes(
-            self.config.model, self.block_size
-        )
-        if num < 1:
+        budget = cache.kv_cache_memory_bytes or self._default_kv_budget()
+        block_bytes = kv_cache_block_bytes(self.config.model, self.block_size)
+        if budget < block_bytes:
             raise ValueError(
-                f"kv_cache_memory_bytes={cache.kv_cache_memory_bytes} is smaller than one KV block "
-                f"({kv_cache_block_bytes(self.config.model, self.block_size)} bytes)"
+                f"the KV cache budget ({budget} bytes) is smaller than one KV block "
+                f"({block_bytes} bytes): raise kv_cache_memory_bytes or gpu_memory_utilization"
             )
-        return int(num)
+        return int(budget // block_bytes)
+
+    def _default_kv_budget(self) -> int:
+        """1 GiB on CPU. On a GPU, as vLLM: this engine may use `gpu_memory_utilization` of the
+        card (other processes, e.g. a second worker, have their own share); its weights already
+        count against it, and the cache never takes more than is free now (less 256 MiB)."""
+        if self.device.type != "cuda":
+            return 1 << 30
+        free, total = torch.cuda.mem_get_info(self.device)
+        share = int(total * self.config.cache.gpu_memory_utilization)
+        own = torch.cuda.memory_reserved(self.device)
+        return min(share - own, free - (256 << 20))
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:

@@ -37,6 +37,7 @@ class ClusterSpec:
     cluster_name: str = "default"
     worker_args: list[str] = field(default_factory=list)
     router_args: list[str] = field(default_factory=list)
+    num_gpus: int | None = None  # None: as many as torch sees; 0: CPU workers
 
     @property
     def num_workers(self) -> int:
@@ -66,6 +67,7 @@ class WorkerHandle:
     proc: subprocess.Popen
     address: str
     metrics_url: str
+    device: str = "cpu"  # "cpu" or "gpu N"
 
 
 @dataclass
@@ -101,16 +103,37 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def start_worker(role: str, module: str, spec: ClusterSpec, extra: list[str]) -> WorkerHandle:
-    """Start one worker process; return its handle once it printed READY."""
+def gpu_for_worker(index: int, num_gpus: int) -> int | None:
+    """The GPU of the `index`-th worker (prefill workers first, then decode, then colocated):
+    round robin, so with as many GPUs as workers each worker has its own (prefill and decode
+    on distinct GPUs); None on a machine without GPUs."""
+    return index % num_gpus if num_gpus > 0 else None
+
+
+def _visible_gpus(spec: ClusterSpec) -> int:
+    if spec.num_gpus is not None:
+        return spec.num_gpus
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def start_worker(
+    role: str, module: str, spec: ClusterSpec, extra: list[str], gpu: int | None = None
+) -> WorkerHandle:
+    """Start one worker process (on GPU `gpu`, or the CPU); return it once it printed READY."""
     metrics_port = free_port(spec.host)
     cmd = [sys.executable, "-m", module, "--model", str(spec.model), "--host", spec.host]
     cmd += ["--metrics-port", str(metrics_port)]
     cmd += spec.index_args()
-    if "--num-threads" not in spec.worker_args:
+    env = _env()
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        cmd += ["--device", "cuda"]
+    elif "--num-threads" not in spec.worker_args:
         cmd += ["--num-threads", str(spec.threads_per_worker())]
     proc = subprocess.Popen(
-        [*cmd, *spec.worker_args, *extra], stdout=subprocess.PIPE, text=True, env=_env()
+        [*cmd, *spec.worker_args, *extra], stdout=subprocess.PIPE, text=True, env=env
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -118,7 +141,8 @@ def start_worker(role: str, module: str, spec: ClusterSpec, extra: list[str]) ->
         _terminate(proc, 5)
         raise RuntimeError(f"{module} failed to start (see its log above)")
     metrics_url = f"http://{spec.host}:{metrics_port}/metrics"
-    return WorkerHandle(role, proc, line.split()[-1], metrics_url)
+    device = "cpu" if gpu is None else f"gpu {gpu}"
+    return WorkerHandle(role, proc, line.split()[-1], metrics_url, device)
 
 
 def start_cluster(spec: ClusterSpec) -> Cluster:
@@ -129,10 +153,12 @@ def start_cluster(spec: ClusterSpec) -> Cluster:
         ("decode", "decode_service", ["--role", "decode"], spec.decode),
         ("colocated", "decode_service", ["--role", "colocated"], spec.colocated),
     ]
+    num_gpus = _visible_gpus(spec)
     try:
         for role, module, extra, count in roles:
             for _ in range(count):
-                cluster.workers.append(start_worker(role, module, spec, extra))
+                gpu = gpu_for_worker(len(cluster.workers), num_gpus)
+                cluster.workers.append(start_worker(role, module, spec, extra, gpu))
         for port, grpc_port in spec.router_ports():
             cluster.routers.append(_start_router(spec, cluster, port, grpc_port))
         for router, (port, _) in zip(cluster.routers, spec.router_ports(), strict=True):
@@ -193,7 +219,7 @@ def serve_forever(spec: ClusterSpec) -> int:
         print(f"  gRPC         {spec.host}:{grpc_port}  (baton.v1.Router/Generate)")
     print(f"  prefix index {spec.redis_url or 'in-process, in each router'}")
     for w in cluster.workers:
-        print(f"  {w.role:<9}    {w.address}  (metrics {w.metrics_url})")
+        print(f"  {w.role:<9}    {w.address}  ({w.device}, metrics {w.metrics_url})")
     print("Ctrl-C or SIGTERM drains and stops.", flush=True)
     stopping = False
 

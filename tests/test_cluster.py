@@ -103,3 +103,12 @@ def test_sigterm_drains_and_stops_everything(cluster):
         host, port = address.rsplit(":", 1)
         with pytest.raises(OSError):
             socket.create_connection((host, int(port)), timeout=1).close()
+
+
+def test_workers_are_spread_over_gpus():
+    from launcher.serve import gpu_for_worker
+
+    assert [gpu_for_worker(i, 2) for i in range(2)] == [0, 1]  # prefill, decode: distinct
+    assert [gpu_for_worker(i, 2) for i in range(4)] == [0, 1, 0, 1]
+    assert [gpu_for_worker(i, 1) for i in range(2)] == [0, 0]  # one GPU: shared
+    assert gpu_for_worker(0, 0) is None  # CPU

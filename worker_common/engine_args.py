@@ -17,7 +17,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
+    parser.add_argument(
+        "--kv-cache-memory-bytes",
+        type=int,
+        default=None,
+        help="default: 1 GiB on CPU, --gpu-memory-utilization on a GPU",
+    )
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -64,6 +70,7 @@ def build_engine_core(args: argparse.Namespace) -> EngineCore:
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            gpu_memory_utilization=args.gpu_memory_utilization,
             num_blocks=args.num_kv_blocks,
             enable_prefix_caching=not args.no_prefix_caching,
             enable_kv_events=publishes_kv_events(args),

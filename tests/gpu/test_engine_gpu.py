@@ -25,7 +25,9 @@ def test_greedy_float32_on_gpu_matches_transformers(tiny_model, arch, backend, m
     model_dir = tiny_model(arch)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (1, 7, 33, 70, 150)]
-    llm = LLM(str(model_dir), device="cuda", max_num_batched_tokens=64)
+    llm = LLM(
+        str(model_dir), device="cuda", max_num_batched_tokens=64, kv_cache_memory_bytes=1 << 28
+    )
     attention = llm.engine.core.runner.model.model.layers[0].self_attn.attn_backend
     assert type(attention).__name__.lower().startswith(backend)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)

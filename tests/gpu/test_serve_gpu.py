@@ -1,0 +1,43 @@
+"""`baton serve`'s cluster on the GPU machine: workers on GPUs, KV over TCP, output as offline."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def test_disaggregated_on_gpus_equals_offline(tiny_model):
+    from engine import LLM, SamplingParams
+    from launcher.serve import ClusterSpec, free_port, start_cluster
+
+    model = tiny_model("qwen2")
+    spec = ClusterSpec(model, prefill=1, decode=1, port=free_port(), grpc_port=free_port(),
+                       worker_args=["--gpu-memory-utilization", "0.3"])  # fmt: skip
+    prompts = [[5 + i] * (10 + 7 * i) for i in range(4)]
+    cluster = start_cluster(spec)
+    try:
+        assert all(w.device.startswith("gpu") for w in cluster.workers)
+        texts = []
+        for prompt in prompts:
+            body = {"model": model.name, "prompt": prompt, "max_tokens": 12, "temperature": 0,
+                    "ignore_eos": True}  # fmt: skip
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{spec.port}/v1/completions",
+                data=json.dumps(body).encode(),
+                headers={"content-type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=120) as response:
+                texts.append(json.loads(response.read())["choices"][0]["text"])
+    finally:
+        cluster.stop()
+    llm = LLM(str(model), device="cuda", gpu_memory_utilization=0.3)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert texts == [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
