@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 
 @dataclass(slots=True)
@@ -49,13 +50,11 @@ class AttentionMetadata:
         `block_tables` (S, max_blocks) int32 (0-padded), `seq_lens` (S,) and `cu_seqlens_q`
         (S + 1,) int32, `max_seqlen_q` and `all_decode` (every sequence has one query row)."""
         if not self._padded:
-            width = max(t.numel() for t in self.block_tables)
-            tables = torch.zeros(self.num_seqs, width, dtype=torch.int32)
-            for i, table in enumerate(self.block_tables):
-                tables[i, : table.numel()] = table.cpu()
+            # Padded where the tables already are (no copy back to the host on a GPU).
+            tables = pad_sequence(self.block_tables, batch_first=True, padding_value=0)
             rows = [b - a for a, b in itertools.pairwise(self.query_start_loc)]
             self._padded.update(
-                block_tables=tables.to(device, non_blocking=True),
+                block_tables=tables.to(device=device, dtype=torch.int32),
                 seq_lens=torch.tensor(self.seq_lens, dtype=torch.int32).to(device),
                 cu_seqlens_q=torch.tensor(self.query_start_loc, dtype=torch.int32).to(device),
                 max_seqlen_q=max(rows),
