@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionBackend, AttentionMetadata
+from engine.attention import AttentionBackend, AttentionMetadata, TritonPagedAttention
 from engine.config import ModelConfig
 from engine.models.rotary import RotaryEmbedding, apply_rotary
 
@@ -28,19 +28,53 @@ from engine.models.rotary import RotaryEmbedding, apply_rotary
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019) over the last dim, computed in float32.
 
-    Op order matches transformers' LlamaRMSNorm, so float32 results agree to rounding.
+    Op order matches transformers' LlamaRMSNorm, so float32 results agree to rounding. With
+    `use_kernels` (the GPU path) the fused Triton kernel of `kernels.rms_norm` does the same math
+    (and the residual add) in one pass.
     """
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, use_kernels: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.eps = eps
+        self.use_kernels = use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim) -> (..., dim)
+        return self.add_norm(x, None)[0]
+
+    def add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); without a residual, (norm(x), x)."""
+        if self.use_kernels:
+            from kernels.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
         h = x.to(torch.float32)
         variance = h.pow(2).mean(-1, keepdim=True)
         h = h * torch.rsqrt(variance + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * h.to(x.dtype), x
+
+
+class Rope:
+    """The rotation of one step's positions, shared by every layer: the Triton kernel rotates
+    q and k in place from the cos/sin cache (GPU path), or the cos/sin rows are looked up once
+    and applied with torch ops."""
+
+    def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor, use_kernels: bool):
+        self.cos_sin_cache = rotary.cos_sin
+        self.positions = positions
+        self.cos_sin = None if use_kernels else rotary.lookup(positions)  # (T, 2, 1, D)
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (T, H, D), k (T, Hkv, D) -> rotated (in place on the kernel path)."""
+        if self.cos_sin is None:
+            from kernels.rotary import rotary
+
+            return rotary(q, k, self.positions, self.cos_sin_cache)
+        return apply_rotary(q, self.cos_sin), apply_rotary(k, self.cos_sin)
 
 
 class LlamaAttention(nn.Module):
@@ -56,6 +90,7 @@ class LlamaAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.sliding_window = config.sliding_window
         self.attn_backend = attn_backend
+        self.use_kernels = isinstance(attn_backend, TritonPagedAttention)
         dtype = config.dtype
         self.qkv_proj = nn.Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias, dtype=dtype
@@ -66,13 +101,13 @@ class LlamaAttention(nn.Module):
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, self.use_kernels)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, self.use_kernels)
 
     def forward(
         self,
         x: torch.Tensor,  # (T, hidden)
-        cos_sin: torch.Tensor,  # (T, 2, 1, head_dim)
+        rope: Rope,
         kv_cache: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
         attn_meta: AttentionMetadata,
     ) -> torch.Tensor:  # (T, hidden)
@@ -84,7 +119,7 @@ class LlamaAttention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos_sin), apply_rotary(k, cos_sin)
+        q, k = rope.apply(q, k)
         out = self.attn_backend.forward(
             q, k, v, kv_cache, attn_meta, scale=self.scale, sliding_window=self.sliding_window
         )  # (T, H, D)
@@ -94,8 +129,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, use_kernels: bool = False) -> None:
         super().__init__()
+        self.use_kernels = use_kernels  # the fused silu_mul Triton kernel (GPU path)
         self.intermediate_size = config.intermediate_size
         dtype, bias = config.dtype, config.mlp_bias
         self.gate_up_proj = nn.Linear(
@@ -106,7 +142,12 @@ class LlamaMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, hidden) -> (T, hidden)
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
+        gate_up = self.gate_up_proj(x)  # (T, 2I): [gate | up]
+        if self.use_kernels:
+            from kernels.silu_mul import silu_mul
+
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # (T, I) each
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -115,22 +156,27 @@ class LlamaDecoderLayer(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int, attn_backend: AttentionBackend) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        use_kernels = isinstance(attn_backend, TritonPagedAttention)
+        size, eps, dtype = config.hidden_size, config.rms_norm_eps, config.dtype
+        self.input_layernorm = RMSNorm(size, eps, dtype, use_kernels)
         self.self_attn = LlamaAttention(config, layer_idx, attn_backend)
-        self.post_attention_layernorm = RMSNorm(
-            config.hidden_size, config.rms_norm_eps, config.dtype
-        )
-        self.mlp = LlamaMLP(config)
+        self.post_attention_layernorm = RMSNorm(size, eps, dtype, use_kernels)
+        self.mlp = LlamaMLP(config, use_kernels)
 
     def forward(
         self,
-        hidden: torch.Tensor,  # (T, hidden)
-        cos_sin: torch.Tensor,  # (T, 2, 1, head_dim)
+        hidden: torch.Tensor,  # (T, hidden): the previous layer's output, not yet added
+        residual: torch.Tensor | None,  # (T, hidden): the stream before it; None at layer 0
+        rope: Rope,
         kv_cache: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
         attn_meta: AttentionMetadata,
-    ) -> torch.Tensor:  # (T, hidden)
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, attn_meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (mlp output, residual stream), both (T, hidden)
+        """x + attn(norm(x)), then + mlp(norm(.)), with each add fused into the next norm:
+        the residual stream is `hidden + residual`, summed by the norm that reads it."""
+        normed, residual = self.input_layernorm.add_norm(hidden, residual)
+        hidden = self.self_attn(normed, rope, kv_cache, attn_meta)
+        normed, residual = self.post_attention_layernorm.add_norm(hidden, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -142,7 +188,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, attn_backend) for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        use_kernels = isinstance(attn_backend, TritonPagedAttention)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, use_kernels)
+        self.use_kernels = use_kernels
         self.rotary = RotaryEmbedding(
             config.head_dim,
             config.max_model_len,
@@ -159,10 +207,11 @@ class LlamaModel(nn.Module):
         attn_meta: AttentionMetadata,
     ) -> torch.Tensor:  # (T, hidden), final-normed
         hidden = self.embed_tokens(input_ids)  # (T, hidden)
-        cos_sin = self.rotary.lookup(positions)  # (T, 2, 1, D), shared by every layer
+        rope = Rope(self.rotary, positions, self.use_kernels)  # shared by every layer
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos_sin, kv_cache, attn_meta)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, rope, kv_cache, attn_meta)
+        return self.norm.add_norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -73,7 +73,7 @@ def test_rms_norm_matches_reference(dtype, shape, with_residual):
 def test_rms_norm_matches_the_model_module():
     from engine.models.llama import RMSNorm
 
-    norm = RMSNorm(2048, 1e-5, torch.bfloat16).to(CUDA)
+    norm = RMSNorm(2048, 1e-5, torch.bfloat16, use_kernels=False).to(CUDA)
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.1)
     x = torch.randn(17, 2048, dtype=torch.bfloat16, device=CUDA)
@@ -349,3 +349,20 @@ def test_prefill_then_decode_through_write_kv():
     want = attend(q, k, v, 0.125, None)  # the whole sequence at once
     torch.testing.assert_close(out, want[:prompt], atol=2e-4, rtol=2e-4)
     torch.testing.assert_close(step, want[prompt:], atol=2e-4, rtol=2e-4)
+
+
+# ---------------------------------------------------------------- silu_mul
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 16384), (7, 2 * 1000), (300, 2 * 8192)])
+def test_silu_mul_matches_reference(dtype, shape):
+    from kernels.silu_mul import silu_mul, silu_mul_ref
+
+    x = 3 * torch.randn(shape, dtype=dtype, device=CUDA)
+    got, want = silu_mul(x), silu_mul_ref(x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if dtype == torch.bfloat16:  # exp differs from torch's in the last bit at most
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
