@@ -187,6 +187,8 @@ class EngineConfig:
     scheduler: SchedulerConfig
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
+    # GPU: run every step eagerly instead of replaying CUDA graphs for decode batches.
+    enforce_eager: bool = False
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -55,6 +55,7 @@ class LLMEngine:
         served_model_name: str | None = None,
         seed: int = 0,
         device: str = "cpu",
+        enforce_eager: bool = False,
     ) -> LLMEngine:
         """Build the configs from flat arguments (the `LLM` and CLI spelling)."""
         config = EngineConfig(
@@ -76,6 +77,7 @@ class LLMEngine:
             ),
             device=torch.device(device),
             seed=seed,
+            enforce_eager=enforce_eager,
         )
         torch.manual_seed(seed)
         return cls(config)

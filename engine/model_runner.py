@@ -14,10 +14,12 @@ import torch
 
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig, ModelConfig
+from engine.cuda_graphs import DecodeGraphs, default_capture_sizes
 from engine.models.loader import load_model
 from engine.sampling.logprobs import LogprobsTensors, compute_prompt_logprobs
 from engine.sampling.metadata import SamplingMetadata, SamplingRow
 from engine.sampling.sampler import Sampler
+from engine.sampling_params import SamplingParams, SamplingType
 from engine.scheduler.output import ScheduledRequest, SchedulerOutput
 
 
@@ -60,6 +62,10 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = config.device
+        if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)  # Triton launches on the current device
         self.block_size = config.cache.block_size
         self.model = load_model(config.model, self.device)
         self.sampler = Sampler()
@@ -69,6 +75,21 @@ class ModelRunner:
         self.kv_caches = [
             torch.zeros(shape, dtype=m.dtype, device=self.device) for _ in range(m.num_layers)
         ]
+        self.graphs: DecodeGraphs | None = None
+        if self.model.model.use_kernels and not config.enforce_eager:  # the Triton backend
+            self.graphs = DecodeGraphs(
+                self._decode_forward,
+                self.device,
+                default_capture_sizes(config.scheduler.max_num_seqs),
+                max_blocks=-(-m.max_model_len // self.block_size),
+            )
+            self.graphs.capture()
+
+    def _decode_forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:  # (B, vocab) float32: what a decode graph captures
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return self.model.compute_logits(hidden)
 
     def _num_blocks(self) -> int:
         cache = self.config.cache
@@ -97,10 +118,27 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step's forward pass and sample for the requests that reached their end."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):  # the engine may step on another thread
+                return self._execute(scheduled)
+        return self._execute(scheduled)
+
+    def _execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        out = ModelRunnerOutput()
+        if self._graphable(scheduled):
+            assert self.graphs is not None
+            items = scheduled.scheduled
+            logits, greedy = self.graphs.run(
+                [it.request.all_token_ids[it.start] for it in items],
+                [it.start for it in items],
+                [it.block_ids for it in items],
+                self.block_size,
+            )
+            self._sample(logits, items, out, greedy)
+            return out
         batch = self._prepare(scheduled)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_meta)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # (R, vocab) float32
-        out = ModelRunnerOutput()
         if batch.sample_rows:
             self._sample(logits[: len(batch.sample_rows)], batch.sample_rows, out)
         for piece in batch.prompt_slices:
@@ -110,9 +148,28 @@ class ModelRunner:
             )
         return out
 
+    def _graphable(self, scheduled: SchedulerOutput) -> bool:
+        """A pure-decode step that fits a captured graph (no prompt logprobs to compute)."""
+        if self.graphs is None or self.graphs.batch_size_for(len(scheduled.scheduled)) is None:
+            return False
+        return all(
+            it.num_tokens == 1 and it.samples and it.request.params.prompt_logprobs is None
+            for it in scheduled.scheduled
+        )
+
     def _sample(
-        self, logits: torch.Tensor, items: list[ScheduledRequest], out: ModelRunnerOutput
+        self,
+        logits: torch.Tensor,  # (N, vocab) float32
+        items: list[ScheduledRequest],
+        out: ModelRunnerOutput,
+        greedy: torch.Tensor | None = None,  # (N,) argmax of `logits`, if already computed
     ) -> None:
+        if all(_plain_greedy(s.request.params) for s in items):  # argmax is all there is to do
+            if greedy is None:
+                greedy = logits.argmax(dim=-1)
+            for item, token in zip(items, greedy.tolist(), strict=True):
+                out.sampled[item.request.request_id] = token
+            return
         rows = [
             SamplingRow(
                 params=s.request.params,
@@ -195,6 +252,20 @@ class ModelRunner:
         if num_top == -1:
             num_top = self.config.model.vocab_size
         return rows, request.prompt_token_ids[lo + 1 : hi + 1], num_top
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    """Greedy with nothing that edits the logits or asks for logprobs: a bare argmax."""
+    return (
+        params.sampling_type == SamplingType.GREEDY
+        and params.logprobs is None
+        and not params.allowed_token_ids
+        and not params.logit_bias
+        and params.min_tokens == 0
+        and params.presence_penalty == 0
+        and params.frequency_penalty == 0
+        and params.repetition_penalty == 1
+    )
 
 
 def _row(t: LogprobsTensors, i: int) -> LogprobsTensors:

@@ -32,6 +32,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode batches"
+    )
+    parser.add_argument(
         "--num-threads",
         type=int,
         default=None,
@@ -83,5 +86,6 @@ def build_engine_core(args: argparse.Namespace) -> EngineCore:
         ),
         device=torch.device(args.device),
         seed=args.seed,
+        enforce_eager=args.enforce_eager,
     )
     return EngineCore(config)

@@ -1,0 +1,145 @@
+"""CUDA graphs for decode steps: one captured forward pass per batch size.
+
+A decode step of a small model is launch-bound: 16 layers of a dozen kernels each cost more in
+launches than in math. Like vLLM and SGLang, the runner captures the whole forward pass (and the
+logits projection) once per batch size in `capture_sizes` and replays it; a decode batch of S
+sequences runs the smallest captured size B >= S, its rows S..B-1 padding.
+
+Everything a replay reads lives in static buffers filled before each replay::
+
+    input_ids, positions, slot_mapping: (B_max,) int64   padding rows: token 0, slot -1 (no write)
+    block_tables: (B_max, max_blocks) int32              row i: sequence i's block ids
+    seq_lens:     (B_max,) int32                         padding rows: 1
+
+`max_blocks` covers `max_model_len`, so the split count of the decode attention kernel (chosen
+from shapes only) is fixed per captured size. The host side fills pinned copies of the buffers
+and moves each with one asynchronous copy: no synchronisation until the sampler reads tokens.
+Only pure-decode steps (every sequence one new token, no prompt logprobs) use the graphs, and
+only with the Triton attention backend, whose decode path reads nothing but these tensors.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+
+import torch
+
+from engine.attention import AttentionMetadata
+
+
+def default_capture_sizes(max_num_seqs: int) -> list[int]:
+    """vLLM's ladder: 1, 2, 4, then every multiple of 8, up to `max_num_seqs` (included)."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs]
+    sizes += list(range(8, max_num_seqs, 8))
+    return sorted(set(sizes) | {max_num_seqs})
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+
+
+class DecodeGraphs:
+    """Captured decode forward passes over static buffers; `run` replays the right one."""
+
+    def __init__(
+        self,
+        forward: Forward,  # (input_ids, positions, meta) -> (B, vocab) float32 logits
+        device: torch.device,
+        capture_sizes: Sequence[int],
+        max_blocks: int,  # block-table width: cdiv(max_model_len, block_size)
+    ) -> None:
+        self.device = device
+        self.sizes = sorted(capture_sizes)
+        self.max_batch = n = self.sizes[-1]
+        self._forward = forward
+        # Host buffers are pinned, so each step's copies are asynchronous. A step's host writes
+        # never race the previous step's copies: the sampler synchronises every step.
+        self._host = {
+            "tokens": torch.zeros(n, dtype=torch.long),
+            "positions": torch.zeros(n, dtype=torch.long),
+            "slots": torch.full((n,), -1, dtype=torch.long),  # -1: the KV write skips the row
+            "seq_lens": torch.ones(n, dtype=torch.int32),
+            "tables": torch.zeros(n, max_blocks, dtype=torch.int32),
+        }
+        self._host = {k: v.pin_memory() for k, v in self._host.items()}
+        self._host_np = {k: v.numpy() for k, v in self._host.items()}  # views: writes are free
+        self._static = {k: v.to(device) for k, v in self._host.items()}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.replays = 0  # decode steps run through a graph
+
+    def _args(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        static = self._static
+        meta = AttentionMetadata(
+            slot_mapping=static["slots"][:batch], query_start_loc=[], seq_lens=[], block_tables=[]
+        )
+        meta._padded.update(
+            block_tables=static["tables"][:batch],
+            seq_lens=static["seq_lens"][:batch],
+            cu_seqlens_q=None,
+            max_seqlen_q=1,
+            all_decode=True,
+        )
+        return static["tokens"][:batch], static["positions"][:batch], meta
+
+    def capture(self) -> None:
+        """Capture every size, largest first, sharing one memory pool."""
+        pool = torch.cuda.graph_pool_handle()
+        for batch in reversed(self.sizes):
+            args = self._args(batch)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile the Triton kernels, settle the allocator
+                    self._forward(*args)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(*args)
+                # Greedy tokens in the same replay: plain greedy batches need nothing else.
+                self._outputs[batch] = (logits, logits.argmax(dim=-1))
+            self._graphs[batch] = graph
+        torch.cuda.synchronize(self.device)
+
+    def batch_size_for(self, num_seqs: int) -> int | None:
+        """The captured size a batch of `num_seqs` decodes runs at; None if too large."""
+        at = bisect.bisect_left(self.sizes, num_seqs)
+        return self.sizes[at] if at < len(self.sizes) else None
+
+    def run(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (S, vocab) float32 logits, (S,) argmax ids
+        """One decode step for S sequences: token i at `positions[i]`, its blocks in
+        `block_tables[i]`. Fills the static buffers and replays the graph of the next size.
+        Both results are views into the graph's outputs, valid until the next replay."""
+        num_seqs = len(tokens)
+        batch = self.batch_size_for(num_seqs)
+        assert batch is not None, "the caller checks batch_size_for first"
+        host = self._host_np
+        # This step's tables, packed as (batch, width) at the start of the host buffer, so only
+        # the columns in use travel (entries past a sequence's own blocks are never read).
+        width = max(len(t) for t in block_tables)
+        tables = host["tables"].reshape(-1)[: batch * width].reshape(batch, width)
+        for i, (pos, table) in enumerate(zip(positions, block_tables, strict=True)):
+            host["slots"][i] = table[pos // block_size] * block_size + pos % block_size
+            tables[i, : len(table)] = table
+        host["tokens"][:num_seqs] = tokens
+        host["positions"][:num_seqs] = positions
+        host["seq_lens"][:num_seqs] = positions
+        host["seq_lens"][:num_seqs] += 1
+        host["tokens"][num_seqs:batch] = 0
+        host["positions"][num_seqs:batch] = 0
+        host["slots"][num_seqs:batch] = -1
+        host["seq_lens"][num_seqs:batch] = 1
+        for name in ("tokens", "positions", "slots", "seq_lens"):
+            self._static[name][:batch].copy_(self._host[name][:batch], non_blocking=True)
+        packed = self._host["tables"].view(-1)[: batch * width].view(batch, width)
+        self._static["tables"][:batch, :width].copy_(packed, non_blocking=True)
+        self._graphs[batch].replay()
+        self.replays += 1
+        logits, greedy = self._outputs[batch]
+        return logits[:num_seqs], greedy[:num_seqs]
