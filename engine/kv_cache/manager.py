@@ -69,6 +69,7 @@ class KVCacheManager:
         self.event_token_ids = event_token_ids
         self.stats = PrefixCacheStats()
         self._blocks: dict[str, list[KVCacheBlock]] = {}
+        self._block_ids: dict[str, list[int]] = {}  # the same blocks' ids, for the runner
         self._num_cached: dict[str, int] = {}  # leading blocks of a request already indexed
 
     def num_free_blocks(self) -> int:
@@ -105,30 +106,35 @@ class KVCacheManager:
 
         Returns False, changing nothing, if the pool lacks the blocks.
         """
-        blocks = self._blocks.setdefault(request.request_id, [])
+        rid = request.request_id
+        blocks = self._blocks.setdefault(rid, [])
         total = request.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
         needed = cdiv(total, self.block_size) - len(blocks) - len(computed)
+        if needed <= 0 and not computed:  # the common decode step: room in the last block
+            return True
         reclaimed = sum(1 for b in computed if b.ref_cnt == 0)  # hits sitting in the free queue
         if max(needed, 0) + reclaimed > self.pool.num_free_blocks:
             if not blocks:
-                del self._blocks[request.request_id]
+                del self._blocks[rid]
             return False
+        ids = self._block_ids.setdefault(rid, [])
         if computed:
             self.pool.touch(computed)
             blocks.extend(computed)
-            self._num_cached[request.request_id] = len(computed)
+            ids.extend(b.block_id for b in computed)
+            self._num_cached[rid] = len(computed)
         if needed > 0:
-            blocks.extend(self.pool.allocate(needed))
+            new = self.pool.allocate(needed)
+            blocks.extend(new)
+            ids.extend(b.block_id for b in new)
         return True
 
     def cache_blocks(self, request: Request) -> None:
         """Index the request's blocks that are now full of computed KV."""
-        if not self._caches(request):
-            return
         rid, bs = request.request_id, self.block_size
         start = self._num_cached.get(rid, 0)
         end = request.num_computed_tokens // bs
-        if end <= start:
+        if end <= start or not self._caches(request):
             return
         hashes = self._block_hashes(request)
         blocks, extra = self._blocks[rid], self.extra_keys(request)
@@ -148,6 +154,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Release all of the request's blocks, tail first (so a chain's tail is evicted first)."""
         blocks = self._blocks.pop(request.request_id, None)
+        self._block_ids.pop(request.request_id, None)
         self._num_cached.pop(request.request_id, None)
         if blocks:
             self.pool.free(reversed(blocks))
@@ -157,7 +164,8 @@ class KVCacheManager:
         return self.pool.reset_prefix_cache()
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._blocks.get(request_id, ())]
+        """The request's block ids in order (the manager's own list: do not modify it)."""
+        return self._block_ids.get(request_id, [])
 
     def check_integrity(self, expect_all_free: bool = False) -> None:
         """Pool consistency, plus: every block a request holds is referenced."""

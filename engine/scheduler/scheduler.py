@@ -112,11 +112,13 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_preempted = len(out.preempted)
             if self._allocate_or_preempt(request, num_tokens, out):
                 out.scheduled.append(self._scheduled(request, num_tokens))
                 budget -= num_tokens
-            # Preemptions may have removed scheduled requests: recount from what remains.
-            budget = self.config.max_num_batched_tokens - out.num_batched_tokens
+            if len(out.preempted) != num_preempted:
+                # Preemptions may have removed scheduled requests: recount from what remains.
+                budget = self.config.max_num_batched_tokens - out.num_batched_tokens
             i = len(out.scheduled)
         if not out.preempted:
             self._admit_waiting(out, budget)
@@ -127,14 +129,15 @@ class Scheduler:
     ) -> list[EngineCoreOutput]:
         """Advance each scheduled request; append sampled tokens; finish stopped requests."""
         outputs = []
+        now = time.time()
         for item in scheduled.scheduled:
             request = item.request
             request.num_computed_tokens += item.num_tokens
             self.kv.cache_blocks(request)
-            if request.request_id not in sampled:
+            token = sampled.get(request.request_id)
+            if token is None:
                 continue
-            request.append_output_token(sampled[request.request_id])
-            now = time.time()
+            request.append_output_token(token)
             first = request.times.first_token is None
             request.times.first_token = request.times.first_token or now
             request.times.last_token = now
@@ -164,9 +167,7 @@ class Scheduler:
     def _scheduled(self, request: Request, num_tokens: int) -> ScheduledRequest:
         return ScheduledRequest(request, num_tokens, self.kv.block_ids(request.request_id))
 
-    def _allocate_or_preempt(
-        self, request: Request, num_tokens: int, out: SchedulerOutput
-    ) -> bool:
+    def _allocate_or_preempt(self, request: Request, num_tokens: int, out: SchedulerOutput) -> bool:
         """Allocate, preempting the policy's victims until it fits; False if `request` itself
         was preempted. A victim already scheduled this step is taken out of `out`."""
         while not self.kv.allocate_slots(request, num_tokens):
