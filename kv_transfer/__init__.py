@@ -1,8 +1,9 @@
 """Moving a prompt's KV blocks from a prefill worker's cache into a decode worker's reserved blocks.
 
 One interface (`KVSender`, `KVReceiver`, `TransferSpec`, in `base`) over several transports:
-`tcp` (between hosts, or processes on CPU), `local` (one process); NCCL between GPUs comes
-later behind the same interface. `blocks` gathers and scatters blocks of a paged cache.
+`tcp` (between hosts, or processes on CPU), `local` (one process), `nccl` (GPU to GPU, in
+`kv_transfer.nccl`: imported on demand, it needs cupy); `dispatch` picks one by flag or endpoint.
+`blocks` gathers and scatters blocks of a paged cache.
 """
 
 from kv_transfer.base import KVLayerSource, KVReceiver, KVSender, KVTransferError, TransferSpec

@@ -10,6 +10,7 @@ dim 1::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 
@@ -47,12 +48,27 @@ def gather_blocks(kv_caches: Sequence[torch.Tensor], block_ids: BlockIds) -> KVL
 
 
 def scatter_layer(cache: torch.Tensor, block_ids: BlockIds, data: torch.Tensor) -> None:
-    """Write `data` (2, n, bs, Hkv, D) into one layer's `cache` at `block_ids`: one bulk copy.
+    """Write `data` (2, n, bs, Hkv, D) into one layer's `cache` at `block_ids`: one bulk copy
+    (the Triton block-copy kernel on a GPU, `index_copy_` elsewhere).
 
     `block_ids` must be distinct; `data` is moved to the cache's device if needed.
     """
     index = block_ids if isinstance(block_ids, torch.Tensor) else block_index(block_ids)
-    cache.index_copy_(1, index.to(cache.device), data.to(cache.device))
+    index, data = index.to(cache.device), data.to(cache.device)
+    if cache.is_cuda and cache.is_contiguous() and data.is_contiguous() and _has_triton():
+        from kernels.block_copy import scatter_blocks
+
+        with torch.cuda.device(cache.device):  # Triton launches on the current device
+            scatter_blocks(cache, index, data)
+    else:
+        cache.index_copy_(1, index, data)
+
+
+@cache
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def check_layer(

@@ -14,6 +14,7 @@ anything is accepted, so a refused transfer writes nothing.
 from __future__ import annotations
 
 import asyncio
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,15 +44,16 @@ from kv_transfer.wire import (
 _Broken = (OSError, asyncio.IncompleteReadError)  # the connection failed (TimeoutError included)
 
 
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """`tcp://host:port` (IPv6 hosts in brackets) -> (host, port); `KVTransferError` otherwise."""
+def parse_endpoint(endpoint: str, scheme: str = "tcp") -> tuple[str, int]:
+    """`scheme://host:port` (IPv6 hosts in brackets) -> (host, port); `KVTransferError`
+    otherwise."""
     parts = urlsplit(endpoint)
     try:
         port = parts.port
     except ValueError:
         port = None
-    if parts.scheme != "tcp" or not parts.hostname or port is None:
-        raise KVTransferError(f"not a tcp endpoint: {endpoint!r}")
+    if parts.scheme != scheme or not parts.hostname or port is None:
+        raise KVTransferError(f"not a {scheme} endpoint: {endpoint!r}")
     return parts.hostname, port
 
 
@@ -60,12 +62,42 @@ def format_endpoint(host: str, port: int) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
-async def _read_reply(reader: asyncio.StreamReader) -> tuple[str, str]:
-    """One receiver reply frame as (status, message)."""
+async def read_reply(reader: asyncio.StreamReader) -> dict[str, Any]:
+    """One receiver reply frame: a JSON object with a string `status`."""
     obj = await read_json_frame(reader)
     if not isinstance(obj, dict) or not isinstance(obj.get("status"), str):
         raise KVTransferError(f"malformed reply from receiver: {obj!r}")
+    return obj
+
+
+async def _read_reply(reader: asyncio.StreamReader) -> tuple[str, str]:
+    """One receiver reply frame as (status, message)."""
+    obj = await read_reply(reader)
     return obj["status"], str(obj.get("message", ""))
+
+
+def check_header(
+    header: TransferHeader,
+    res: Reservation,
+    kv_caches: Sequence[torch.Tensor],
+    max_extra_bytes: int,
+) -> None:
+    """`KVTransferError` unless the sender's header fits the reservation and the caches."""
+    res.check_blocks(header.dst_block_ids)
+    meta, num_blocks = header.layer, res.block_ids.numel()
+    if header.num_layers != len(kv_caches):
+        raise KVTransferError(
+            f"transfer {res.transfer_id!r}: sender has {header.num_layers} layers, "
+            f"receiver has {len(kv_caches)}"
+        )
+    for i, cache in enumerate(kv_caches):
+        check_layer(res.transfer_id, i, cache, meta.shape, meta.dtype, num_blocks)
+    extra_bytes = sum(m.nbytes for m in header.extras)
+    if extra_bytes > max_extra_bytes:
+        raise KVTransferError(
+            f"transfer {res.transfer_id!r}: extras of {extra_bytes} bytes exceed "
+            f"max_extra_bytes={max_extra_bytes}"
+        )
 
 
 def _consume_exception(task: asyncio.Future[Any]) -> None:
@@ -185,15 +217,17 @@ class TcpKVSender(KVSender):
         await writer.drain()
 
 
-class TcpKVReceiver(KVReceiver):
-    """Receives transfers over TCP straight into `kv_caches` (one tensor per layer).
+class ListeningReceiver(KVReceiver):
+    """What every receiver with a TCP listener shares (tcp here, nccl for its control plane):
+    the reservation table, the listening socket, connection bookkeeping, header admission.
 
-    Frames arrive in CPU memory and are copied to the caches' device (CPU in practice).
-
-    Binds `host:port` (port 0 picks a free one) and advertises `advertise_host` (default `host`)
-    in `endpoint`. A connection must deliver its header within `header_timeout_s` seconds; a
-    transfer's `extra` tensors may total at most `max_extra_bytes` bytes.
+    Binds `host:port` (port 0 picks a free one) and advertises `SCHEME://advertise_host:port`
+    (`advertise_host` defaults to `host`). A header must arrive within `header_timeout_s`
+    seconds of a connection; a transfer's `extra` tensors may total at most `max_extra_bytes`.
+    Subclasses serve one connection in `_serve`.
     """
+
+    SCHEME = "tcp"
 
     def __init__(
         self,
@@ -219,9 +253,9 @@ class TcpKVReceiver(KVReceiver):
 
     @property
     def endpoint(self) -> str:
-        """`tcp://host:port` with the bound port; `RuntimeError` before `start()`."""
+        """`SCHEME://host:port` with the bound port; `RuntimeError` before `start()`."""
         if self._endpoint is None:
-            raise RuntimeError("TcpKVReceiver.endpoint is known only after start()")
+            raise RuntimeError(f"{type(self).__name__}.endpoint is known only after start()")
         return self._endpoint
 
     async def start(self) -> None:
@@ -229,14 +263,15 @@ class TcpKVReceiver(KVReceiver):
         self._table = ReservationTable(self.kv_caches[0].shape[1], asyncio.get_running_loop())
         self._server = await asyncio.start_server(self._handle, self._host, self._port)
         port = self._server.sockets[0].getsockname()[1]
-        self._endpoint = format_endpoint(self._advertise_host, port)
+        address = format_endpoint(self._advertise_host, port).removeprefix("tcp://")
+        self._endpoint = f"{self.SCHEME}://{address}"
 
     def expect(
         self, transfer_id: str, dst_block_ids: Sequence[int], deadline: float
     ) -> asyncio.Future[Extras]:
         """See `KVReceiver.expect`; `RuntimeError` before `start()`."""
         if self._table is None:
-            raise RuntimeError("TcpKVReceiver.expect called before start()")
+            raise RuntimeError(f"{type(self).__name__}.expect called before start()")
         return self._table.add(transfer_id, dst_block_ids, deadline)
 
     def cancel(self, transfer_id: str) -> None:
@@ -268,8 +303,45 @@ class TcpKVReceiver(KVReceiver):
             self._handlers.discard(task)
             writer.close()
 
+    @abstractmethod
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        admitted = await self._admit(reader, writer)
+        """Serve one sender's connection until it is done."""
+
+    def _admit(
+        self, obj: Any, writer: asyncio.StreamWriter
+    ) -> tuple[TransferHeader, Reservation] | None:
+        """Check a received header and claim its reservation; None (an error reply written)
+        when the transfer is refused."""
+        assert self._table is not None
+        try:
+            header = TransferHeader.from_json(obj)
+            res = self._table.claim(header.transfer_id)
+        except KVTransferError as exc:
+            writer.write(reply_frame("error", str(exc)))
+            return None
+        try:
+            check_header(header, res, self.kv_caches, self._max_extra_bytes)
+        except KVTransferError as exc:
+            self._table.fail(res, exc)
+            writer.write(reply_frame("error", str(exc)))
+            return None
+        return header, res
+
+
+class TcpKVReceiver(ListeningReceiver):
+    """Receives transfers over TCP straight into `kv_caches` (one tensor per layer), one
+    connection per transfer (see `ListeningReceiver` for the arguments).
+
+    Frames arrive in CPU memory and are copied to the caches' device (CPU in practice).
+    """
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            obj = await asyncio.wait_for(read_json_frame(reader), self._header_timeout_s)
+        except KVTransferError as exc:
+            writer.write(reply_frame("error", str(exc)))
+            return
+        admitted = self._admit(obj, writer)
         if admitted is None:
             return
         header, res = admitted
@@ -277,43 +349,6 @@ class TcpKVReceiver(KVReceiver):
         error = await self._receive(reader, header, res)
         writer.write(reply_frame("error", error) if error else reply_frame("ok"))
         await writer.drain()
-
-    async def _admit(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[TransferHeader, Reservation] | None:
-        """Read and check the header and claim its reservation; None (refused) on any problem."""
-        assert self._table is not None
-        try:
-            obj = await asyncio.wait_for(read_json_frame(reader), self._header_timeout_s)
-            header = TransferHeader.from_json(obj)
-            res = self._table.claim(header.transfer_id)
-        except KVTransferError as exc:
-            writer.write(reply_frame("error", str(exc)))
-            return None
-        try:
-            self._check(header, res)
-        except KVTransferError as exc:
-            self._table.fail(res, exc)
-            writer.write(reply_frame("error", str(exc)))
-            return None
-        return header, res
-
-    def _check(self, header: TransferHeader, res: Reservation) -> None:
-        res.check_blocks(header.dst_block_ids)
-        meta, num_blocks = header.layer, res.block_ids.numel()
-        if header.num_layers != len(self.kv_caches):
-            raise KVTransferError(
-                f"transfer {res.transfer_id!r}: sender has {header.num_layers} layers, "
-                f"receiver has {len(self.kv_caches)}"
-            )
-        for i, cache in enumerate(self.kv_caches):
-            check_layer(res.transfer_id, i, cache, meta.shape, meta.dtype, num_blocks)
-        extra_bytes = sum(m.nbytes for m in header.extras)
-        if extra_bytes > self._max_extra_bytes:
-            raise KVTransferError(
-                f"transfer {res.transfer_id!r}: extras of {extra_bytes} bytes exceed "
-                f"max_extra_bytes={self._max_extra_bytes}"
-            )
 
     async def _receive(
         self, reader: asyncio.StreamReader, header: TransferHeader, res: Reservation

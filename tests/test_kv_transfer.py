@@ -572,3 +572,20 @@ def test_gather_then_scatter_moves_blocks() -> None:
         assert layer.shape == (2, len(SRC_IDS), BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
         scatter_layer(dst[i], DST_IDS, layer)
     assert_landed(dst, before, src)
+
+
+def test_endpoint_sender_and_receiver_choice() -> None:
+    """The prefill side picks the transport from the endpoint; nccl needs CUDA on both sides."""
+    from kv_transfer.dispatch import EndpointSender, make_receiver
+
+    sender = EndpointSender(torch.device("cpu"))
+    source = gather_blocks(make_caches(), SRC_IDS)
+    for endpoint, match in (("nccl://127.0.0.1:1", "needs a GPU"), ("rdma://h:1", "unknown")):
+        spec = TransferSpec("t", endpoint, DST_IDS, time.time() + 5)
+        with pytest.raises(KVTransferError, match=match):
+            run(sender.send(spec, source))
+    assert isinstance(make_receiver("tcp", make_caches(), "127.0.0.1", 0), TcpKVReceiver)
+    with pytest.raises(ValueError, match="CUDA"):
+        make_receiver("nccl", make_caches(), "127.0.0.1", 0)
+    with pytest.raises(ValueError, match="kv transport"):
+        make_receiver("ipc", make_caches(), "127.0.0.1", 0)

@@ -1,0 +1,63 @@
+"""Choosing a transport: the receiver by flag, the sender by each transfer's endpoint scheme.
+
+A decode worker receives over one transport (`--kv-transport tcp|nccl`) and advertises its
+endpoint; a prefill worker may push to decode workers of either kind, so its sender picks the
+transport from the endpoint of each transfer (`tcp://...`, `nccl://...`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kv_transfer.base import KVLayerSource, KVReceiver, KVSender, KVTransferError, TransferSpec
+from kv_transfer.tcp import TcpKVReceiver, TcpKVSender
+
+TRANSPORTS = ("tcp", "nccl")
+
+
+def make_receiver(
+    transport: str, kv_caches: Sequence[torch.Tensor], host: str, port: int
+) -> KVReceiver:
+    """The receiver of `transport` over `kv_caches`, listening on `host:port` (0: any port)."""
+    if transport == "tcp":
+        return TcpKVReceiver(kv_caches, host, port)
+    if transport == "nccl":
+        from kv_transfer.nccl import NcclKVReceiver
+
+        return NcclKVReceiver(kv_caches, host, port)
+    raise ValueError(f"kv transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+
+
+class EndpointSender(KVSender):
+    """Sends each transfer with the transport its endpoint names; NCCL from `device`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._senders: dict[str, KVSender] = {"tcp": TcpKVSender()}
+
+    def _sender(self, endpoint: str) -> KVSender:
+        scheme = endpoint.split("://", 1)[0]
+        sender = self._senders.get(scheme)
+        if sender is None and scheme == "nccl":
+            if self.device.type != "cuda":
+                raise KVTransferError(f"{endpoint}: an nccl receiver needs a GPU prefill worker")
+            from kv_transfer.nccl import NcclKVSender
+
+            sender = self._senders["nccl"] = NcclKVSender(self.device)
+        if sender is None:
+            raise KVTransferError(f"unknown KV transport in endpoint {endpoint!r}")
+        return sender
+
+    async def send(
+        self,
+        spec: TransferSpec,
+        layers: KVLayerSource,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        await self._sender(spec.endpoint).send(spec, layers, extra)
+
+    async def close(self) -> None:
+        for sender in self._senders.values():
+            await sender.close()

@@ -1,0 +1,480 @@
+"""KV transfer between GPUs over NCCL point-to-point (through cupy), controlled over TCP.
+
+One prefill/decode pair shares one NCCL communicator (2 ranks: sender 0, receiver 1), made on
+the pair's first transfer: the sender draws the unique id and passes it on a TCP control
+connection that stays open for the pair's later transfers. Per transfer, on that connection::
+
+    sender                                              receiver
+    header JSON (kv_transfer.wire.TransferHeader) --->  claims and checks the reservation
+                                                  <---  {status: accept, layers_per_chunk: c}
+    chunk 0: layers 0..c-1, one NCCL group of sends ==> recv into staging buffer 0, then one
+    chunk 1 ...                                         scatter per layer into the reserved
+                                                        blocks while chunk 1 lands in buffer 1
+    extras as tensor frames (CPU, small)          --->
+                                                  <---  {status: ok | error}
+
+The data never leaves the GPUs. Transfers of one pair run one at a time (a communicator's
+point-to-point operations match in issue order); different pairs are independent. Sends run on
+a dedicated stream that first waits for the work already queued on the sender's current stream
+(the prefill that produced the KV); receives and scatters run on the receiver's own stream.
+
+Failure handling: the receiver drains the data of a transfer it no longer wants (cancelled or
+expired mid-flight) without writing it, so the communicator stays in step. A side that waits
+past its deadline for the GPU aborts the communicator (`ncclCommAbort` frees stuck kernels) and
+closes the control connection; the next transfer to that peer makes a new communicator. Nothing
+ever blocks the event loop: NCCL calls and waits for the GPU run on a per-pair thread.
+
+Scatter safety: the reserved blocks belong to the transfer until its future is done, and the
+future is resolved or failed only after every scatter already queued has finished on the GPU, so
+a block is never written after the engine may have reused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from kv_transfer.base import (
+    KVLayerSource,
+    KVSender,
+    KVTransferError,
+    TransferSpec,
+    check_send,
+)
+from kv_transfer.blocks import scatter_layer
+from kv_transfer.reservations import Extras, Reservation
+from kv_transfer.tcp import ListeningReceiver, parse_endpoint, read_reply
+from kv_transfer.wire import (
+    TransferHeader,
+    json_frame,
+    read_json_frame,
+    read_tensor_frame,
+    reply_frame,
+    tensor_frame_prefix,
+    tensor_payload,
+)
+
+_Broken = (OSError, asyncio.IncompleteReadError)
+_WATCH_S = 0.01  # how often a wait for the GPU checks its deadline and the peer's connection
+DEFAULT_STAGING_BYTES = 256 << 20  # receiver staging: two buffers of half this, alternating
+
+
+def _nccl() -> Any:
+    """cupy's NCCL bindings, whichever cupy-cudaXX wheel is installed."""
+    try:
+        from cupy.cuda import nccl
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise KVTransferError(f"the nccl transport needs cupy with NCCL: {exc}") from exc
+    return nccl
+
+
+def new_unique_id() -> bytes:
+    """A fresh NCCL unique id as the bytes cupy's communicator takes (older cupy: a tuple of
+    signed chars)."""
+    uid = _nccl().get_unique_id()
+    return uid if isinstance(uid, bytes) else bytes(x & 0xFF for x in uid)
+
+
+def layers_per_chunk(layer_bytes: int, staging_bytes: int, num_layers: int) -> int:
+    """How many layers one staging buffer of `staging_bytes` holds (at least one)."""
+    return max(1, min(num_layers, staging_bytes // max(1, layer_bytes)))
+
+
+async def wait_gpu(
+    comm: _Comm,
+    event: torch.cuda.Event,
+    deadline: float,
+    what: str,
+    peer: asyncio.StreamReader | None = None,
+) -> None:
+    """Wait for `event` on the pair's thread (`cudaEventSynchronize` releases the GIL; the loop
+    wakes as soon as it returns). `KVTransferError` at `deadline` (time.time()), or as soon as
+    `peer`'s control connection closes (the peer will not send its part); the caller then aborts
+    the communicator, which releases the thread."""
+    work = asyncio.ensure_future(comm.run(event.synchronize))
+    while True:
+        done, _ = await asyncio.wait({work}, timeout=_WATCH_S)
+        if done:
+            return work.result()
+        if time.time() >= deadline:
+            raise KVTransferError(f"{what}: the GPU did not finish before the deadline")
+        if peer is not None and peer.at_eof():
+            raise KVTransferError(f"{what}: the peer closed the connection mid-transfer")
+
+
+class _Comm:
+    """One NCCL communicator of a pair, used from one thread (its `run` executor)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.scatter_stream = torch.cuda.Stream(device)  # receiver: staging -> cache blocks
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nccl")
+        self._comm: Any = None
+        self.staging: torch.Tensor | None = None  # the receiver's buffer, freed after the comm
+
+    async def run(self, fn: Any, *args: Any, deadline: float | None = None) -> Any:
+        """Run `fn(*args)` on this pair's thread, with the pair's device current.
+
+        With a `deadline` (time.time()), `KVTransferError` once it passes: NCCL may block the
+        thread (its peer-to-peer connection is set up at the first send/receive, with the peer).
+        """
+
+        def call() -> Any:
+            import cupy
+
+            with cupy.cuda.Device(self.device.index or 0):
+                return fn(*args)
+
+        work = asyncio.get_running_loop().run_in_executor(self._pool, call)
+        if deadline is None:
+            return await work
+        try:
+            return await asyncio.wait_for(work, max(0.0, deadline - time.time()))
+        except TimeoutError as exc:
+            raise KVTransferError("NCCL did not return before the deadline") from exc
+
+    async def init(self, unique_id: bytes, rank: int) -> None:
+        nccl = _nccl()
+        self._comm = await self.run(nccl.NcclCommunicator, 2, unique_id, rank)
+
+    def enqueue(self, tensors: Sequence[torch.Tensor], peer: int, send: bool) -> torch.cuda.Event:
+        """Queue one NCCL group of sends (or receives) of whole tensors' bytes on `stream`;
+        returns an event recorded after it."""
+        nccl = _nccl()
+        stream = self.stream.cuda_stream
+        nccl.groupStart()
+        try:
+            for t in tensors:
+                op = self._comm.send if send else self._comm.recv
+                op(t.data_ptr(), t.numel() * t.element_size(), nccl.NCCL_UINT8, peer, stream)
+        finally:
+            nccl.groupEnd()
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def send_all(self, chunks: Sequence[Sequence[torch.Tensor]]) -> torch.cuda.Event:
+        """Queue every chunk's group of sends to rank 1; the event follows the last."""
+        event = None
+        for chunk in chunks:
+            event = self.enqueue(chunk, 1, True)
+        assert event is not None
+        return event
+
+    def abort(self) -> None:
+        """Abort the communicator: frees kernels stuck waiting for the peer. Idempotent."""
+        comm, self._comm = self._comm, None
+        if comm is not None:
+            with contextlib.suppress(Exception):
+                comm.abort()
+        self.staging = None  # nothing can write it any more
+        self._pool.shutdown(wait=False)
+
+    def close(self) -> None:
+        """Destroy the communicator after its work finished."""
+        comm, self._comm = self._comm, None
+        if comm is not None:
+            with contextlib.suppress(Exception):
+                comm.destroy()
+        self._pool.shutdown(wait=False)
+
+
+class _Peer:
+    """The sender's side of a pair: control connection, communicator, one transfer at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, comm: _Comm):
+        self.reader, self.writer, self.comm = reader, writer, comm
+        self.lock = asyncio.Lock()
+        self.broken = False
+
+    def kill(self) -> None:
+        self.broken = True
+        self.comm.abort()
+        self.writer.transport.abort()
+
+
+class NcclKVSender(KVSender):
+    """Sends KV from CUDA tensors to `NcclKVReceiver`s on other GPUs, one communicator per peer."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"the nccl transport needs a CUDA device, got {self.device}")
+        self._peers: dict[str, _Peer] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+        self._closed = False
+
+    async def send(
+        self,
+        spec: TransferSpec,
+        layers: KVLayerSource,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """See `KVSender.send`; the layers must be CUDA tensors on this sender's device."""
+        left = check_send(self._closed, spec, layers)
+        try:
+            async with asyncio.timeout(left):
+                peer = await self._peer(spec.endpoint)
+                async with peer.lock:
+                    if peer.broken:
+                        raise KVTransferError(f"connection to {spec.endpoint} was lost")
+                    try:
+                        await self._transfer(peer, spec, layers, extra or {})
+                    except _Refused:
+                        raise  # a clean refusal: the pair stays in step
+                    except BaseException:
+                        self._drop(spec.endpoint, peer)  # before `layers` can be freed
+                        raise
+        except TimeoutError as exc:
+            raise KVTransferError(f"transfer {spec.transfer_id!r}: deadline passed") from exc
+        except _Broken as exc:
+            raise KVTransferError(
+                f"transfer {spec.transfer_id!r}: connection to {spec.endpoint} failed: {exc!r}"
+            ) from exc
+
+    async def close(self) -> None:
+        """Abort every pair's communicator and connection; sends in flight fail."""
+        self._closed = True
+        for endpoint in list(self._peers):
+            self._drop(endpoint)
+
+    def _drop(self, endpoint: str, peer: _Peer | None = None) -> None:
+        """Abort the pair's communicator and connection; the next send makes new ones."""
+        if peer is None or self._peers.get(endpoint) is peer:
+            peer = self._peers.pop(endpoint, None) or peer
+        if peer is not None:
+            peer.kill()
+
+    async def _peer(self, endpoint: str) -> _Peer:
+        """The live pair for `endpoint`, connecting and making its communicator on first use."""
+        lock = self._connecting.setdefault(endpoint, asyncio.Lock())
+        async with lock:
+            peer = self._peers.get(endpoint)
+            if peer is not None and not peer.broken:
+                return peer
+            host, port = parse_endpoint(endpoint, "nccl")
+            reader, writer = await asyncio.open_connection(host, port)
+            comm = _Comm(self.device)
+            try:
+                unique_id = new_unique_id()
+                writer.write(json_frame({"type": "hello", "unique_id": unique_id.hex()}))
+                await writer.drain()
+                # Both ranks must be inside ncclCommInitRank at once: ours runs on the pair's
+                # thread while the receiver joins.
+                await asyncio.gather(comm.init(unique_id, 0), _expect_ok(reader))
+            except BaseException:
+                comm.abort()
+                writer.transport.abort()
+                raise
+            peer = self._peers[endpoint] = _Peer(reader, writer, comm)
+            return peer
+
+    async def _transfer(
+        self,
+        peer: _Peer,
+        spec: TransferSpec,
+        layers: KVLayerSource,
+        extras: Mapping[str, torch.Tensor],
+    ) -> None:
+        first = layers.layer(0)
+        header = TransferHeader.describe(
+            spec.transfer_id, spec.dst_block_ids, layers.num_layers, first, extras
+        )
+        peer.writer.write(json_frame(header.to_json()))
+        await peer.writer.drain()
+        answer = await read_reply(peer.reader)
+        if answer["status"] != "accept":
+            raise _Refused(answer.get("message") or f"receiver answered {answer!r}")
+        per_chunk = int(answer["layers_per_chunk"])
+        tensors = [first] + [layers.layer(i) for i in range(1, layers.num_layers)]
+        for t in tensors:
+            header.layer.check(t)
+            if t.device != self.device or not t.is_contiguous():
+                raise KVTransferError(
+                    f"transfer {spec.transfer_id!r}: layers must be contiguous on {self.device}"
+                )
+        peer.comm.stream.wait_stream(torch.cuda.current_stream(self.device))  # the KV is ready
+        chunks = [tensors[lo : lo + per_chunk] for lo in range(0, len(tensors), per_chunk)]
+        done = await peer.comm.run(peer.comm.send_all, chunks, deadline=spec.deadline)
+        for meta in header.extras:
+            peer.writer.write(tensor_frame_prefix(extras[meta.name]))
+            peer.writer.write(tensor_payload(extras[meta.name]))
+        await peer.writer.drain()
+        answer = await read_reply(peer.reader)
+        # The receiver replies only after every byte arrived (or it aborted): the sends are done
+        # or the connection is torn down. Keep `tensors` alive until the GPU says so.
+        await wait_gpu(peer.comm, done, spec.deadline, f"transfer {spec.transfer_id!r}")
+        if answer["status"] != "ok":
+            raise _Refused(answer.get("message") or f"receiver answered {answer!r}")
+
+
+class _Refused(KVTransferError):
+    """The receiver refused or dropped a transfer cleanly: the pair stays usable."""
+
+
+async def _expect_ok(reader: asyncio.StreamReader) -> None:
+    answer = await read_reply(reader)
+    if answer["status"] != "ok":
+        raise KVTransferError(answer.get("message") or f"nccl handshake failed: {answer!r}")
+
+
+class NcclKVReceiver(ListeningReceiver):
+    """Receives NCCL transfers into `kv_caches` (CUDA tensors on one device).
+
+    Listens for control connections as `ListeningReceiver` does and advertises
+    `nccl://advertise_host:port`. `staging_bytes` bounds the GPU memory a transfer stages at once
+    (two buffers of half of it; whole layers, at least one).
+    """
+
+    SCHEME = "nccl"
+
+    def __init__(
+        self,
+        kv_caches: Sequence[torch.Tensor],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        advertise_host: str | None = None,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+        header_timeout_s: float = 30.0,
+        max_extra_bytes: int = 64 << 20,
+    ) -> None:
+        super().__init__(
+            kv_caches,
+            host,
+            port,
+            advertise_host=advertise_host,
+            header_timeout_s=header_timeout_s,
+            max_extra_bytes=max_extra_bytes,
+        )
+        self.device = self.kv_caches[0].device
+        if self.device.type != "cuda":
+            raise ValueError(f"the nccl transport needs CUDA caches, got {self.device}")
+        self._staging_bytes = staging_bytes
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Join the sender's communicator, then serve its transfers one after another."""
+        comm = _Comm(self.device)
+        healthy = False
+        try:
+            hello = await asyncio.wait_for(read_json_frame(reader), self._header_timeout_s)
+            if not isinstance(hello, dict) or hello.get("type") != "hello":
+                writer.write(reply_frame("error", "expected a hello frame with the NCCL id"))
+                return
+            await comm.init(bytes.fromhex(hello["unique_id"]), 1)
+            writer.write(reply_frame("ok"))
+            healthy = True
+            while True:  # until the sender goes away
+                obj = await read_json_frame(reader)
+                healthy = False  # until the transfer ends cleanly: GPU work may be in flight
+                healthy = await self._serve_one(obj, reader, writer, comm)
+                if not healthy:
+                    return
+        except (KVTransferError, ValueError, KeyError):
+            pass  # a failed pair: its transfers were failed; the sender reconnects
+        finally:
+            if healthy:
+                comm.close()
+            else:
+                comm.abort()
+
+    async def _serve_one(
+        self,
+        obj: Any,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        comm: _Comm,
+    ) -> bool:
+        """One transfer on an established pair; False when the pair must be torn down."""
+        assert self._table is not None
+        admitted = self._admit(obj, writer)
+        if admitted is None:
+            return True
+        header, res = admitted
+        per_chunk = layers_per_chunk(
+            header.layer.nbytes, self._staging_bytes // 2, header.num_layers
+        )
+        writer.write(json_frame({"status": "accept", "layers_per_chunk": per_chunk}))
+        try:
+            await self._receive(header, res, comm, per_chunk, reader)
+            extras: Extras = {}
+            for meta in header.extras:
+                extras[meta.name] = await read_tensor_frame(reader, meta)
+        except KVTransferError as exc:  # the GPU did not deliver in time: give the pair up
+            self._table.fail(res, exc)
+            writer.write(reply_frame("error", str(exc)))
+            return False
+        except BaseException as exc:
+            self._table.fail(res, KVTransferError(f"transfer {res.transfer_id!r}: {exc!r}"))
+            raise
+        if not res.live:
+            writer.write(reply_frame("error", res.end_reason()))
+            return True
+        self._table.complete(res, extras)
+        writer.write(reply_frame("ok"))
+        await writer.drain()
+        return True
+
+    async def _receive(
+        self,
+        header: TransferHeader,
+        res: Reservation,
+        comm: _Comm,
+        per_chunk: int,
+        reader: asyncio.StreamReader,
+    ) -> None:
+        """Receive every chunk into staging and scatter it while the reservation is live.
+
+        Two staging buffers alternate, so chunk k+1 arrives while chunk k is scattered. A chunk
+        is scattered only after the host saw its receive complete and the reservation still
+        live, so a scatter never waits on the network and a dropped reservation gets no write;
+        the future is left to the caller, after the last scatter finished.
+        """
+        meta = header.layer
+        what = f"transfer {res.transfer_id!r}"
+        buffers = self._staging(comm, (per_chunk, *meta.shape), meta.dtype)
+        index = res.block_ids.to(self.device)
+        grace = max(res.deadline, time.time()) + 5.0  # drain a dying transfer a little longer
+        starts = list(range(0, header.num_layers, per_chunk))
+        scattered: list[torch.cuda.Event] = []
+
+        def post(k: int) -> torch.cuda.Event:  # on the pair's thread
+            if k >= 2:  # the buffer's previous chunk must be scattered first
+                comm.stream.wait_event(scattered[k - 2])
+            n = min(per_chunk, header.num_layers - starts[k])
+            return comm.enqueue(list(buffers[k % 2][:n]), 0, False)
+
+        received = [await comm.run(post, k, deadline=grace) for k in range(min(2, len(starts)))]
+        for k, lo in enumerate(starts):
+            await wait_gpu(comm, received[k], grace, what, reader)
+            done = torch.cuda.Event()
+            if res.live:
+                comm.scatter_stream.wait_event(received[k])
+                with torch.cuda.stream(comm.scatter_stream):
+                    n = min(per_chunk, header.num_layers - lo)
+                    for j, layer in enumerate(buffers[k % 2][:n]):
+                        scatter_layer(self.kv_caches[lo + j], index, layer)
+            done.record(comm.scatter_stream)
+            scattered.append(done)
+            if k + 2 < len(starts):
+                received.append(await comm.run(post, k + 2, deadline=grace))
+        await wait_gpu(comm, scattered[-1], grace, what)
+
+    def _staging(
+        self, comm: _Comm, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two staging buffers of `shape` (c, 2, n, block_size, Hkv, D), from one allocation
+        kept on the pair: an aborted receive can never write memory given to someone else."""
+        numel = math.prod(shape)
+        if comm.staging is None or comm.staging.numel() < 2 * numel or comm.staging.dtype != dtype:
+            comm.staging = None
+            comm.staging = torch.empty(2 * numel, dtype=dtype, device=self.device)
+        return comm.staging[:numel].view(shape), comm.staging[numel : 2 * numel].view(shape)
