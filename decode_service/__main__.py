@@ -1,4 +1,5 @@
-"""`python -m decode_service --model DIR [--role decode|colocated] [--port P] [--kv-port K]`."""
+"""`python -m decode_service --model DIR [--role decode|colocated] [--port P] [--kv-port K]
+[--kv-transport tcp|nccl]`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from decode_service.server import (
     DecodeServicer,
 )
 from engine.async_core import AsyncEngineCore
-from kv_transfer.tcp import TcpKVReceiver
+from kv_transfer.dispatch import TRANSPORTS, make_receiver
 from proto.baton.v1 import worker_pb2_grpc
 from worker_common.main import run_worker, worker_parser
 from worker_common.metrics import WorkerMetrics
@@ -25,7 +26,9 @@ async def setup(
         servicer = ColocatedServicer(engine, metrics)
         add = worker_pb2_grpc.add_ColocatedWorkerServicer_to_server
         return [(add, servicer, COLOCATED_SERVICE_NAME)]
-    receiver = TcpKVReceiver(engine.core.runner.kv_caches, args.host, args.kv_port)
+    receiver = make_receiver(
+        args.kv_transport, engine.core.runner.kv_caches, args.host, args.kv_port
+    )
     await receiver.start()
     decode = DecodeServicer(engine, receiver, metrics)
     add_decode = worker_pb2_grpc.add_DecodeWorkerServicer_to_server
@@ -36,6 +39,12 @@ def main() -> None:
     parser = worker_parser(__doc__ or "")
     parser.add_argument("--role", choices=["decode", "colocated"], default="decode")
     parser.add_argument("--kv-port", type=int, default=0, help="KV receiver port (0: a free one)")
+    parser.add_argument(
+        "--kv-transport",
+        choices=TRANSPORTS,
+        default="tcp",
+        help="how prefill workers push KV here: tcp, or nccl (GPU to GPU; prefill on another GPU)",
+    )
     args = parser.parse_args()
     run_worker(args, args.role, setup)
 

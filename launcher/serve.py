@@ -110,6 +110,14 @@ def gpu_for_worker(index: int, num_gpus: int) -> int | None:
     return index % num_gpus if num_gpus > 0 else None
 
 
+def kv_transport_args(role: str, gpu: int | None, prefill_gpus: set[int | None]) -> list[str]:
+    """NCCL for a decode worker on a GPU no prefill worker uses (NCCL cannot join two ranks on
+    one GPU); TCP otherwise."""
+    if role == "decode" and gpu is not None and gpu not in prefill_gpus:
+        return ["--kv-transport", "nccl"]
+    return []
+
+
 def _visible_gpus(spec: ClusterSpec) -> int:
     if spec.num_gpus is not None:
         return spec.num_gpus
@@ -128,8 +136,8 @@ def start_worker(
     cmd += spec.index_args()
     env = _env()
     if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        cmd += ["--device", "cuda"]
+        # Every worker sees every GPU (NCCL needs that for peer-to-peer over NVLink).
+        cmd += ["--device", f"cuda:{gpu}"]
     elif "--num-threads" not in spec.worker_args:
         cmd += ["--num-threads", str(spec.threads_per_worker())]
     proc = subprocess.Popen(
@@ -154,11 +162,13 @@ def start_cluster(spec: ClusterSpec) -> Cluster:
         ("colocated", "decode_service", ["--role", "colocated"], spec.colocated),
     ]
     num_gpus = _visible_gpus(spec)
+    prefill_gpus = {gpu_for_worker(i, num_gpus) for i in range(spec.prefill)}
     try:
         for role, module, extra, count in roles:
             for _ in range(count):
                 gpu = gpu_for_worker(len(cluster.workers), num_gpus)
-                cluster.workers.append(start_worker(role, module, spec, extra, gpu))
+                args = [*extra, *kv_transport_args(role, gpu, prefill_gpus)]
+                cluster.workers.append(start_worker(role, module, spec, args, gpu))
         for port, grpc_port in spec.router_ports():
             cluster.routers.append(_start_router(spec, cluster, port, grpc_port))
         for router, (port, _) in zip(cluster.routers, spec.router_ports(), strict=True):

@@ -1,11 +1,11 @@
-"""`python -m prefill_service --model DIR [--port P]`: a prefill worker."""
+"""`python -m prefill_service --model DIR [--port P] [--reply-after-push]`: a prefill worker."""
 
 from __future__ import annotations
 
 import argparse
 
 from engine.async_core import AsyncEngineCore
-from kv_transfer.tcp import TcpKVSender
+from kv_transfer.dispatch import EndpointSender
 from prefill_service.server import ADD_TO_SERVER, SERVICE_NAME, PrefillServicer
 from worker_common.main import run_worker, worker_parser
 from worker_common.metrics import WorkerMetrics
@@ -15,12 +15,20 @@ from worker_common.server import Registration
 async def setup(
     args: argparse.Namespace, engine: AsyncEngineCore, metrics: WorkerMetrics
 ) -> list[Registration]:
-    servicer = PrefillServicer(engine, TcpKVSender(), metrics)
+    sender = EndpointSender(engine.core.runner.device)
+    servicer = PrefillServicer(engine, sender, metrics, reply_before_push=not args.reply_after_push)
     return [(ADD_TO_SERVER, servicer, SERVICE_NAME)]
 
 
 def main() -> None:
-    run_worker(worker_parser(__doc__ or "").parse_args(), "prefill", setup)
+    parser = worker_parser(__doc__ or "")
+    parser.add_argument(
+        "--reply-after-push",
+        action="store_true",
+        help="answer Prefill only once the KV is in the decode worker (default: once it is sent"
+        " off, so the first token does not wait for the transfer)",
+    )
+    run_worker(parser.parse_args(), "prefill", setup)
 
 
 if __name__ == "__main__":

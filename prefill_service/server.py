@@ -3,12 +3,22 @@ first token.
 
 The engine runs the request with a `KVHandoff`: after its first token the request ends here and
 the engine copies the KV of the blocks the decode worker does not hold yet (before those blocks
-can be reused); this service then sends that copy through the KV sender and answers once the
-decode worker has it. With prefix caching, a later prompt sharing the prefix reuses the blocks.
+can be reused); this service then sends that copy through the KV sender. With prefix caching, a
+later prompt sharing the prefix reuses the blocks.
+
+The first token does not depend on the transfer, so by default the answer goes back as soon as
+the push has started (`reply_before_push`): the transfer overlaps the router's first-token
+delivery and its Decode call, and the decode worker waits for the KV before it decodes. A push
+that fails then fails the decode side's reservation, so the request's Decode call fails (and is
+counted in `baton:kv_transfer_failures`). `kv_seconds` in the answer is 0 in that mode; the
+`baton:kv_transfer_seconds` histogram has the push times. With `reply_before_push=False` the
+answer waits for the push (and a failed push fails the Prefill call).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 import torch
@@ -21,6 +31,8 @@ from proto.baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker_common.convert import chunk_from_output, load_to_proto, request_from_proto
 from worker_common.errors import unary
 from worker_common.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
 
 
 class CopiedLayers:
@@ -40,10 +52,18 @@ class CopiedLayers:
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
     """Serves Prefill, Abort and GetLoad over one engine."""
 
-    def __init__(self, engine: AsyncEngineCore, sender: KVSender, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngineCore,
+        sender: KVSender,
+        metrics: WorkerMetrics,
+        reply_before_push: bool = True,
+    ) -> None:
         self.engine = engine
         self.sender = sender
         self.metrics = metrics
+        self.reply_before_push = reply_before_push
+        self._pushes: set[asyncio.Task[tuple[int, float]]] = set()  # running background pushes
         self.model = engine.core.config.model
         self.block_size = engine.core.config.cache.block_size
 
@@ -69,22 +89,37 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         response = worker_pb2.PrefillResponse(first=chunk_from_output(first, request))
         if first.handed_off:
             layers = await self.engine.call(lambda core: core.exports.pop(request.request_id))
-            response.kv_bytes, response.kv_seconds = await self._push(spec, layers)
+            if len(layers[0][0]) != len(spec.dst_block_ids):
+                raise ValueError(
+                    f"target.block_ids has {len(spec.dst_block_ids)} blocks, the prompt needs "
+                    f"{len(layers[0][0])} after the decode worker's cached tokens"
+                )
+            if self.reply_before_push:
+                task = asyncio.create_task(self._push(spec, layers))
+                self._pushes.add(task)
+                task.add_done_callback(self._push_done)
+                response.kv_bytes = sum(t.numel() * t.element_size() for t in layers)
+            else:
+                response.kv_bytes, response.kv_seconds = await self._push(spec, layers)
         return response
 
     async def _push(self, spec: TransferSpec, layers: list[torch.Tensor]) -> tuple[int, float]:
-        if len(layers[0][0]) != len(spec.dst_block_ids):
-            raise ValueError(
-                f"target.block_ids has {len(spec.dst_block_ids)} blocks, the prompt needs "
-                f"{len(layers[0][0])} after the decode worker's cached tokens"
-            )
         start = time.perf_counter()
-        await self.sender.send(spec, CopiedLayers(layers))
+        try:
+            await self.sender.send(spec, CopiedLayers(layers))
+        except Exception:
+            self.metrics.kv_transfer_failures.inc()
+            raise
         seconds = time.perf_counter() - start
         num_bytes = sum(t.numel() * t.element_size() for t in layers)
         self.metrics.kv_transfer_bytes.inc(num_bytes)
         self.metrics.kv_transfer_seconds.observe(seconds)
         return num_bytes, seconds
+
+    def _push_done(self, task: asyncio.Task[tuple[int, float]]) -> None:
+        self._pushes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("KV push failed (the decode side fails the request): %s", task.exception())
 
     async def Abort(self, request, context):  # noqa: N802
         return common_pb2.AbortResponse(

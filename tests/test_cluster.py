@@ -112,3 +112,13 @@ def test_workers_are_spread_over_gpus():
     assert [gpu_for_worker(i, 2) for i in range(4)] == [0, 1, 0, 1]
     assert [gpu_for_worker(i, 1) for i in range(2)] == [0, 0]  # one GPU: shared
     assert gpu_for_worker(0, 0) is None  # CPU
+
+
+def test_decode_workers_on_their_own_gpu_receive_over_nccl():
+    from launcher.serve import kv_transport_args
+
+    assert kv_transport_args("decode", 1, {0}) == ["--kv-transport", "nccl"]
+    assert kv_transport_args("decode", 0, {0}) == []  # shares a GPU with a prefill worker: tcp
+    assert kv_transport_args("decode", None, {None}) == []  # CPU
+    assert kv_transport_args("prefill", 1, {0}) == []
+    assert kv_transport_args("colocated", 1, {0}) == []

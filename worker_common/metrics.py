@@ -41,6 +41,7 @@ class WorkerMetrics:
         )
         self.kv_transfer_bytes = counter("kv_transfer_bytes", "KV bytes pushed or received.")
         self.kv_transfer_seconds = histogram("kv_transfer_seconds", "Time of one KV transfer.")
+        self.kv_transfer_failures = counter("kv_transfer_failures", "KV pushes that failed.")
         self._queries = self._hits = 0
 
     def attach(self, engine: AsyncEngineCore) -> None:

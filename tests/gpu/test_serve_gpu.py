@@ -1,4 +1,5 @@
-"""`baton serve`'s cluster on the GPU machine: workers on GPUs, KV over TCP, output as offline."""
+"""`baton serve`'s cluster on the GPU machine: output equals the offline engine's, with prefill and
+decode sharing one GPU (KV over TCP) and on two GPUs (KV over NCCL)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,21 @@ pytestmark = [
 ]
 
 
-def test_disaggregated_on_gpus_equals_offline(tiny_model):
+@pytest.mark.parametrize("num_gpus", [1, 2], ids=["one-gpu-tcp", "two-gpus-nccl"])
+def test_disaggregated_on_gpus_equals_offline(tiny_model, num_gpus):
+    if torch.cuda.device_count() < num_gpus:
+        pytest.skip(f"needs {num_gpus} GPUs")
     from engine import LLM, SamplingParams
     from launcher.serve import ClusterSpec, free_port, start_cluster
 
     model = tiny_model("qwen2")
     spec = ClusterSpec(model, prefill=1, decode=1, port=free_port(), grpc_port=free_port(),
-                       worker_args=["--gpu-memory-utilization", "0.3"])  # fmt: skip
+                       worker_args=["--gpu-memory-utilization", "0.3"],
+                       num_gpus=num_gpus)  # fmt: skip
     prompts = [[5 + i] * (10 + 7 * i) for i in range(4)]
     cluster = start_cluster(spec)
     try:
-        assert all(w.device.startswith("gpu") for w in cluster.workers)
+        assert [w.device for w in cluster.workers] == [f"gpu {i % num_gpus}" for i in range(2)]
         texts = []
         for prompt in prompts:
             body = {"model": model.name, "prompt": prompt, "max_tokens": 12, "temperature": 0,
@@ -38,6 +43,6 @@ def test_disaggregated_on_gpus_equals_offline(tiny_model):
                 texts.append(json.loads(response.read())["choices"][0]["text"])
     finally:
         cluster.stop()
-    llm = LLM(str(model), device="cuda", gpu_memory_utilization=0.3)
+    llm = LLM(str(model), device="cuda", kv_cache_memory_bytes=1 << 28)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     assert texts == [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
