@@ -1,0 +1,427 @@
+"""GPU benchmarks of Baton's engine against transformers, each baseline measured in the same run.
+
+One random-weight model with Llama-3.2-1B's shape in bfloat16 serves three benchmarks:
+
+    decode      batch-1 decode tokens/s; also the roofline (device copy bandwidth / weight bytes)
+    concurrent  128 requests at once, 512-token prompts, 128 output tokens each: output tokens/s
+                (transformers: `generate` on the padded-free (128, 512) batch, static cache)
+    prefill     seconds to process one 8,192-token prompt (transformers: one forward pass)
+
+Baton's engine and the transformers model are never on the GPU at the same time. A section that
+fails records `{"error": ...}` and the others still run.
+
+    python -m bench.gpu_engine [--only decode,concurrent,prefill] [--out PATH.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.machine import describe_machine
+
+SHAPE: dict[str, Any] = {
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,  # as the real Llama-3.2-1B: room for the 8,192-token prompt
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+}
+SECTIONS = ("decode", "concurrent", "prefill")
+AIMS = {
+    "decode_fraction_of_roofline": 0.70,  # at least
+    "concurrent_baton_over_transformers": 4.0,  # at least
+    "prefill_baton_over_transformers": 1.1,  # at most (a ratio of seconds)
+}
+
+DECODE_PROMPT = [100] * 16
+DECODE_NEW_TOKENS = 256
+CONCURRENT_REQUESTS = 128
+CONCURRENT_PROMPT_TOKENS = 512
+CONCURRENT_NEW_TOKENS = 128
+PREFILL_TOKENS = 8192
+PREFILL_WARMUPS = 2
+PREFILL_RUNS = 5
+TOKEN_IDS = (3, 30000)  # random prompt ids are drawn from [3, 30000)
+
+Section = Callable[[Path], dict[str, Any]]
+
+
+def make_model(directory: Path) -> Path:
+    """A random Llama-3.2-1B-shaped model (bf16) with a tiny model's tokenizer files."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from launcher.tiny_model import make_tiny_model
+
+    torch.manual_seed(0)
+    model: Any = LlamaForCausalLM(LlamaConfig(**SHAPE))
+    model.to(torch.bfloat16).save_pretrained(directory)
+    tiny = make_tiny_model(directory / "tok", "llama", 0)
+    for f in tiny.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy(f, directory / f.name)
+    return directory
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of the model's safetensors files: what one decode step must read."""
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 20 / (time.perf_counter() - start)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(wall-clock seconds, result) of `fn()`, with the device synchronised on both sides."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def free_gpu() -> None:
+    """Give back the memory of objects just dropped, so the next model has the card."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def random_prompts(count: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(*TOKEN_IDS) for _ in range(length)] for _ in range(count)]
+
+
+def baton_llm(model_dir: Path, **engine_args: Any) -> Any:
+    from engine import LLM
+
+    return LLM(str(model_dir), device="cuda", dtype="bfloat16", **engine_args)
+
+
+def hf_model(model_dir: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    return model.cuda().eval()
+
+
+def hf_generate(model: Any, ids: torch.Tensor, new_tokens: int, cache: str | None) -> torch.Tensor:
+    """Greedy `generate` of exactly `new_tokens` per row; `cache` is a cache_implementation."""
+    kwargs: dict[str, Any] = {
+        "attention_mask": torch.ones_like(ids),
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,  # eos is never picked before this many tokens
+        "do_sample": False,
+        "pad_token_id": 0,
+        "eos_token_id": None,
+    }
+    if cache is not None:
+        kwargs["cache_implementation"] = cache
+    with torch.inference_mode():
+        return model.generate(ids, **kwargs)
+
+
+# --- decode ----------------------------------------------------------------------------------
+
+
+def bench_decode(model_dir: Path) -> dict[str, Any]:
+    """Batch-1 decode of 256 tokens after a 16-token prompt; tokens/s against the roofline."""
+    weights = weight_bytes(model_dir)
+    bandwidth = copy_bandwidth()
+    free_gpu()
+    baton_s, baton_tokens = _baton_decode(model_dir)
+    free_gpu()
+    hf_s = _hf_decode(model_dir)
+    free_gpu()
+    roofline = bandwidth / weights
+    baton_rate = DECODE_NEW_TOKENS / baton_s
+    hf_rate = DECODE_NEW_TOKENS / hf_s
+    fraction = baton_rate / roofline
+    return {
+        "prompt_tokens": len(DECODE_PROMPT),
+        "new_tokens": DECODE_NEW_TOKENS,
+        "weight_bytes": weights,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "roofline_tokens_per_s": roofline,
+        "baton_seconds": baton_s,
+        "baton_tokens_per_s": baton_rate,
+        "baton_ms_per_token": 1000 * baton_s / DECODE_NEW_TOKENS,
+        "baton_output_tokens": baton_tokens,
+        "transformers_seconds": hf_s,
+        "transformers_tokens_per_s": hf_rate,
+        "transformers_ms_per_token": 1000 * hf_s / DECODE_NEW_TOKENS,
+        "baton_fraction_of_roofline": fraction,
+        "baton_over_transformers": baton_rate / hf_rate,
+        "aim_fraction_of_roofline": AIMS["decode_fraction_of_roofline"],
+        "meets_aim": fraction >= AIMS["decode_fraction_of_roofline"],
+    }
+
+
+def _baton_decode(model_dir: Path) -> tuple[float, int]:
+    """(seconds, tokens generated) of one timed batch-1 generate, after two warm-ups."""
+    from engine import SamplingParams
+
+    llm = baton_llm(model_dir, kv_cache_memory_bytes=8 << 30)
+    for _ in range(2):
+        warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        llm.generate([DECODE_PROMPT], warm, use_tqdm=False)
+    params = SamplingParams(temperature=0, max_tokens=DECODE_NEW_TOKENS, ignore_eos=True)
+    seconds, outputs = timed(lambda: llm.generate([DECODE_PROMPT], params, use_tqdm=False))
+    return seconds, len(outputs[0].outputs[0].token_ids)
+
+
+def _hf_decode(model_dir: Path) -> float:
+    """Seconds of one timed batch-1 transformers `generate` (dynamic cache), after a warm-up."""
+    model = hf_model(model_dir)
+    ids = torch.tensor([DECODE_PROMPT], device="cuda")
+    hf_generate(model, ids, 8, cache=None)
+    seconds, out = timed(lambda: hf_generate(model, ids, DECODE_NEW_TOKENS, cache=None))
+    assert out.shape[1] - ids.shape[1] == DECODE_NEW_TOKENS, out.shape
+    return seconds
+
+
+# --- concurrent ------------------------------------------------------------------------------
+
+
+def bench_concurrent(model_dir: Path) -> dict[str, Any]:
+    """128 requests submitted at once: output tokens/s of Baton against transformers."""
+    prompts = random_prompts(CONCURRENT_REQUESTS, CONCURRENT_PROMPT_TOKENS, seed=0)
+    total = CONCURRENT_REQUESTS * CONCURRENT_NEW_TOKENS
+    baton_s, baton_tokens = _baton_concurrent(model_dir, prompts)
+    free_gpu()
+    hf = _hf_concurrent(model_dir, prompts)
+    free_gpu()
+    baton_rate = total / baton_s
+    hf_rate = total / hf["transformers_seconds"]
+    ratio = baton_rate / hf_rate
+    return {
+        "requests": CONCURRENT_REQUESTS,
+        "prompt_tokens": CONCURRENT_PROMPT_TOKENS,
+        "new_tokens": CONCURRENT_NEW_TOKENS,
+        "baton_engine_args": {
+            "max_num_seqs": CONCURRENT_REQUESTS,
+            "max_num_batched_tokens": 8192,
+            "kv_cache_memory_bytes": 8 << 30,
+        },
+        "baton_seconds": baton_s,
+        "baton_output_tokens": baton_tokens,
+        "baton_output_tokens_per_s": baton_rate,
+        **hf,
+        "transformers_output_tokens_per_s": hf_rate,
+        "baton_over_transformers": ratio,
+        "aim_baton_over_transformers": AIMS["concurrent_baton_over_transformers"],
+        "meets_aim": ratio >= AIMS["concurrent_baton_over_transformers"],
+    }
+
+
+def _baton_concurrent(model_dir: Path, prompts: list[list[int]]) -> tuple[float, int]:
+    """(seconds, output tokens) of one `generate` over all prompts, after a same-shape warm-up."""
+    from engine import SamplingParams
+
+    llm = baton_llm(
+        model_dir,
+        max_num_seqs=CONCURRENT_REQUESTS,
+        max_num_batched_tokens=8192,
+        kv_cache_memory_bytes=8 << 30,
+    )
+    # The timed run's shape with distinct prompts (another seed: no prefix-cache hits), so every
+    # Triton specialisation it needs is compiled beforehand (as transformers' warm-up is the
+    # timed call itself).
+    warm_prompts = random_prompts(CONCURRENT_REQUESTS, CONCURRENT_PROMPT_TOKENS, seed=1)
+    warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm.generate(warm_prompts, warm, use_tqdm=False)
+    params = SamplingParams(temperature=0, max_tokens=CONCURRENT_NEW_TOKENS, ignore_eos=True)
+    seconds, outputs = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
+    return seconds, sum(len(o.outputs[0].token_ids) for o in outputs)
+
+
+def _hf_concurrent(model_dir: Path, prompts: list[list[int]]) -> dict[str, Any]:
+    """transformers `generate` over the (128, 512) batch: static cache, else the dynamic one.
+
+    The warm-up has the timed call's shapes (static cache length included), so torch.compile,
+    which transformers applies to static-cache decoding, does not recompile in the timed call.
+    """
+    model = hf_model(model_dir)
+    ids = torch.tensor(prompts, device="cuda")
+    result: dict[str, Any] = {"transformers_cache": "static", "transformers_static_error": None}
+    try:
+        hf_generate(model, ids, CONCURRENT_NEW_TOKENS, cache="static")
+        seconds, out = timed(lambda: hf_generate(model, ids, CONCURRENT_NEW_TOKENS, "static"))
+    except Exception as e:
+        traceback.print_exc()
+        result = {"transformers_cache": "dynamic", "transformers_static_error": repr(e)}
+        free_gpu()
+        hf_generate(model, ids, 8, cache=None)
+        seconds, out = timed(lambda: hf_generate(model, ids, CONCURRENT_NEW_TOKENS, None))
+    result["transformers_seconds"] = seconds
+    result["transformers_output_tokens"] = (out.shape[1] - ids.shape[1]) * out.shape[0]
+    return result
+
+
+# --- prefill ---------------------------------------------------------------------------------
+
+
+def bench_prefill(model_dir: Path) -> dict[str, Any]:
+    """Seconds to process one 8,192-token prompt (median of 5, each a fresh random prompt)."""
+    prompts = random_prompts(PREFILL_WARMUPS + PREFILL_RUNS, PREFILL_TOKENS, seed=2)
+    baton = _baton_prefill(model_dir, prompts)
+    free_gpu()
+    hf = _hf_prefill(model_dir, prompts)
+    free_gpu()
+    baton_s = statistics.median(baton)
+    hf_s = statistics.median(hf["runs"])
+    ratio = baton_s / hf_s
+    return {
+        "prompt_tokens": PREFILL_TOKENS,
+        "warmups": PREFILL_WARMUPS,
+        "runs": PREFILL_RUNS,
+        "baton_seconds_runs": baton,
+        "baton_seconds_median": baton_s,
+        "baton_prompt_tokens_per_s": PREFILL_TOKENS / baton_s,
+        "transformers_seconds_runs": hf["runs"],
+        "transformers_seconds_median": hf_s,
+        "transformers_prompt_tokens_per_s": PREFILL_TOKENS / hf_s,
+        "transformers_logits_to_keep": hf["logits_to_keep"],
+        "baton_over_transformers": ratio,
+        "aim_baton_over_transformers_at_most": AIMS["prefill_baton_over_transformers"],
+        "meets_aim": ratio <= AIMS["prefill_baton_over_transformers"],
+    }
+
+
+def _baton_prefill(model_dir: Path, prompts: list[list[int]]) -> list[float]:
+    """Seconds of each timed prompt (after the warm-ups): a generate of one token each."""
+    from engine import SamplingParams
+
+    llm = baton_llm(
+        model_dir,
+        max_num_batched_tokens=PREFILL_TOKENS,
+        kv_cache_memory_bytes=2 << 30,
+        enable_prefix_caching=False,
+    )
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    runs = [timed(partial(llm.generate, [p], params, use_tqdm=False))[0] for p in prompts]
+    return runs[PREFILL_WARMUPS:]
+
+
+def _hf_prefill(model_dir: Path, prompts: list[list[int]]) -> dict[str, Any]:
+    """Seconds of each timed forward pass over one prompt, and whether logits_to_keep worked."""
+    model = hf_model(model_dir)
+    keep: dict[str, Any] = {"logits_to_keep": 1}
+
+    def forward(prompt: list[int]) -> Any:
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.inference_mode():
+            return model(ids, **keep)
+
+    try:
+        forward(prompts[0][:16])
+    except TypeError:
+        keep = {}
+    runs = [timed(partial(forward, p))[0] for p in prompts]
+    return {"runs": runs[PREFILL_WARMUPS:], "logits_to_keep": bool(keep)}
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+BENCHMARKS: dict[str, Section] = {
+    "decode": bench_decode,
+    "concurrent": bench_concurrent,
+    "prefill": bench_prefill,
+}
+
+
+def parse_sections(text: str) -> list[str]:
+    """`decode,prefill` -> the named sections, in the order given; unknown names are an error."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown section(s) {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(SECTIONS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument(
+        "--only",
+        type=parse_sections,
+        default=list(SECTIONS),
+        help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_engine.json"))
+    return parser.parse_args(argv)
+
+
+def run_section(name: str, section: Section, model_dir: Path) -> dict[str, Any]:
+    """One benchmark's result, or `{"error": ...}` if it raised (its traceback is printed)."""
+    print(f"[gpu_engine] {name} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        result = section(model_dir)
+    except Exception as e:
+        traceback.print_exc()
+        result = {"error": f"{type(e).__name__}: {e}"}
+    free_gpu()
+    result["wall_seconds"] = time.perf_counter() - start
+    print(f"[gpu_engine] {name}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
+
+
+def write_result(result: dict[str, Any], out: Path) -> None:
+    text = json.dumps(result, indent=2) + "\n"
+    print(text, end="")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.gpu_engine needs a CUDA GPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model(Path(tmp))
+        result: dict[str, Any] = {
+            "benchmark": "gpu_engine",
+            "model": {"shape": SHAPE, "dtype": "bfloat16", "weight_bytes": weight_bytes(model_dir)},
+            "gpu": torch.cuda.get_device_name(),
+            "machine": describe_machine(),
+            "command": " ".join(["python -m bench.gpu_engine", *words]),
+        }
+        for name in args.only:
+            result[name] = run_section(name, BENCHMARKS[name], model_dir)
+    write_result(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
