@@ -191,3 +191,37 @@ def test_health_and_reflection(workers):
         (response,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
         listed = {s.name for s in response.list_services_response.service}
         assert {name, "grpc.health.v1.Health"} <= listed
+
+
+def test_refused_push_fails_the_decode_not_the_first_token(workers):
+    """The prefill worker answers before its push ends: a push the decode worker refuses (its
+    reservation was dropped) fails that request's Decode; the first token still comes back."""
+    req = _request("dropped", PROMPTS[0], PARAMS[0])
+    reserve = worker_pb2.ReserveRequest(request=req, lease_seconds=10)
+    target = workers["decode"].Reserve(reserve, timeout=10).target
+    workers["decode"].Abort(common_pb2.AbortRequest(request_ids=["dropped"]))
+    first = workers["prefill"].Prefill(
+        worker_pb2.PrefillRequest(request=req, target=target), timeout=30
+    )
+    assert len(first.first.token_ids) == 1 and first.kv_bytes > 0
+    decode = worker_pb2.DecodeRequest(request_id="dropped", first_token_id=first.first.token_ids[0])
+    with pytest.raises(grpc.RpcError) as err:
+        list(workers["decode"].Decode(decode, timeout=30))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _all_free(workers["decode"]) and _all_free(workers["prefill"])
+
+
+def test_reply_after_push_fails_the_prefill_on_a_refused_push(workers, model_dir):
+    """With --reply-after-push the answer waits for the push, so a refusal fails the Prefill."""
+    flags = ("--num-kv-blocks", str(NUM_BLOCKS), "--reply-after-push")
+    with running(("prefill_service", model_dir, flags)) as (prefill,):
+        stub = worker_pb2_grpc.PrefillWorkerStub(grpc.insecure_channel(prefill.address))
+        req = _request("waited", PROMPTS[0], PARAMS[0])
+        reserve = worker_pb2.ReserveRequest(request=req, lease_seconds=10)
+        target = workers["decode"].Reserve(reserve, timeout=10).target
+        workers["decode"].Abort(common_pb2.AbortRequest(request_ids=["waited"]))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Prefill(worker_pb2.PrefillRequest(request=req, target=target), timeout=30)
+        assert "waited" in (err.value.details() or "")
+        assert _all_free(stub)
+    assert _all_free(workers["decode"])
