@@ -4,16 +4,19 @@ first token of 1 prefill + 1 decode worker against one colocated worker.
 Bandwidth: for the KV of 2k- and 8k-token prompts of a Llama-3.2-1B shape (16 layers, 8 KV heads,
 head_dim 64) and a Llama-3.1-8B shape (32 layers, 8 KV heads, head_dim 128), bf16, Baton's
 `NcclKVSender.send` (control round trips, NCCL into staging, scatter into the reserved,
-scattered blocks, acknowledgement) from GPU 0 to GPU 1, against raw NCCL send/recv of the same
-bytes between the same GPUs (one group of per-layer messages into contiguous buffers, no
-control plane, no scatter). Both ends run in this one process, on two threads of NCCL calls.
+scattered blocks, acknowledgement) from this process on GPU 0 to a receiver process on GPU 1
+(`bench.kv_transfer_pair`, as a decode worker is), until the receiver reports the blocks landed
+(checksums compared), against raw NCCL send/recv of the same bytes between the same GPUs (one
+group of per-layer messages into contiguous buffers, no control plane, no scatter; two threads
+of this process).
 
 TTFT: `baton serve`'s cluster with the 1B-shaped random model: prefill on GPU 0 and decode on
 GPU 1 (KV over NCCL) against one colocated worker on GPU 0, one request at a time, prompts of
 2,048 and 8,192 random tokens (each prompt new: no prefix cache hits), streamed through the
 router's OpenAI API; TTFT measured by the client.
 
-    python -m bench.gpu_kv_transfer [--only bandwidth,ttft] [--out bench/results/...json]
+    python -m bench.gpu_kv_transfer [--only bandwidth,ttft] [--receiver process|in-process]
+                                    [--out bench/results/...json]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +110,29 @@ def raw_nccl_seconds(layers: list[torch.Tensor], dst: list[torch.Tensor]) -> flo
     return statistics.median(times)
 
 
-async def baton_seconds(
+async def baton_seconds(src_caches: list[torch.Tensor], num_blocks: int) -> float:
+    """Median seconds of `NcclKVSender.send` of `num_blocks` random blocks from GPU 0 into random
+    reserved blocks of a receiver process on GPU 1, until that process reports them landed."""
+    from bench.kv_transfer_pair import RemoteReceiver, time_transfers
+    from kv_transfer.nccl import NcclKVSender
+
+    _, num_cache_blocks, block_size, num_kv_heads, head_dim = src_caches[0].shape
+    shape = (len(src_caches), num_cache_blocks, block_size, num_kv_heads, head_dim)
+    sender = NcclKVSender(torch.device("cuda:0"))
+    try:
+        async with RemoteReceiver("nccl", "cuda:1", "bfloat16", shape) as receiver:
+            times = await time_transfers(sender, receiver, src_caches, num_blocks, REPEATS, WARMUP)
+    finally:
+        await sender.close()
+    return statistics.median(times)
+
+
+async def baton_seconds_in_process(
     src_caches: list[torch.Tensor], dst_caches: list[torch.Tensor], num_blocks: int
 ) -> float:
-    """Median seconds of `NcclKVSender.send` for `num_blocks` scattered blocks, GPU 0 -> 1."""
+    """Median seconds of `NcclKVSender.send` for `num_blocks` scattered blocks, GPU 0 -> 1, with
+    the receiver in this process (`--receiver in-process`: how the first committed result was
+    measured; both ends then share one event loop and one GIL)."""
     from kv_transfer import TransferSpec, gather_blocks
     from kv_transfer.nccl import NcclKVReceiver, NcclKVSender
     from prefill_service.server import CopiedLayers
@@ -144,17 +167,13 @@ async def baton_seconds(
     return statistics.median(times)
 
 
-def bandwidth() -> list[dict[str, Any]]:
+def bandwidth(receiver: str = "process") -> list[dict[str, Any]]:
     rows = []
     for name, shape in SHAPES.items():
         num_cache_blocks = 2 * max(PROMPT_TOKENS) // BLOCK_SIZE
         cache_shape = (2, num_cache_blocks, BLOCK_SIZE, shape["num_kv_heads"], shape["head_dim"])
         src = [
             torch.randn(cache_shape, device="cuda:0", dtype=torch.bfloat16)
-            for _ in range(shape["num_layers"])
-        ]
-        dst = [
-            torch.zeros(cache_shape, device="cuda:1", dtype=torch.bfloat16)
             for _ in range(shape["num_layers"])
         ]
         for tokens in PROMPT_TOKENS:
@@ -165,7 +184,12 @@ def bandwidth() -> list[dict[str, Any]]:
                        for _ in src]  # fmt: skip
             raw = raw_nccl_seconds(raw_src, raw_dst)
             del raw_src, raw_dst
-            baton = asyncio.run(baton_seconds(src, dst, blocks))
+            if receiver == "process":
+                baton = asyncio.run(baton_seconds(src, blocks))
+            else:
+                dst = [torch.zeros_like(c, device="cuda:1") for c in src]
+                baton = asyncio.run(baton_seconds_in_process(src, dst, blocks))
+                del dst
             nbytes = _kv_bytes(shape, tokens)
             row = {
                 "shape": name,
@@ -177,11 +201,12 @@ def bandwidth() -> list[dict[str, Any]]:
                 "raw_nccl_gib_per_s": nbytes / raw / 2**30,
                 "baton_gib_per_s": nbytes / baton / 2**30,
                 "baton_fraction_of_raw": raw / baton,
+                "receiver": receiver,
                 "aim": 0.8,
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
-        del src, dst
+        del src
         torch.cuda.empty_cache()
     return rows
 
@@ -277,6 +302,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="bandwidth,ttft")
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_kv_transfer.json"))
+    parser.add_argument(
+        "--receiver",
+        choices=["process", "in-process"],
+        default="process",
+        help="bandwidth: the receiver in its own process (as a decode worker) or in this one",
+    )
     args = parser.parse_args(argv)
     result: dict[str, Any] = {
         "benchmark": "gpu_kv_transfer",
@@ -284,7 +315,11 @@ def main(argv: list[str] | None = None) -> None:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "command": "python -m bench.gpu_kv_transfer " + " ".join(argv or sys.argv[1:]),
     }
-    for section, fn in (("bandwidth", bandwidth), ("ttft", ttft)):
+    sections: dict[str, Callable[[], list[dict[str, Any]]]] = {
+        "bandwidth": lambda: bandwidth(args.receiver),
+        "ttft": ttft,
+    }
+    for section, fn in sections.items():
         if section not in args.only.split(","):
             continue
         try:
