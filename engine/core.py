@@ -6,13 +6,14 @@ detokenization for the offline API.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
 from engine.config import EngineConfig
 from engine.kv_cache.events import KVEvent, KVEventLog
 from engine.kv_cache.manager import KVCacheManager, PrefixCacheStats, cdiv
+from engine.kv_export import LayerwiseExport
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineCoreOutput
 from engine.request import Request, RequestStatus
@@ -40,6 +41,15 @@ class EngineCore:
         self.scheduler.kv_export = self._export
         # Prefill role: KV of handed-off requests, by request id, for the host to send.
         self.exports: dict[str, list[torch.Tensor]] = {}
+        # Prefill role, layer-wise export (engine.kv_export): when on, the step that computes a
+        # request's last prompt chunk, for a request with a KVHandoff, fills a LayerwiseExport as
+        # each layer finishes, announced to `on_kv_export(request_id, export)` (on the engine
+        # thread) before the forward pass starts; `exports` then gets nothing for it. The export
+        # completes even if the first token finishes the request (no handoff then): whoever
+        # started sending it lets the transfer end (the decode side refuses or drops it).
+        self.layerwise_export = False
+        self.on_kv_export: Callable[[str, LayerwiseExport], None] | None = None
+        self._step_exports: dict[str, LayerwiseExport] = {}
 
     def add_request(self, request: Request) -> None:
         """Queue a validated request. Raises ValueError if it could never fit the KV cache."""
@@ -97,8 +107,24 @@ class EngineCore:
 
     def _export(self, request: Request, block_ids: list[int]) -> None:
         assert request.kv_transfer is not None
+        if request.request_id in self._step_exports:
+            return  # exported layer by layer during the step
         first = request.kv_transfer.num_cached_tokens // self.config.cache.block_size
         self.exports[request.request_id] = self.copy_blocks(block_ids[first:])
+
+    def _start_exports(self, scheduled: SchedulerOutput) -> dict[str, LayerwiseExport]:
+        """Layer-wise exports for the handed-off requests whose last prompt chunk runs now."""
+        exports = {}
+        for item in scheduled.scheduled:
+            request, handoff = item.request, item.request.kv_transfer
+            if handoff is None or item.start + item.num_tokens != request.num_prompt_tokens:
+                continue
+            first = handoff.num_cached_tokens // self.config.cache.block_size
+            export = LayerwiseExport(self.runner.kv_caches, item.block_ids[first:])
+            exports[request.request_id] = export
+            if self.on_kv_export is not None:
+                self.on_kv_export(request.request_id, export)
+        return exports
 
     def write_blocks(self, block_ids: list[int], layers: list[torch.Tensor]) -> None:
         """Decode role: write KV (as `copy_blocks` returns it) into reserved blocks."""
@@ -123,9 +149,18 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
-        result = self.runner.execute(scheduled)
-        self._advance_prompt_logprobs(scheduled)
-        outputs = self.scheduler.update_from_output(scheduled, result.sampled)
+        exports = self._start_exports(scheduled) if self.layerwise_export else {}
+        self._step_exports = exports
+        try:
+            result = self.runner.execute(scheduled, list(exports.values()))
+            self._advance_prompt_logprobs(scheduled)
+            outputs = self.scheduler.update_from_output(scheduled, result.sampled)
+        except BaseException:
+            for export in exports.values():
+                export.cancel()
+            raise
+        finally:
+            self._step_exports = {}
         by_id = {o.request_id: o for o in outputs}
         for request_id, rows in result.prompt_logprobs.items():
             out = by_id.get(request_id)

@@ -8,6 +8,7 @@ for), and samples.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs, default_capture_sizes
+from engine.kv_export import LayerwiseExport
 from engine.models.loader import load_model
 from engine.sampling.logprobs import LogprobsTensors, compute_prompt_logprobs
 from engine.sampling.metadata import SamplingMetadata, SamplingRow
@@ -116,15 +118,32 @@ class ModelRunner:
         return min(share - own, free - (256 << 20))
 
     @torch.inference_mode()
-    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step's forward pass and sample for the requests that reached their end."""
+    def execute(
+        self, scheduled: SchedulerOutput, exports: Sequence[LayerwiseExport] = ()
+    ) -> ModelRunnerOutput:
+        """Run one step's forward pass and sample for the requests that reached their end.
+
+        `exports` are filled layer by layer during the forward pass (see engine.kv_export)."""
         if self.device.type == "cuda":
             with torch.cuda.device(self.device):  # the engine may step on another thread
-                return self._execute(scheduled)
-        return self._execute(scheduled)
+                return self._execute(scheduled, exports)
+        return self._execute(scheduled, exports)
 
-    def _execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+    def _execute(
+        self, scheduled: SchedulerOutput, exports: Sequence[LayerwiseExport]
+    ) -> ModelRunnerOutput:
         out = ModelRunnerOutput()
+        if exports:  # the eager forward pass, with each layer's blocks copied out after it
+
+            def copy_out(i: int) -> None:
+                for export in exports:
+                    export.capture(i, self.kv_caches[i])
+
+            self.model.model.layer_hook = copy_out
+            try:
+                return self._execute_eager(scheduled, out)
+            finally:
+                self.model.model.layer_hook = None
         if self._graphable(scheduled):
             assert self.graphs is not None
             items = scheduled.scheduled
@@ -136,6 +155,11 @@ class ModelRunner:
             )
             self._sample(logits, items, out, greedy)
             return out
+        return self._execute_eager(scheduled, out)
+
+    def _execute_eager(
+        self, scheduled: SchedulerOutput, out: ModelRunnerOutput
+    ) -> ModelRunnerOutput:
         batch = self._prepare(scheduled)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_meta)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # (R, vocab) float32

@@ -115,3 +115,66 @@ def test_first_token_that_finishes_is_not_handed_off(tiny_model):
     assert outs[-1].finish_reason == "length" and not outs[-1].handed_off
     assert not prefill.exports
     prefill.check_integrity(expect_all_free=True)
+
+
+def test_layerwise_export_equals_the_copy_after_the_step(tiny_model):
+    """Layer-wise export (engine.kv_export) captures exactly what copy_blocks would, for prompts
+    spanning several chunks and with a prefix already on the decode side; each layer is ready
+    before the step ends, and a layer-wise push lands the same tokens as the copy."""
+    import asyncio
+
+    model_dir = tiny_model("llama")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    rng = random.Random(1)
+    shared = [rng.randrange(3, 512) for _ in range(20)]
+    prompts = [shared + [rng.randrange(3, 512) for _ in range(n)] for n in (3, 50, 75)]
+    copy_side, layerwise_side = _core(model_dir), _core(model_dir)
+    announced: list[tuple[str, object]] = []
+    layerwise_side.layerwise_export = True
+    layerwise_side.on_kv_export = lambda rid, export: announced.append((rid, export))
+    eos = copy_side.config.model.eos_token_ids
+    for i, prompt in enumerate(prompts):
+        rid = f"r{i}"
+        cached = 16 * (i > 0)  # the decode side holds the first block of the later prompts
+        for core in (copy_side, layerwise_side):
+            handoff = KVHandoff(num_cached_tokens=cached)
+            core.add_request(_request(rid, prompt, params, eos, kv_transfer=handoff))
+        assert _drain(copy_side) == _drain(layerwise_side)
+        copied = copy_side.exports.pop(rid)
+        assert rid not in layerwise_side.exports  # the export went to on_kv_export instead
+        (name, export), *_ = announced[-1:]
+        assert name == rid and export.num_layers == len(copied)
+
+        async def all_ready(export=export):
+            for layer in range(export.num_layers):
+                await asyncio.wait_for(export.ready(layer), 1)
+
+        asyncio.run(all_ready())
+        for layer, data in enumerate(copied):
+            assert export.event(layer) is None  # CPU: the copy is done when enqueued
+            assert export.layer(layer).equal(data)
+    assert len(announced) == len(prompts)
+    for core in (copy_side, layerwise_side):
+        core.check_integrity(expect_all_free=True)
+
+
+def test_a_failed_step_cancels_its_layerwise_exports(tiny_model):
+    import asyncio
+
+    from engine.kv_export import ExportCancelled
+
+    core = _core(tiny_model("llama"))
+    exports = []
+    core.layerwise_export = True
+    core.on_kv_export = lambda rid, export: exports.append(export)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    eos = core.config.model.eos_token_ids
+    # A token id past the vocabulary (the core does not validate; the services do) makes the
+    # forward pass itself fail, as a device error would.
+    prompt = [*range(5, 24), 10**6]
+    core.add_request(_request("r", prompt, params, eos, kv_transfer=KVHandoff()))
+    with pytest.raises(IndexError):
+        core.step()
+    (export,) = exports
+    with pytest.raises(ExportCancelled):
+        asyncio.run(export.ready(0))

@@ -16,6 +16,8 @@ names except that q/k/v are fused into `qkv_proj` and gate/up into `gate_up_proj
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -191,6 +193,9 @@ class LlamaModel(nn.Module):
         use_kernels = isinstance(attn_backend, TritonPagedAttention)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, use_kernels)
         self.use_kernels = use_kernels
+        # Called with i after layer i's forward pass (its KV is then in the cache): layer-wise
+        # KV export. Set by the model runner for the steps that export; None otherwise.
+        self.layer_hook: Callable[[int], None] | None = None
         self.rotary = RotaryEmbedding(
             config.head_dim,
             config.max_model_len,
@@ -209,8 +214,10 @@ class LlamaModel(nn.Module):
         hidden = self.embed_tokens(input_ids)  # (T, hidden)
         rope = Rope(self.rotary, positions, self.use_kernels)  # shared by every layer
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             hidden, residual = layer(hidden, residual, rope, kv_cache, attn_meta)
+            if self.layer_hook is not None:
+                self.layer_hook(i)
         return self.norm.add_norm(hidden, residual)[0]
 
 
