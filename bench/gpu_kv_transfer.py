@@ -11,7 +11,8 @@ group of per-layer messages into contiguous buffers, no control plane, no scatte
 of this process).
 
 TTFT: `baton serve`'s cluster with the 1B-shaped random model: prefill on GPU 0 and decode on
-GPU 1 (KV over NCCL) against one colocated worker on GPU 0, one request at a time, prompts of
+GPU 1 (KV over NCCL; pushed after the prefill step, and again with `--layerwise-push`) against
+one colocated worker on GPU 0, one request at a time, prompts of
 2,048 and 8,192 random tokens (each prompt new: no prefix cache hits), streamed through the
 router's OpenAI API; TTFT measured by the client.
 
@@ -259,11 +260,13 @@ def ttft() -> list[dict[str, Any]]:
         prompts = {n: [[rng.randrange(3, 30000) for _ in range(n)]
                        for _ in range(WARMUP + REPEATS)] for n in PROMPT_TOKENS}  # fmt: skip
         results: dict[str, dict[int, list[float]]] = {}
-        for label, counts in (("pd", (1, 1, 0, 2)), ("colocated", (0, 0, 1, 1))):
+        configs = [("pd", (1, 1, 0, 2), []), ("colocated", (0, 0, 1, 1), []),
+                   ("pd_layerwise", (1, 1, 0, 2), ["--layerwise-push"])]  # fmt: skip
+        for label, counts, prefill_args in configs:
             prefill, decode, colocated, gpus = counts
             spec = ClusterSpec(model, prefill=prefill, decode=decode, colocated=colocated,
                                port=free_port(), grpc_port=free_port(), worker_args=worker_args,
-                               num_gpus=gpus)  # fmt: skip
+                               prefill_args=prefill_args, num_gpus=gpus)  # fmt: skip
             cluster = start_cluster(spec)
             try:
                 url = f"http://127.0.0.1:{spec.port}"
@@ -272,8 +275,8 @@ def ttft() -> list[dict[str, Any]]:
                     # fresh prompts every run: the prefix cache never hits
                     fresh = [[(t + 7 * k) % 30000 + 3 for t in p]
                              for k, p in enumerate(prompts[n])]  # fmt: skip
-                    if label == "colocated":
-                        fresh = [[(t + 11) % 30000 + 3 for t in p] for p in fresh]
+                    shift = {"pd": 0, "colocated": 11, "pd_layerwise": 23}[label]
+                    fresh = [[(t + shift) % 30000 + 3 for t in p] for p in fresh]
                     results[label][n] = _ttft_run(url, model.name, fresh)[WARMUP:]
                 if label == "pd":
                     worker = next(w for w in cluster.workers if w.role == "prefill")
@@ -283,14 +286,18 @@ def ttft() -> list[dict[str, Any]]:
         rows.append({"pd_prefill_worker_kv_pushes": pushes})  # every push of the P/D runs
         for n in PROMPT_TOKENS:
             pd, co = statistics.median(results["pd"][n]), statistics.median(results["colocated"][n])
+            layerwise = statistics.median(results["pd_layerwise"][n])
             row = {
                 "shape": "llama-3.2-1b",
                 "prompt_tokens": n,
                 "pd_ttft_s": pd,
                 "colocated_ttft_s": co,
+                "pd_layerwise_ttft_s": layerwise,
                 "pd_ttft_samples_s": results["pd"][n],
                 "colocated_ttft_samples_s": results["colocated"][n],
+                "pd_layerwise_ttft_samples_s": results["pd_layerwise"][n],
                 "added_fraction": pd / co - 1,
+                "layerwise_added_fraction": layerwise / co - 1,
                 "aim_added_at_most": 0.05,
             }
             print(json.dumps(row), flush=True)

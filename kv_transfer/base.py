@@ -7,8 +7,9 @@ decode worker reserved for it::
     receiver.expect(id, dst, t) ---> TransferSpec(id, endpoint, dst, t) ---> sender.send(spec, src)
     future resolves <--------------- layer 0, layer 1, ..., extras <------------ (ack returns send)
 
-Data moves one layer at a time: `KVLayerSource.layer(i)` is pulled only when layer `i` is due, so
-a GPU sender can ship layer L while layer L+1 is still being computed. Every layer tensor has the
+Data moves one layer at a time: `KVLayerSource.layer(i)` is pulled only when layer `i` is due, and
+a source may make senders wait for each layer (`layer_ready`, `layer_event`), so a sender can ship
+layer L while layer L+1 is still being computed (engine.kv_export). Every layer tensor has the
 cache layout of `engine.attention`, restricted to the sent blocks::
 
     layer: (2, num_blocks_sent, block_size, num_kv_heads, head_dim)   0 = keys, 1 = values
@@ -72,6 +73,21 @@ class KVLayerSource(Protocol):
         Every layer has the same shape and dtype. The tcp sender moves it to CPU if needed.
         """
         ...
+
+
+async def layer_ready(layers: KVLayerSource, i: int) -> None:
+    """Wait until layer `i` of `layers` may be read. A source filled while the prefill runs
+    (engine.kv_export.LayerwiseExport) has an async `ready(i)`; others are ready at once."""
+    ready = getattr(layers, "ready", None)
+    if ready is not None:
+        await ready(i)
+
+
+def layer_event(layers: KVLayerSource, i: int) -> torch.cuda.Event | None:
+    """The CUDA event after which layer `i`'s data is valid on the GPU, if the source has one
+    (valid once `layer_ready`); None: the data is valid as of the producer's current stream."""
+    event = getattr(layers, "event", None)
+    return event(i) if event is not None else None
 
 
 class KVSender(ABC):

@@ -26,6 +26,7 @@ from kv_transfer.base import (
     KVTransferError,
     TransferSpec,
     check_send,
+    layer_ready,
 )
 from kv_transfer.blocks import check_layer, scatter_layer
 from kv_transfer.reservations import Extras, Reservation, ReservationTable
@@ -218,6 +219,7 @@ class LocalKVSender(KVSender):
         )
         try:
             for i in range(layers.num_layers):
+                await layer_ready(layers, i)
                 layer = first if i == 0 else layers.layer(i)
                 await _on_loop(loop, receiver.write_layer, res, i, layer)
                 await asyncio.sleep(0)  # let cancels, deadlines and other transfers in

@@ -15,8 +15,10 @@ connection that stays open for the pair's later transfers. Per transfer, on that
 
 The data never leaves the GPUs. Transfers of one pair run one at a time (a communicator's
 point-to-point operations match in issue order); different pairs are independent. Sends run on
-a dedicated stream that first waits for the work already queued on the sender's current stream
-(the prefill that produced the KV); receives and scatters run on the receiver's own stream.
+a dedicated stream; each chunk's sends first wait for the data: for a layer-wise export
+(engine.kv_export), for the CUDA event of the chunk's last layer, so the chunk goes while later
+layers are still computed; otherwise for the work already queued on the sender's current stream.
+Receives and scatters run on the receiver's own streams.
 
 Failure handling: the receiver drains the data of a transfer it no longer wants (cancelled or
 expired mid-flight) without writing it, so the communicator stays in step. A side that waits
@@ -47,6 +49,8 @@ from kv_transfer.base import (
     KVTransferError,
     TransferSpec,
     check_send,
+    layer_event,
+    layer_ready,
 )
 from kv_transfer.blocks import scatter_layer
 from kv_transfer.reservations import Extras, Reservation
@@ -159,14 +163,6 @@ class _Comm:
             nccl.groupEnd()
         event = torch.cuda.Event()
         event.record(self.stream)
-        return event
-
-    def send_all(self, chunks: Sequence[Sequence[torch.Tensor]]) -> torch.cuda.Event:
-        """Queue every chunk's group of sends to rank 1; the event follows the last."""
-        event = None
-        for chunk in chunks:
-            event = self.enqueue(chunk, 1, True)
-        assert event is not None
         return event
 
     def abort(self) -> None:
@@ -301,9 +297,17 @@ class NcclKVSender(KVSender):
                 raise KVTransferError(
                     f"transfer {spec.transfer_id!r}: layers must be contiguous on {self.device}"
                 )
-        peer.comm.stream.wait_stream(torch.cuda.current_stream(self.device))  # the KV is ready
-        chunks = [tensors[lo : lo + per_chunk] for lo in range(0, len(tensors), per_chunk)]
-        done = await peer.comm.run(peer.comm.send_all, chunks, deadline=spec.deadline)
+        stream = peer.comm.stream
+        for lo in range(0, len(tensors), per_chunk):
+            chunk = tensors[lo : lo + per_chunk]
+            last = lo + len(chunk) - 1  # the chunk goes once its last layer is computed
+            await layer_ready(layers, last)
+            event = layer_event(layers, last)
+            if event is not None:
+                stream.wait_event(event)
+            else:
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+            done = await peer.comm.run(peer.comm.enqueue, chunk, 1, True, deadline=spec.deadline)
         for meta in header.extras:
             peer.writer.write(tensor_frame_prefix(extras[meta.name]))
             peer.writer.write(tensor_payload(extras[meta.name]))

@@ -28,6 +28,7 @@ from kv_transfer.base import (
     KVTransferError,
     TransferSpec,
     check_send,
+    layer_ready,
 )
 from kv_transfer.blocks import check_layer, scatter_layer
 from kv_transfer.reservations import Extras, Reservation, ReservationTable
@@ -204,6 +205,7 @@ class TcpKVSender(KVSender):
         reply: asyncio.Task[tuple[str, str]],
     ) -> None:
         for i in range(header.num_layers):
+            await layer_ready(layers, i)
             if reply.done():
                 return
             tensor = first if i == 0 else layers.layer(i)

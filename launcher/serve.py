@@ -36,6 +36,7 @@ class ClusterSpec:
     redis_url: str = ""  # the prefix index in Redis ("" = in-process in each router)
     cluster_name: str = "default"
     worker_args: list[str] = field(default_factory=list)
+    prefill_args: list[str] = field(default_factory=list)  # for prefill workers only
     router_args: list[str] = field(default_factory=list)
     num_gpus: int | None = None  # None: as many as torch sees; 0: CPU workers
 
@@ -168,6 +169,8 @@ def start_cluster(spec: ClusterSpec) -> Cluster:
             for _ in range(count):
                 gpu = gpu_for_worker(len(cluster.workers), num_gpus)
                 args = [*extra, *kv_transport_args(role, gpu, prefill_gpus)]
+                if role == "prefill":
+                    args += spec.prefill_args
                 cluster.workers.append(start_worker(role, module, spec, args, gpu))
         for port, grpc_port in spec.router_ports():
             cluster.routers.append(_start_router(spec, cluster, port, grpc_port))

@@ -1,4 +1,5 @@
-"""`python -m prefill_service --model DIR [--port P] [--reply-after-push]`: a prefill worker."""
+"""`python -m prefill_service --model DIR [--port P] [--reply-after-push] [--layerwise-push]`:
+a prefill worker."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ async def setup(
     args: argparse.Namespace, engine: AsyncEngineCore, metrics: WorkerMetrics
 ) -> list[Registration]:
     sender = EndpointSender(engine.core.runner.device)
-    servicer = PrefillServicer(engine, sender, metrics, reply_before_push=not args.reply_after_push)
+    servicer = PrefillServicer(
+        engine,
+        sender,
+        metrics,
+        reply_before_push=not args.reply_after_push,
+        layerwise=args.layerwise_push,
+    )
     return [(ADD_TO_SERVER, servicer, SERVICE_NAME)]
 
 
@@ -27,6 +34,12 @@ def main() -> None:
         action="store_true",
         help="answer Prefill only once the KV is in the decode worker (default: once it is sent"
         " off, so the first token does not wait for the transfer)",
+    )
+    parser.add_argument(
+        "--layerwise-push",
+        action="store_true",
+        help="push each layer's KV as soon as it is computed, overlapping the prefill (not yet"
+        " measured on GPUs, so off by default)",
     )
     run_worker(parser.parse_args(), "prefill", setup)
 

@@ -13,6 +13,10 @@ that fails then fails the decode side's reservation, so the request's Decode cal
 counted in `baton:kv_transfer_failures`). `kv_seconds` in the answer is 0 in that mode; the
 `baton:kv_transfer_seconds` histogram has the push times. With `reply_before_push=False` the
 answer waits for the push (and a failed push fails the Prefill call).
+
+With `layerwise` (`--layerwise-push`), the push starts before the prefill step runs and each
+layer's KV goes as soon as the engine has computed it (engine.kv_export), so the transfer
+overlaps the prefill's compute; the decode side receives the KV in the same layout either way.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ import time
 import torch
 
 from engine.async_core import AsyncEngineCore
+from engine.kv_export import LayerwiseExport
 from engine.outputs import EngineCoreOutput
 from engine.request import KVHandoff
-from kv_transfer.base import KVSender, TransferSpec
+from kv_transfer.base import KVLayerSource, KVSender, TransferSpec
 from proto.baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker_common.convert import chunk_from_output, load_to_proto, request_from_proto
 from worker_common.errors import unary
@@ -50,7 +55,12 @@ class CopiedLayers:
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
-    """Serves Prefill, Abort and GetLoad over one engine."""
+    """Serves Prefill, Abort and GetLoad over one engine.
+
+    Construct it on the event loop that serves it. With `layerwise`, the push of a prompt's KV
+    starts before its prefill step runs and ships each layer as soon as the engine has computed
+    it (engine.kv_export); otherwise the KV is copied after the step and pushed then.
+    """
 
     def __init__(
         self,
@@ -58,14 +68,24 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         sender: KVSender,
         metrics: WorkerMetrics,
         reply_before_push: bool = True,
+        layerwise: bool = False,
     ) -> None:
         self.engine = engine
         self.sender = sender
         self.metrics = metrics
         self.reply_before_push = reply_before_push
-        self._pushes: set[asyncio.Task[tuple[int, float]]] = set()  # running background pushes
         self.model = engine.core.config.model
         self.block_size = engine.core.config.cache.block_size
+        self._pushes: set[asyncio.Task[tuple[int, float]]] = set()  # running background pushes
+        self._specs: dict[str, TransferSpec] = {}  # request id -> its target, while prefilling
+        # Layer-wise pushes by request id: the export, and its push unless the target is wrong.
+        self._early: dict[str, tuple[LayerwiseExport, asyncio.Task[tuple[int, float]] | None]]
+        self._early = {}
+        self.layerwise = layerwise
+        if layerwise:
+            self._loop = asyncio.get_running_loop()
+            engine.core.on_kv_export = self._on_export  # read on the engine thread
+            engine.core.layerwise_export = True
 
     async def Prefill(self, request, context):  # noqa: N802 - gRPC method name
         return await unary(context, lambda: self._prefill(request))
@@ -80,46 +100,80 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         )
         handoff = KVHandoff(num_cached_tokens=target.num_cached_tokens, target=spec)
         request = request_from_proto(msg.request, self.model, kv_transfer=handoff)
+        rid = request.request_id
         first: EngineCoreOutput | None = None
-        async for out in self.engine.generate(request):
-            if out.new_token_ids:
-                first = out
+        self._specs[rid] = spec
+        try:
+            async for out in self.engine.generate(request):
+                if out.new_token_ids:
+                    first = out
+        finally:
+            del self._specs[rid]
+        export, early = self._early.pop(rid, (None, None))
+        if early is not None and (first is None or not first.handed_off):
+            self._background(early, quiet=True)  # nothing waits for it: the decode side drops it
         if first is None:
-            return worker_pb2.PrefillResponse(first=_aborted(request.request_id))
+            return worker_pb2.PrefillResponse(first=_aborted(rid))
         response = worker_pb2.PrefillResponse(first=chunk_from_output(first, request))
-        if first.handed_off:
-            layers = await self.engine.call(lambda core: core.exports.pop(request.request_id))
-            if len(layers[0][0]) != len(spec.dst_block_ids):
-                raise ValueError(
-                    f"target.block_ids has {len(spec.dst_block_ids)} blocks, the prompt needs "
-                    f"{len(layers[0][0])} after the decode worker's cached tokens"
-                )
-            if self.reply_before_push:
-                task = asyncio.create_task(self._push(spec, layers))
-                self._pushes.add(task)
-                task.add_done_callback(self._push_done)
-                response.kv_bytes = sum(t.numel() * t.element_size() for t in layers)
-            else:
-                response.kv_bytes, response.kv_seconds = await self._push(spec, layers)
+        if not first.handed_off:
+            return response
+        if export is None:
+            layers: KVLayerSource = CopiedLayers(
+                await self.engine.call(lambda core: core.exports.pop(rid))
+            )
+        else:
+            layers = export
+        num_blocks = layers.layer(0).shape[1]
+        if num_blocks != len(spec.dst_block_ids):
+            raise ValueError(
+                f"target.block_ids has {len(spec.dst_block_ids)} blocks, the prompt needs "
+                f"{num_blocks} after the decode worker's cached tokens"
+            )
+        push = early or asyncio.create_task(self._push(spec, layers))
+        if self.reply_before_push:
+            self._background(push)
+            response.kv_bytes = _nbytes(layers)
+        else:
+            try:
+                response.kv_bytes, response.kv_seconds = await push
+            except Exception:
+                self.metrics.kv_transfer_failures.inc()
+                raise
         return response
 
-    async def _push(self, spec: TransferSpec, layers: list[torch.Tensor]) -> tuple[int, float]:
+    def _on_export(self, request_id: str, export: LayerwiseExport) -> None:
+        """Engine thread, before the step that computes the KV: start its push on the loop."""
+        self._loop.call_soon_threadsafe(self._start_push, request_id, export)
+
+    def _start_push(self, request_id: str, export: LayerwiseExport) -> None:
+        spec = self._specs.get(request_id)
+        if spec is None:
+            return  # the Prefill call is gone (cancelled): nobody to send it for
+        fits = export.layer(0).shape[1] == len(spec.dst_block_ids)  # else _prefill says why
+        task = asyncio.create_task(self._push(spec, export)) if fits else None
+        self._early[request_id] = (export, task)
+
+    async def _push(self, spec: TransferSpec, layers: KVLayerSource) -> tuple[int, float]:
         start = time.perf_counter()
-        try:
-            await self.sender.send(spec, CopiedLayers(layers))
-        except Exception:
-            self.metrics.kv_transfer_failures.inc()
-            raise
+        await self.sender.send(spec, layers)
         seconds = time.perf_counter() - start
-        num_bytes = sum(t.numel() * t.element_size() for t in layers)
+        num_bytes = _nbytes(layers)
         self.metrics.kv_transfer_bytes.inc(num_bytes)
         self.metrics.kv_transfer_seconds.observe(seconds)
         return num_bytes, seconds
 
-    def _push_done(self, task: asyncio.Task[tuple[int, float]]) -> None:
-        self._pushes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+    def _background(self, task: asyncio.Task[tuple[int, float]], quiet: bool = False) -> None:
+        """Let `task` finish on its own; a failure is counted and logged unless `quiet`."""
+        self._pushes.add(task)
+
+        def done(task: asyncio.Task[tuple[int, float]]) -> None:
+            self._pushes.discard(task)
+            if task.cancelled() or task.exception() is None or quiet:
+                return
+            self.metrics.kv_transfer_failures.inc()
             log.warning("KV push failed (the decode side fails the request): %s", task.exception())
+
+        task.add_done_callback(done)
 
     async def Abort(self, request, context):  # noqa: N802
         return common_pb2.AbortResponse(
@@ -128,6 +182,11 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
 
     async def GetLoad(self, request, context):  # noqa: N802
         return load_to_proto(self.engine.load, "prefill", self.model, self.block_size)
+
+
+def _nbytes(layers: KVLayerSource) -> int:
+    return sum(layers.layer(i).numel() * layers.layer(i).element_size()
+               for i in range(layers.num_layers))  # fmt: skip
 
 
 def _aborted(request_id: str) -> common_pb2.TokenChunk:

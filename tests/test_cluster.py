@@ -122,3 +122,29 @@ def test_decode_workers_on_their_own_gpu_receive_over_nccl():
     assert kv_transport_args("decode", None, {None}) == []  # CPU
     assert kv_transport_args("prefill", 1, {0}) == []
     assert kv_transport_args("colocated", 1, {0}) == []
+
+
+def test_prefill_args_reach_only_prefill_workers(tiny_model):
+    """`ClusterSpec.prefill_args` (here --layerwise-push) go to prefill workers, which the
+    decode worker would refuse; the served output equals the offline engine's."""
+    from launcher.serve import ClusterSpec, start_cluster
+
+    model_dir = tiny_model("qwen2")
+    spec = ClusterSpec(model_dir, port=free_port(), grpc_port=free_port(), num_gpus=0,
+                       prefill_args=["--layerwise-push"],
+                       router_args=["--local-prefill-threshold", "0"])  # fmt: skip
+    prompts = [list(range(5, 5 + n)) for n in (30, 70)]
+    cluster = start_cluster(spec)
+    try:
+        texts = []
+        for prompt in prompts:
+            body = {"model": model_dir.name, "prompt": prompt, "max_tokens": 8,
+                    "temperature": 0, "ignore_eos": True}  # fmt: skip
+            response = httpx.post(f"http://127.0.0.1:{spec.port}/v1/completions", json=body,
+                                  timeout=60)  # fmt: skip
+            texts.append(response.json()["choices"][0]["text"])
+    finally:
+        cluster.stop(grace_s=5)
+    llm = LLM(str(model_dir))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert texts == [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -225,3 +225,22 @@ def test_reply_after_push_fails_the_prefill_on_a_refused_push(workers, model_dir
         assert "waited" in (err.value.details() or "")
         assert _all_free(stub)
     assert _all_free(workers["decode"])
+
+
+def test_layerwise_push_equals_offline(workers, model_dir, offline):
+    """--layerwise-push: the KV goes layer by layer while the prefill runs; same tokens."""
+    flags = ("--num-kv-blocks", str(NUM_BLOCKS), "--max-num-batched-tokens", "32")
+    with running(("prefill_service", model_dir, (*flags, "--layerwise-push"))) as (prefill,):
+        stub = worker_pb2_grpc.PrefillWorkerStub(grpc.insecure_channel(prefill.address))
+        pair = {"decode": workers["decode"], "prefill": stub}
+        for i, (prompt, params) in enumerate(zip(PROMPTS, PARAMS, strict=True)):
+            chunks, first = _disaggregated(pair, f"lw{i}", prompt, params)
+            assert first.kv_bytes > 0
+            assert [t for c in chunks for t in c.token_ids] == offline[i].token_ids
+        # A first token that finishes the request: the push started anyway and is dropped.
+        one = SamplingParams(temperature=0, max_tokens=1)
+        chunks, first = _disaggregated(pair, "lw-one", PROMPTS[0], one)
+        assert first.first.finish_reason == "length"
+        workers["decode"].Abort(common_pb2.AbortRequest(request_ids=["lw-one"]))  # the router's
+        assert _all_free(stub)
+    assert _all_free(workers["decode"])
