@@ -50,7 +50,7 @@ class DecodeGraphs:
     ) -> None:
         self.device = device
         self.sizes = sorted(capture_sizes)
-        self.max_batch = n = self.sizes[-1]
+        n = self.sizes[-1]  # the largest batch
         self._forward = forward
         # Host buffers are pinned, so each step's copies are asynchronous. A step's host writes
         # never race the previous step's copies: the sampler synchronises every step.

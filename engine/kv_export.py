@@ -47,10 +47,6 @@ class LayerwiseExport:
     def num_layers(self) -> int:
         return len(self._buffers)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers)
-
     def layer(self, i: int) -> torch.Tensor:
         """Layer i's buffer, (2, n, block_size, Hkv, D); its data is valid once `ready(i)`."""
         return self._buffers[i]
