@@ -74,8 +74,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
     def _expire(self, request_id: str) -> None:
         if self.leases.pop(request_id, None) is not None:
-            self.receiver.cancel(request_id)
-            asyncio.ensure_future(self.engine.abort([request_id]))
+            asyncio.ensure_future(self._release(request_id))
+
+    async def _release(self, request_id: str) -> int:
+        """Drop the reservation, and free its blocks once no transfer can still write them."""
+        await self.receiver.release(request_id)
+        return await self.engine.abort([request_id])
 
     async def Decode(self, request, context):  # noqa: N802
         async for chunk in streaming(context, lambda: self._decode(request)):
@@ -90,7 +94,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         try:
             await lease.kv_arrived
         except BaseException:
-            await self.engine.abort([msg.request_id])
+            await self._release(msg.request_id)
             raise
         outputs = self.engine.decode(msg.request_id, msg.first_token_id)
         async for chunk in with_final_chunk(outputs, lease.request, msg.request_id):
@@ -105,9 +109,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         for rid in ids:
             lease = self.leases.pop(rid, None)
             if lease is not None:
-                self.receiver.cancel(rid)
                 if lease.expiry is not None:
                     lease.expiry.cancel()
+                await self.receiver.release(rid)
         return common_pb2.AbortResponse(num_aborted=await self.engine.abort(ids))
 
     async def GetLoad(self, request, context):  # noqa: N802

@@ -5,7 +5,9 @@ KV cache of one layer (engine.attention's layout)::
     kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim)   0 = keys, 1 = values
 
 `gather_blocks` packs the chosen blocks into one contiguous `(2, n, block_size, Hkv, D)` buffer
-(ready for one send); `scatter_blocks` writes such a buffer back into chosen blocks.
+(ready for one send); `scatter_blocks` writes such a buffer back into chosen blocks;
+`scatter_blocks_layers` does it for several layers (separate cache tensors) in one launch, with
+the caches named by a device table of their addresses (`layer_pointers`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,72 @@ def _block_copy_kernel(
         tl.store(cache_at, tl.load(packed_at, mask=mask), mask=mask)
     else:
         tl.store(packed_at, tl.load(cache_at, mask=mask), mask=mask)
+
+
+@triton.jit
+def _layers_scatter_kernel(
+    cache_ptrs,  # int64 (num_layers,): each layer's cache address
+    packed_ptr,  # (c, 2, n, block_size, Hkv, D) contiguous
+    ids_ptr,
+    first_layer,
+    num_ids,
+    num_blocks,
+    block_numel,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)  # (layer * 2 + kv) * num_ids + i
+    chunk = tl.program_id(1).to(tl.int64)
+    layer = row // (2 * num_ids)
+    kv = ((row // num_ids) % 2).to(tl.int64)
+    i = (row % num_ids).to(tl.int64)
+    cache_ptr = tl.load(cache_ptrs + first_layer + layer).to(
+        tl.pointer_type(packed_ptr.dtype.element_ty)
+    )
+    block_id = tl.load(ids_ptr + i).to(tl.int64)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < block_numel
+    cache_at = cache_ptr + (kv * num_blocks + block_id) * block_numel + offs
+    packed_at = packed_ptr + row.to(tl.int64) * block_numel + offs
+    tl.store(cache_at, tl.load(packed_at, mask=mask), mask=mask)
+
+
+def layer_pointers(kv_caches: list[torch.Tensor]) -> torch.Tensor:
+    """The caches' addresses as an int64 tensor on their device, for `scatter_blocks_layers`.
+
+    The caches must stay alive (and in place) as long as the table is used."""
+    for cache in kv_caches:
+        _check(cache, torch.empty(0, dtype=torch.long))
+        if cache.shape != kv_caches[0].shape or cache.dtype != kv_caches[0].dtype:
+            raise ValueError("every layer's cache must have the same shape and dtype")
+    return torch.tensor([c.data_ptr() for c in kv_caches], dtype=torch.int64).to(
+        kv_caches[0].device
+    )
+
+
+def scatter_blocks_layers(
+    kv_caches: list[torch.Tensor],  # every layer's (2, num_blocks, block_size, Hkv, D) cache
+    pointers: torch.Tensor,  # layer_pointers(kv_caches)
+    first_layer: int,
+    block_ids: torch.Tensor,  # (n,) distinct integer block ids, on the caches' device
+    data: torch.Tensor,  # (c, 2, n, block_size, Hkv, D) contiguous: layers first_layer...+c-1
+) -> None:
+    """`scatter_blocks` for layers `first_layer .. first_layer + c - 1` in one launch."""
+    c, n = data.shape[0], block_ids.numel()
+    cache = kv_caches[0]
+    expected = (2, n, *cache.shape[2:])
+    if tuple(data.shape[1:]) != expected or data.dtype != cache.dtype:
+        raise ValueError(f"data must be (c, {', '.join(map(str, expected))}) of {cache.dtype}")
+    if not data.is_contiguous() or not 0 <= first_layer <= first_layer + c <= len(kv_caches):
+        raise ValueError("data must be contiguous and its layers within the caches")
+    if n == 0 or c == 0:
+        return
+    block_numel = cache[0, 0].numel()
+    block = min(triton.next_power_of_2(block_numel), 8192)
+    grid = (c * 2 * n, triton.cdiv(block_numel, block))
+    _layers_scatter_kernel[grid](
+        pointers, data, block_ids, first_layer, n, cache.shape[1], block_numel,
+        BLOCK=block, num_warps=8 if block >= 4096 else 4,
+    )  # fmt: skip
 
 
 def _check(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> None:
@@ -94,3 +162,11 @@ def gather_blocks_ref(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.
 def scatter_blocks_ref(kv_cache: torch.Tensor, block_ids: torch.Tensor, data: torch.Tensor) -> None:
     """Plain-torch oracle of `scatter_blocks`."""
     kv_cache.index_copy_(1, block_ids.long(), data)
+
+
+def scatter_blocks_layers_ref(
+    kv_caches: list[torch.Tensor], first_layer: int, block_ids: torch.Tensor, data: torch.Tensor
+) -> None:
+    """Plain-torch oracle of `scatter_blocks_layers`."""
+    for j, layer in enumerate(data):
+        scatter_blocks_ref(kv_caches[first_layer + j], block_ids, layer)

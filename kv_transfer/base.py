@@ -155,6 +155,13 @@ class KVReceiver(ABC):
         No-op for an unknown or finished transfer id.
         """
 
+    async def release(self, transfer_id: str) -> None:
+        """`cancel(transfer_id)`, then wait until nothing can write its blocks any more: only
+        then may the caller give them to another request. A transport that queues GPU writes
+        before the data arrived (nccl) waits here for the ones still in flight; the others
+        write only while the future is pending, so this is `cancel`."""
+        self.cancel(transfer_id)
+
     @abstractmethod
     async def close(self) -> None:
         """Stop accepting transfers; pending reservations fail with `KVTransferError`."""

@@ -64,6 +64,40 @@ def scatter_layer(cache: torch.Tensor, block_ids: BlockIds, data: torch.Tensor) 
         cache.index_copy_(1, index, data)
 
 
+class LayerScatter:
+    """Writes several layers' packed blocks into `kv_caches` at once (the receiving end of a
+    transfer): one Triton launch for a run of layers on a GPU, `scatter_layer` per layer
+    elsewhere. Keeps a device table of the caches' addresses, so the caches must stay put."""
+
+    def __init__(self, kv_caches: Sequence[torch.Tensor]) -> None:
+        self.kv_caches = list(kv_caches)
+        first = self.kv_caches[0]
+        self._pointers: torch.Tensor | None = None
+        self._fused = (
+            first.is_cuda
+            and _has_triton()
+            and all(
+                c.is_contiguous() and c.shape == first.shape and c.dtype == first.dtype
+                for c in self.kv_caches
+            )
+        )
+
+    def __call__(self, first_layer: int, block_ids: torch.Tensor, data: torch.Tensor) -> None:
+        """Write `data` (c, 2, n, bs, Hkv, D), contiguous, into layers `first_layer ..
+        first_layer + c - 1` at `block_ids` (n,), on the current stream."""
+        if not self._fused or not data.is_contiguous():
+            for j, layer in enumerate(data):
+                scatter_layer(self.kv_caches[first_layer + j], block_ids, layer)
+            return
+        from kernels.block_copy import layer_pointers, scatter_blocks_layers
+
+        device = self.kv_caches[0].device
+        with torch.cuda.device(device):  # Triton launches on the current device
+            if self._pointers is None:
+                self._pointers = layer_pointers(self.kv_caches)
+            scatter_blocks_layers(self.kv_caches, self._pointers, first_layer, block_ids, data)
+
+
 @cache
 def _has_triton() -> bool:
     import importlib.util

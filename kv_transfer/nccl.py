@@ -5,30 +5,34 @@ the pair's first transfer: the sender draws the unique id and passes it on a TCP
 connection that stays open for the pair's later transfers. Per transfer, on that connection::
 
     sender                                              receiver
-    header JSON (kv_transfer.wire.TransferHeader) --->  claims and checks the reservation
-                                                  <---  {status: accept, layers_per_chunk: c}
-    chunk 0: layers 0..c-1, one NCCL group of sends ==> recv into staging buffer 0, then one
-    chunk 1 ...                                         scatter per layer into the reserved
-                                                        blocks while chunk 1 lands in buffer 1
+    header JSON (kv_transfer.wire.TransferHeader) --->  claims and checks the reservation, then
+    layer 0, 1, ...: one NCCL send each           ==>   queues every layer's receive into
+      (one group when all are computed; else each       staging (two buffers of c layers,
+      as soon as the prefill made it)                   alternating) and, chunk by chunk, one
+                                                        scatter into the reserved blocks
     extras as tensor frames (CPU, small)          --->
-                                                  <---  {status: ok | error}
+                                                  <---  {status: ok | error} once it landed
 
-The data never leaves the GPUs. Transfers of one pair run one at a time (a communicator's
-point-to-point operations match in issue order); different pairs are independent. Sends run on
-a dedicated stream; each chunk's sends first wait for the data: for a layer-wise export
-(engine.kv_export), for the CUDA event of the chunk's last layer, so the chunk goes while later
-layers are still computed; otherwise for the work already queued on the sender's current stream.
-Receives and scatters run on the receiver's own streams.
+No round trip before the data: the sender sends right behind the header, and the receiver
+queues all of its GPU work at once, ordered by CUDA events (receive chunk k, scatter it, reuse
+its buffer for chunk k + 2), so the host steps in only at the end. The data never leaves the
+GPUs. Transfers of one pair run one at a time (a communicator's point-to-point operations match
+in issue order); different pairs are independent. Sends run on a dedicated stream and first wait
+for their data: the CUDA event of each layer of a layer-wise export (engine.kv_export), so a
+layer goes while later ones are computed; otherwise the work queued on the sender's current
+stream. Receives and scatters run on the receiver's own streams.
 
-Failure handling: the receiver drains the data of a transfer it no longer wants (cancelled or
-expired mid-flight) without writing it, so the communicator stays in step. A side that waits
-past its deadline for the GPU aborts the communicator (`ncclCommAbort` frees stuck kernels) and
-closes the control connection; the next transfer to that peer makes a new communicator. Nothing
-ever blocks the event loop: NCCL calls and waits for the GPU run on a per-pair thread.
+Refusals and failures: the receiver still receives the layers of a transfer it refuses (unknown,
+cancelled, mismatched), into staging only, and answers `error`, so the communicator stays in
+step and the pair in use. A side that waits past its deadline for the GPU aborts the
+communicator (`ncclCommAbort` frees stuck kernels) and closes the control connection; the next
+transfer to that peer makes a new communicator. Nothing ever blocks the event loop: NCCL calls
+and waits for the GPU run on a per-pair thread.
 
-Scatter safety: the reserved blocks belong to the transfer until its future is done, and the
-future is resolved or failed only after every scatter already queued has finished on the GPU, so
-a block is never written after the engine may have reused it.
+Scatter safety: scatters are queued before the data arrives, so they may land after the
+reservation was cancelled or expired; the blocks stay the transfer's until then: `release`
+(what the decode worker calls before freeing a reservation's blocks) waits for them, and a
+successful future resolves only once every scatter finished.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -52,7 +57,7 @@ from kv_transfer.base import (
     layer_event,
     layer_ready,
 )
-from kv_transfer.blocks import scatter_layer
+from kv_transfer.blocks import LayerScatter
 from kv_transfer.reservations import Extras, Reservation
 from kv_transfer.tcp import ListeningReceiver, parse_endpoint, read_reply
 from kv_transfer.wire import (
@@ -64,6 +69,8 @@ from kv_transfer.wire import (
     tensor_frame_prefix,
     tensor_payload,
 )
+
+log = logging.getLogger(__name__)
 
 _Broken = (OSError, asyncio.IncompleteReadError)
 _WATCH_S = 0.01  # how often a wait for the GPU checks its deadline and the peer's connection
@@ -111,6 +118,17 @@ async def wait_gpu(
             raise KVTransferError(f"{what}: the GPU did not finish before the deadline")
         if peer is not None and peer.at_eof():
             raise KVTransferError(f"{what}: the peer closed the connection mid-transfer")
+
+
+async def _settle(event: torch.cuda.Event, what: str, timeout_s: float = 10.0) -> None:
+    """After an abort: wait until the GPU work up to `event` has run (the aborted receives
+    return, then the scatters queued behind them run), so the blocks may be reused."""
+    end = time.monotonic() + timeout_s
+    while not event.query():
+        if time.monotonic() >= end:
+            log.error("%s: GPU work still queued %.0f s after the abort", what, timeout_s)
+            return
+        await asyncio.sleep(0.002)
 
 
 class _Comm:
@@ -175,12 +193,9 @@ class _Comm:
         self._pool.shutdown(wait=False)
 
     def close(self) -> None:
-        """Destroy the communicator after its work finished."""
-        comm, self._comm = self._comm, None
-        if comm is not None:
-            with contextlib.suppress(Exception):
-                comm.destroy()
-        self._pool.shutdown(wait=False)
+        """End the communicator after its work finished. It is aborted, not destroyed:
+        `ncclCommDestroy` may wait for the peer, and a worker shutting down must not hang."""
+        self.abort()
 
 
 class _Peer:
@@ -284,29 +299,30 @@ class NcclKVSender(KVSender):
         header = TransferHeader.describe(
             spec.transfer_id, spec.dst_block_ids, layers.num_layers, first, extras
         )
-        peer.writer.write(json_frame(header.to_json()))
-        await peer.writer.drain()
-        answer = await read_reply(peer.reader)
-        if answer["status"] != "accept":
-            raise _Refused(answer.get("message") or f"receiver answered {answer!r}")
-        per_chunk = int(answer["layers_per_chunk"])
         tensors = [first] + [layers.layer(i) for i in range(1, layers.num_layers)]
-        for t in tensors:
+        for t in tensors:  # before the header: once it is out, every layer must follow
             header.layer.check(t)
             if t.device != self.device or not t.is_contiguous():
                 raise KVTransferError(
                     f"transfer {spec.transfer_id!r}: layers must be contiguous on {self.device}"
                 )
+        # No round trip before the data: the receiver drains what it refuses.
+        peer.writer.write(json_frame(header.to_json()))
         stream = peer.comm.stream
-        for lo in range(0, len(tensors), per_chunk):
-            chunk = tensors[lo : lo + per_chunk]
-            last = lo + len(chunk) - 1  # the chunk goes once its last layer is computed
-            await layer_ready(layers, last)
-            event = layer_event(layers, last)
-            if event is not None:
-                stream.wait_event(event)
-            else:
-                stream.wait_stream(torch.cuda.current_stream(self.device))
+        if not hasattr(layers, "ready"):
+            # Computed already: every layer in one group, after the producer's queued work.
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            groups = [range(len(tensors))]
+        else:
+            groups = [range(i, i + 1) for i in range(len(tensors))]
+        done = None
+        for group in groups:
+            for i in group:
+                await layer_ready(layers, i)
+                event = layer_event(layers, i)
+                if event is not None:
+                    stream.wait_event(event)
+            chunk = [tensors[i] for i in group]
             done = await peer.comm.run(peer.comm.enqueue, chunk, 1, True, deadline=spec.deadline)
         for meta in header.extras:
             peer.writer.write(tensor_frame_prefix(extras[meta.name]))
@@ -315,7 +331,9 @@ class NcclKVSender(KVSender):
         answer = await read_reply(peer.reader)
         # The receiver replies only after every byte arrived (or it aborted): the sends are done
         # or the connection is torn down. Keep `tensors` alive until the GPU says so.
-        await wait_gpu(peer.comm, done, spec.deadline, f"transfer {spec.transfer_id!r}")
+        assert done is not None
+        if not done.query():
+            await wait_gpu(peer.comm, done, spec.deadline, f"transfer {spec.transfer_id!r}")
         if answer["status"] != "ok":
             raise _Refused(answer.get("message") or f"receiver answered {answer!r}")
 
@@ -363,6 +381,7 @@ class NcclKVReceiver(ListeningReceiver):
         if self.device.type != "cuda":
             raise ValueError(f"the nccl transport needs CUDA caches, got {self.device}")
         self._staging_bytes = staging_bytes
+        self._scatter = LayerScatter(self.kv_caches)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Join the sender's communicator, then serve its transfers one after another."""
@@ -397,31 +416,35 @@ class NcclKVReceiver(ListeningReceiver):
         writer: asyncio.StreamWriter,
         comm: _Comm,
     ) -> bool:
-        """One transfer on an established pair; False when the pair must be torn down."""
-        assert self._table is not None
-        admitted = self._admit(obj, writer)
-        if admitted is None:
-            return True
-        header, res = admitted
-        per_chunk = layers_per_chunk(
-            header.layer.nbytes, self._staging_bytes // 2, header.num_layers
-        )
-        writer.write(json_frame({"status": "accept", "layers_per_chunk": per_chunk}))
+        """One transfer on an established pair; False when the pair must be torn down.
+
+        The sender does not wait for an answer before sending, so a refused transfer is still
+        received (into staging only, never scattered) to keep the pair in step.
+        """
+        header = TransferHeader.from_json(obj)  # unreadable: nothing to drain by, tear down
+        res: Reservation | None = None
+        refusal = ""
         try:
-            await self._receive(header, res, comm, per_chunk, reader)
-            extras: Extras = {}
-            for meta in header.extras:
-                extras[meta.name] = await read_tensor_frame(reader, meta)
+            res = self._claim(header)
+        except KVTransferError as exc:
+            refusal = str(exc)
+        if res is None:
+            await self._receive(header, None, comm, reader)
+            writer.write(reply_frame("error", refusal))
+            return True
+        writing = self._writing[res.transfer_id] = asyncio.get_running_loop().create_future()
+        try:
+            extras = await self._receive(header, res, comm, reader)
         except KVTransferError as exc:  # the GPU did not deliver in time: give the pair up
-            self._table.fail(res, exc)
             writer.write(reply_frame("error", str(exc)))
             return False
-        except BaseException as exc:
-            self._table.fail(res, KVTransferError(f"transfer {res.transfer_id!r}: {exc!r}"))
-            raise
+        finally:
+            self._writing.pop(res.transfer_id, None)
+            writing.set_result(None)
         if not res.live:
             writer.write(reply_frame("error", res.end_reason()))
             return True
+        assert self._table is not None
         self._table.complete(res, extras)
         writer.write(reply_frame("ok"))
         await writer.drain()
@@ -430,47 +453,64 @@ class NcclKVReceiver(ListeningReceiver):
     async def _receive(
         self,
         header: TransferHeader,
-        res: Reservation,
+        res: Reservation | None,
         comm: _Comm,
-        per_chunk: int,
         reader: asyncio.StreamReader,
-    ) -> None:
-        """Receive every chunk into staging and scatter it while the reservation is live.
+    ) -> Extras:
+        """Queue every layer's receive into staging and, for an admitted transfer (`res`), its
+        scatter into the reserved blocks; wait for the last of them on the GPU; read the extras.
 
-        Two staging buffers alternate, so chunk k+1 arrives while chunk k is scattered. A chunk
-        is scattered only after the host saw its receive complete and the reservation still
-        live, so a scatter never waits on the network and a dropped reservation gets no write;
-        the future is left to the caller, after the last scatter finished.
+        Two staging buffers alternate, so chunk k+1 arrives while chunk k is scattered; it is all
+        queued at once, ordered on the GPU by events, so the host is not in the loop. Writes
+        queued here land even if the reservation ends meanwhile: `release` waits for them. On
+        any failure the communicator is aborted, the queued work allowed to finish, and `res`
+        failed before this raises.
         """
         meta = header.layer
-        what = f"transfer {res.transfer_id!r}"
-        buffers = self._staging(comm, (per_chunk, *meta.shape), meta.dtype)
-        index = res.block_ids.to(self.device)
-        grace = max(res.deadline, time.time()) + 5.0  # drain a dying transfer a little longer
-        starts = list(range(0, header.num_layers, per_chunk))
-        scattered: list[torch.cuda.Event] = []
+        what = f"transfer {header.transfer_id!r}"
+        per_chunk = layers_per_chunk(meta.nbytes, self._staging_bytes // 2, header.num_layers)
+        deadline = res.deadline if res is not None else time.time() + self._header_timeout_s
+        grace = max(deadline, time.time()) + 5.0  # drain a dying transfer a little longer
+        queued: list[torch.cuda.Event] = []  # after each chunk's scatter (or receive)
 
-        def post(k: int) -> torch.cuda.Event:  # on the pair's thread
-            if k >= 2:  # the buffer's previous chunk must be scattered first
-                comm.stream.wait_event(scattered[k - 2])
-            n = min(per_chunk, header.num_layers - starts[k])
-            return comm.enqueue(list(buffers[k % 2][:n]), 0, False)
-
-        received = [await comm.run(post, k, deadline=grace) for k in range(min(2, len(starts)))]
-        for k, lo in enumerate(starts):
-            await wait_gpu(comm, received[k], grace, what, reader)
-            done = torch.cuda.Event()
-            if res.live:
-                comm.scatter_stream.wait_event(received[k])
+        def post() -> None:  # on the pair's thread
+            buffers = self._staging(comm, (per_chunk, *meta.shape), meta.dtype)
+            index = None
+            if res is not None:
                 with torch.cuda.stream(comm.scatter_stream):
-                    n = min(per_chunk, header.num_layers - lo)
-                    for j, layer in enumerate(buffers[k % 2][:n]):
-                        scatter_layer(self.kv_caches[lo + j], index, layer)
-            done.record(comm.scatter_stream)
-            scattered.append(done)
-            if k + 2 < len(starts):
-                received.append(await comm.run(post, k + 2, deadline=grace))
-        await wait_gpu(comm, scattered[-1], grace, what)
+                    index = res.block_ids.to(self.device)
+            for k, lo in enumerate(range(0, header.num_layers, per_chunk)):
+                n = min(per_chunk, header.num_layers - lo)
+                staged = buffers[k % 2][:n]
+                if k >= 2:  # the buffer's previous chunk must be scattered first
+                    comm.stream.wait_event(queued[k - 2])
+                comm.scatter_stream.wait_event(comm.enqueue(list(staged), 0, False))
+                if index is not None:
+                    with torch.cuda.stream(comm.scatter_stream):
+                        self._scatter(lo, index, staged)
+                done = torch.cuda.Event()
+                done.record(comm.scatter_stream)
+                queued.append(done)
+
+        try:
+            await comm.run(post, deadline=grace)
+            await wait_gpu(comm, queued[-1], grace, what, reader)
+            extras: Extras = {}
+            for extra in header.extras:
+                extras[extra.name] = await read_tensor_frame(reader, extra)
+            return extras
+        except BaseException as exc:
+            if res is not None and self._table is not None:
+                error = (
+                    exc if isinstance(exc, KVTransferError) else KVTransferError(f"{what}: {exc!r}")
+                )
+                self._table.fail(res, error)  # now: the owner learns at once; release waits
+            staging = comm.staging  # the queued scatters still read it
+            comm.abort()  # frees receives stuck waiting for a sender that is gone
+            if queued:
+                await _settle(queued[-1], what)
+            del staging
+            raise
 
     def _staging(
         self, comm: _Comm, shape: tuple[int, ...], dtype: torch.dtype

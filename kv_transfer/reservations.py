@@ -7,7 +7,8 @@ Shared by every `KVReceiver`. A reservation's life::
                +-- cancel(), deadline, fail(), close(), owner cancels the future --> future done
 
 A done future ends the reservation whatever ended it: it leaves the table and transports check
-`Reservation.live` right before every cache write, so nothing is written after that.
+`Reservation.live` right before every cache write, so nothing is written after that, except
+GPU writes a transport queued before (nccl), which `KVReceiver.release` waits for.
 Everything here runs on the receiver's event loop thread.
 """
 
@@ -117,12 +118,12 @@ class ReservationTable:
         self._pending.clear()
 
     def _check_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
-        index = torch.as_tensor(list(block_ids), dtype=torch.long).reshape(-1)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self._num_blocks):
-            raise ValueError(f"block ids out of range [0, {self._num_blocks}): {list(block_ids)}")
-        if index.unique().numel() != index.numel():
-            raise ValueError(f"block ids must be distinct: {list(block_ids)}")
-        return index
+        ids = [int(b) for b in block_ids]
+        if ids and (min(ids) < 0 or max(ids) >= self._num_blocks):
+            raise ValueError(f"block ids out of range [0, {self._num_blocks}): {ids}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"block ids must be distinct: {ids}")
+        return torch.tensor(ids, dtype=torch.long)
 
     def _expire(self, res: Reservation) -> None:
         self.fail(res, KVTransferError(f"transfer {res.transfer_id!r} missed its deadline"))

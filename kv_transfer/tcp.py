@@ -252,6 +252,8 @@ class ListeningReceiver(KVReceiver):
         self._server: asyncio.Server | None = None
         self._table: ReservationTable | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
+        # transfer id -> resolved once no write of it can still land (queued GPU writes)
+        self._writing: dict[str, asyncio.Future[None]] = {}
 
     @property
     def endpoint(self) -> str:
@@ -280,6 +282,13 @@ class ListeningReceiver(KVReceiver):
         """See `KVReceiver.cancel`."""
         if self._table is not None:
             self._table.cancel(transfer_id)
+
+    async def release(self, transfer_id: str) -> None:
+        """See `KVReceiver.release`: waits for the GPU writes a subclass marked in flight."""
+        self.cancel(transfer_id)
+        writing = self._writing.get(transfer_id)
+        if writing is not None:
+            await asyncio.shield(writing)
 
     async def close(self) -> None:
         """Stop listening, fail pending reservations and drop every open connection."""
@@ -314,20 +323,24 @@ class ListeningReceiver(KVReceiver):
     ) -> tuple[TransferHeader, Reservation] | None:
         """Check a received header and claim its reservation; None (an error reply written)
         when the transfer is refused."""
-        assert self._table is not None
         try:
             header = TransferHeader.from_json(obj)
-            res = self._table.claim(header.transfer_id)
+            return header, self._claim(header)
         except KVTransferError as exc:
             writer.write(reply_frame("error", str(exc)))
             return None
+
+    def _claim(self, header: TransferHeader) -> Reservation:
+        """Claim the reservation `header` names and check the header against it and the
+        caches; `KVTransferError` (the reservation, if claimed, failed) when it is refused."""
+        assert self._table is not None
+        res = self._table.claim(header.transfer_id)
         try:
             check_header(header, res, self.kv_caches, self._max_extra_bytes)
         except KVTransferError as exc:
             self._table.fail(res, exc)
-            writer.write(reply_frame("error", str(exc)))
-            return None
-        return header, res
+            raise
+        return res
 
 
 class TcpKVReceiver(ListeningReceiver):

@@ -21,7 +21,10 @@ from engine.models.rotary import RotaryEmbedding  # noqa: E402
 from kernels.block_copy import (  # noqa: E402
     gather_blocks,
     gather_blocks_ref,
+    layer_pointers,
     scatter_blocks,
+    scatter_blocks_layers,
+    scatter_blocks_layers_ref,
     scatter_blocks_ref,
 )
 from kernels.paged_decode_attention import (  # noqa: E402
@@ -165,6 +168,22 @@ def test_gather_and_scatter_blocks_match_reference(dtype, num_kv_heads, head_dim
     scatter_blocks(target, ids.to(torch.int32), data)
     scatter_blocks_ref(target_ref, ids, data)
     assert torch.equal(target, target_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_kv_heads,head_dim,n,first,c", [(1, 64, 1, 0, 1), (8, 128, 37, 1, 3),
+                                                             (8, 64, 200, 0, 4)])  # fmt: skip
+def test_scatter_blocks_layers_matches_reference(dtype, num_kv_heads, head_dim, n, first, c):
+    num_blocks = n + 11
+    caches = [torch.randn(2, num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, dtype=dtype,
+                          device=CUDA) for _ in range(4)]  # fmt: skip
+    refs = [cache.clone() for cache in caches]
+    ids = torch.randperm(num_blocks, device=CUDA)[:n]
+    data = torch.randn(c, 2, n, BLOCK_SIZE, num_kv_heads, head_dim, dtype=dtype, device=CUDA)
+    scatter_blocks_layers(caches, layer_pointers(caches), first, ids, data)
+    scatter_blocks_layers_ref(refs, first, ids, data)
+    for cache, ref in zip(caches, refs, strict=True):  # layers outside [first, first+c) untouched
+        assert torch.equal(cache, ref)
 
 
 def test_block_copy_round_trip_between_caches():

@@ -1,5 +1,6 @@
 """The nccl KV transport between two GPUs: exact landing, refusals that keep the pair usable,
-and a sender that dies mid-transfer (the receiver gives up, aborts, and serves the next one)."""
+a reservation cancelled mid-flight (`release` waits for the queued writes), and a sender that
+dies mid-transfer (the receiver gives up, aborts, and serves the next one)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from kv_transfer import KVTransferError, TransferSpec, gather_blocks
 from tests.test_kv_transfer import (
     DST_IDS,
     SRC_IDS,
-    HookedSource,
     expect_failure,
     make_caches,
     other_blocks,
@@ -43,6 +43,32 @@ def assert_landed(dst, before, src, src_ids=SRC_IDS, dst_ids=DST_IDS) -> None:
         d, b, s = d.cpu(), b.cpu(), s.cpu()
         assert torch.equal(d[:, list(dst_ids)], s[:, list(src_ids)])
         assert torch.equal(d[:, rest], b[:, rest])
+
+
+class Layerwise:
+    """A layer source that, like a layer-wise export, makes the sender wait per layer:
+    `hook(i)` (sync or async) runs in `ready(i)`, once layers before i may already be sent."""
+
+    def __init__(self, inner, hook) -> None:
+        self._inner, self._hook = inner, hook
+
+    @property
+    def num_layers(self) -> int:
+        return self._inner.num_layers
+
+    def layer(self, i: int) -> torch.Tensor:
+        return self._inner.layer(i)
+
+    async def ready(self, i: int) -> None:
+        result = self._hook(i)
+        if asyncio.iscoroutine(result):
+            await result
+
+
+def assert_untouched_outside(dst, before, dst_ids=DST_IDS) -> None:
+    rest = other_blocks(dst_ids)
+    for d, b in zip(dst, before, strict=True):
+        assert torch.equal(d.cpu()[:, rest], b.cpu()[:, rest])
 
 
 def spec_for(receiver, transfer_id: str, dst_ids=DST_IDS, ttl_s: float = 20.0) -> TransferSpec:
@@ -102,6 +128,11 @@ def test_refusals_keep_the_pair_usable():
             with pytest.raises(KVTransferError, match="reservation holds"):
                 await sender.send(spec, gather_blocks(src, SRC_IDS))
             await expect_failure(future)
+            with pytest.raises(KVTransferError, match="not expected"):  # refused mid-layers
+                await sender.send(
+                    spec_for(receiver, "gone"),
+                    Layerwise(gather_blocks(src, SRC_IDS), lambda i: asyncio.sleep(0.01)),
+                )
             assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(dst, before, strict=True))
             spec = spec_for(receiver, "ok")
             future = receiver.expect("ok", spec.dst_block_ids, spec.deadline)
@@ -131,10 +162,11 @@ def test_a_failing_layer_source_fails_both_sides_and_the_next_transfer_works():
         try:
             spec = spec_for(receiver, "t1", ttl_s=3.0)
             future = receiver.expect("t1", spec.dst_block_ids, spec.deadline)
-            with pytest.raises(RuntimeError, match="layer 2"):
-                await sender.send(spec, HookedSource(gather_blocks(src, SRC_IDS), boom))
+            with pytest.raises(RuntimeError, match="layer 2"):  # layers 0 and 1 were sent
+                await sender.send(spec, Layerwise(gather_blocks(src, SRC_IDS), boom))
             await expect_failure(future, within_s=10.0)
-            assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(dst, before, strict=True))
+            await receiver.release("t1")  # the aborted transfer's queued writes are done
+            assert_untouched_outside(dst, before)
             spec = spec_for(receiver, "t2")
             future = receiver.expect("t2", spec.dst_block_ids, spec.deadline)
             await sender.send(spec, gather_blocks(src, SRC_IDS))  # a new communicator
@@ -154,24 +186,24 @@ _DYING_SENDER = textwrap.dedent(
     from kv_transfer import TransferSpec, gather_blocks
     from kv_transfer.nccl import NcclKVSender
     from tests.gpu.test_nccl_transfer import SRC_IDS, caches_on
-    from tests.test_kv_transfer import HookedSource
+    from tests.gpu.test_nccl_transfer import Layerwise
 
     endpoint, deadline = sys.argv[1], float(sys.argv[2])
     src = caches_on(torch.device("cuda:0"), torch.bfloat16, 0)
 
     def die(i):
-        if i == 1:  # the receiver accepted and waits for NCCL data that never comes
+        if i == 1:  # layer 0 went; the receiver waits for NCCL data that never comes
             os._exit(3)
 
     spec = TransferSpec("dying", endpoint, (3, 9, 0, 14), deadline)
-    asyncio.run(NcclKVSender("cuda:0").send(spec, HookedSource(gather_blocks(src, SRC_IDS), die)))
+    asyncio.run(NcclKVSender("cuda:0").send(spec, Layerwise(gather_blocks(src, SRC_IDS), die)))
     """
 )
 
 
-def test_sender_dying_mid_transfer_neither_hangs_nor_writes():
-    """The receiver fails the reservation at its deadline, aborts the communicator, and a new
-    sender gets a new one."""
+def test_sender_dying_mid_transfer_does_not_hang_the_receiver():
+    """The receiver sees the control connection close, fails the reservation, aborts the
+    communicator (its queued writes then finish), and a new sender gets a new one."""
     from kv_transfer.nccl import NcclKVReceiver, NcclKVSender
 
     dst = caches_on(DST, torch.bfloat16, 1)
@@ -187,8 +219,9 @@ def test_sender_dying_mid_transfer_neither_hangs_nor_writes():
                 sys.executable, "-c", _DYING_SENDER, receiver.endpoint, str(deadline)
             )
             assert await proc.wait() == 3
-            receiver.cancel("dying")  # what the decode worker does when prefill reports failure
-            assert future.cancelled()
+            await expect_failure(future, within_s=10.0)
+            await receiver.release("dying")  # what the decode worker does before freeing blocks
+            assert_untouched_outside(dst, before)
             src = caches_on(SRC, torch.bfloat16, 0)
             sender = NcclKVSender(SRC)
             try:
@@ -203,3 +236,44 @@ def test_sender_dying_mid_transfer_neither_hangs_nor_writes():
             await receiver.close()
 
     run(main(), timeout_s=120.0)
+
+
+def test_a_reservation_cancelled_mid_flight_is_released_once_its_writes_landed():
+    """Cancel while layers are on the way: `release` returns only after the transfer's queued
+    GPU work finished, the sender hears the refusal, and the pair carries the next transfer."""
+    from kv_transfer.nccl import NcclKVReceiver, NcclKVSender
+
+    src, dst = caches_on(SRC, torch.bfloat16, 0), caches_on(DST, torch.bfloat16, 1)
+    before = [c.clone() for c in dst]
+
+    async def main():
+        receiver, sender = NcclKVReceiver(dst), NcclKVSender(SRC)
+        await receiver.start()
+        released = []
+
+        async def cancel_at(i: int) -> None:
+            if i == 2:  # layers 0 and 1 are sent; 2 and 3 follow after this wait
+                release = asyncio.create_task(receiver.release("c"))
+                await asyncio.sleep(0.2)
+                released.append(release.done())  # still waiting for the layers in flight
+                released.append(release)
+
+        try:
+            spec = spec_for(receiver, "c")
+            future = receiver.expect("c", spec.dst_block_ids, spec.deadline)
+            with pytest.raises(KVTransferError, match="cancelled"):
+                await sender.send(spec, Layerwise(gather_blocks(src, SRC_IDS), cancel_at))
+            assert future.cancelled()
+            assert released[0] is False
+            await asyncio.wait_for(released[1], 10.0)
+            assert_untouched_outside(dst, before)
+            spec = spec_for(receiver, "after")
+            future = receiver.expect("after", spec.dst_block_ids, spec.deadline)
+            await sender.send(spec, gather_blocks(src, SRC_IDS))
+            await future
+            assert_landed(dst, before, src)
+        finally:
+            await sender.close()
+            await receiver.close()
+
+    run(main())
