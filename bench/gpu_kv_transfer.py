@@ -122,7 +122,12 @@ async def baton_seconds(src_caches: list[torch.Tensor], num_blocks: int) -> floa
     sender = NcclKVSender(torch.device("cuda:0"))
     try:
         async with RemoteReceiver("nccl", "cuda:1", "bfloat16", shape) as receiver:
-            times = await time_transfers(sender, receiver, src_caches, num_blocks, REPEATS, WARMUP)
+            try:
+                times = await time_transfers(
+                    sender, receiver, src_caches, num_blocks, REPEATS, WARMUP
+                )
+            finally:
+                await sender.close()  # before the receiver goes: no half-open pair
     finally:
         await sender.close()
     return statistics.median(times)
