@@ -26,6 +26,14 @@ async def merge_streams(
     The first stream to raise ends the merge with its exception. Leaving early (or being
     cancelled) cancels every stream still running, which closes it (its `finally` runs).
     """
+    if len(streams) == 1:
+        # One stream (the usual request): pull it in place, so an item is handed on before the
+        # next one is even asked for (which may start an RPC: the decode after a prefill's
+        # first token), with no task or queue in between.
+        async with contextlib.aclosing(streams[0]) as only:
+            async for value in only:
+                yield 0, value
+        return
     queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncGenerator[T, None]) -> None:

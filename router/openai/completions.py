@@ -72,8 +72,11 @@ def start_job(body: CompletionRequest, services: RouterServices) -> CompletionJo
     requests, echo_texts = [], []
     for p, prompt in enumerate(prompts):
         token_ids = pre.tokenize(prompt)
-        text = prompt if isinstance(prompt, str) else str(services.tokenizer.decode(token_ids))
-        echo_texts.append(text if body.echo else "")
+        if isinstance(prompt, str):
+            text: str | None = prompt
+        else:  # decoding a long prompt costs milliseconds: only for echo
+            text = str(services.tokenizer.decode(token_ids)) if body.echo else None
+        echo_texts.append((text or "") if body.echo else "")
         sub_id = request_id if len(prompts) == 1 else f"{request_id}-{p}"
         requests.append(
             pre.build(
