@@ -57,7 +57,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         rid = request.request_id
         if rid in self.leases:
             raise ValueError(f"request_id {rid!r} already has a reservation")
-        block_ids, num_cached = await self.engine.call(lambda core: core.reserve(request))
+        reuse = not msg.fresh_blocks
+        block_ids, num_cached = await self.engine.call(lambda core: core.reserve(request, reuse))
         deadline = time.time() + msg.lease_seconds
         lease = _Lease(request, self.receiver.expect(rid, block_ids, deadline))
         self.leases[rid] = lease

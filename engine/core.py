@@ -84,13 +84,13 @@ class EngineCore:
 
     # --- disaggregation: the prefill and decode roles ------------------------------------
 
-    def reserve(self, request: Request) -> tuple[list[int], int]:
+    def reserve(self, request: Request, reuse_prefix: bool = True) -> tuple[list[int], int]:
         """Decode role: hold KV blocks for `request`'s prompt (see Scheduler.reserve).
 
         Returns the block ids another engine must fill, and the prompt tokens cached here.
         """
         self._check_fits(request)
-        return self.scheduler.reserve(request)
+        return self.scheduler.reserve(request, reuse_prefix)
 
     def start_decode(self, request_id: str, first_token: int) -> None:
         """Decode role: the reserved KV is in place; decode on from `first_token`."""

@@ -17,6 +17,10 @@ answer waits for the push (and a failed push fails the Prefill call).
 With `layerwise` (`--layerwise-push`), the push starts before the prefill step runs and each
 layer's KV goes as soon as the engine has computed it (engine.kv_export), so the transfer
 overlaps the prefill's compute; the decode side receives the KV in the same layout either way.
+
+With `target_follows`, the router reserves the decode side while this prompt computes (a
+`fresh_blocks` reservation: every block is sent) and passes the target by `SetTarget`, which may
+arrive before or after the Prefill call itself; a push waits for it (`TARGET_WAIT_S` at most).
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ import torch
 from engine.async_core import AsyncEngineCore
 from engine.kv_export import LayerwiseExport
 from engine.outputs import EngineCoreOutput
-from engine.request import KVHandoff
-from kv_transfer.base import KVLayerSource, KVSender, TransferSpec
+from engine.request import KVHandoff, Request
+from kv_transfer.base import KVLayerSource, KVSender, KVTransferError, TransferSpec
 from proto.baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker_common.convert import chunk_from_output, load_to_proto, request_from_proto
 from worker_common.errors import unary
 from worker_common.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+
+TARGET_WAIT_S = 30.0  # how long a target_follows Prefill waits for its SetTarget
 
 
 class CopiedLayers:
@@ -77,7 +83,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         self.model = engine.core.config.model
         self.block_size = engine.core.config.cache.block_size
         self._pushes: set[asyncio.Task[tuple[int, float]]] = set()  # running background pushes
-        self._specs: dict[str, TransferSpec] = {}  # request id -> its target, while prefilling
+        # request id -> its target (resolved at once, or by SetTarget), while prefilling
+        self._targets: dict[str, asyncio.Future[TransferSpec]] = {}
         # Layer-wise pushes by request id: the export, and its push unless the target is wrong.
         self._early: dict[str, tuple[LayerwiseExport, asyncio.Task[tuple[int, float]] | None]]
         self._early = {}
@@ -91,24 +98,34 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         return await unary(context, lambda: self._prefill(request))
 
     async def _prefill(self, msg: worker_pb2.PrefillRequest) -> worker_pb2.PrefillResponse:
-        target = msg.target
-        spec = TransferSpec(
-            transfer_id=target.transfer_id,
-            endpoint=target.endpoint,
-            dst_block_ids=tuple(target.block_ids),
-            deadline=target.deadline,
-        )
-        handoff = KVHandoff(num_cached_tokens=target.num_cached_tokens, target=spec)
+        if msg.target_follows:
+            if msg.target.endpoint or msg.target.block_ids or msg.target.num_cached_tokens:
+                raise ValueError("target must be empty with target_follows (SetTarget sends it)")
+            handoff = KVHandoff(num_cached_tokens=0)
+        else:
+            handoff = KVHandoff(msg.target.num_cached_tokens, _spec(msg.target))
         request = request_from_proto(msg.request, self.model, kv_transfer=handoff)
         rid = request.request_id
-        first: EngineCoreOutput | None = None
-        self._specs[rid] = spec
+        if msg.target_follows:
+            target = self._target(rid)
+        else:
+            target = asyncio.get_running_loop().create_future()
+            target.set_result(handoff.target)
+            self._targets[rid] = target
         try:
-            async for out in self.engine.generate(request):
-                if out.new_token_ids:
-                    first = out
-        finally:
-            del self._specs[rid]
+            return await self._run(request, target)
+        finally:  # after the push took the target: a SetTarget may come after the first token
+            if self._targets.get(rid) is target:
+                del self._targets[rid]
+
+    async def _run(
+        self, request: Request, target: asyncio.Future[TransferSpec]
+    ) -> worker_pb2.PrefillResponse:
+        rid = request.request_id
+        first: EngineCoreOutput | None = None
+        async for out in self.engine.generate(request):
+            if out.new_token_ids:
+                first = out
         export, early = self._early.pop(rid, (None, None))
         if early is not None and (first is None or not first.handed_off):
             self._background(early, quiet=True)  # nothing waits for it: the decode side drops it
@@ -123,13 +140,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             )
         else:
             layers = export
-        num_blocks = layers.layer(0).shape[1]
-        if num_blocks != len(spec.dst_block_ids):
-            raise ValueError(
-                f"target.block_ids has {len(spec.dst_block_ids)} blocks, the prompt needs "
-                f"{num_blocks} after the decode worker's cached tokens"
-            )
-        push = early or asyncio.create_task(self._push(spec, layers))
+        try:
+            _check_fit(await _wait_target(target), layers)
+        except BaseException:
+            if early is not None:
+                self._background(early, quiet=True)  # it fails the same way
+            raise
+        push = early or asyncio.create_task(self._push(target, layers))
         if self.reply_before_push:
             self._background(push)
             response.kv_bytes = _nbytes(layers)
@@ -141,19 +158,47 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                 raise
         return response
 
+    async def SetTarget(self, request, context):  # noqa: N802 - gRPC method name
+        return await unary(context, lambda: self._set_target(request))
+
+    async def _set_target(self, msg: worker_pb2.PrefillTarget) -> worker_pb2.PrefillTargetAck:
+        target = self._target(msg.request_id)
+        if target.done():
+            raise ValueError(f"request_id {msg.request_id!r} already has a target")
+        target.set_result(_spec(msg.target))
+        return worker_pb2.PrefillTargetAck()
+
+    def _target(self, request_id: str) -> asyncio.Future[TransferSpec]:
+        """The pending target of a target_follows request, made by whichever of Prefill and
+        SetTarget comes first; one that no Prefill claims is forgotten after TARGET_WAIT_S."""
+        target = self._targets.get(request_id)
+        if target is None:
+            loop = asyncio.get_running_loop()
+            target = self._targets[request_id] = loop.create_future()
+            loop.call_later(TARGET_WAIT_S * 2, self._forget_target, request_id, target)
+        return target
+
+    def _forget_target(self, request_id: str, target: asyncio.Future[TransferSpec]) -> None:
+        if self._targets.get(request_id) is target:
+            del self._targets[request_id]
+        if not target.done():
+            target.cancel()
+
     def _on_export(self, request_id: str, export: LayerwiseExport) -> None:
         """Engine thread, before the step that computes the KV: start its push on the loop."""
         self._loop.call_soon_threadsafe(self._start_push, request_id, export)
 
     def _start_push(self, request_id: str, export: LayerwiseExport) -> None:
-        spec = self._specs.get(request_id)
-        if spec is None:
+        target = self._targets.get(request_id)
+        if target is None:
             return  # the Prefill call is gone (cancelled): nobody to send it for
-        fits = export.layer(0).shape[1] == len(spec.dst_block_ids)  # else _prefill says why
-        task = asyncio.create_task(self._push(spec, export)) if fits else None
-        self._early[request_id] = (export, task)
+        self._early[request_id] = (export, asyncio.create_task(self._push(target, export)))
 
-    async def _push(self, spec: TransferSpec, layers: KVLayerSource) -> tuple[int, float]:
+    async def _push(
+        self, target: asyncio.Future[TransferSpec], layers: KVLayerSource
+    ) -> tuple[int, float]:
+        spec = await _wait_target(target)
+        _check_fit(spec, layers)
         start = time.perf_counter()
         await self.sender.send(spec, layers)
         seconds = time.perf_counter() - start
@@ -182,6 +227,31 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
 
     async def GetLoad(self, request, context):  # noqa: N802
         return load_to_proto(self.engine.load, "prefill", self.model, self.block_size)
+
+
+def _spec(target: worker_pb2.KVTransferTarget) -> TransferSpec:
+    return TransferSpec(
+        transfer_id=target.transfer_id,
+        endpoint=target.endpoint,
+        dst_block_ids=tuple(target.block_ids),
+        deadline=target.deadline,
+    )
+
+
+async def _wait_target(target: asyncio.Future[TransferSpec]) -> TransferSpec:
+    try:
+        return await asyncio.wait_for(asyncio.shield(target), TARGET_WAIT_S)
+    except TimeoutError:
+        raise KVTransferError(f"no KV target (SetTarget) within {TARGET_WAIT_S:.0f} s") from None
+
+
+def _check_fit(spec: TransferSpec, layers: KVLayerSource) -> None:
+    num_blocks = layers.layer(0).shape[1]
+    if num_blocks != len(spec.dst_block_ids):
+        raise ValueError(
+            f"target.block_ids has {len(spec.dst_block_ids)} blocks, the prompt needs "
+            f"{num_blocks} after the decode worker's cached tokens"
+        )
 
 
 def _nbytes(layers: KVLayerSource) -> int:

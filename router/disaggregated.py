@@ -8,6 +8,10 @@
     router --Decode(request_id, first)--> D      D streams the tokens after the first
            <====== token chunks ========
 
+When no decode worker holds a prefix of the prompt (per the prefix index), the Reserve runs
+while P already computes: Prefill(target_follows) goes first, Reserve(fresh_blocks) beside it,
+then SetTarget(target) to P, so the reservation's round trip leaves the time to first token.
+
 Reserve goes to the next decode worker when one is full or unreachable. A Prefill that fails
 with UNAVAILABLE (KV transfer failed) or RESOURCE_EXHAUSTED is tried once more on another
 prefill worker; the reservation stays valid meanwhile. Whatever ends the request early (a
@@ -51,6 +55,7 @@ class DisaggregatedBackend(Backend):
         lease_s: float = 30.0,
         local_prefill_threshold: int = 0,
         metrics: RouterMetrics | None = None,
+        overlap_reserve: bool = True,
     ) -> None:
         self.registry = registry
         self.policy = policy
@@ -59,6 +64,7 @@ class DisaggregatedBackend(Backend):
         self.lease_s = lease_s
         self.local_prefill_threshold = local_prefill_threshold
         self.metrics = metrics
+        self.overlap_reserve = overlap_reserve
 
     def available(self) -> bool:
         return bool(self.registry.healthy(Role.PREFILL) and self.registry.healthy(Role.DECODE))
@@ -71,10 +77,16 @@ class DisaggregatedBackend(Backend):
             async for chunk in self._generate_locally(local, request):
                 yield chunk
             return
-        decode, target = await self._reserve(request, ctx)
+        decode: WorkerInfo | None = None
         finished_on_decode = False
         try:
-            first = await self._prefill(request, target, ctx)
+            if self.overlap_reserve and not any(
+                ctx.cached_tokens(w) for w in self.registry.healthy(Role.DECODE)
+            ):
+                decode, first = await self._reserve_while_prefilling(request, ctx)
+            else:
+                decode, target = await self._reserve(request, ctx)
+                first = await self._prefill(request, target, ctx)
             yield first
             if first.finish_reason:
                 return  # the first token ended it: the reservation is aborted below
@@ -82,7 +94,7 @@ class DisaggregatedBackend(Backend):
                 finished_on_decode = bool(chunk.finish_reason)
                 yield chunk
         finally:
-            if not finished_on_decode:
+            if decode is not None and not finished_on_decode:
                 self.aborts.abort(decode, [request.request_id])
 
     def _local_prefill_worker(self, ctx: RequestContext) -> WorkerInfo | None:
@@ -121,13 +133,55 @@ class DisaggregatedBackend(Backend):
             if not finished:
                 self.aborts.abort(worker, [request.request_id])
 
-    async def _reserve(
+    async def _reserve_while_prefilling(
         self, request: worker_pb2.WorkerRequest, ctx: RequestContext
+    ) -> tuple[WorkerInfo, common_pb2.TokenChunk]:
+        """Start the prefill first and reserve on D meanwhile, so the reservation's round trip
+        is not in the time to first token: P gets its target by SetTarget (used when no decode
+        worker holds a prefix of the prompt: the reservation takes fresh blocks, P sends all).
+        A failed prefill is retried once on another prefill worker, with the whole target."""
+        rid = request.request_id
+        worker = choose_worker(self.registry, self.policy, Role.PREFILL, ctx, [])
+        message = worker_pb2.PrefillRequest(request=request, target_follows=True)
+        prefill = asyncio.ensure_future(self._call_prefill(worker, message))
+        prefill.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            decode, target = await self._reserve(request, ctx, fresh_blocks=True)
+        except BaseException:
+            prefill.cancel()  # aborts it on P
+            raise
+        try:
+            try:
+                update = worker_pb2.PrefillTarget(request_id=rid, target=target)
+                await worker.stub.SetTarget(update, timeout=self.deadlines.reserve_s)
+                response = await prefill
+            except grpc.RpcError as error:
+                if prefill.done() and not prefill.cancelled():
+                    error = prefill.exception() or error  # P failed first: say why
+                prefill.cancel()
+                failure = from_rpc_error(error, f"prefill on {worker.address}")
+                others = [w for w in self.registry.healthy(Role.PREFILL) if w is not worker]
+                if not (is_retryable(error) and others):
+                    raise failure from error
+                log.warning("%s; retrying on another prefill worker", failure.message)
+                return decode, await self._prefill(request, target, ctx, tried=[worker])
+            if not response.first.token_ids:
+                raise RouterError(f"prefill on {worker.address} returned no token")
+            return decode, response.first
+        except BaseException:
+            prefill.cancel()
+            self.aborts.abort(decode, [rid])
+            raise
+
+    async def _reserve(
+        self, request: worker_pb2.WorkerRequest, ctx: RequestContext, fresh_blocks: bool = False
     ) -> tuple[WorkerInfo, worker_pb2.KVTransferTarget]:
         """Reserve blocks on a decode worker, trying the next one when one is full or down."""
         tried: list[WorkerInfo] = []
         last_error: RouterError | None = None
-        message = worker_pb2.ReserveRequest(request=request, lease_seconds=self.lease_s)
+        message = worker_pb2.ReserveRequest(
+            request=request, lease_seconds=self.lease_s, fresh_blocks=fresh_blocks
+        )
         while True:
             try:
                 worker = choose_worker(self.registry, self.policy, Role.DECODE, ctx, tried)
@@ -161,10 +215,12 @@ class DisaggregatedBackend(Backend):
         request: worker_pb2.WorkerRequest,
         target: worker_pb2.KVTransferTarget,
         ctx: RequestContext,
+        tried: list[WorkerInfo] | None = None,
     ) -> common_pb2.TokenChunk:
-        """The first token from a prefill worker (one retry on another after a failure)."""
+        """The first token from a prefill worker (one retry on another after a failure;
+        `tried`: workers that already failed it)."""
         message = worker_pb2.PrefillRequest(request=request, target=target)
-        tried: list[WorkerInfo] = []
+        tried = list(tried or [])
         while True:
             worker = choose_worker(self.registry, self.policy, Role.PREFILL, ctx, tried)
             tried.append(worker)

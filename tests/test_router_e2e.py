@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine import LLM, SamplingParams
-from proto.baton.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
+from proto.baton.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from router.config import RouterConfig
 from router.testing import RouterThread, free_ports
 from tests.workers import ROOT, WorkerProcess
@@ -296,6 +296,9 @@ class _FailingPrefill(worker_pb2_grpc.PrefillWorkerServicer):
     def Prefill(self, request, context):  # noqa: N802
         self.calls += 1
         context.abort(grpc.StatusCode.UNAVAILABLE, "KV transfer failed: injected")
+
+    def SetTarget(self, request, context):  # noqa: N802
+        return worker_pb2.PrefillTargetAck()
 
     def Abort(self, request, context):  # noqa: N802
         return common_pb2.AbortResponse()

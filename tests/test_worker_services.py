@@ -244,3 +244,44 @@ def test_layerwise_push_equals_offline(workers, model_dir, offline):
         workers["decode"].Abort(common_pb2.AbortRequest(request_ids=["lw-one"]))  # the router's
         assert _all_free(stub)
     assert _all_free(workers["decode"])
+
+
+@pytest.mark.parametrize("target_first", [False, True], ids=["prefill-first", "target-first"])
+def test_target_follows_equals_offline(workers, offline, target_first):
+    """The router's overlapped path: Prefill(target_follows) runs while the decode side is
+    reserved with fresh blocks; the target comes by SetTarget, before or after the Prefill."""
+    i = 3  # a prompt the decode worker's cache may hold: fresh_blocks reuses none of it
+    _disaggregated(workers, "warm-decode-cache", PROMPTS[i], PARAMS[i])
+    rid = f"follow-{target_first}"
+    req = _request(rid, PROMPTS[i], PARAMS[i])
+    reserve = worker_pb2.ReserveRequest(request=req, lease_seconds=10, fresh_blocks=True)
+    target = workers["decode"].Reserve(reserve, timeout=10).target
+    assert target.num_cached_tokens == 0 and len(target.block_ids) * 16 >= len(PROMPTS[i])
+    update = worker_pb2.PrefillTarget(request_id=rid, target=target)
+    message = worker_pb2.PrefillRequest(request=req, target_follows=True)
+    if target_first:
+        workers["prefill"].SetTarget(update, timeout=10)
+        with pytest.raises(grpc.RpcError) as err:  # one target per request
+            workers["prefill"].SetTarget(update, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        first = workers["prefill"].Prefill(message, timeout=30)
+    else:
+        call = workers["prefill"].Prefill.future(message, timeout=30)
+        time.sleep(0.3)  # the prompt is computed and waits for its target
+        workers["prefill"].SetTarget(update, timeout=10)
+        first = call.result()
+    decode = worker_pb2.DecodeRequest(request_id=rid, first_token_id=first.first.token_ids[0])
+    chunks = [first.first, *workers["decode"].Decode(decode, timeout=30)]
+    assert [t for c in chunks for t in c.token_ids] == offline[i].token_ids
+    assert _all_free(workers["decode"]) and _all_free(workers["prefill"])
+
+
+def test_target_follows_with_a_target_is_invalid(workers):
+    req = _request("both", PROMPTS[0], PARAMS[0])
+    target = worker_pb2.KVTransferTarget(transfer_id="both", endpoint="tcp://127.0.0.1:1")
+    message = worker_pb2.PrefillRequest(request=req, target=target, target_follows=True)
+    with pytest.raises(grpc.RpcError) as err:
+        workers["prefill"].Prefill(message, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "target_follows" in err.value.details()
+    assert _all_free(workers["prefill"])

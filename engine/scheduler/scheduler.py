@@ -63,16 +63,16 @@ class Scheduler:
         """True when a step would compute something (reservations alone need no step)."""
         return bool(self.waiting) or bool(self.running)
 
-    def reserve(self, request: Request) -> tuple[list[int], int]:
+    def reserve(self, request: Request, reuse_prefix: bool = True) -> tuple[list[int], int]:
         """Decode role: hold blocks for a prompt whose KV another engine will push.
 
-        Reuses this engine's own prefix cache; returns the block ids to fill (those after the
-        cached ones) and the number of cached prompt tokens. Raises EngineOverloadedError when
-        the blocks are not free now.
+        Reuses this engine's own prefix cache (unless not `reuse_prefix`: the pusher sends every
+        block); returns the block ids to fill (those after the cached ones) and the number of
+        cached prompt tokens. Raises EngineOverloadedError when the blocks are not free now.
         """
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already running")
-        hits = self.kv.get_computed_blocks(request)
+        hits = self.kv.get_computed_blocks(request) if reuse_prefix else []
         num_cached = len(hits) * self.kv.block_size
         if not self.kv.allocate_slots(request, request.num_tokens - num_cached, hits):
             raise EngineOverloadedError(len(self.reserved), self.kv.num_free_blocks())

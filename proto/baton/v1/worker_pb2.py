@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto.baton.v1 import common_pb2 as baton_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/v1/worker.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"\xb3\x01\n\rWorkerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x14\n\x0c\x61rrival_time\x18\x07 \x01(\x01\"y\n\x10KVTransferTarget\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\x05\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\x12\x10\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x01\"Q\n\x0eReserveRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.baton.v1.WorkerRequest\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\"9\n\x0bReservation\x12*\n\x06target\x18\x01 \x01(\x0b\x32\x1a.baton.v1.KVTransferTarget\"f\n\x0ePrefillRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.baton.v1.WorkerRequest\x12*\n\x06target\x18\x02 \x01(\x0b\x32\x1a.baton.v1.KVTransferTarget\"\\\n\x0fPrefillResponse\x12#\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x14.baton.v1.TokenChunk\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\x12\x12\n\nkv_seconds\x18\x03 \x01(\x01\";\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x32\xbb\x01\n\rPrefillWorker\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x30\n\x07GetLoad\x12\x15.baton.v1.LoadRequest\x1a\x0e.baton.v1.Load2\xae\x02\n\x0c\x44\x65\x63odeWorker\x12:\n\x07Reserve\x12\x18.baton.v1.ReserveRequest\x1a\x15.baton.v1.Reservation\x12\x39\n\x06\x44\x65\x63ode\x12\x17.baton.v1.DecodeRequest\x1a\x14.baton.v1.TokenChunk0\x01\x12;\n\x08Generate\x12\x17.baton.v1.WorkerRequest\x1a\x14.baton.v1.TokenChunk0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x30\n\x07GetLoad\x12\x15.baton.v1.LoadRequest\x1a\x0e.baton.v1.Load2\xba\x01\n\x0f\x43olocatedWorker\x12;\n\x08Generate\x12\x17.baton.v1.WorkerRequest\x1a\x14.baton.v1.TokenChunk0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x30\n\x07GetLoad\x12\x15.baton.v1.LoadRequest\x1a\x0e.baton.v1.Loadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/v1/worker.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"\xb3\x01\n\rWorkerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x14\n\x0c\x61rrival_time\x18\x07 \x01(\x01\"y\n\x10KVTransferTarget\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\x05\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\x12\x10\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x01\"g\n\x0eReserveRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.baton.v1.WorkerRequest\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\x12\x14\n\x0c\x66resh_blocks\x18\x03 \x01(\x08\"9\n\x0bReservation\x12*\n\x06target\x18\x01 \x01(\x0b\x32\x1a.baton.v1.KVTransferTarget\"~\n\x0ePrefillRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.baton.v1.WorkerRequest\x12*\n\x06target\x18\x02 \x01(\x0b\x32\x1a.baton.v1.KVTransferTarget\x12\x16\n\x0etarget_follows\x18\x03 \x01(\x08\"O\n\rPrefillTarget\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06target\x18\x02 \x01(\x0b\x32\x1a.baton.v1.KVTransferTarget\"\x12\n\x10PrefillTargetAck\"\\\n\x0fPrefillResponse\x12#\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x14.baton.v1.TokenChunk\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\x12\x12\n\nkv_seconds\x18\x03 \x01(\x01\";\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x32\xfd\x01\n\rPrefillWorker\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12@\n\tSetTarget\x12\x17.baton.v1.PrefillTarget\x1a\x1a.baton.v1.PrefillTargetAck\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x30\n\x07GetLoad\x12\x15.baton.v1.LoadRequest\x1a\x0e.baton.v1.Load2\xae\x02\n\x0c\x44\x65\x63odeWorker\x12:\n\x07Reserve\x12\x18.baton.v1.ReserveRequest\x1a\x15.baton.v1.Reservation\x12\x39\n\x06\x44\x65\x63ode\x12\x17.baton.v1.DecodeRequest\x1a\x14.baton.v1.TokenChunk0\x01\x12;\n\x08Generate\x12\x17.baton.v1.WorkerRequest\x1a\x14.baton.v1.TokenChunk0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x30\n\x07GetLoad\x12\x15.baton.v1.LoadRequest\x1a\x0e.baton.v1.Load2\xba\x01\n\x0f\x43olocatedWorker\x12;\n\x08Generate\x12\x17.baton.v1.WorkerRequest\x1a\x14.baton.v1.TokenChunk0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x30\n\x07GetLoad\x12\x15.baton.v1.LoadRequest\x1a\x0e.baton.v1.Loadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,19 +37,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVTRANSFERTARGET']._serialized_start=240
   _globals['_KVTRANSFERTARGET']._serialized_end=361
   _globals['_RESERVEREQUEST']._serialized_start=363
-  _globals['_RESERVEREQUEST']._serialized_end=444
-  _globals['_RESERVATION']._serialized_start=446
-  _globals['_RESERVATION']._serialized_end=503
-  _globals['_PREFILLREQUEST']._serialized_start=505
-  _globals['_PREFILLREQUEST']._serialized_end=607
-  _globals['_PREFILLRESPONSE']._serialized_start=609
-  _globals['_PREFILLRESPONSE']._serialized_end=701
-  _globals['_DECODEREQUEST']._serialized_start=703
-  _globals['_DECODEREQUEST']._serialized_end=762
-  _globals['_PREFILLWORKER']._serialized_start=765
-  _globals['_PREFILLWORKER']._serialized_end=952
-  _globals['_DECODEWORKER']._serialized_start=955
-  _globals['_DECODEWORKER']._serialized_end=1257
-  _globals['_COLOCATEDWORKER']._serialized_start=1260
-  _globals['_COLOCATEDWORKER']._serialized_end=1446
+  _globals['_RESERVEREQUEST']._serialized_end=466
+  _globals['_RESERVATION']._serialized_start=468
+  _globals['_RESERVATION']._serialized_end=525
+  _globals['_PREFILLREQUEST']._serialized_start=527
+  _globals['_PREFILLREQUEST']._serialized_end=653
+  _globals['_PREFILLTARGET']._serialized_start=655
+  _globals['_PREFILLTARGET']._serialized_end=734
+  _globals['_PREFILLTARGETACK']._serialized_start=736
+  _globals['_PREFILLTARGETACK']._serialized_end=754
+  _globals['_PREFILLRESPONSE']._serialized_start=756
+  _globals['_PREFILLRESPONSE']._serialized_end=848
+  _globals['_DECODEREQUEST']._serialized_start=850
+  _globals['_DECODEREQUEST']._serialized_end=909
+  _globals['_PREFILLWORKER']._serialized_start=912
+  _globals['_PREFILLWORKER']._serialized_end=1165
+  _globals['_DECODEWORKER']._serialized_start=1168
+  _globals['_DECODEWORKER']._serialized_end=1470
+  _globals['_COLOCATEDWORKER']._serialized_start=1473
+  _globals['_COLOCATEDWORKER']._serialized_end=1659
 # @@protoc_insertion_point(module_scope)

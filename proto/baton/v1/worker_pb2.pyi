@@ -40,12 +40,14 @@ class KVTransferTarget(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., deadline: _Optional[float] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request", "lease_seconds")
+    __slots__ = ("request", "lease_seconds", "fresh_blocks")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FRESH_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     request: WorkerRequest
     lease_seconds: float
-    def __init__(self, request: _Optional[_Union[WorkerRequest, _Mapping]] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    fresh_blocks: bool
+    def __init__(self, request: _Optional[_Union[WorkerRequest, _Mapping]] = ..., lease_seconds: _Optional[float] = ..., fresh_blocks: _Optional[bool] = ...) -> None: ...
 
 class Reservation(_message.Message):
     __slots__ = ("target",)
@@ -54,12 +56,26 @@ class Reservation(_message.Message):
     def __init__(self, target: _Optional[_Union[KVTransferTarget, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request", "target")
+    __slots__ = ("request", "target", "target_follows")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
     request: WorkerRequest
     target: KVTransferTarget
-    def __init__(self, request: _Optional[_Union[WorkerRequest, _Mapping]] = ..., target: _Optional[_Union[KVTransferTarget, _Mapping]] = ...) -> None: ...
+    target_follows: bool
+    def __init__(self, request: _Optional[_Union[WorkerRequest, _Mapping]] = ..., target: _Optional[_Union[KVTransferTarget, _Mapping]] = ..., target_follows: _Optional[bool] = ...) -> None: ...
+
+class PrefillTarget(_message.Message):
+    __slots__ = ("request_id", "target")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    target: KVTransferTarget
+    def __init__(self, request_id: _Optional[str] = ..., target: _Optional[_Union[KVTransferTarget, _Mapping]] = ...) -> None: ...
+
+class PrefillTargetAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first", "kv_bytes", "kv_seconds")

@@ -41,6 +41,11 @@ class PrefillWorkerStub:
                 request_serializer=baton_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.SetTarget = channel.unary_unary(
+                '/baton.v1.PrefillWorker/SetTarget',
+                request_serializer=baton_dot_v1_dot_worker__pb2.PrefillTarget.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_worker__pb2.PrefillTargetAck.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/baton.v1.PrefillWorker/Abort',
                 request_serializer=baton_dot_v1_dot_common__pb2.AbortRequest.SerializeToString,
@@ -59,6 +64,13 @@ class PrefillWorkerServicer:
 
     def Prefill(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTarget(self, request, context):
+        """for a target_follows Prefill
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -82,6 +94,11 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=baton_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
                     response_serializer=baton_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
+            ),
+            'SetTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTarget,
+                    request_deserializer=baton_dot_v1_dot_worker__pb2.PrefillTarget.FromString,
+                    response_serializer=baton_dot_v1_dot_worker__pb2.PrefillTargetAck.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -122,6 +139,33 @@ class PrefillWorker:
             '/baton.v1.PrefillWorker/Prefill',
             baton_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
             baton_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.PrefillWorker/SetTarget',
+            baton_dot_v1_dot_worker__pb2.PrefillTarget.SerializeToString,
+            baton_dot_v1_dot_worker__pb2.PrefillTargetAck.FromString,
             options,
             channel_credentials,
             insecure,
