@@ -89,6 +89,10 @@ class AsyncEngineCore:
         finally:
             await self._close_stream(request.request_id)
 
+    def _done_streaming(self, request_id: str) -> None:
+        """The request ended in the engine (its last output said so): nothing to abort."""
+        self._streams.pop(request_id, None)
+
     async def decode(self, request_id: str, first_token: int) -> AsyncIterator[EngineCoreOutput]:
         """Decode role: start a reserved request after `first_token`; yield its outputs."""
         outputs = self._open_stream(request_id)
@@ -118,6 +122,8 @@ class AsyncEngineCore:
             out = await outputs.get()
             if out is None:  # aborted
                 return
+            if out.done_here:  # the engine let it go: closing needs no round trip to it
+                self._done_streaming(out.request_id)
             yield out
             if out.done_here:
                 return

@@ -106,10 +106,20 @@ async def wait_gpu(
     peer: asyncio.StreamReader | None = None,
 ) -> None:
     """Wait for `event` on the pair's thread (`cudaEventSynchronize` releases the GIL; the loop
-    wakes as soon as it returns). `KVTransferError` at `deadline` (time.time()), or as soon as
-    `peer`'s control connection closes (the peer will not send its part); the caller then aborts
-    the communicator, which releases the thread."""
-    work = asyncio.ensure_future(comm.run(event.synchronize))
+    wakes as soon as it returns); see `watch` for the errors."""
+    await watch(asyncio.ensure_future(comm.run(event.synchronize)), deadline, what, peer)
+
+
+async def watch(
+    work: asyncio.Future[Any],
+    deadline: float,
+    what: str,
+    peer: asyncio.StreamReader | None = None,
+) -> Any:
+    """`work`'s result; `KVTransferError` at `deadline` (time.time()), or as soon as `peer`'s
+    control connection closes (the peer will not do its part). `work` (on the pair's thread,
+    maybe blocked in NCCL) is left running: the caller then aborts the communicator, which
+    releases the thread."""
     while True:
         done, _ = await asyncio.wait({work}, timeout=_WATCH_S)
         if done:
@@ -120,15 +130,20 @@ async def wait_gpu(
             raise KVTransferError(f"{what}: the peer closed the connection mid-transfer")
 
 
-async def _settle(event: torch.cuda.Event, what: str, timeout_s: float = 10.0) -> None:
-    """After an abort: wait until the GPU work up to `event` has run (the aborted receives
-    return, then the scatters queued behind them run), so the blocks may be reused."""
+async def _settle(
+    posting: asyncio.Future[Any], queued: list[torch.cuda.Event], what: str, timeout_s: float = 10.0
+) -> None:
+    """After an abort: wait until the work being queued (`posting`, on the pair's thread) is
+    over and the GPU has run what it queued (the aborted receives return, then the scatters
+    behind them run), so the blocks may be reused."""
     end = time.monotonic() + timeout_s
-    while not event.query():
+    while not posting.done() or (queued and not queued[-1].query()):
         if time.monotonic() >= end:
             log.error("%s: GPU work still queued %.0f s after the abort", what, timeout_s)
             return
         await asyncio.sleep(0.002)
+    if not posting.cancelled():
+        posting.exception()  # seen: the abort made it fail
 
 
 class _Comm:
@@ -166,6 +181,11 @@ class _Comm:
     async def init(self, unique_id: bytes, rank: int) -> None:
         nccl = _nccl()
         self._comm = await self.run(nccl.NcclCommunicator, 2, unique_id, rank)
+
+    def check_live(self) -> None:
+        """`KVTransferError` once the communicator was aborted (from the pair's thread)."""
+        if self._comm is None:
+            raise KVTransferError("the NCCL communicator was aborted")
 
     def enqueue(self, tensors: Sequence[torch.Tensor], peer: int, send: bool) -> torch.cuda.Event:
         """Queue one NCCL group of sends (or receives) of whole tensors' bytes on `stream`;
@@ -474,6 +494,7 @@ class NcclKVReceiver(ListeningReceiver):
         queued: list[torch.cuda.Event] = []  # after each chunk's scatter (or receive)
 
         def post() -> None:  # on the pair's thread
+            comm.check_live()
             buffers = self._staging(comm, (per_chunk, *meta.shape), meta.dtype)
             index = None
             if res is not None:
@@ -485,6 +506,7 @@ class NcclKVReceiver(ListeningReceiver):
                 if k >= 2:  # the buffer's previous chunk must be scattered first
                     comm.stream.wait_event(queued[k - 2])
                 comm.scatter_stream.wait_event(comm.enqueue(list(staged), 0, False))
+                comm.check_live()  # an abort may have released the receive: queue no scatter
                 if index is not None:
                     with torch.cuda.stream(comm.scatter_stream):
                         self._scatter(lo, index, staged)
@@ -492,8 +514,9 @@ class NcclKVReceiver(ListeningReceiver):
                 done.record(comm.scatter_stream)
                 queued.append(done)
 
+        posting = asyncio.ensure_future(comm.run(post))
         try:
-            await comm.run(post, deadline=grace)
+            await watch(posting, grace, what, reader)  # NCCL may block connecting to the peer
             await wait_gpu(comm, queued[-1], grace, what, reader)
             extras: Extras = {}
             for extra in header.extras:
@@ -507,8 +530,7 @@ class NcclKVReceiver(ListeningReceiver):
                 self._table.fail(res, error)  # now: the owner learns at once; release waits
             staging = comm.staging  # the queued scatters still read it
             comm.abort()  # frees receives stuck waiting for a sender that is gone
-            if queued:
-                await _settle(queued[-1], what)
+            await _settle(posting, queued, what)
             del staging
             raise
 

@@ -135,9 +135,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         if not first.handed_off:
             return response
         if export is None:
-            layers: KVLayerSource = CopiedLayers(
-                await self.engine.call(lambda core: core.exports.pop(rid))
-            )
+            # Put there on the engine thread before this output was delivered; a dict pop is
+            # atomic, so no round trip to the engine thread is needed to take it.
+            layers: KVLayerSource = CopiedLayers(self.engine.core.exports.pop(rid))
         else:
             layers = export
         try:
