@@ -4,11 +4,11 @@ first token of 1 prefill + 1 decode worker against one colocated worker.
 Bandwidth: for the KV of 2k- and 8k-token prompts of a Llama-3.2-1B shape (16 layers, 8 KV heads,
 head_dim 64) and a Llama-3.1-8B shape (32 layers, 8 KV heads, head_dim 128), bf16, Baton's
 `NcclKVSender.send` (control round trips, NCCL into staging, scatter into the reserved,
-scattered blocks, acknowledgement) from this process on GPU 0 to a receiver process on GPU 1
-(`bench.kv_transfer_pair`, as a decode worker is), until the receiver reports the blocks landed
-(checksums compared), against raw NCCL send/recv of the same bytes between the same GPUs (one
-group of per-layer messages into contiguous buffers, no control plane, no scatter; two threads
-of this process).
+scattered blocks) from this process on GPU 0 to a receiver process on GPU 1
+(`bench.kv_transfer_pair`, as a decode worker is), until the moment the receiver saw the blocks
+land (its clock; checksums compared afterwards), against raw NCCL send/recv of the same bytes
+between the same GPUs (one group of per-layer messages into contiguous buffers, no control plane,
+no scatter; two threads of this process).
 
 TTFT: `baton serve`'s cluster with the 1B-shaped random model: prefill on GPU 0 and decode on
 GPU 1 (KV over NCCL; pushed after the prefill step, and again with `--layerwise-push`) against

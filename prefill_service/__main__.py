@@ -38,8 +38,8 @@ def main() -> None:
     parser.add_argument(
         "--layerwise-push",
         action="store_true",
-        help="push each layer's KV as soon as it is computed, overlapping the prefill (not yet"
-        " measured on GPUs, so off by default)",
+        help="push each layer's KV as soon as it is computed, overlapping the prefill (off by"
+        " default: on two H200s it made the first token later, +49%% at 2k tokens)",
     )
     run_worker(parser.parse_args(), "prefill", setup)
 
