@@ -32,7 +32,8 @@ class AttentionMetadata:
     """Where each new token goes in the cache and what each sequence attends to.
 
     `seq_lens[i]` is sequence i's context length in tokens after this step (cached + new);
-    `block_tables[i]` holds its block ids, enough blocks to cover `seq_lens[i]`.
+    `block_tables[i]` holds its block ids, enough blocks to cover `seq_lens[i]` (and maybe
+    padding after them, never read: `from_table` makes every row as long as the longest).
     """
 
     slot_mapping: torch.Tensor  # (T,) int64
@@ -40,6 +41,18 @@ class AttentionMetadata:
     seq_lens: list[int]  # (S,)
     block_tables: list[torch.Tensor]  # S x (num_blocks_i,) int64
     _padded: dict[str, Any] = field(default_factory=dict)  # built once per step, for kernels
+    _table: torch.Tensor | None = None  # (S, max_blocks) int64, when built from one
+
+    @classmethod
+    def from_table(
+        cls,
+        slot_mapping: torch.Tensor,
+        query_start_loc: list[int],
+        seq_lens: list[int],
+        table: torch.Tensor,  # (S, max_blocks) int64, 0-padded, on the compute device
+    ) -> AttentionMetadata:
+        """Metadata over one padded block table: no per-sequence tensors to make."""
+        return cls(slot_mapping, query_start_loc, seq_lens, list(table.unbind(0)), _table=table)
 
     @property
     def num_seqs(self) -> int:
@@ -51,7 +64,9 @@ class AttentionMetadata:
         (S + 1,) int32, `max_seqlen_q` and `all_decode` (every sequence has one query row)."""
         if not self._padded:
             # Padded where the tables already are (no copy back to the host on a GPU).
-            tables = pad_sequence(self.block_tables, batch_first=True, padding_value=0)
+            tables = self._table
+            if tables is None:
+                tables = pad_sequence(self.block_tables, batch_first=True, padding_value=0)
             rows = [b - a for a, b in itertools.pairwise(self.query_start_loc)]
             self._padded.update(
                 block_tables=tables.to(device=device, dtype=torch.int32),
@@ -127,10 +142,9 @@ def attend_decode(
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     lens = torch.tensor([meta.seq_lens[i] for i in seqs], device=q.device)
-    max_blocks = max(meta.block_tables[i].numel() for i in seqs)
-    tables = torch.zeros(num_seqs, max_blocks, dtype=torch.long, device=q.device)
-    for row, i in enumerate(seqs):
-        tables[row, : meta.block_tables[i].numel()] = meta.block_tables[i]
+    padded = meta.padded(q.device)["block_tables"]
+    tables = padded[torch.tensor(seqs, device=q.device)].long()  # (S, max_blocks), 0-padded
+    max_blocks = tables.shape[1]
     span = max_blocks * block_size
     # (S, Hkv, span, D): each sequence's blocks gathered, then made contiguous per head
     keys = kv_cache[0, tables].view(num_seqs, span, num_kv_heads, head_dim).transpose(1, 2)

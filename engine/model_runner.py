@@ -214,23 +214,23 @@ class ModelRunner:
                 out.logprobs[request_id] = _row(result.logprobs, i)
 
     def _prepare(self, scheduled: SchedulerOutput) -> _BatchInputs:
+        """The step's inputs, built with a fixed number of tensor operations whatever the
+        number of sequences (the host's work per step matters at large batches)."""
         bs = self.block_size
+        items = scheduled.scheduled
         tokens: list[int] = []
-        positions, slots, tables = [], [], []
+        starts, counts = [], []
         query_start_loc, seq_lens = [0], []
         sample_idx: list[int] = []
         sample_rows: list[ScheduledRequest] = []
         prompt_idx: list[int] = []
         prompt_pieces: list[tuple[str, int, list[int], int]] = []
-        for item in scheduled.scheduled:
+        for item in items:
             request, start, n = item.request, item.start, item.num_tokens
             end, offset = start + n, query_start_loc[-1]
             tokens.extend(request.all_token_ids[start:end])
-            pos = torch.arange(start, end)
-            table = torch.tensor(item.block_ids, dtype=torch.long)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            tables.append(table.to(self.device))
+            starts.append(start)
+            counts.append(n)
             query_start_loc.append(offset + n)
             seq_lens.append(end)
             if item.samples:
@@ -245,15 +245,23 @@ class ModelRunner:
             _PromptLogprobsSlice(rid, slice(first + at, first + at + len(t)), t, k)
             for rid, at, t, k in prompt_pieces
         ]
+        width = max(len(item.block_ids) for item in items)
+        table = torch.tensor(
+            [item.block_ids + [0] * (width - len(item.block_ids)) for item in items],
+            dtype=torch.long,
+        )
+        # Token t of sequence i (row `rows[t]`) sits at position start_i + (t - first row of i).
+        num = torch.tensor(counts)
+        rows = torch.repeat_interleave(torch.arange(len(items)), num)
+        shift = torch.tensor(starts) - torch.tensor(query_start_loc[:-1])
+        positions = torch.arange(query_start_loc[-1]) + shift[rows]
+        slots = table[rows, positions // bs] * bs + positions % bs
         dev = self.device
         return _BatchInputs(
             input_ids=torch.tensor(tokens, dtype=torch.long, device=dev),
-            positions=torch.cat(positions).to(dev),
-            attn_meta=AttentionMetadata(
-                slot_mapping=torch.cat(slots).to(dev),
-                query_start_loc=query_start_loc,
-                seq_lens=seq_lens,
-                block_tables=tables,
+            positions=positions.to(dev),
+            attn_meta=AttentionMetadata.from_table(
+                slots.to(dev), query_start_loc, seq_lens, table.to(dev)
             ),
             logits_indices=torch.tensor(sample_idx + prompt_idx, dtype=torch.long, device=dev),
             sample_rows=sample_rows,
