@@ -574,6 +574,38 @@ def test_gather_then_scatter_moves_blocks() -> None:
     assert_landed(dst, before, src)
 
 
+def test_layer_scatter_writes_a_run_of_layers() -> None:
+    """The receiving end's multi-layer scatter (its CPU path; the GPU kernel has its own test):
+    layers 1..NUM_LAYERS-1 land at the blocks, layer 0 and other blocks stay."""
+    from kv_transfer.blocks import LayerScatter
+
+    src, dst = make_caches(seed=1), make_caches(seed=2)
+    before = clone_all(dst)
+    source = gather_blocks(src, SRC_IDS)
+    data = torch.stack([source.layer(i) for i in range(1, NUM_LAYERS)])
+    LayerScatter(dst)(1, torch.tensor(DST_IDS), data)
+    assert torch.equal(dst[0], before[0])
+    assert_landed(dst[1:], before[1:], src[1:])
+
+
+def test_release_of_a_tcp_reservation_is_its_cancel() -> None:
+    """`release` (what the decode worker calls before freeing blocks) cancels the reservation;
+    a transport that writes only while the future is pending has nothing more to wait for."""
+
+    async def scenario() -> None:
+        receiver = TcpKVReceiver(make_caches())
+        await receiver.start()
+        try:
+            future = receiver.expect("r", DST_IDS, time.time() + 10)
+            await receiver.release("r")
+            assert future.cancelled()
+            await receiver.release("unknown")  # no-op
+        finally:
+            await receiver.close()
+
+    asyncio.run(scenario())
+
+
 def test_endpoint_sender_and_receiver_choice() -> None:
     """The prefill side picks the transport from the endpoint; nccl needs CUDA on both sides."""
     from kv_transfer.dispatch import EndpointSender, make_receiver

@@ -54,12 +54,12 @@ def memory_cluster(tiny_model):
     spec = ClusterSpec(model, prefill=2, decode=1, port=free_port(), grpc_port=free_port(),
                        worker_args=FLAGS)  # fmt: skip
     cluster = start_cluster(spec)
-    yield model, f"http://127.0.0.1:{spec.port}"
+    yield model, f"http://127.0.0.1:{spec.port}", cluster
     cluster.stop()
 
 
 def test_repeat_prefixes_go_where_their_kv_is(memory_cluster):
-    model, base = memory_cluster
+    model, base, _ = memory_cluster
     shared = _prompt(1, 64)  # 4 full blocks
     _complete(base, model.name, shared + _prompt(2, 5))
     # Once the first request's KV events reached the router's index (the workers may still be
@@ -70,7 +70,7 @@ def test_repeat_prefixes_go_where_their_kv_is(memory_cluster):
 
 
 def test_multi_turn_prefills_on_the_decode_worker(memory_cluster):
-    model, base = memory_cluster
+    model, base, _ = memory_cluster
     before = _metric(base, "baton:local_prefills_total")
     first = _prompt(3, 70)
     answer = _complete(base, model.name, first, max_tokens=20)
@@ -86,6 +86,37 @@ def test_multi_turn_prefills_on_the_decode_worker(memory_cluster):
     expected = llm.generate([second], params, use_tqdm=False)[0].outputs[0].text
     assert result["choices"][0]["text"] == expected
     assert _cached(result) >= 64
+
+
+def test_a_prefix_held_by_the_decode_worker_is_reused_there(memory_cluster):
+    """A prompt no decode worker holds is reserved while it prefills (fresh blocks); once the
+    decode worker holds its prefix, the router reserves first and the decode worker reuses it
+    (the prefill worker sends only the rest); the text is the offline engine's either way."""
+    model, base, cluster = memory_cluster
+    decode = next(w for w in cluster.workers if w.role == "decode")
+
+    def decode_hits() -> float:
+        text = httpx.get(decode.metrics_url, timeout=10).text
+        return sum(
+            float(v) for v in re.findall(r"^baton:prefix_cache_hits_total\S* (\S+)$", text, re.M)
+        )
+
+    llm = LLM(str(model))
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    shared = _prompt(20, 64)  # 4 full blocks, then more than the local-prefill threshold
+    first = shared + _prompt(21, 80)
+    assert _complete(base, model.name, first, 6)["choices"][0]["text"] == (
+        llm.generate([first], greedy, use_tqdm=False)[0].outputs[0].text)  # fmt: skip
+    before, local = decode_hits(), _metric(base, "baton:local_prefills_total")
+    prompts = [shared + _prompt(30 + i, 80) for i in range(20)]
+    for prompt in prompts:  # until the router's index has the decode worker's KV events
+        result = _complete(base, model.name, prompt, 6)
+        assert result["choices"][0]["text"] == (
+            llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].text)  # fmt: skip
+        if decode_hits() >= before + 64:
+            break
+    assert decode_hits() >= before + 64
+    assert _metric(base, "baton:local_prefills_total") == local  # disaggregated, not local
 
 
 @pytest.fixture()
