@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import random
-import shutil
 import statistics
 import sys
 import tempfile
@@ -66,19 +65,31 @@ Section = Callable[[Path], dict[str, Any]]
 
 
 def make_model(directory: Path) -> Path:
-    """A random Llama-3.2-1B-shaped model (bf16) with a tiny model's tokenizer files."""
+    """A random Llama-3.2-1B-shaped model (bf16) with a tokenizer that covers its vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from launcher.tiny_model import make_tiny_model
 
     torch.manual_seed(0)
     model: Any = LlamaForCausalLM(LlamaConfig(**SHAPE))
     model.to(torch.bfloat16).save_pretrained(directory)
-    tiny = make_tiny_model(directory / "tok", "llama", 0)
-    for f in tiny.iterdir():
-        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
-            shutil.copy(f, directory / f.name)
+    write_tokenizer(directory, SHAPE["vocab_size"])
     return directory
+
+
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A word-level tokenizer with one word per id (`<unk>`, `<s>`, `</s>`, then `w3`, `w4`,
+    ...), so every token a random model samples has text, as with a real model's tokenizer:
+    streamed responses then carry the first token at once (the router sends no chunk for a
+    token without text, which is what out-of-vocabulary ids of a smaller tokenizer give)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(directory)
 
 
 def weight_bytes(model_dir: Path) -> int:
