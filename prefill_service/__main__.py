@@ -39,7 +39,7 @@ def main() -> None:
         "--layerwise-push",
         action="store_true",
         help="push each layer's KV as soon as it is computed, overlapping the prefill (off by"
-        " default: on two H200s it slowed a 2k-token prefill step from 14 to 29 ms)",
+        " default: on two H100s it slowed a 2k-token prefill step from 14 to 29 ms)",
     )
     run_worker(parser.parse_args(), "prefill", setup)
 
