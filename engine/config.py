@@ -189,6 +189,9 @@ class EngineConfig:
     seed: int = 0
     # GPU: run every step eagerly instead of replaying CUDA graphs for decode batches.
     enforce_eager: bool = False
+    # Launch a plain-greedy decode step before the previous one's tokens are read (EngineCore
+    # .step). None: on when decode steps replay CUDA graphs (on the CPU it gains nothing).
+    async_scheduling: bool | None = None
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from engine.config import EngineConfig
 from engine.kv_cache.events import KVEvent, KVEventLog
 from engine.kv_cache.manager import KVCacheManager, PrefixCacheStats, cdiv
 from engine.kv_export import LayerwiseExport
-from engine.model_runner import ModelRunner
+from engine.model_runner import LaunchedDecode, ModelRunner
 from engine.outputs import EngineCoreOutput
 from engine.request import Request, RequestStatus
 from engine.sampling.topk_topp import advance_generator
@@ -50,6 +50,14 @@ class EngineCore:
         self.layerwise_export = False
         self.on_kv_export: Callable[[str, LayerwiseExport], None] | None = None
         self._step_exports: dict[str, LayerwiseExport] = {}
+        # Asynchronous scheduling (see `step`): on with CUDA graphs unless the config says.
+        self.async_scheduling = (
+            config.async_scheduling
+            if config.async_scheduling is not None
+            else self.runner.graphs is not None
+        )
+        self._launched: tuple[SchedulerOutput, LaunchedDecode] | None = None  # tokens unread
+        self.num_chained_steps = 0  # steps launched before the previous one's tokens were read
 
     def add_request(self, request: Request) -> None:
         """Queue a validated request. Raises ValueError if it could never fit the KV cache."""
@@ -79,8 +87,8 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def has_work(self) -> bool:
-        """True when `step()` would compute something."""
-        return self.scheduler.has_work()
+        """True when `step()` would compute something (or read a launched step)."""
+        return self._launched is not None or self.scheduler.has_work()
 
     # --- disaggregation: the prefill and decode roles ------------------------------------
 
@@ -90,6 +98,11 @@ class EngineCore:
         Returns the block ids another engine must fill, and the prompt tokens cached here.
         """
         self._check_fits(request)
+        if self._launched is not None and self._launched[1].ready is not None:
+            # Blocks given out here are written by another stream (the KV receiver); a launched
+            # step may still write the slots of blocks freed under it (a request it decodes
+            # was aborted or stopped): let it finish first.
+            self._launched[1].ready.synchronize()
         return self.scheduler.reserve(request, reuse_prefix)
 
     def start_decode(self, request_id: str, first_token: int) -> None:
@@ -145,10 +158,21 @@ class EngineCore:
         return self.kv.stats
 
     def step(self) -> list[EngineCoreOutput]:
-        """Schedule a batch, run it, and return what each request produced."""
+        """Schedule a batch, run it, and return what each request produced.
+
+        With asynchronous scheduling, a plain-greedy decode step is launched without waiting
+        for its tokens; the next `step()` launches the one after it (when that can be decided
+        without them: `Scheduler.schedule_next_decode`), fed by its tokens on the device, and
+        only then reads them. The GPU so runs step k+1 while the host turns step k's tokens
+        into outputs and prepares step k+2. Outputs are those of the step read."""
+        if self._launched is not None:
+            return self._read_launched()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
+        if self.async_scheduling and self.runner.can_launch(scheduled):
+            self._launched = (scheduled, self.runner.launch_decode(scheduled.scheduled))
+            return self._read_launched()
         exports = self._start_exports(scheduled) if self.layerwise_export else {}
         self._step_exports = exports
         try:
@@ -171,6 +195,30 @@ class EngineCore:
         for request_id, rows in result.logprobs.items():
             by_id[request_id].new_logprobs = rows
         return outputs
+
+    def _read_launched(self) -> list[EngineCoreOutput]:
+        """Launch the step after the launched one if it can be decided now, then read the
+        launched one's tokens and advance its requests."""
+        assert self._launched is not None
+        scheduled, launched = self._launched
+        self._launched = None
+        after = self.scheduler.schedule_next_decode(scheduled)
+        if after is not None:
+            rows = {id(it.request): i for i, it in enumerate(scheduled.scheduled)}
+            picks = [rows[id(it.request)] for it in after.scheduled]
+            inputs = launched.tokens
+            if len(picks) != len(scheduled.scheduled):
+                index = torch.tensor(picks)
+                if inputs.is_cuda:  # pinned, so the copy does not wait for the launched step
+                    index = index.pin_memory().to(inputs.device, non_blocking=True)
+                inputs = inputs[index]
+            self._launched = (after, self.runner.launch_decode(after.scheduled, inputs))
+            self.num_chained_steps += 1
+        tokens = self.runner.finish_decode(launched)
+        sampled = {
+            it.request.request_id: t for it, t in zip(scheduled.scheduled, tokens, strict=True)
+        }
+        return self.scheduler.update_from_output(scheduled, sampled, advanced=after is not None)
 
     def check_integrity(self, expect_all_free: bool = False) -> None:
         """The block pool's accounting check; with `expect_all_free`, also that nothing leaked."""

@@ -14,6 +14,11 @@ Everything a replay reads lives in static buffers filled before each replay::
 `max_blocks` covers `max_model_len`, so the split count of the decode attention kernel (chosen
 from shapes only) is fixed per captured size. The host side fills pinned copies of the buffers
 and moves each with one asynchronous copy: no synchronisation until the sampler reads tokens.
+Two sets of pinned buffers alternate, so the host may fill step k+1's while step k's copies are
+still queued (asynchronous scheduling launches a step before reading the previous one's tokens);
+a set is reused only after its copies ran. With asynchronous scheduling a step's tokens may also
+come from the GPU (the previous step's argmax), and its greedy ids go back to pinned host
+memory (`greedy_to_host`) without stalling the stream.
 Only pure-decode steps (every sequence one new token, no prompt logprobs) use the graphs, and
 only with the Triton attention backend, whose decode path reads nothing but these tensors.
 """
@@ -21,8 +26,11 @@ only with the Triton attention backend, whose decode path reads nothing but thes
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
@@ -52,18 +60,14 @@ class DecodeGraphs:
         self.sizes = sorted(capture_sizes)
         n = self.sizes[-1]  # the largest batch
         self._forward = forward
-        # Host buffers are pinned, so each step's copies are asynchronous. A step's host writes
-        # never race the previous step's copies: the sampler synchronises every step.
-        self._host = {
-            "tokens": torch.zeros(n, dtype=torch.long),
-            "positions": torch.zeros(n, dtype=torch.long),
-            "slots": torch.full((n,), -1, dtype=torch.long),  # -1: the KV write skips the row
-            "seq_lens": torch.ones(n, dtype=torch.int32),
-            "tables": torch.zeros(n, max_blocks, dtype=torch.int32),
-        }
-        self._host = {k: v.pin_memory() for k, v in self._host.items()}
-        self._host_np = {k: v.numpy() for k, v in self._host.items()}  # views: writes are free
-        self._static = {k: v.to(device) for k, v in self._host.items()}
+        # Host buffers are pinned, so each step's copies are asynchronous; two sets alternate,
+        # each reused only once the copies out of it ran (`_copied`).
+        self._host_sets = [_host_buffers(n, max_blocks) for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0  # the set the next `run` fills
+        self._static = {k: v.to(device) for k, v in self._host_sets[0][0].items()}
+        # `launch`: pinned homes of the greedy ids, one per buffer set
+        self._greedy_host = [torch.zeros(n, dtype=torch.long).pin_memory() for _ in range(2)]
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.replays = 0  # decode steps run through a graph
@@ -108,38 +112,76 @@ class DecodeGraphs:
 
     def run(
         self,
-        tokens: Sequence[int],
+        tokens: Sequence[int] | torch.Tensor,
         positions: Sequence[int],
         block_tables: Sequence[Sequence[int]],
         block_size: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (S, vocab) float32 logits, (S,) argmax ids
         """One decode step for S sequences: token i at `positions[i]`, its blocks in
         `block_tables[i]`. Fills the static buffers and replays the graph of the next size.
-        Both results are views into the graph's outputs, valid until the next replay."""
-        num_seqs = len(tokens)
+        `tokens` may be a (S,) int64 tensor on the GPU (copied in on the stream). Both results
+        are views into the graph's outputs, valid until the next replay of that size."""
+        num_seqs = len(positions)
         batch = self.batch_size_for(num_seqs)
         assert batch is not None, "the caller checks batch_size_for first"
-        host = self._host_np
+        turn = self._turn
+        self._turn ^= 1
+        copied = self._copied[turn]
+        if copied is not None:
+            copied.synchronize()  # long done in practice: two steps back
+        pinned, host = self._host_sets[turn]
         # This step's tables, packed as (batch, width) at the start of the host buffer, so only
         # the columns in use travel (entries past a sequence's own blocks are never read).
-        width = max(len(t) for t in block_tables)
+        lengths = np.fromiter(map(len, block_tables), dtype=np.int64, count=num_seqs)
+        width = int(lengths.max())
         tables = host["tables"].reshape(-1)[: batch * width].reshape(batch, width)
-        for i, (pos, table) in enumerate(zip(positions, block_tables, strict=True)):
-            host["slots"][i] = table[pos // block_size] * block_size + pos % block_size
-            tables[i, : len(table)] = table
-        host["tokens"][:num_seqs] = tokens
-        host["positions"][:num_seqs] = positions
-        host["seq_lens"][:num_seqs] = positions
+        flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int32)
+        rows = np.repeat(np.arange(num_seqs), lengths)
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)  # each entry's row in `flat`
+        tables[rows, np.arange(len(flat)) - starts] = flat
+        pos = np.asarray(positions, dtype=np.int64)
+        host["slots"][:num_seqs] = tables[np.arange(num_seqs), pos // block_size] * block_size
+        host["slots"][:num_seqs] += pos % block_size
+        if not isinstance(tokens, torch.Tensor):
+            host["tokens"][:num_seqs] = tokens
+        host["positions"][:num_seqs] = pos
+        host["seq_lens"][:num_seqs] = pos
         host["seq_lens"][:num_seqs] += 1
         host["tokens"][num_seqs:batch] = 0
         host["positions"][num_seqs:batch] = 0
         host["slots"][num_seqs:batch] = -1
         host["seq_lens"][num_seqs:batch] = 1
         for name in ("tokens", "positions", "slots", "seq_lens"):
-            self._static[name][:batch].copy_(self._host[name][:batch], non_blocking=True)
-        packed = self._host["tables"].view(-1)[: batch * width].view(batch, width)
+            self._static[name][:batch].copy_(pinned[name][:batch], non_blocking=True)
+        if isinstance(tokens, torch.Tensor):
+            self._static["tokens"][:num_seqs].copy_(tokens)
+        packed = pinned["tables"].view(-1)[: batch * width].view(batch, width)
         self._static["tables"][:batch, :width].copy_(packed, non_blocking=True)
+        copied = self._copied[turn] = torch.cuda.Event()
+        copied.record()
         self._graphs[batch].replay()
         self.replays += 1
         logits, greedy = self._outputs[batch]
         return logits[:num_seqs], greedy[:num_seqs]
+
+    def greedy_to_host(self, greedy: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Queue a copy of the last `run`'s greedy ids (S,) to pinned host memory; returns the
+        host tensor, readable once the event completes (valid until the next `run` but one)."""
+        host = self._greedy_host[self._turn ^ 1][: len(greedy)]  # the last run's set
+        host.copy_(greedy, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+
+def _host_buffers(n: int, max_blocks: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One set of pinned host buffers for the static inputs, and numpy views of them."""
+    buffers = {
+        "tokens": torch.zeros(n, dtype=torch.long),
+        "positions": torch.zeros(n, dtype=torch.long),
+        "slots": torch.full((n,), -1, dtype=torch.long),  # -1: the KV write skips the row
+        "seq_lens": torch.ones(n, dtype=torch.int32),
+        "tables": torch.zeros(n, max_blocks, dtype=torch.int32),
+    }
+    pinned = {k: v.pin_memory() for k, v in buffers.items()}
+    return pinned, {k: v.numpy() for k, v in pinned.items()}  # views: writes are free

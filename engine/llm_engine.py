@@ -56,6 +56,7 @@ class LLMEngine:
         seed: int = 0,
         device: str = "cpu",
         enforce_eager: bool = False,
+        async_scheduling: bool | None = None,
     ) -> LLMEngine:
         """Build the configs from flat arguments (the `LLM` and CLI spelling)."""
         config = EngineConfig(
@@ -78,6 +79,7 @@ class LLMEngine:
             device=torch.device(device),
             seed=seed,
             enforce_eager=enforce_eager,
+            async_scheduling=async_scheduling,
         )
         torch.manual_seed(seed)
         return cls(config)

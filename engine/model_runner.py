@@ -8,6 +8,7 @@ for), and samples.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,19 @@ class ModelRunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, LogprobsTensors] = field(default_factory=dict)
     prompt_logprobs: dict[str, LogprobsTensors] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class LaunchedDecode:
+    """A plain-greedy decode step queued on the device whose tokens are not read yet.
+
+    `tokens` is the (S,) argmax on the device (the next step's input if it chains on);
+    `host_tokens` the same ids in (pinned) host memory, readable once `ready` completes."""
+
+    items: list[ScheduledRequest]
+    tokens: torch.Tensor
+    host_tokens: torch.Tensor
+    ready: torch.cuda.Event | None  # None on the CPU: the step ran synchronously
 
 
 @dataclass(slots=True)
@@ -157,6 +171,61 @@ class ModelRunner:
             return out
         return self._execute_eager(scheduled, out)
 
+    def can_launch(self, scheduled: SchedulerOutput) -> bool:
+        """True if `launch_decode` may run this step: a pure decode step whose requests all
+        sample plainly greedily (so the tokens need not reach the host before the next step)."""
+        return all(
+            it.num_tokens == 1
+            and it.samples
+            and it.request.params.prompt_logprobs is None
+            and _plain_greedy(it.request.params)
+            for it in scheduled.scheduled
+        )
+
+    @torch.inference_mode()
+    def launch_decode(
+        self, items: list[ScheduledRequest], tokens: torch.Tensor | None = None
+    ) -> LaunchedDecode:
+        """Queue a plain-greedy decode step (see `can_launch`) without waiting for its tokens.
+
+        `tokens`: the input ids (S,) on the device (the previous step's output), when the
+        requests' last tokens are not known on the host yet; otherwise read from the requests.
+        """
+        cuda = self.device.type == "cuda"
+        with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
+            if self.graphs is not None and self.graphs.batch_size_for(len(items)) is not None:
+                _, greedy = self.graphs.run(
+                    tokens if tokens is not None else self._last_tokens(items),
+                    [it.start for it in items],
+                    [it.block_ids for it in items],
+                    self.block_size,
+                )
+                host, ready = self.graphs.greedy_to_host(greedy)
+                return LaunchedDecode(items, greedy, host, ready)
+            ids = tokens if tokens is not None else torch.tensor(self._last_tokens(items))
+            batch = self._prepare(SchedulerOutput(items), input_ids=ids)
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_meta)
+            greedy = self.model.compute_logits(hidden).argmax(dim=-1)  # one row per request
+            if not cuda:  # it ran synchronously
+                return LaunchedDecode(items, greedy, greedy, None)
+            host = torch.empty(greedy.shape, dtype=greedy.dtype, pin_memory=True)
+            host.copy_(greedy, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return LaunchedDecode(items, greedy, host, ready)
+
+    @staticmethod
+    def _last_tokens(items: list[ScheduledRequest]) -> list[int]:
+        return [it.request.all_token_ids[it.start] for it in items]
+
+    @staticmethod
+    def finish_decode(launched: LaunchedDecode) -> list[int]:
+        """The launched step's token ids, in `items` order (waits for that step only)."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        tokens: list[int] = launched.host_tokens.tolist()
+        return tokens
+
     def _execute_eager(
         self, scheduled: SchedulerOutput, out: ModelRunnerOutput
     ) -> ModelRunnerOutput:
@@ -213,9 +282,12 @@ class ModelRunner:
             if result.logprobs is not None and item.request.params.logprobs is not None:
                 out.logprobs[request_id] = _row(result.logprobs, i)
 
-    def _prepare(self, scheduled: SchedulerOutput) -> _BatchInputs:
+    def _prepare(
+        self, scheduled: SchedulerOutput, input_ids: torch.Tensor | None = None
+    ) -> _BatchInputs:
         """The step's inputs, built with a fixed number of tensor operations whatever the
-        number of sequences (the host's work per step matters at large batches)."""
+        number of sequences (the host's work per step matters at large batches). `input_ids`
+        replaces the requests' tokens (a decode step whose inputs are still on the device)."""
         bs = self.block_size
         items = scheduled.scheduled
         tokens: list[int] = []
@@ -228,7 +300,8 @@ class ModelRunner:
         for item in items:
             request, start, n = item.request, item.start, item.num_tokens
             end, offset = start + n, query_start_loc[-1]
-            tokens.extend(request.all_token_ids[start:end])
+            if input_ids is None:
+                tokens.extend(request.all_token_ids[start:end])
             starts.append(start)
             counts.append(n)
             query_start_loc.append(offset + n)
@@ -258,7 +331,11 @@ class ModelRunner:
         slots = table[rows, positions // bs] * bs + positions % bs
         dev = self.device
         return _BatchInputs(
-            input_ids=torch.tensor(tokens, dtype=torch.long, device=dev),
+            input_ids=(
+                torch.tensor(tokens, dtype=torch.long, device=dev)
+                if input_ids is None
+                else input_ids.to(dev)
+            ),
             positions=positions.to(dev),
             attn_meta=AttentionMetadata.from_table(
                 slots.to(dev), query_start_loc, seq_lens, table.to(dev)

@@ -35,6 +35,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode batches"
     )
     parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="launch a greedy decode step before reading the previous one's tokens "
+        "(default: on with CUDA graphs)",
+    )
+    parser.add_argument(
         "--num-threads",
         type=int,
         default=None,
@@ -87,5 +94,6 @@ def build_engine_core(args: argparse.Namespace) -> EngineCore:
         device=torch.device(args.device),
         seed=args.seed,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
     )
     return EngineCore(config)

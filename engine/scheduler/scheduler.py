@@ -124,16 +124,68 @@ class Scheduler:
             self._admit_waiting(out, budget)
         return out
 
+    def schedule_next_decode(self, launched: SchedulerOutput) -> SchedulerOutput | None:
+        """Asynchronous scheduling: the step after `launched` (a pure decode step whose tokens
+        are not read yet), or None when it cannot be decided before reading them.
+
+        It can be when nothing waits and every running request is in `launched`: then
+        `schedule()` would decode each running request again. Requests that reach their length
+        limit with `launched`'s token are left out; one that `launched` ends by a stop token is
+        found only when its tokens are read (its row in the next step is then discarded). On
+        success, `launched` counts as computed (`advance`), and blocks are held for one more
+        token of each request in the returned step.
+        """
+        if self.waiting or len(self.running) != len(launched.scheduled):
+            return None
+        going_on = []
+        for item in launched.scheduled:
+            request = item.request
+            if request.status != RequestStatus.RUNNING or request.kv_transfer is not None:
+                return None
+            if (
+                request.num_output_tokens + 1 < request.max_tokens
+                and request.num_tokens + 1 < self.max_model_len
+            ):
+                going_on.append(request)
+        if not going_on:
+            return None
+        # One more block for each request whose next token starts one: all or nothing.
+        bs = self.kv.block_size
+        needed = sum(1 for r in going_on if (r.num_computed_tokens + 1) % bs == 0)
+        if needed > self.kv.pool.num_free_blocks:
+            return None
+        self.advance(launched)
+        self.num_steps += 1
+        out = SchedulerOutput()
+        for request in going_on:
+            allocated = self.kv.allocate_slots(request, 1)
+            assert allocated, "counted above"
+            out.scheduled.append(self._scheduled(request, 1))
+        return out
+
+    def advance(self, scheduled: SchedulerOutput) -> None:
+        """Count the step's tokens as computed (its forward pass is queued) and index the
+        blocks they fill. `update_from_output` does it unless `advanced` says it was done."""
+        for item in scheduled.scheduled:
+            if item.request.status == RequestStatus.RUNNING:  # else finished meanwhile
+                item.request.num_computed_tokens += item.num_tokens
+                self.kv.cache_blocks(item.request)
+
     def update_from_output(
-        self, scheduled: SchedulerOutput, sampled: dict[str, int]
+        self, scheduled: SchedulerOutput, sampled: dict[str, int], advanced: bool = False
     ) -> list[EngineCoreOutput]:
-        """Advance each scheduled request; append sampled tokens; finish stopped requests."""
+        """Advance each scheduled request; append sampled tokens; finish stopped requests.
+
+        Requests that finished since the step was scheduled (aborted, or stopped while an
+        asynchronous step ran) are skipped: what the step computed for them is dropped."""
+        if not advanced:
+            self.advance(scheduled)
         outputs = []
         now = time.time()
         for item in scheduled.scheduled:
             request = item.request
-            request.num_computed_tokens += item.num_tokens
-            self.kv.cache_blocks(request)
+            if request.status != RequestStatus.RUNNING:
+                continue
             token = sampled.get(request.request_id)
             if token is None:
                 continue

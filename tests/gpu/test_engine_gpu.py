@@ -67,3 +67,35 @@ def test_cuda_graph_decode_equals_eager(tiny_model, arch):
             assert graphs.sizes == [1, 2, 4, 8, 16]
         llm.check_integrity()
     assert outputs[False] == outputs[True]
+
+
+def test_async_scheduling_equals_sync_on_gpu(tiny_model):
+    """Decode steps launched before the previous tokens are read (CUDA graphs fed by the
+    previous argmax on the device) give the synchronous engine's outputs, with requests
+    ending by length and by stop token at different steps."""
+    from engine import LLM, SamplingParams
+
+    model_dir = tiny_model("llama")
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(1, 90))] for _ in range(11)]
+    lengths = [SamplingParams(temperature=0, max_tokens=20 + i, ignore_eos=True) for i in range(11)]
+    outputs = {}
+    for async_scheduling in (False, True):
+        llm = LLM(str(model_dir), device="cuda", max_num_seqs=16, kv_cache_memory_bytes=1 << 28,
+                  async_scheduling=async_scheduling)  # fmt: skip
+        first = [o.outputs[0].token_ids for o in llm.generate(prompts, lengths, use_tqdm=False)]
+        stops = [
+            SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                           stop_token_ids=[tokens[3 + i]])  # fmt: skip
+            for i, tokens in enumerate(first)
+        ]
+        second = [
+            (o.outputs[0].token_ids, o.outputs[0].finish_reason)
+            for o in llm.generate(prompts, stops, use_tqdm=False)
+        ]
+        assert (llm.engine.core.num_chained_steps > 0) == async_scheduling
+        assert llm.engine.core.runner.graphs.replays > 0
+        llm.check_integrity()
+        outputs[async_scheduling] = (first, second)
+    assert outputs[True] == outputs[False]
+    assert any(reason == "stop" for _, reason in outputs[True][1])

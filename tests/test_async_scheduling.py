@@ -1,0 +1,130 @@
+"""Asynchronous scheduling (EngineCore.step): a greedy decode step is launched before the
+previous one's tokens are read. On the CPU it runs synchronously, but through the same
+scheduler path (`schedule_next_decode`), so its outputs must equal the synchronous engine's."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.llm_engine import LLMEngine
+
+PROMPT_LENS = [1, 5, 16, 17, 33, 40, 64]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model):
+    return str(tiny_model("qwen2"))
+
+
+def _prompts(n: int = len(PROMPT_LENS)) -> list[list[int]]:
+    rng = random.Random(7)
+    return [[rng.randrange(3, 500) for _ in range(length)] for length in PROMPT_LENS[:n]]
+
+
+def _llm(model_dir: str, async_scheduling: bool, **args) -> LLM:
+    return LLM(model_dir, max_num_batched_tokens=64, async_scheduling=async_scheduling, **args)
+
+
+def _run(llm: LLM, prompts, params) -> list[tuple[list[int], str | None, object, str]]:
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [
+        (list(c.token_ids), c.finish_reason, c.stop_reason, c.text)
+        for c in (o.outputs[0] for o in outputs)
+    ]
+
+
+def _params(reference: list[list[int]]) -> list[SamplingParams]:
+    """Per prompt: length limits that differ, stops by token half-way, a stop string, and one
+    seeded random request (a batch holding it is not launched ahead)."""
+    params = []
+    for i, tokens in enumerate(reference):
+        if i % 3 == 0:
+            params.append(SamplingParams(temperature=0, max_tokens=5 + 3 * i, ignore_eos=True))
+        elif i % 3 == 1:
+            stop = tokens[len(tokens) // 2]
+            params.append(
+                SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop_token_ids=[stop])
+            )
+        else:
+            params.append(SamplingParams(temperature=0, max_tokens=30, ignore_eos=False))
+    params[-1] = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
+    return params
+
+
+@pytest.mark.parametrize("num_kv_blocks", [256, 12])  # 12: preemptions, chains cut short
+def test_async_outputs_equal_sync(model_dir, num_kv_blocks):
+    prompts = _prompts()
+    # length limits one apart: each step leaves one request out of the next (a subset)
+    plain = [SamplingParams(temperature=0, max_tokens=24 + i, ignore_eos=True) for i in range(7)]
+    results = {}
+    for async_scheduling in (False, True):
+        llm = _llm(model_dir, async_scheduling, num_kv_blocks=num_kv_blocks)
+        reference = [r[0] for r in _run(llm, prompts, plain)]
+        params = _params(reference)
+        mixed = _run(llm, prompts, params)
+        alone = [_run(llm, [p], q)[0] for p, q in zip(prompts, params, strict=True)]
+        core = llm.engine.core
+        assert (core.num_chained_steps > 0) == async_scheduling
+        llm.check_integrity()
+        results[async_scheduling] = (reference, mixed, alone)
+    assert results[True] == results[False]
+    reference, mixed, _ = results[True]
+    # the stops by token did stop early, so the discarded rows were exercised
+    assert any(len(m[0]) < len(r) and m[1] == "stop" for r, m in zip(reference, mixed, strict=True))
+
+
+def test_stops_and_abort_while_launched(model_dir):
+    """A request stopped by a token, by a stop string, or aborted while a step that decodes
+    it is in flight: the engine core emits nothing more for it, and the rest go on as in the
+    synchronous engine."""
+    prompts = _prompts(4)
+    plain = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    sync = _llm(model_dir, False)
+    full = _run(sync, prompts, plain)
+    stop_text = full[1][3][5:9]  # a stop string cutting the second request's text
+    stop_token = full[3][0][10]
+    assert stop_text
+    params = [
+        plain,
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop_text]),
+        plain,
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop_token_ids=[stop_token]),
+    ]
+
+    def stepwise(engine: LLMEngine) -> dict[str, list[tuple[list[int], str | None]]]:
+        """Every output of the engine core, by request id."""
+        seen: dict[str, list[tuple[list[int], str | None]]] = {}
+        core_step = engine.core.step
+
+        def step():
+            outputs = core_step()
+            for o in outputs:
+                seen.setdefault(o.request_id, []).append((o.new_token_ids, o.finish_reason))
+            return outputs
+
+        engine.core.step = step  # type: ignore[method-assign]
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            engine.add_request(str(i), prompt, p)
+        steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+            if steps == 12:
+                engine.abort_request(["2"])
+        while engine.core.has_work():  # a launched step left behind is read, its rows dropped
+            engine.step()
+        return seen
+
+    sync_seen = stepwise(sync.engine)
+    async_llm = _llm(model_dir, True)
+    async_seen = stepwise(async_llm.engine)
+    assert async_llm.engine.core.num_chained_steps > 0
+    assert async_seen == sync_seen
+    assert [o[1] for o in sync_seen["0"]][-1] == "length"
+    assert [o[1] for o in sync_seen["3"]][-1] == "stop"
+    assert len(sync_seen["1"]) < 40 and len(sync_seen["2"]) < 40  # stopped, aborted
+    for llm in (sync, async_llm):
+        llm.check_integrity()
