@@ -481,7 +481,8 @@ class NcclKVReceiver(ListeningReceiver):
         scatter into the reserved blocks; wait for the last of them on the GPU; read the extras.
 
         Two staging buffers alternate, so chunk k+1 arrives while chunk k is scattered; it is all
-        queued at once, ordered on the GPU by events, so the host is not in the loop. Writes
+        queued at once, ordered on the GPU by events, so the host is not in the loop, and the
+        pair's thread then waits for the last scatter (one hop to that thread in all). Writes
         queued here land even if the reservation ends meanwhile: `release` waits for them. On
         any failure the communicator is aborted, the queued work allowed to finish, and `res`
         failed before this raises.
@@ -513,11 +514,12 @@ class NcclKVReceiver(ListeningReceiver):
                 done = torch.cuda.Event()
                 done.record(comm.scatter_stream)
                 queued.append(done)
+            queued[-1].synchronize()  # in the same hop: cudaEventSynchronize drops the GIL
 
         posting = asyncio.ensure_future(comm.run(post))
         try:
-            await watch(posting, grace, what, reader)  # NCCL may block connecting to the peer
-            await wait_gpu(comm, queued[-1], grace, what, reader)
+            # NCCL may block connecting to the peer; then the GPU runs what was queued.
+            await watch(posting, grace, what, reader)
             extras: Extras = {}
             for extra in header.extras:
                 extras[extra.name] = await read_tensor_frame(reader, extra)
