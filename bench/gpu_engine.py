@@ -168,7 +168,7 @@ def bench_decode(model_dir: Path) -> dict[str, Any]:
     weights = weight_bytes(model_dir)
     bandwidth = copy_bandwidth()
     free_gpu()
-    baton_s, baton_tokens = _baton_decode(model_dir)
+    baton_s, baton_tokens, sync_s = _baton_decode(model_dir)
     free_gpu()
     hf_s = _hf_decode(model_dir)
     free_gpu()
@@ -186,6 +186,7 @@ def bench_decode(model_dir: Path) -> dict[str, Any]:
         "baton_tokens_per_s": baton_rate,
         "baton_ms_per_token": 1000 * baton_s / DECODE_NEW_TOKENS,
         "baton_output_tokens": baton_tokens,
+        "baton_sync_scheduling_tokens_per_s": DECODE_NEW_TOKENS / sync_s,
         "transformers_seconds": hf_s,
         "transformers_tokens_per_s": hf_rate,
         "transformers_ms_per_token": 1000 * hf_s / DECODE_NEW_TOKENS,
@@ -196,8 +197,9 @@ def bench_decode(model_dir: Path) -> dict[str, Any]:
     }
 
 
-def _baton_decode(model_dir: Path) -> tuple[float, int]:
-    """(seconds, tokens generated) of one timed batch-1 generate, after two warm-ups."""
+def _baton_decode(model_dir: Path) -> tuple[float, int, float]:
+    """(seconds, tokens generated) of one timed batch-1 generate, after two warm-ups, and the
+    seconds of the same with synchronous scheduling."""
     from engine import SamplingParams
 
     llm = baton_llm(model_dir, kv_cache_memory_bytes=8 << 30)
@@ -206,7 +208,21 @@ def _baton_decode(model_dir: Path) -> tuple[float, int]:
         llm.generate([DECODE_PROMPT], warm, use_tqdm=False)
     params = SamplingParams(temperature=0, max_tokens=DECODE_NEW_TOKENS, ignore_eos=True)
     seconds, outputs = timed(lambda: llm.generate([DECODE_PROMPT], params, use_tqdm=False))
-    return seconds, len(outputs[0].outputs[0].token_ids)
+    sync_s = _synchronous_seconds(
+        llm, lambda: llm.generate([DECODE_PROMPT], params, use_tqdm=False)
+    )
+    return seconds, len(outputs[0].outputs[0].token_ids), sync_s
+
+
+def _synchronous_seconds(llm: Any, run: Callable[[], Any]) -> float:
+    """The same run with asynchronous scheduling off (every step's tokens read before the next
+    step is launched), on the same engine: what the overlap gains."""
+    core = llm.engine.core
+    core.async_scheduling, was = False, core.async_scheduling
+    try:
+        return timed(run)[0]
+    finally:
+        core.async_scheduling = was
 
 
 def _hf_decode(model_dir: Path) -> float:
@@ -226,7 +242,7 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
     """128 requests submitted at once: output tokens/s of Baton against transformers."""
     prompts = random_prompts(CONCURRENT_REQUESTS, CONCURRENT_PROMPT_TOKENS, seed=0)
     total = CONCURRENT_REQUESTS * CONCURRENT_NEW_TOKENS
-    baton_s, baton_tokens = _baton_concurrent(model_dir, prompts)
+    baton_s, baton_tokens, sync_s = _baton_concurrent(model_dir, prompts)
     free_gpu()
     hf = _hf_concurrent(model_dir, prompts)
     free_gpu()
@@ -245,6 +261,7 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
         "baton_seconds": baton_s,
         "baton_output_tokens": baton_tokens,
         "baton_output_tokens_per_s": baton_rate,
+        "baton_sync_scheduling_output_tokens_per_s": total / sync_s,
         **hf,
         "transformers_output_tokens_per_s": hf_rate,
         "baton_over_transformers": ratio,
@@ -253,8 +270,11 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
     }
 
 
-def _baton_concurrent(model_dir: Path, prompts: list[list[int]]) -> tuple[float, int]:
-    """(seconds, output tokens) of one `generate` over all prompts, after a same-shape warm-up."""
+def _baton_concurrent(
+    model_dir: Path, prompts: list[list[int]]
+) -> tuple[float, int, float]:
+    """(seconds, output tokens) of one `generate` over all prompts, after a same-shape warm-up,
+    and the seconds of the same with synchronous scheduling."""
     from engine import SamplingParams
 
     llm = baton_llm(
@@ -271,7 +291,9 @@ def _baton_concurrent(model_dir: Path, prompts: list[list[int]]) -> tuple[float,
     llm.generate(warm_prompts, warm, use_tqdm=False)
     params = SamplingParams(temperature=0, max_tokens=CONCURRENT_NEW_TOKENS, ignore_eos=True)
     seconds, outputs = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
-    return seconds, sum(len(o.outputs[0].token_ids) for o in outputs)
+    others = random_prompts(CONCURRENT_REQUESTS, CONCURRENT_PROMPT_TOKENS, seed=3)  # uncached
+    sync_s = _synchronous_seconds(llm, lambda: llm.generate(others, params, use_tqdm=False))
+    return seconds, sum(len(o.outputs[0].token_ids) for o in outputs), sync_s
 
 
 def _hf_concurrent(model_dir: Path, prompts: list[list[int]]) -> dict[str, Any]:
