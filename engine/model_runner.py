@@ -103,9 +103,11 @@ class ModelRunner:
 
     def _decode_forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:  # (B, vocab) float32: what a decode graph captures
+    ) -> torch.Tensor:  # (B, vocab) in the model's dtype: what a decode graph captures
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden)
+        # No float32 copy of the logits in the graph: the argmax is the same on either, and
+        # the sampler (the only other reader) casts its own copy.
+        return self.model.compute_logits(hidden, float32=False)
 
     def _num_blocks(self) -> int:
         cache = self.config.cache
@@ -252,7 +254,7 @@ class ModelRunner:
 
     def _sample(
         self,
-        logits: torch.Tensor,  # (N, vocab) float32
+        logits: torch.Tensor,  # (N, vocab), float32 or (from a decode graph) the model's dtype
         items: list[ScheduledRequest],
         out: ModelRunnerOutput,
         greedy: torch.Tensor | None = None,  # (N,) argmax of `logits`, if already computed

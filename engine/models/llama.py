@@ -250,6 +250,8 @@ class LlamaForCausalLM(nn.Module):
         """Run the new tokens through the model, writing their K/V into `kv_caches`."""
         return self.model(input_ids, positions, kv_caches, attn_meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, hidden) hidden states -> (N, vocab_size) float32 logits."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """(N, hidden) hidden states -> (N, vocab_size) logits, float32 unless `float32` is
+        False (then in the model's dtype: the sampler casts its own copy anyway)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if float32 else logits

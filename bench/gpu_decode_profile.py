@@ -1,0 +1,120 @@
+"""Where a decode step's GPU time goes: the kernels of the captured decode graphs.
+
+The engine of `bench.gpu_engine` (a random-weight model with Llama-3.2-1B's shape, bfloat16)
+decodes 128 requests of 512-token prompts, which leaves real block tables and context lengths
+(about 575 tokens) in the graphs' static buffers; then the graphs of batch 1 and batch 128 are
+replayed under `torch.profiler`, and each kernel's time per replay is summed by kind (GEMM,
+attention, norm, ...). The replay's wall time, from CUDA events, is the step's GPU time without
+the host.
+
+    python -m bench.gpu_decode_profile [--out PATH.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.gpu_engine import (
+    SHAPE,
+    baton_llm,
+    make_model,
+    random_prompts,
+    weight_bytes,
+    write_result,
+)
+from bench.machine import describe_machine
+
+BATCHES = (1, 128)
+REPLAYS = 20
+# Kernel kinds by name, first match wins (cuBLAS's Hopper GEMMs are named nvjet_*).
+KINDS = (
+    ("gemm", ("nvjet", "gemm", "cutlass", "splitKreduce")),
+    ("attention", ("_decode_split_kernel", "_decode_reduce_kernel")),
+    ("norm", ("_rms_norm_kernel",)),
+    ("rotary", ("_rotary_kernel",)),
+    ("kv_write", ("_write_kv_kernel",)),
+    ("activation", ("_silu_mul_kernel",)),
+    ("argmax", ("ArgMax", "MaxOps", "gather")),
+)
+
+
+def kind_of(kernel: str) -> str:
+    for kind, marks in KINDS:
+        if any(mark in kernel for mark in marks):
+            return kind
+    return "other"
+
+
+def profile_graph(graph: torch.cuda.CUDAGraph) -> dict[str, Any]:
+    """Kernel time per replay by kind and by kernel, and the replay's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPLAYS):
+            graph.replay()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = defaultdict(float)
+    launches = 0
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            per_kernel[event.name] += event.device_time / REPLAYS / 1000  # ms per replay
+            launches += 1
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, ms in per_kernel.items():
+        by_kind[kind_of(name)] += ms
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(50):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "replay_ms": start.elapsed_time(end) / 50,
+        "kernel_ms": sum(per_kernel.values()),
+        "kernels_per_replay": launches // REPLAYS,
+        "ms_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "top_kernels_ms": {name[:100]: ms for name, ms in top},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_decode_profile.json"))
+    args = parser.parse_args(argv)
+    from engine import SamplingParams
+
+    model_dir = make_model(Path(tempfile.mkdtemp()))
+    llm = baton_llm(
+        model_dir, max_num_seqs=128, max_num_batched_tokens=8192, kv_cache_memory_bytes=8 << 30
+    )
+    prompts = random_prompts(128, 512, seed=5)
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)
+    graphs = llm.engine.core.runner.graphs
+    assert graphs is not None, "the decode graphs need the Triton backend on a GPU"
+    result: dict[str, Any] = {
+        "benchmark": "gpu_decode_profile",
+        "model": {"shape": SHAPE, "dtype": "bfloat16", "weight_bytes": weight_bytes(model_dir)},
+        "context_tokens": 512 + 63,
+        "batches": {str(b): profile_graph(graphs._graphs[b]) for b in BATCHES},
+        "machine": describe_machine(),
+        "command": " ".join(["python -m bench.gpu_decode_profile", *(argv or sys.argv[1:])]),
+    }
+    write_result(result, args.out)
+    print(json.dumps({b: r["ms_by_kind"] for b, r in result["batches"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
