@@ -56,6 +56,7 @@ DECODE_NEW_TOKENS = 256
 CONCURRENT_REQUESTS = 128
 CONCURRENT_PROMPT_TOKENS = 512
 CONCURRENT_NEW_TOKENS = 128
+BATON_REPEATS = 3  # timed runs of each Baton measurement (decode, concurrent): the median
 PREFILL_TOKENS = 8192
 PREFILL_WARMUPS = 2
 PREFILL_RUNS = 5
@@ -168,7 +169,8 @@ def bench_decode(model_dir: Path) -> dict[str, Any]:
     weights = weight_bytes(model_dir)
     bandwidth = copy_bandwidth()
     free_gpu()
-    baton_s, baton_tokens, sync_s = _baton_decode(model_dir)
+    baton_runs, baton_tokens, sync_runs = _baton_decode(model_dir)
+    baton_s, sync_s = statistics.median(baton_runs), statistics.median(sync_runs)
     free_gpu()
     hf_s = _hf_decode(model_dir)
     free_gpu()
@@ -182,7 +184,9 @@ def bench_decode(model_dir: Path) -> dict[str, Any]:
         "weight_bytes": weights,
         "copy_bandwidth_bytes_per_s": bandwidth,
         "roofline_tokens_per_s": roofline,
-        "baton_seconds": baton_s,
+        "baton_seconds": baton_s,  # the median run
+        "baton_seconds_samples": baton_runs,
+        "baton_sync_scheduling_seconds_samples": sync_runs,
         "baton_tokens_per_s": baton_rate,
         "baton_ms_per_token": 1000 * baton_s / DECODE_NEW_TOKENS,
         "baton_output_tokens": baton_tokens,
@@ -197,9 +201,9 @@ def bench_decode(model_dir: Path) -> dict[str, Any]:
     }
 
 
-def _baton_decode(model_dir: Path) -> tuple[float, int, float]:
-    """(seconds, tokens generated) of one timed batch-1 generate, after two warm-ups, and the
-    seconds of the same with synchronous scheduling."""
+def _baton_decode(model_dir: Path) -> tuple[list[float], int, list[float]]:
+    """Seconds of BATON_REPEATS timed batch-1 generates after two warm-ups, the tokens each
+    generated, and the seconds of as many with synchronous scheduling (runs alternate)."""
     from engine import SamplingParams
 
     llm = baton_llm(model_dir, kv_cache_memory_bytes=8 << 30)
@@ -207,16 +211,22 @@ def _baton_decode(model_dir: Path) -> tuple[float, int, float]:
         warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         llm.generate([DECODE_PROMPT], warm, use_tqdm=False)
     params = SamplingParams(temperature=0, max_tokens=DECODE_NEW_TOKENS, ignore_eos=True)
-    seconds, outputs = timed(lambda: llm.generate([DECODE_PROMPT], params, use_tqdm=False))
-    sync_s = _synchronous_seconds(
-        llm, lambda: llm.generate([DECODE_PROMPT], params, use_tqdm=False)
-    )
-    return seconds, len(outputs[0].outputs[0].token_ids), sync_s
+    runs, sync_runs, tokens = [], [], 0
+    for _ in range(BATON_REPEATS):
+        seconds, outputs = timed(lambda: llm.generate([DECODE_PROMPT], params, use_tqdm=False))
+        runs.append(seconds)
+        tokens = len(outputs[0].outputs[0].token_ids)
+        sync_runs.append(
+            _synchronous_seconds(
+                llm, lambda: llm.generate([DECODE_PROMPT], params, use_tqdm=False)
+            )
+        )
+    return runs, tokens, sync_runs
 
 
 def _synchronous_seconds(llm: Any, run: Callable[[], Any]) -> float:
-    """The same run with asynchronous scheduling off (every step's tokens read before the next
-    step is launched), on the same engine: what the overlap gains."""
+    """`run` with asynchronous scheduling off (every step's tokens read before the next step is
+    launched), on the same engine: what the overlap gains."""
     core = llm.engine.core
     core.async_scheduling, was = False, core.async_scheduling
     try:
@@ -242,7 +252,8 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
     """128 requests submitted at once: output tokens/s of Baton against transformers."""
     prompts = random_prompts(CONCURRENT_REQUESTS, CONCURRENT_PROMPT_TOKENS, seed=0)
     total = CONCURRENT_REQUESTS * CONCURRENT_NEW_TOKENS
-    baton_s, baton_tokens, sync_s = _baton_concurrent(model_dir, prompts)
+    baton_runs, baton_tokens, sync_runs = _baton_concurrent(model_dir, prompts)
+    baton_s, sync_s = statistics.median(baton_runs), statistics.median(sync_runs)
     free_gpu()
     hf = _hf_concurrent(model_dir, prompts)
     free_gpu()
@@ -258,7 +269,9 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
             "max_num_batched_tokens": 8192,
             "kv_cache_memory_bytes": 8 << 30,
         },
-        "baton_seconds": baton_s,
+        "baton_seconds": baton_s,  # the median run
+        "baton_seconds_samples": baton_runs,
+        "baton_sync_scheduling_seconds_samples": sync_runs,
         "baton_output_tokens": baton_tokens,
         "baton_output_tokens_per_s": baton_rate,
         "baton_sync_scheduling_output_tokens_per_s": total / sync_s,
@@ -272,9 +285,10 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
 
 def _baton_concurrent(
     model_dir: Path, prompts: list[list[int]]
-) -> tuple[float, int, float]:
-    """(seconds, output tokens) of one `generate` over all prompts, after a same-shape warm-up,
-    and the seconds of the same with synchronous scheduling."""
+) -> tuple[list[float], int, list[float]]:
+    """Seconds of BATON_REPEATS timed `generate`s of all the requests (the first over
+    `prompts`) after a same-shape warm-up, the output tokens of one, and the seconds of as many
+    with synchronous scheduling (runs alternate)."""
     from engine import SamplingParams
 
     llm = baton_llm(
@@ -290,10 +304,17 @@ def _baton_concurrent(
     warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     llm.generate(warm_prompts, warm, use_tqdm=False)
     params = SamplingParams(temperature=0, max_tokens=CONCURRENT_NEW_TOKENS, ignore_eos=True)
-    seconds, outputs = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
-    others = random_prompts(CONCURRENT_REQUESTS, CONCURRENT_PROMPT_TOKENS, seed=3)  # uncached
-    sync_s = _synchronous_seconds(llm, lambda: llm.generate(others, params, use_tqdm=False))
-    return seconds, sum(len(o.outputs[0].token_ids) for o in outputs), sync_s
+    runs, sync_runs, tokens = [], [], 0
+    for i in range(BATON_REPEATS):  # each run with prompts of its own: no prefix-cache hits
+        batch = prompts if i == 0 else random_prompts(len(prompts), len(prompts[0]), seed=10 + i)
+        seconds, outputs = timed(partial(llm.generate, batch, params, use_tqdm=False))
+        runs.append(seconds)
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        others = random_prompts(len(prompts), len(prompts[0]), seed=20 + i)
+        sync_runs.append(
+            _synchronous_seconds(llm, partial(llm.generate, others, params, use_tqdm=False))
+        )
+    return runs, tokens, sync_runs
 
 
 def _hf_concurrent(model_dir: Path, prompts: list[list[int]]) -> dict[str, Any]:
