@@ -75,6 +75,15 @@ def spec_for(receiver, transfer_id: str, dst_ids=DST_IDS, ttl_s: float = 20.0) -
     return TransferSpec(transfer_id, receiver.endpoint, tuple(dst_ids), time.time() + ttl_s)
 
 
+async def send_and_land(sender, receiver, transfer_id: str, src, dst, before) -> None:
+    """One transfer of SRC_IDS into DST_IDS that must land exactly (the pair still works)."""
+    spec = spec_for(receiver, transfer_id)
+    future = receiver.expect(transfer_id, spec.dst_block_ids, spec.deadline)
+    await sender.send(spec, gather_blocks(src, SRC_IDS))
+    await future
+    assert_landed(dst, before, src)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("staging_bytes", [1, 256 << 20], ids=["chunk-per-layer", "one-chunk"])
 def test_transfers_land_exactly_and_reuse_the_pair(dtype, staging_bytes):
@@ -134,11 +143,7 @@ def test_refusals_keep_the_pair_usable():
                     Layerwise(gather_blocks(src, SRC_IDS), lambda i: asyncio.sleep(0.01)),
                 )
             assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(dst, before, strict=True))
-            spec = spec_for(receiver, "ok")
-            future = receiver.expect("ok", spec.dst_block_ids, spec.deadline)
-            await sender.send(spec, gather_blocks(src, SRC_IDS))
-            await future
-            assert_landed(dst, before, src)
+            await send_and_land(sender, receiver, "ok", src, dst, before)
         finally:
             await sender.close()
             await receiver.close()
@@ -167,11 +172,7 @@ def test_a_failing_layer_source_fails_both_sides_and_the_next_transfer_works():
             await expect_failure(future, within_s=10.0)
             await receiver.release("t1")  # the aborted transfer's queued writes are done
             assert_untouched_outside(dst, before)
-            spec = spec_for(receiver, "t2")
-            future = receiver.expect("t2", spec.dst_block_ids, spec.deadline)
-            await sender.send(spec, gather_blocks(src, SRC_IDS))  # a new communicator
-            await future
-            assert_landed(dst, before, src)
+            await send_and_land(sender, receiver, "t2", src, dst, before)  # a new communicator
         finally:
             await sender.close()
             await receiver.close()
@@ -267,11 +268,7 @@ def test_a_reservation_cancelled_mid_flight_is_released_once_its_writes_landed()
             assert released[0] is False
             await asyncio.wait_for(released[1], 10.0)
             assert_untouched_outside(dst, before)
-            spec = spec_for(receiver, "after")
-            future = receiver.expect("after", spec.dst_block_ids, spec.deadline)
-            await sender.send(spec, gather_blocks(src, SRC_IDS))
-            await future
-            assert_landed(dst, before, src)
+            await send_and_land(sender, receiver, "after", src, dst, before)
         finally:
             await sender.close()
             await receiver.close()
