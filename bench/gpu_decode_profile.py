@@ -7,6 +7,10 @@ replayed under `torch.profiler`, and each kernel's time per replay is summed by 
 attention, norm, ...). The replay's wall time, from CUDA events, is the step's GPU time without
 the host.
 
+The same 128-request run (bench.gpu_engine's concurrent benchmark: 512-token prompts, 128 new
+tokens) is then split into its phases: the wall time of the prompts alone (one new token each)
+against the whole run, and the kernel time of the whole run by kind.
+
     python -m bench.gpu_decode_profile [--out PATH.json]
 """
 
@@ -36,8 +40,8 @@ BATCHES = (1, 128)
 REPLAYS = 20
 # Kernel kinds by name, first match wins (cuBLAS's Hopper GEMMs are named nvjet_*).
 KINDS = (
-    ("gemm", ("nvjet", "gemm", "cutlass", "splitKreduce")),
-    ("attention", ("_decode_split_kernel", "_decode_reduce_kernel")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "splitKreduce", "_gemv_kernel")),
+    ("attention", ("_decode_split_kernel", "_decode_reduce_kernel", "_prefill")),
     ("norm", ("_rms_norm_kernel",)),
     ("rotary", ("_rotary_kernel",)),
     ("kv_write", ("_write_kv_kernel",)),
@@ -89,6 +93,35 @@ def profile_graph(graph: torch.cuda.CUDAGraph) -> dict[str, Any]:
     }
 
 
+def concurrent_phases(llm: Any) -> dict[str, Any]:
+    """Wall seconds of 128 prompts alone and of the whole 128-token run; kernel ms by kind of
+    the whole run (under the profiler, another run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.gpu_engine import CONCURRENT_NEW_TOKENS, CONCURRENT_PROMPT_TOKENS, timed
+    from engine import SamplingParams
+
+    def run(seed: int, new_tokens: int) -> float:
+        prompts = random_prompts(128, CONCURRENT_PROMPT_TOKENS, seed=seed)
+        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+        return timed(lambda: llm.generate(prompts, params, use_tqdm=False))[0]
+
+    prompts_s = [run(40 + i, 1) for i in range(3)]
+    whole_s = [run(50 + i, CONCURRENT_NEW_TOKENS) for i in range(3)]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(60, CONCURRENT_NEW_TOKENS)
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            by_kind[kind_of(event.name)] += event.device_time / 1000
+    return {
+        "prompts_only_seconds": sorted(prompts_s)[1],
+        "whole_run_seconds": sorted(whole_s)[1],
+        "kernel_ms_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_decode_profile.json"))
@@ -109,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": {"shape": SHAPE, "dtype": "bfloat16", "weight_bytes": weight_bytes(model_dir)},
         "context_tokens": 512 + 63,
         "batches": {str(b): profile_graph(graphs._graphs[b]) for b in BATCHES},
+        "concurrent": concurrent_phases(llm),
         "machine": describe_machine(),
         "command": " ".join(["python -m bench.gpu_decode_profile", *(argv or sys.argv[1:])]),
     }

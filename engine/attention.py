@@ -20,7 +20,7 @@ import itertools
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +78,17 @@ class AttentionMetadata:
         return self._padded
 
 
+class Rotation(Protocol):
+    """The rotary position embedding of one step's tokens (`engine.models.llama.Rope`)."""
+
+    positions: torch.Tensor  # (T,) token positions
+    cos_sin_cache: torch.Tensor  # (max_positions, 2, head_dim): [:, 0] cos, [:, 1] sin
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (T, H, D), k (T, Hkv, D) -> rotated (maybe in place)."""
+        ...
+
+
 class AttentionBackend(ABC):
     """Computes attention for one layer and writes the layer's new K/V into its cache."""
 
@@ -91,8 +102,11 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        rope: Rotation | None = None,
     ) -> torch.Tensor:  # (T, num_heads, head_dim)
-        """Store k/v at `meta.slot_mapping`, then attend causally over each sequence's context."""
+        """Rotate q and k by `rope` (None: they are rotated already), store k/v at
+        `meta.slot_mapping`, then attend causally over each sequence's context. The rotation
+        is the backend's so that it can fuse it with the KV store."""
 
 
 class TorchPagedAttention(AttentionBackend):
@@ -103,7 +117,9 @@ class TorchPagedAttention(AttentionBackend):
     through SDPA one sequence at a time.
     """
 
-    def forward(self, q, k, v, kv_cache, meta, scale, sliding_window):  # type: ignore[override]
+    def forward(self, q, k, v, kv_cache, meta, scale, sliding_window, rope=None):  # type: ignore[override]
+        if rope is not None:
+            q, k = rope.apply(q, k)
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         flat_k = kv_cache[0].view(-1, num_kv_heads, head_dim)
         flat_v = kv_cache[1].view(-1, num_kv_heads, head_dim)
@@ -216,15 +232,22 @@ class TritonPagedAttention(AttentionBackend):
     def __init__(self) -> None:
         from kernels.paged_decode_attention import paged_decode_attention
         from kernels.paged_prefill_attention import paged_prefill_attention
+        from kernels.rotary import rotary_write_kv
         from kernels.write_kv import write_kv
 
         self._write_kv = write_kv
+        self._rotary_write_kv = rotary_write_kv
         self._decode = paged_decode_attention
         self._prefill = paged_prefill_attention
 
-    def forward(self, q, k, v, kv_cache, meta, scale, sliding_window):  # type: ignore[override]
+    def forward(self, q, k, v, kv_cache, meta, scale, sliding_window, rope=None):  # type: ignore[override]
         batch = meta.padded(q.device)
-        self._write_kv(k, v, kv_cache, meta.slot_mapping)
+        if rope is not None:  # one kernel rotates q and k and stores k and v
+            self._rotary_write_kv(
+                q, k, v, rope.positions, rope.cos_sin_cache, kv_cache, meta.slot_mapping
+            )
+        else:
+            self._write_kv(k, v, kv_cache, meta.slot_mapping)
         if batch["all_decode"]:
             return self._decode(
                 q, kv_cache, batch["block_tables"], batch["seq_lens"], scale, sliding_window

@@ -60,6 +60,17 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype), x
 
 
+def project(linear: nn.Linear, x: torch.Tensor, use_kernels: bool) -> torch.Tensor:
+    """`linear(x)`; on the kernel path, one row (batch-1 decode) times a weight of up to 32 MiB
+    goes through `kernels.gemv` instead of cuBLAS."""
+    if use_kernels:
+        from kernels.gemv import gemv, takes
+
+        if takes(x, linear.weight):
+            return gemv(x, linear.weight, linear.bias)
+    return linear(x)
+
+
 class Rope:
     """The rotation of one step's positions, shared by every layer: the Triton kernel rotates
     q and k in place from the cos/sin cache (GPU path), or the cos/sin rows are looked up once
@@ -114,18 +125,17 @@ class LlamaAttention(nn.Module):
         attn_meta: AttentionMetadata,
     ) -> torch.Tensor:  # (T, hidden)
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)  # (T, q_size + 2 * kv_size)
+        qkv = project(self.qkv_proj, x, self.use_kernels)  # (T, q_size + 2 * kv_size)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q, k)
         out = self.attn_backend.forward(
-            q, k, v, kv_cache, attn_meta, scale=self.scale, sliding_window=self.sliding_window
-        )  # (T, H, D)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+            q, k, v, kv_cache, attn_meta, self.scale, self.sliding_window, rope
+        )  # (T, H, D); the backend rotates q and k (the Triton one with the KV store)
+        return project(self.o_proj, out.reshape(num_tokens, self.q_size), self.use_kernels)
 
 
 class LlamaMLP(nn.Module):
@@ -148,7 +158,7 @@ class LlamaMLP(nn.Module):
         if self.use_kernels:
             from kernels.silu_mul import silu_mul
 
-            return self.down_proj(silu_mul(gate_up))
+            return project(self.down_proj, silu_mul(gate_up), self.use_kernels)
         gate, up = gate_up.chunk(2, dim=-1)  # (T, I) each
         return self.down_proj(F.silu(gate) * up)
 
@@ -253,5 +263,5 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """(N, hidden) hidden states -> (N, vocab_size) logits, float32 unless `float32` is
         False (then in the model's dtype: the sampler casts its own copy anyway)."""
-        logits = self.lm_head(hidden)
+        logits = project(self.lm_head, hidden, self.model.use_kernels)
         return logits.float() if float32 else logits

@@ -120,6 +120,32 @@ def test_rotary_matches_reference(dtype, num_heads, num_kv_heads, head_dim, num_
     assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], v_before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 32, 8), (128, 8, 8), (80, 4, 2)])
+def test_rotary_write_kv_matches_rotary_then_write_kv(dtype, head_dim, num_heads, num_kv_heads):
+    from kernels.rotary import rotary_write_kv
+
+    cos_sin = RotaryEmbedding(head_dim, 4096, 500000.0, None, dtype).to(CUDA).cos_sin
+    num_tokens, num_blocks = 37, 8
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype,
+                      device=CUDA)  # fmt: skip
+    q, k, v = qkv.split([num_heads * head_dim] + [num_kv_heads * head_dim] * 2, -1)
+    q = q.view(num_tokens, num_heads, head_dim)  # strided views of the fused projection
+    k = k.view(num_tokens, num_kv_heads, head_dim)
+    v = v.view(num_tokens, num_kv_heads, head_dim)
+    positions = torch.randint(0, 4096, (num_tokens,), device=CUDA)
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device=CUDA)[:num_tokens]
+    slots[3] = -1  # a padding row: rotated, not stored
+    cache = torch.zeros(2, num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, dtype=dtype,
+                        device=CUDA)  # fmt: skip
+    want_q, want_k, want_cache = q.clone(), k.clone(), cache.clone()
+    rotary(want_q, want_k, positions, cos_sin)
+    write_kv(want_k, v, want_cache, slots)
+    rotary_write_kv(q, k, v, positions, cos_sin, cache, slots)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    assert torch.equal(cache, want_cache)
+
+
 def test_rotary_reference_matches_the_model():
     from engine.models.rotary import apply_rotary
 
@@ -385,3 +411,38 @@ def test_silu_mul_matches_reference(dtype, shape):
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
     else:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- gemv (one-row linear layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3072, 2048), (2048, 8192), (1000, 200), (5, 4096), (7, 3)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_reference(dtype, shape, bias):
+    from kernels.gemv import gemv, gemv_ref
+
+    n, k = shape
+    x = torch.randn(1, k, dtype=dtype, device=CUDA)
+    weight = torch.randn(n, k, dtype=dtype, device=CUDA) * k**-0.5
+    b = torch.randn(n, dtype=dtype, device=CUDA) if bias else None
+    got = gemv(x, weight, b)
+    assert got.shape == (1, n) and got.dtype == dtype
+    # float32 sums in another order than the oracle's: the outputs differ by their rounding
+    torch.testing.assert_close(got, gemv_ref(x, weight, b), atol=3e-2, rtol=2e-2)
+
+
+def test_gemv_rejects_bad_shapes_and_takes_only_what_it_suits():
+    from kernels.gemv import MAX_WEIGHT_ELEMENTS, gemv, takes
+
+    weight = torch.randn(8, 16, dtype=torch.bfloat16, device=CUDA)
+    with pytest.raises(ValueError, match="one contiguous row"):
+        gemv(torch.randn(2, 16, dtype=torch.bfloat16, device=CUDA), weight)
+    with pytest.raises(ValueError, match="weight"):
+        gemv(torch.randn(1, 17, dtype=torch.bfloat16, device=CUDA), weight)
+    row = torch.randn(1, 16, dtype=torch.bfloat16, device=CUDA)
+    assert takes(row, weight)
+    assert not takes(row.float(), weight.float())  # float32 models keep cuBLAS's exact path
+    assert not takes(torch.randn(2, 16, dtype=torch.bfloat16, device=CUDA), weight)
+    big = torch.empty(MAX_WEIGHT_ELEMENTS // 16 + 1, 16, dtype=torch.bfloat16, device=CUDA)
+    assert not takes(row, big)

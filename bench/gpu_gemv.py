@@ -1,0 +1,159 @@
+"""One-row linear layers (`kernels.gemv`) against cuBLAS (torch's `F.linear`), on the
+projections of a Llama-3.2-1B-shaped model in bfloat16 (batch-1 decode).
+
+Microseconds per call and the weight bandwidth each reaches, and which of the two the engine
+runs for that shape. Each op is timed as the decode graph runs it: one call per layer on that
+layer's own weights (16 copies, more than the L2 cache holds), captured in a CUDA graph and
+replayed. `--sweep` also times every launch configuration of a grid, which is how
+`kernels.gemv.default_config`'s rules were chosen.
+
+    python -m bench.gpu_gemv [--sweep] [--out PATH.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench.machine import describe_machine
+
+SHAPES = {  # projection: (N, K)
+    "qkv_proj": (3072, 2048),
+    "o_proj": (2048, 2048),
+    "gate_up_proj": (16384, 2048),
+    "down_proj": (2048, 8192),
+    "lm_head": (128256, 2048),
+}
+LAYERS = 16
+REPLAYS = 20
+SWEEP = {"block_n": (1, 2, 4, 8), "block_k": (512, 1024, 2048), "num_warps": (4, 8),
+         "num_stages": (1, 3)}  # fmt: skip
+DTYPE = torch.bfloat16
+
+
+def graph_seconds(calls: list[Callable[[], Any]]) -> float:
+    """Seconds per call of `calls`, captured back to back in one CUDA graph and replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm-up: compiles and allocates outside the capture
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000 / REPLAYS / len(calls)
+
+
+def _weights(n: int, k: int) -> list[torch.Tensor]:
+    copies = LAYERS if n * k * 2 <= (256 << 20) else 2  # lm_head alone outgrows the L2
+    return [torch.randn(n, k, dtype=DTYPE, device="cuda") * k**-0.5 for _ in range(copies)]
+
+
+def _row(op: str, n: int, k: int, cublas_s: float, gemv_s: float) -> dict[str, Any]:
+    nbytes = n * k * 2
+    return {
+        "op": op,
+        "n": n,
+        "k": k,
+        "cublas_us": cublas_s * 1e6,
+        "gemv_us": gemv_s * 1e6,
+        "cublas_weight_tb_per_s": nbytes / cublas_s / 1e12,
+        "gemv_weight_tb_per_s": nbytes / gemv_s / 1e12,
+        "speedup": cublas_s / gemv_s,
+    }
+
+
+def compare() -> list[dict[str, Any]]:
+    """Each projection at one row: cuBLAS against `gemv`, and which one the engine runs."""
+    from kernels.gemv import gemv, takes
+
+    out = []
+    for op, (n, k) in SHAPES.items():
+        weights = _weights(n, k)
+        x = torch.randn(1, k, dtype=DTYPE, device="cuda")
+        cublas = graph_seconds([partial(F.linear, x, w) for w in weights])
+        ours = graph_seconds([partial(gemv, x, w) for w in weights])
+        out.append({**_row(op, n, k, cublas, ours), "engine_uses_gemv": takes(x, weights[0])})
+        del weights
+        print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+    return out
+
+
+def sweep() -> list[dict[str, Any]]:
+    """Every configuration of SWEEP on every projection at one row; the best three each."""
+    from kernels.gemv import GemvConfig, default_config, gemv
+
+    out = []
+    for op, (n, k) in SHAPES.items():
+        weights = _weights(n, k)
+        x = torch.randn(1, k, dtype=DTYPE, device="cuda")
+        timed = []
+        for values in itertools.product(*SWEEP.values()):
+            cfg = GemvConfig(*values)
+            if cfg.block_n * cfg.block_k > 64 * 32 * cfg.num_warps or cfg.block_k > k:
+                continue  # the tile would spill registers
+            try:
+                s = graph_seconds([partial(gemv, x, w, config=cfg) for w in weights])
+            except Exception as exc:  # a configuration Triton cannot build: skip it
+                print(f"{op} {cfg}: {exc!r}", file=sys.stderr)
+                continue
+            timed.append((s, cfg))
+        timed.sort()
+        default = default_config(n, k)
+        default_s = graph_seconds([partial(gemv, x, w) for w in weights])
+        out.append({
+            "op": op, "n": n, "k": k,
+            "default": default._asdict(), "default_us": default_s * 1e6,
+            "best": [{"us": s * 1e6, "tb_per_s": n * k * 2 / s / 1e12, **c._asdict()}
+                     for s, c in timed[:3]],
+        })  # fmt: skip
+        del weights
+        print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time a grid of configurations")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_gemv.json"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.gpu_gemv needs a CUDA GPU")
+    torch.manual_seed(0)
+    result: dict[str, Any] = {
+        "benchmark": "gpu_gemv",
+        "dtype": "bfloat16",
+        "layers": LAYERS,
+        "compare": compare(),
+    }
+    if args.sweep:
+        result["sweep"] = sweep()
+    result["machine"] = describe_machine()
+    result["command"] = "python -m bench.gpu_gemv" + (" --sweep" if args.sweep else "")
+    text = json.dumps(result, indent=2) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
