@@ -7,6 +7,8 @@ def test_decode_profile_sorts_kernels_by_kind():
     assert kind_of("nvjet_sm90_tst_128x8_64x12_2x1_v_bz_TNT") == "gemm"
     assert kind_of("void cublasLt::splitKreduce_kernel<32, 16, int>") == "gemm"
     assert kind_of("_decode_reduce_kernel") == "attention"
+    assert kind_of("_gemv_kernel") == "gemm"
+    assert kind_of("_rotary_kernel") == "rotary"
     assert kind_of("void at::native::reduce_kernel<512, 1, ReduceOp<float, ArgMaxOps<f>>>") == (
         "argmax"
     )
