@@ -242,11 +242,13 @@ class TritonPagedAttention(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, meta, scale, sliding_window, rope=None):  # type: ignore[override]
         batch = meta.padded(q.device)
-        if rope is not None:  # one kernel rotates q and k and stores k and v
+        if rope is not None and batch["all_decode"]:  # one kernel rotates and stores k and v
             self._rotary_write_kv(
                 q, k, v, rope.positions, rope.cos_sin_cache, kv_cache, meta.slot_mapping
             )
-        else:
+        else:  # prefill: two kernels, the store's grid over tokens and heads
+            if rope is not None:
+                q, k = rope.apply(q, k)
             self._write_kv(k, v, kv_cache, meta.slot_mapping)
         if batch["all_decode"]:
             return self._decode(

@@ -5,7 +5,9 @@ x1, x2 that rotate together, `out = x * cos + cat(-x2, x1) * sin`. The cos/sin c
 `RotaryEmbedding.cos_sin`, `(max_positions, 2, D)` with [:, 0] = cos and [:, 1] = sin; any
 frequency scaling (linear, llama3) is already folded into it, so the kernel only looks it up.
 Each product and the sum are rounded to the input dtype as torch rounds them, so bfloat16
-results match the model's eager rotary.
+results match the model's eager rotary. `rotary_write_kv` also stores the rotated keys and the
+values into the paged KV cache (kernels.write_kv's layout and slots), in the same pass: a decode
+step's layer then launches one kernel for both.
 """
 
 from __future__ import annotations
