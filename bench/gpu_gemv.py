@@ -1,11 +1,11 @@
-"""One-row linear layers (`kernels.gemv`) against cuBLAS (torch's `F.linear`), on the
+"""One-row linear layers (`baton_kernels.gemv`) against cuBLAS (torch's `F.linear`), on the
 projections of a Llama-3.2-1B-shaped model in bfloat16 (batch-1 decode).
 
 Microseconds per call and the weight bandwidth each reaches, and which of the two the engine
 runs for that shape. Each op is timed as the decode graph runs it: one call per layer on that
 layer's own weights (16 copies, more than the L2 cache holds), captured in a CUDA graph and
 replayed. `--sweep` also times every launch configuration of a grid, which is how
-`kernels.gemv.default_config`'s rules were chosen.
+`baton_kernels.gemv.default_config`'s rules were chosen.
 
     python -m bench.gpu_gemv [--sweep] [--out PATH.json]
 """
@@ -84,7 +84,7 @@ def _row(op: str, n: int, k: int, cublas_s: float, gemv_s: float) -> dict[str, A
 
 def compare() -> list[dict[str, Any]]:
     """Each projection at one row: cuBLAS against `gemv`, and which one the engine runs."""
-    from kernels.gemv import gemv, takes
+    from baton_kernels.gemv import gemv, takes
 
     out = []
     for op, (n, k) in SHAPES.items():
@@ -100,7 +100,7 @@ def compare() -> list[dict[str, Any]]:
 
 def sweep() -> list[dict[str, Any]]:
     """Every configuration of SWEEP on every projection at one row; the best three each."""
-    from kernels.gemv import GemvConfig, default_config, gemv
+    from baton_kernels.gemv import GemvConfig, default_config, gemv
 
     out = []
     for op, (n, k) in SHAPES.items():

@@ -11,7 +11,7 @@ KV cache of one layer (the layout the model runner allocates and kv_transfer mov
     slot = block_id * block_size + offset_in_block
 
 This file holds the torch implementation used on CPU (and as the GPU kernels' oracle) and the
-Triton backend over `kernels/`, both behind the same `AttentionBackend` interface.
+Triton backend over `baton_kernels/`, both behind the same `AttentionBackend` interface.
 """
 
 from __future__ import annotations
@@ -227,13 +227,13 @@ def _causal_mask(
 
 
 class TritonPagedAttention(AttentionBackend):
-    """The GPU path: `kernels/` (KV write, paged prefill attention, split-K paged decode)."""
+    """The GPU path: `baton_kernels/` (KV write, paged prefill attention, split-K paged decode)."""
 
     def __init__(self) -> None:
-        from kernels.paged_decode_attention import paged_decode_attention
-        from kernels.paged_prefill_attention import paged_prefill_attention
-        from kernels.rotary import rotary_write_kv
-        from kernels.write_kv import write_kv
+        from baton_kernels.paged_decode_attention import paged_decode_attention
+        from baton_kernels.paged_prefill_attention import paged_prefill_attention
+        from baton_kernels.rotary import rotary_write_kv
+        from baton_kernels.write_kv import write_kv
 
         self._write_kv = write_kv
         self._rotary_write_kv = rotary_write_kv

@@ -56,7 +56,7 @@ def scatter_layer(cache: torch.Tensor, block_ids: BlockIds, data: torch.Tensor) 
     index = block_ids if isinstance(block_ids, torch.Tensor) else block_index(block_ids)
     index, data = index.to(cache.device), data.to(cache.device)
     if cache.is_cuda and cache.is_contiguous() and data.is_contiguous() and _has_triton():
-        from kernels.block_copy import scatter_blocks
+        from baton_kernels.block_copy import scatter_blocks
 
         with torch.cuda.device(cache.device):  # Triton launches on the current device
             scatter_blocks(cache, index, data)
@@ -89,7 +89,7 @@ class LayerScatter:
             for j, layer in enumerate(data):
                 scatter_layer(self.kv_caches[first_layer + j], block_ids, layer)
             return
-        from kernels.block_copy import layer_pointers, scatter_blocks_layers
+        from baton_kernels.block_copy import layer_pointers, scatter_blocks_layers
 
         device = self.kv_caches[0].device
         with torch.cuda.device(device):  # Triton launches on the current device

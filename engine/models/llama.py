@@ -31,8 +31,8 @@ class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019) over the last dim, computed in float32.
 
     Op order matches transformers' LlamaRMSNorm, so float32 results agree to rounding. With
-    `use_kernels` (the GPU path) the fused Triton kernel of `kernels.rms_norm` does the same math
-    (and the residual add) in one pass.
+    `use_kernels` (the GPU path) the fused Triton kernel of `baton_kernels.rms_norm` does the same
+    math (and the residual add) in one pass.
     """
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, use_kernels: bool) -> None:
@@ -49,7 +49,7 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual); without a residual, (norm(x), x)."""
         if self.use_kernels:
-            from kernels.rms_norm import rms_norm
+            from baton_kernels.rms_norm import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
@@ -62,9 +62,9 @@ class RMSNorm(nn.Module):
 
 def project(linear: nn.Linear, x: torch.Tensor, use_kernels: bool) -> torch.Tensor:
     """`linear(x)`; on the kernel path, one row (batch-1 decode) times a weight of up to 32 MiB
-    goes through `kernels.gemv` instead of cuBLAS."""
+    goes through `baton_kernels.gemv` instead of cuBLAS."""
     if use_kernels:
-        from kernels.gemv import gemv, takes
+        from baton_kernels.gemv import gemv, takes
 
         if takes(x, linear.weight):
             return gemv(x, linear.weight, linear.bias)
@@ -84,7 +84,7 @@ class Rope:
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q (T, H, D), k (T, Hkv, D) -> rotated (in place on the kernel path)."""
         if self.cos_sin is None:
-            from kernels.rotary import rotary
+            from baton_kernels.rotary import rotary
 
             return rotary(q, k, self.positions, self.cos_sin_cache)
         return apply_rotary(q, self.cos_sin), apply_rotary(k, self.cos_sin)
@@ -156,7 +156,7 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, hidden) -> (T, hidden)
         gate_up = self.gate_up_proj(x)  # (T, 2I): [gate | up]
         if self.use_kernels:
-            from kernels.silu_mul import silu_mul
+            from baton_kernels.silu_mul import silu_mul
 
             return project(self.down_proj, silu_mul(gate_up), self.use_kernels)
         gate, up = gate_up.chunk(2, dim=-1)  # (T, I) each

@@ -16,9 +16,7 @@ pytestmark = [
 ]
 pytest.importorskip("triton")
 
-from engine.attention import AttentionMetadata, attend, attend_decode  # noqa: E402
-from engine.models.rotary import RotaryEmbedding  # noqa: E402
-from kernels.block_copy import (  # noqa: E402
+from baton_kernels.block_copy import (  # noqa: E402
     gather_blocks,
     gather_blocks_ref,
     layer_pointers,
@@ -27,17 +25,19 @@ from kernels.block_copy import (  # noqa: E402
     scatter_blocks_layers_ref,
     scatter_blocks_ref,
 )
-from kernels.paged_decode_attention import (  # noqa: E402
+from baton_kernels.paged_decode_attention import (  # noqa: E402
     paged_decode_attention,
     paged_decode_attention_ref,
 )
-from kernels.paged_prefill_attention import (  # noqa: E402
+from baton_kernels.paged_prefill_attention import (  # noqa: E402
     paged_prefill_attention,
     paged_prefill_attention_ref,
 )
-from kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
-from kernels.rotary import rotary, rotary_ref  # noqa: E402
-from kernels.write_kv import write_kv, write_kv_ref  # noqa: E402
+from baton_kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
+from baton_kernels.rotary import rotary, rotary_ref  # noqa: E402
+from baton_kernels.write_kv import write_kv, write_kv_ref  # noqa: E402
+from engine.attention import AttentionMetadata, attend, attend_decode  # noqa: E402
+from engine.models.rotary import RotaryEmbedding  # noqa: E402
 
 CUDA = torch.device("cuda")
 BLOCK_SIZE = 16
@@ -123,7 +123,7 @@ def test_rotary_matches_reference(dtype, num_heads, num_kv_heads, head_dim, num_
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 32, 8), (128, 8, 8), (80, 4, 2)])
 def test_rotary_write_kv_matches_rotary_then_write_kv(dtype, head_dim, num_heads, num_kv_heads):
-    from kernels.rotary import rotary_write_kv
+    from baton_kernels.rotary import rotary_write_kv
 
     cos_sin = RotaryEmbedding(head_dim, 4096, 500000.0, None, dtype).to(CUDA).cos_sin
     num_tokens, num_blocks = 37, 8
@@ -402,7 +402,7 @@ def test_prefill_then_decode_through_write_kv():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 16384), (7, 2 * 1000), (300, 2 * 8192)])
 def test_silu_mul_matches_reference(dtype, shape):
-    from kernels.silu_mul import silu_mul, silu_mul_ref
+    from baton_kernels.silu_mul import silu_mul, silu_mul_ref
 
     x = 3 * torch.randn(shape, dtype=dtype, device=CUDA)
     got, want = silu_mul(x), silu_mul_ref(x)
@@ -420,7 +420,7 @@ def test_silu_mul_matches_reference(dtype, shape):
 @pytest.mark.parametrize("shape", [(3072, 2048), (2048, 8192), (1000, 200), (5, 4096), (7, 3)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_matches_reference(dtype, shape, bias):
-    from kernels.gemv import gemv, gemv_ref
+    from baton_kernels.gemv import gemv, gemv_ref
 
     n, k = shape
     x = torch.randn(1, k, dtype=dtype, device=CUDA)
@@ -433,7 +433,7 @@ def test_gemv_matches_reference(dtype, shape, bias):
 
 
 def test_gemv_rejects_bad_shapes_and_takes_only_what_it_suits():
-    from kernels.gemv import MAX_WEIGHT_ELEMENTS, gemv, takes
+    from baton_kernels.gemv import MAX_WEIGHT_ELEMENTS, gemv, takes
 
     weight = torch.randn(8, 16, dtype=torch.bfloat16, device=CUDA)
     with pytest.raises(ValueError, match="one contiguous row"):

@@ -6,8 +6,8 @@ x1, x2 that rotate together, `out = x * cos + cat(-x2, x1) * sin`. The cos/sin c
 frequency scaling (linear, llama3) is already folded into it, so the kernel only looks it up.
 Each product and the sum are rounded to the input dtype as torch rounds them, so bfloat16
 results match the model's eager rotary. `rotary_write_kv` also stores the rotated keys and the
-values into the paged KV cache (kernels.write_kv's layout and slots), in the same pass: a decode
-step's layer then launches one kernel for both.
+values into the paged KV cache (baton_kernels.write_kv's layout and slots), in the same pass: a
+decode step's layer then launches one kernel for both.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def rotary_write_kv(
     kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D), last dim contiguous
     slot_mapping: torch.Tensor,  # (T,) integer slots; < 0 = do not store the row
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rotary` and then `kernels.write_kv.write_kv` of the rotated k and v, in one kernel (a
+    """`rotary` and then `baton_kernels.write_kv.write_kv` of the rotated k and v, in one kernel (a
     launch and a pass over k saved per layer); returns (q, k)."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if v.shape != k.shape or kv_cache.shape[3:] != (num_kv_heads, head_dim):

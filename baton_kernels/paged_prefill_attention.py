@@ -2,7 +2,7 @@
 
 FlashAttention-style tiling (Dao et al. 2022): one program per (query tile, sequence, query
 head) streams the sequence's keys and values block by block through an online softmax, in
-float32. The new tokens' K/V must already be in the cache (`kernels.write_kv` first).
+float32. The new tokens' K/V must already be in the cache (`baton_kernels.write_kv` first).
 
 KV cache of one layer (engine.attention's layout)::
 
