@@ -10,6 +10,10 @@ at the end (`bench.gpu_gemv` measures both).
 
     y = x @ weight.T (+ bias)          x: (1, K)   weight: (N, K)   y: (1, N)
 
+`gemv_qkv_rope` is the same product for the fused q/k/v projection with the rotary embedding
+and the KV store in its epilogue (one kernel instead of two per layer). Both load their first
+weight tile before waiting on the previous kernel (`baton_kernels.pdl`).
+
 Measured and dropped (bench.gpu_gemv, H200): fusing the RMSNorm before a projection, or the
 SwiGLU activation before the down projection, into this kernel's pass over K. Every program
 then re-reads the activations (and the residual and norm weight) from L2, as many bytes as its
@@ -26,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from baton_kernels.pdl import use_pdl
+
 MAX_WEIGHT_ELEMENTS = 1 << 24  # larger matrices (over 32 MiB in bf16) stay with cuBLAS
 
 
@@ -36,6 +42,29 @@ class GemvConfig(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+
+
+@triton.jit
+def _dot_rows(x_ptr, w_rows, n_mask, K, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    """(BLOCK_N,) float32 dot products of x (K,) with the program's weight rows `w_rows`
+    (BLOCK_N, 1 pointers). The first weight tile is loaded before the PDL wait: the weights
+    never depend on the previous kernel, so they stream while it drains."""
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    acc = x[None, :] * w.to(tl.float32)  # (BLOCK_N, BLOCK_K) partial products
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += x[None, :] * w.to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    return tl.sum(acc, axis=1)
 
 
 @triton.jit
@@ -50,22 +79,93 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += x[None, :] * w.to(tl.float32)
-    y = tl.sum(acc, axis=1)  # (BLOCK_N,)
+    y = _dot_rows(x_ptr, w_rows, n_mask, K, BLOCK_K, USE_PDL)  # (BLOCK_N,)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _gemv_qkv_rope_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    q_ptr,  # (H, D) rotated queries out
+    pos_ptr,
+    cos_sin_ptr,
+    kv_cache_ptr,
+    slot_ptr,
+    K,
+    stride_wn,
+    stride_cs_p,
+    stride_cs_cs,
+    stride_c_kv,
+    stride_c_block,
+    stride_c_tok,
+    stride_c_head,
+    block_size,
+    num_heads,
+    num_kv_heads,
+    HAS_BIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAIRS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    # Program p takes PAIRS rotary pairs (d, d + D/2) of one head of the fused q|k|v output,
+    # rows interleaved as [d0, d0 + D/2, d1, d1 + D/2, ...]: a (2 * PAIRS) row GEMV tile.
+    half: tl.constexpr = HEAD_DIM // 2
+    per_head: tl.constexpr = half // PAIRS
+    pid = tl.program_id(0)
+    head = pid // per_head  # 0..H-1 queries, then Hkv keys, then Hkv values
+    r = tl.arange(0, 2 * PAIRS)
+    dims = (pid % per_head) * PAIRS + r // 2 + (r % 2) * half  # (2 * PAIRS,) within the head
+    rows = head * HEAD_DIM + dims
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    y = _dot_rows(x_ptr, w_rows, rows >= 0, K, BLOCK_K, USE_PDL)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows).to(tl.float32)
+    y = y.to(q_ptr.dtype.element_ty)  # the projection's output, rounded as the GEMV rounds it
+    y1, y2 = tl.split(tl.reshape(y, (PAIRS, 2)))  # (PAIRS,) each: dims d and d + D/2
+    d = (pid % per_head) * PAIRS + tl.arange(0, PAIRS)
+    if head < num_heads + num_kv_heads:  # q or k: rotate as baton_kernels.rotary does
+        pos = tl.load(pos_ptr).to(tl.int64)
+        cos_ptr = cos_sin_ptr + pos * stride_cs_p + d
+        cos1 = tl.load(cos_ptr).to(tl.float32)
+        cos2 = tl.load(cos_ptr + half).to(tl.float32)
+        sin1 = tl.load(cos_ptr + stride_cs_cs).to(tl.float32)
+        sin2 = tl.load(cos_ptr + stride_cs_cs + half).to(tl.float32)
+        a1 = y1.to(tl.float32)
+        a2 = y2.to(tl.float32)
+        out1 = (a1 * cos1).to(y.dtype).to(tl.float32) + (-a2 * sin1).to(y.dtype).to(tl.float32)
+        out2 = (a2 * cos2).to(y.dtype).to(tl.float32) + (a1 * sin2).to(y.dtype).to(tl.float32)
+        y1 = out1.to(y.dtype)
+        y2 = out2.to(y.dtype)
+    if head < num_heads:
+        dst = q_ptr + head * HEAD_DIM + d
+        tl.store(dst, y1)
+        tl.store(dst + half, y2)
+    else:
+        slot = tl.load(slot_ptr).to(tl.int64)
+        if slot >= 0:  # a padding row (negative slot) stores nothing
+            kv = (head - num_heads) // num_kv_heads  # 0 keys, 1 values
+            kv_head = (head - num_heads) % num_kv_heads
+            dst = (
+                kv_cache_ptr
+                + kv * stride_c_kv
+                + (slot // block_size) * stride_c_block
+                + (slot % block_size) * stride_c_tok
+                + kv_head * stride_c_head
+                + d
+            )
+            tl.store(dst, y1.to(kv_cache_ptr.dtype.element_ty))
+            tl.store(dst + half, y2.to(kv_cache_ptr.dtype.element_ty))
 
 
 def default_config(n: int, k: int) -> GemvConfig:
@@ -91,15 +191,66 @@ def gemv(
         raise ValueError(f"bias must be ({n},)")
     cfg = config or default_config(n, k)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    pdl = use_pdl(x)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else x, y, n, k, weight.stride(0),
         HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
+        USE_PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        launch_pdl=pdl,
     )  # fmt: skip
     return y
+
+
+def gemv_qkv_rope(
+    x: torch.Tensor,  # (1, K) one token's hidden state, contiguous
+    weight: torch.Tensor,  # ((H + 2 * Hkv) * D, K): the fused q|k|v projection
+    bias: torch.Tensor | None,  # ((H + 2 * Hkv) * D,)
+    num_heads: int,
+    num_kv_heads: int,
+    position: torch.Tensor,  # (1,) the token's position
+    cos_sin_cache: torch.Tensor,  # (max_positions, 2, D): RotaryEmbedding.cos_sin
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D), last dim contiguous
+    slot_mapping: torch.Tensor,  # (1,) the token's cache slot; < 0 = do not store
+) -> torch.Tensor:  # (1, H, D) rotated queries
+    """One token's q/k/v projection, rotary embedding and KV store in one kernel: `gemv`, then
+    `baton_kernels.rotary.rotary_write_kv` (the same GEMV tile of two rows per program, the two
+    rows a rotary pair; the same values, and rotated q and k that differ from the two kernels'
+    by a last-bit rounding at most). Returns the rotated queries; the rotated key and the value
+    go to the token's slot in `kv_cache`."""
+    head_dim = kv_cache.shape[-1]
+    rows = (num_heads + 2 * num_kv_heads) * head_dim
+    if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
+        raise ValueError(f"x must be one contiguous row (1, K), got {tuple(x.shape)}")
+    if weight.shape != (rows, x.shape[1]) or weight.stride(1) != 1:
+        raise ValueError(f"weight must be ({rows}, {x.shape[1]}) with contiguous rows")
+    if kv_cache.shape[3] != num_kv_heads or kv_cache.stride(-1) != 1 or head_dim % 2:
+        raise ValueError("kv_cache must be (2, N, B, Hkv, D), last dim contiguous, D even")
+    if cos_sin_cache.shape[1:] != (2, head_dim) or cos_sin_cache.stride(-1) != 1:
+        raise ValueError(f"cos_sin_cache must be (P, 2, {head_dim}), last dim contiguous")
+    if position.numel() != 1 or slot_mapping.numel() != 1:
+        raise ValueError("position and slot_mapping hold one entry: the one token's")
+    q = torch.empty(1, num_heads, head_dim, dtype=x.dtype, device=x.device)
+    pairs = 1  # two rows per program, as default_config gives these shapes
+    pdl = use_pdl(x)
+    _gemv_qkv_rope_kernel[(rows // (2 * pairs),)](
+        x, weight, bias if bias is not None else x, q, position, cos_sin_cache, kv_cache,
+        slot_mapping, x.shape[1], weight.stride(0), cos_sin_cache.stride(0),
+        cos_sin_cache.stride(1), *kv_cache.stride()[:4], kv_cache.shape[2],
+        num_heads, num_kv_heads,
+        HAS_BIAS=bias is not None,
+        HEAD_DIM=head_dim,
+        PAIRS=pairs,
+        BLOCK_K=default_config(rows, x.shape[1]).block_k,
+        USE_PDL=pdl,
+        num_warps=4,
+        num_stages=3,
+        launch_pdl=pdl,
+    )  # fmt: skip
+    return q
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from baton_kernels.pdl import use_pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -29,7 +31,11 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # baton_kernels.pdl: everything below reads the previous kernel's output
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
@@ -75,12 +81,15 @@ def rms_norm(
             res2 = res2.contiguous()
         new_res = torch.empty_like(x2)
     if x2.shape[0] > 0:
+        pdl = use_pdl(x2)
         _rms_norm_kernel[(x2.shape[0],)](
             x2, res2, weight.contiguous(), out, new_res, n,
             x2.stride(0), res2.stride(0), out.stride(0), new_res.stride(0), eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK_N=triton.next_power_of_2(n),
+            USE_PDL=pdl,
             num_warps=_num_warps(n),
+            launch_pdl=pdl,
         )  # fmt: skip
     new_residual = x if residual is None else new_res.view(x.shape)
     return out.view(x.shape), new_residual

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from baton_kernels.pdl import use_pdl
+
 
 @triton.jit
 def _rotate_heads(
@@ -90,7 +92,11 @@ def _rotary_kernel(
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     WRITE_KV: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # baton_kernels.pdl: everything below reads the previous kernel's output
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + token).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
@@ -185,7 +191,7 @@ def _launch(
     vv = v if v is not None else k
     cache = kv_cache if kv_cache is not None else cos_sin_cache
     c_strides = kv_cache.stride()[:4] if kv_cache is not None else (0, 0, 0, 0)
-    half = head_dim // 2
+    half, pdl = head_dim // 2, use_pdl(q)
     _rotary_kernel[(num_tokens,)](
         q, k, vv, positions, cos_sin_cache, cache,
         slot_mapping if slot_mapping is not None else positions,
@@ -199,7 +205,9 @@ def _launch(
         BLOCK_HK=triton.next_power_of_2(k.shape[1]),
         BLOCK_HALF=triton.next_power_of_2(half),
         WRITE_KV=write,
+        USE_PDL=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )  # fmt: skip
 
 

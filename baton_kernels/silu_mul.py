@@ -15,9 +15,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from baton_kernels.pdl import use_pdl
+
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out, BLOCK: tl.constexpr):
+def _silu_mul_kernel(
+    x_ptr, out_ptr, n_cols, stride_x, stride_out, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):
+    if USE_PDL:  # baton_kernels.pdl: everything below reads the previous kernel's output
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -37,10 +44,11 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:  # (T, 2I) -> (T, I)
     n = width // 2
     out = torch.empty(num_tokens, n, dtype=x.dtype, device=x.device)
     if num_tokens:
-        block = 1024
+        block, pdl = 1024, use_pdl(x)
         _silu_mul_kernel[(num_tokens, triton.cdiv(n, block))](
-            x, out, n, x.stride(0), out.stride(0), BLOCK=block, num_warps=4
-        )
+            x, out, n, x.stride(0), out.stride(0), BLOCK=block, USE_PDL=pdl, num_warps=4,
+            launch_pdl=pdl,
+        )  # fmt: skip
     return out
 
 

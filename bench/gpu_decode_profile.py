@@ -9,7 +9,8 @@ the host.
 
 The same 128-request run (bench.gpu_engine's concurrent benchmark: 512-token prompts, 128 new
 tokens) is then split into its phases: the wall time of the prompts alone (one new token each)
-against the whole run, and the kernel time of the whole run by kind.
+against the whole run, and the kernel time of the whole run by kind and by kernel (their sum
+against the wall time: how long the GPU idled).
 
     python -m bench.gpu_decode_profile [--out PATH.json]
 """
@@ -40,13 +41,13 @@ BATCHES = (1, 128)
 REPLAYS = 20
 # Kernel kinds by name, first match wins (cuBLAS's Hopper GEMMs are named nvjet_*).
 KINDS = (
-    ("gemm", ("nvjet", "gemm", "cutlass", "splitKreduce", "_gemv_kernel")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "splitKreduce", "_gemv_kernel", "_gemv_qkv_rope")),
     ("attention", ("_decode_split_kernel", "_decode_reduce_kernel", "_prefill")),
     ("norm", ("_rms_norm_kernel",)),
     ("rotary", ("_rotary_kernel",)),
     ("kv_write", ("_write_kv_kernel",)),
     ("activation", ("_silu_mul_kernel",)),
-    ("argmax", ("ArgMax", "MaxOps", "gather")),
+    ("argmax", ("ArgMax", "MaxOps", "gather", "_slice_max_kernel", "_pick_slice_kernel")),
 )
 
 
@@ -112,13 +113,18 @@ def concurrent_phases(llm: Any) -> dict[str, Any]:
         run(60, CONCURRENT_NEW_TOKENS)
         torch.cuda.synchronize()
     by_kind: dict[str, float] = defaultdict(float)
+    per_kernel: dict[str, float] = defaultdict(float)
     for event in prof.events():
         if event.device_type.name == "CUDA":
             by_kind[kind_of(event.name)] += event.device_time / 1000
+            per_kernel[event.name[:100]] += event.device_time / 1000
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:16]
     return {
         "prompts_only_seconds": sorted(prompts_s)[1],
         "whole_run_seconds": sorted(whole_s)[1],
+        "kernel_ms": sum(per_kernel.values()),
         "kernel_ms_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "top_kernels_ms": dict(top),
     }
 
 

@@ -250,6 +250,19 @@ class TritonPagedAttention(AttentionBackend):
             if rope is not None:
                 q, k = rope.apply(q, k)
             self._write_kv(k, v, kv_cache, meta.slot_mapping)
+        return self.attend(q, kv_cache, meta, scale, sliding_window)
+
+    def attend(
+        self,
+        q: torch.Tensor,  # (T, num_heads, head_dim), rotated
+        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:  # (T, num_heads, head_dim)
+        """`forward` after the store: for a caller that already wrote the step's rotated keys
+        and values into `kv_cache` (the fused one-token projection, `baton_kernels.gemv`)."""
+        batch = meta.padded(q.device)
         if batch["all_decode"]:
             return self._decode(
                 q, kv_cache, batch["block_tables"], batch["seq_lens"], scale, sliding_window

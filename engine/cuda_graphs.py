@@ -45,21 +45,14 @@ def default_capture_sizes(max_num_seqs: int) -> list[int]:
 
 Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 
-_ARGMAX_PARTS = 64  # the vocabulary is cut in this many ranges, reduced side by side
-
-
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """`logits.argmax(dim=-1)` for (N, V) logits (the first maximum's index), in two stages:
-    a single row of a 128k vocabulary otherwise reduces in one thread block (27 us on an H100
-    at batch 1, a fiftieth of the step). Each of `_ARGMAX_PARTS` ranges finds its first
-    maximum, then the first range holding the row's maximum wins: the same index."""
-    num_rows, vocab = logits.shape
-    if vocab % _ARGMAX_PARTS or vocab < 16 * _ARGMAX_PARTS:
-        return logits.argmax(dim=-1)
-    width = vocab // _ARGMAX_PARTS
-    best, at = logits.view(num_rows, _ARGMAX_PARTS, width).max(dim=-1)  # (N, parts) each
-    part = best.argmax(dim=-1, keepdim=True)  # (N, 1)
-    return (part * width + at.gather(1, part)).squeeze(1)
+    """`logits.argmax(dim=-1)` for (N, V) logits (the first maximum's index); on a GPU through
+    `baton_kernels.argmax` (torch reduces one 128k row in too few thread blocks)."""
+    if logits.is_cuda:
+        from baton_kernels.argmax import argmax
+
+        return argmax(logits)
+    return logits.argmax(dim=-1)
 
 
 class DecodeGraphs:

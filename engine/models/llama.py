@@ -60,14 +60,20 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype), x
 
 
+def gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `baton_kernels.gemv` runs `x @ weight.T` (one half-precision row on CUDA)."""
+    from baton_kernels.gemv import takes
+
+    return takes(x, weight)
+
+
 def project(linear: nn.Linear, x: torch.Tensor, use_kernels: bool) -> torch.Tensor:
     """`linear(x)`; on the kernel path, one row (batch-1 decode) times a weight of up to 32 MiB
     goes through `baton_kernels.gemv` instead of cuBLAS."""
-    if use_kernels:
-        from baton_kernels.gemv import gemv, takes
+    if use_kernels and gemv_takes(x, linear.weight):
+        from baton_kernels.gemv import gemv
 
-        if takes(x, linear.weight):
-            return gemv(x, linear.weight, linear.bias)
+        return gemv(x, linear.weight, linear.bias)
     return linear(x)
 
 
@@ -116,6 +122,9 @@ class LlamaAttention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, self.use_kernels)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, self.use_kernels)
+        # One token on the GPU path (batch-1 decode): projection, rotation and KV store in one
+        # kernel. Not with Qwen3's per-head q/k norms, which come between the first two.
+        self.fused_backend = attn_backend if self.use_kernels and not config.qk_norm else None
 
     def forward(
         self,
@@ -125,6 +134,8 @@ class LlamaAttention(nn.Module):
         attn_meta: AttentionMetadata,
     ) -> torch.Tensor:  # (T, hidden)
         num_tokens = x.shape[0]
+        if self.fused_backend is not None and gemv_takes(x, self.qkv_proj.weight):
+            return self.forward_one_token(x, rope, kv_cache, attn_meta)
         qkv = project(self.qkv_proj, x, self.use_kernels)  # (T, q_size + 2 * kv_size)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
@@ -136,6 +147,22 @@ class LlamaAttention(nn.Module):
             q, k, v, kv_cache, attn_meta, self.scale, self.sliding_window, rope
         )  # (T, H, D); the backend rotates q and k (the Triton one with the KV store)
         return project(self.o_proj, out.reshape(num_tokens, self.q_size), self.use_kernels)
+
+
+    def forward_one_token(
+        self, x: torch.Tensor, rope: Rope, kv_cache: torch.Tensor, attn_meta: AttentionMetadata
+    ) -> torch.Tensor:  # (1, hidden)
+        """`forward` of one token through `baton_kernels.gemv.gemv_qkv_rope` (q/k/v projection,
+        rotary and the KV store in one kernel); the backend then only attends."""
+        from baton_kernels.gemv import gemv_qkv_rope
+
+        assert isinstance(self.fused_backend, TritonPagedAttention)
+        q = gemv_qkv_rope(
+            x, self.qkv_proj.weight, self.qkv_proj.bias, self.num_heads, self.num_kv_heads,
+            rope.positions, rope.cos_sin_cache, kv_cache, attn_meta.slot_mapping,
+        )  # fmt: skip
+        out = self.fused_backend.attend(q, kv_cache, attn_meta, self.scale, self.sliding_window)
+        return project(self.o_proj, out.reshape(1, self.q_size), True)
 
 
 class LlamaMLP(nn.Module):

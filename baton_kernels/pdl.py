@@ -1,0 +1,40 @@
+"""Programmatic dependent launch (PDL) for the decode step's kernels (Hopper and later).
+
+A decode step at batch 1 is a chain of some 170 short kernels, each of which waits for the one
+before it to finish and drain before its first program starts. With PDL (CUDA's
+`cudaLaunchAttributeProgrammaticStreamSerialization`, Triton's `launch_pdl=True`) the next
+kernel may start as soon as every program of the current one has called
+`griddepcontrol.launch_dependents`; it then runs its independent prologue (a GEMV loads its
+first weight tile: weights never depend on the previous kernel) and blocks in
+`griddepcontrol.wait` until the previous kernel has completed and its writes are visible.
+CUDA graphs keep these edges when a step is captured.
+
+The contract every kernel launched with `launch_pdl` keeps (`USE_PDL` constexpr): nothing it
+reads that an earlier kernel writes, and nothing it writes, is touched before `gdc_wait()`.
+Then the order is safe transitively: a kernel completes only after its own wait, so waiting on
+the previous kernel waits on all before it. Kernels not launched this way (cuBLAS, torch) are
+waited for in full, as usual. What a kernel reads before its wait (a GEMV's weights) must not be
+written by the kernel just before it: weights are written at load time only.
+
+`BATON_PDL=0` turns it off (a same-machine comparison); it is off before sm_90 and under
+Triton's CPU interpreter, which has no inline assembly.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+
+
+def use_pdl(x: torch.Tensor) -> bool:
+    """Whether kernels launched on `x`'s device take the PDL attribute and wait for it."""
+    return x.is_cuda and _enabled(x.device.index if x.device.index is not None else 0)
+
+
+@cache
+def _enabled(device_index: int) -> bool:
+    if os.environ.get("BATON_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
