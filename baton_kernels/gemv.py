@@ -11,19 +11,23 @@ at the end (`bench.gpu_gemv` measures both).
     y = x @ weight.T (+ bias)          x: (1, K)   weight: (N, K)   y: (1, N)
 
 `gemv_qkv_rope` is the same product for the fused q/k/v projection with the rotary embedding
-and the KV store in its epilogue (one kernel instead of two per layer). Both load their first
-weight tile before waiting on the previous kernel (`baton_kernels.pdl`).
+and the KV store in its epilogue, `gemv_gate_up_silu` for the fused gate/up projection with
+SwiGLU's activation in its epilogue (one kernel instead of two per layer, each). All load their
+first weight tile before waiting on the previous kernel (`baton_kernels.pdl`).
 
 Measured and dropped (bench.gpu_gemv, H200): fusing the RMSNorm before a projection, or the
 SwiGLU activation before the down projection, into this kernel's pass over K. Every program
 then re-reads the activations (and the residual and norm weight) from L2, as many bytes as its
 own weights at these tile sizes, so the fused kernel ran slower than the two kernels it
 replaced. For more than one row cuBLAS's tiles were faster than this kernel's tensor-core
-variant, and for matrices over 32 MiB (gate/up projection, lm_head) cuBLAS is as fast.
+variant, and for matrices over 32 MiB cuBLAS is as fast (lm_head; the gate/up projection goes
+through `gemv_gate_up_silu`, with its activation: 16.7 us a layer against 20.1 for cuBLAS's GEMM
+and `silu_mul` on an H200).
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -168,6 +172,40 @@ def _gemv_qkv_rope_kernel(
             tl.store(dst + half, y2.to(kv_cache_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _gemv_gate_up_silu_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,  # (I,) silu(gate) * up
+    inter,  # I: the gate rows are weight[:I], the up rows weight[I:]
+    K,
+    stride_wn,
+    HAS_BIAS: tl.constexpr,
+    PAIRS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    # Program p takes output columns [p * PAIRS, (p + 1) * PAIRS): their gate and up rows,
+    # interleaved [g0, u0, g1, u1, ...] as one (2 * PAIRS)-row GEMV tile.
+    pid = tl.program_id(0)
+    r = tl.arange(0, 2 * PAIRS)
+    cols = pid * PAIRS + r // 2
+    rows = cols + (r % 2) * inter
+    col_mask = cols < inter
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    y = _dot_rows(x_ptr, w_rows, col_mask, K, BLOCK_K, USE_PDL)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=col_mask, other=0.0).to(tl.float32)
+    y = y.to(y_ptr.dtype.element_ty)  # the projection's output, rounded as the GEMV rounds it
+    gate, up = tl.split(tl.reshape(y, (PAIRS, 2)))
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # as baton_kernels.silu_mul rounds it
+    out = act.to(tl.float32) * up.to(tl.float32)
+    c = pid * PAIRS + tl.arange(0, PAIRS)
+    tl.store(y_ptr + c, out.to(y_ptr.dtype.element_ty), mask=c < inter)
+
+
 def default_config(n: int, k: int) -> GemvConfig:
     """The launch configuration for an (N, K) weight, from `bench.gpu_gemv --sweep` (H200):
     two output columns per program for up to 8k columns, four beyond (one to four thousand
@@ -253,9 +291,52 @@ def gemv_qkv_rope(
     return q
 
 
+def gemv_gate_up_silu(
+    x: torch.Tensor,  # (1, K), contiguous
+    weight: torch.Tensor,  # (2 * I, K): the fused [gate | up] projection, rows contiguous
+    bias: torch.Tensor | None = None,  # (2 * I,)
+    config: GemvConfig | None = None,  # block_n = 2 * output columns per program
+) -> torch.Tensor:  # (1, I)
+    """SwiGLU's first half for one row: `silu(gate) * up` of `x @ weight.T` in one kernel (the
+    GEMV and `baton_kernels.silu_mul` with their roundings), instead of a GEMM and a launch."""
+    if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
+        raise ValueError(f"x must be one contiguous row (1, K), got {tuple(x.shape)}")
+    n, k = weight.shape
+    if x.shape[1] != k or weight.stride(1) != 1 or n % 2:
+        raise ValueError(f"weight must be (2 * I, {x.shape[1]}) with contiguous rows")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be ({n},)")
+    # bench.gpu_gemv, H200: one column (two rows) per program and K in one step of up to 2,048
+    cfg = config or GemvConfig(2, min(2048, triton.next_power_of_2(k)), 4, 3)
+    pairs, inter = max(1, cfg.block_n // 2), n // 2
+    y = torch.empty(1, inter, dtype=x.dtype, device=x.device)
+    pdl = use_pdl(x)
+    _gemv_gate_up_silu_kernel[(triton.cdiv(inter, pairs),)](
+        x, weight, bias if bias is not None else x, y, inter, k, weight.stride(0),
+        HAS_BIAS=bias is not None,
+        PAIRS=pairs,
+        BLOCK_K=cfg.block_k,
+        USE_PDL=pdl,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        launch_pdl=pdl,
+    )  # fmt: skip
+    return y
+
+
 def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `gemv` should run a linear layer on `x` in place of cuBLAS: one row on CUDA in
     half precision, and a weight of at most MAX_WEIGHT_ELEMENTS with contiguous rows."""
+    return _one_half_row(x, weight) and weight.numel() <= MAX_WEIGHT_ELEMENTS
+
+
+def takes_gate_up(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemv_gate_up_silu` should run a gate/up projection and its activation on `x`:
+    one half-precision row on CUDA, any size (`BATON_GEMV_GATE_UP=0`: cuBLAS and silu_mul)."""
+    return os.environ.get("BATON_GEMV_GATE_UP", "1") != "0" and _one_half_row(x, weight)
+
+
+def _one_half_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.is_cuda
         and x.dim() == 2
@@ -264,7 +345,6 @@ def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype in (torch.float16, torch.bfloat16)
         and weight.dtype == x.dtype
         and weight.stride(1) == 1
-        and weight.numel() <= MAX_WEIGHT_ELEMENTS
     )
 
 

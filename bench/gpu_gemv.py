@@ -2,9 +2,10 @@
 projections of a Llama-3.2-1B-shaped model in bfloat16 (batch-1 decode).
 
 Microseconds per call and the weight bandwidth each reaches, and which of the two the engine
-runs for that shape. Each op is timed as the decode graph runs it: one call per layer on that
-layer's own weights (16 copies, more than the L2 cache holds), captured in a CUDA graph and
-replayed. `--sweep` also times every launch configuration of a grid, which is how
+runs for that shape; and the gate/up projection with its activation, cuBLAS and `silu_mul`
+against the fused `gemv_gate_up_silu`. Each op is timed as the decode graph runs it: one call
+per layer on that layer's own weights (16 copies, more than the L2 cache holds), captured in a
+CUDA graph and replayed. `--sweep` also times every launch configuration of a grid, which is how
 `baton_kernels.gemv.default_config`'s rules were chosen.
 
     python -m bench.gpu_gemv [--sweep] [--out PATH.json]
@@ -98,6 +99,34 @@ def compare() -> list[dict[str, Any]]:
     return out
 
 
+def compare_gate_up() -> dict[str, Any]:
+    """The MLP's first half at one row, per layer: cuBLAS's gate/up GEMM then `silu_mul`
+    against `gemv_gate_up_silu` (one kernel), each with its best configurations of SWEEP."""
+    from baton_kernels.gemv import GemvConfig, gemv_gate_up_silu
+    from baton_kernels.silu_mul import silu_mul
+
+    n, k = SHAPES["gate_up_proj"]
+    weights = _weights(n, k)
+    x = torch.randn(1, k, dtype=DTYPE, device="cuda")
+    cublas = graph_seconds([partial(lambda w: silu_mul(F.linear(x, w)), w) for w in weights])
+    timed = []
+    for values in itertools.product(*SWEEP.values()):
+        cfg = GemvConfig(*values)
+        if cfg.block_n < 2 or cfg.block_n * cfg.block_k > 64 * 32 * cfg.num_warps:
+            continue
+        s = graph_seconds([partial(gemv_gate_up_silu, x, w, None, cfg) for w in weights])
+        timed.append((s, cfg))
+    timed.sort()
+    default_s = graph_seconds([partial(gemv_gate_up_silu, x, w) for w in weights])
+    row = {
+        "op": "gate_up_proj + silu_mul", "n": n, "k": k,
+        "cublas_and_silu_mul_us": cublas * 1e6, "fused_default_us": default_s * 1e6,
+        "fused_best": [{"us": s * 1e6, **c._asdict()} for s, c in timed[:3]],
+    }  # fmt: skip
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
 def sweep() -> list[dict[str, Any]]:
     """Every configuration of SWEEP on every projection at one row; the best three each."""
     from baton_kernels.gemv import GemvConfig, default_config, gemv
@@ -144,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": "bfloat16",
         "layers": LAYERS,
         "compare": compare(),
+        "gate_up_silu": compare_gate_up(),
     }
     if args.sweep:
         result["sweep"] = sweep()

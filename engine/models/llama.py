@@ -181,6 +181,12 @@ class LlamaMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, hidden) -> (T, hidden)
+        if self.use_kernels:
+            from baton_kernels.gemv import gemv_gate_up_silu, takes_gate_up
+
+            if takes_gate_up(x, self.gate_up_proj.weight):  # one row: GEMV and activation fused
+                act = gemv_gate_up_silu(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+                return project(self.down_proj, act, True)
         gate_up = self.gate_up_proj(x)  # (T, 2I): [gate | up]
         if self.use_kernels:
             from baton_kernels.silu_mul import silu_mul

@@ -482,6 +482,25 @@ def test_gemv_qkv_rope_is_gemv_then_rotary_write_kv(
     assert torch.equal(cache[1], want_cache[1])  # the values: no rotation, no rounding apart
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("inter,hidden", [(8192, 2048), (1000, 300), (3, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("block_n", [2, 4, 8])
+def test_gemv_gate_up_silu_is_gemv_then_silu_mul(dtype, inter, hidden, bias, block_n):
+    from baton_kernels.gemv import GemvConfig, gemv, gemv_gate_up_silu
+    from baton_kernels.silu_mul import silu_mul
+
+    x = torch.randn(1, hidden, dtype=dtype, device=CUDA)
+    weight = torch.randn(2 * inter, hidden, dtype=dtype, device=CUDA) * hidden**-0.5
+    b = torch.randn(2 * inter, dtype=dtype, device=CUDA) if bias else None
+    cfg = GemvConfig(block_n, min(2048, 1 << (hidden - 1).bit_length()), 4, 3)
+    got = gemv_gate_up_silu(x, weight, b, cfg)
+    want = silu_mul(gemv(x, weight, b, GemvConfig(2, cfg.block_k, 4, 3)))
+    assert got.shape == (1, inter)
+    # the same float32 sums, each row's in the same order whatever its tile: within a rounding
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
 # ---------------------------------------------------------------- argmax and PDL chains
 
 
