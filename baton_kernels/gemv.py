@@ -28,7 +28,7 @@ and `silu_mul` on an H200).
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -220,6 +220,16 @@ def gemv(
     config: GemvConfig | None = None,
 ) -> torch.Tensor:  # (1, N) in x's dtype
     """`x @ weight.T + bias` for one row (see the module doc); float32 accumulation."""
+    n, k = _check_row(x, weight, bias)
+    cfg = config or default_config(n, k)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _launch(_gemv_kernel, triton.cdiv(n, cfg.block_n), x, weight, bias, y, n, cfg,
+            BLOCK_N=cfg.block_n)  # fmt: skip
+    return y
+
+
+def _check_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
+    """(N, K) of a one-row product's operands, or a ValueError naming the one that is wrong."""
     if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
         raise ValueError(f"x must be one contiguous row (1, K), got {tuple(x.shape)}")
     n, k = weight.shape
@@ -227,20 +237,32 @@ def gemv(
         raise ValueError(f"weight must be (N, {x.shape[1]}) with contiguous rows")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be ({n},)")
-    cfg = config or default_config(n, k)
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    return n, k
+
+
+def _launch(
+    kernel: Any,
+    programs: int,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    n: int,
+    cfg: GemvConfig,
+    **meta: int,
+) -> None:
+    """Launch a GEMV kernel of the (x, w, b, y, N, K, stride_wn) signature with `cfg`."""
     pdl = use_pdl(x)
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, weight, bias if bias is not None else x, y, n, k, weight.stride(0),
+    kernel[(programs,)](
+        x, weight, bias if bias is not None else x, y, n, x.shape[1], weight.stride(0),
         HAS_BIAS=bias is not None,
-        BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         USE_PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         launch_pdl=pdl,
+        **meta,
     )  # fmt: skip
-    return y
 
 
 def gemv_qkv_rope(
@@ -299,28 +321,15 @@ def gemv_gate_up_silu(
 ) -> torch.Tensor:  # (1, I)
     """SwiGLU's first half for one row: `silu(gate) * up` of `x @ weight.T` in one kernel (the
     GEMV and `baton_kernels.silu_mul` with their roundings), instead of a GEMM and a launch."""
-    if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
-        raise ValueError(f"x must be one contiguous row (1, K), got {tuple(x.shape)}")
-    n, k = weight.shape
-    if x.shape[1] != k or weight.stride(1) != 1 or n % 2:
-        raise ValueError(f"weight must be (2 * I, {x.shape[1]}) with contiguous rows")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must be ({n},)")
+    n, k = _check_row(x, weight, bias)
+    if n % 2:
+        raise ValueError(f"weight must have an even number of rows (2 * I), got {n}")
     # bench.gpu_gemv, H200: one column (two rows) per program and K in one step of up to 2,048
     cfg = config or GemvConfig(2, min(2048, triton.next_power_of_2(k)), 4, 3)
     pairs, inter = max(1, cfg.block_n // 2), n // 2
     y = torch.empty(1, inter, dtype=x.dtype, device=x.device)
-    pdl = use_pdl(x)
-    _gemv_gate_up_silu_kernel[(triton.cdiv(inter, pairs),)](
-        x, weight, bias if bias is not None else x, y, inter, k, weight.stride(0),
-        HAS_BIAS=bias is not None,
-        PAIRS=pairs,
-        BLOCK_K=cfg.block_k,
-        USE_PDL=pdl,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        launch_pdl=pdl,
-    )  # fmt: skip
+    _launch(_gemv_gate_up_silu_kernel, triton.cdiv(inter, pairs), x, weight, bias, y, inter, cfg,
+            PAIRS=pairs)  # fmt: skip
     return y
 
 

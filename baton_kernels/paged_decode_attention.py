@@ -37,6 +37,20 @@ _MAX_SPLITS = 64
 
 
 @triton.jit
+def _context_splits(lens_ptr, seq, window, num_splits, BLOCK_N: tl.constexpr,
+                    USE_WINDOW: tl.constexpr):  # fmt: skip
+    """(seq_len, start, per_split) of a sequence: the context it attends is [start, seq_len),
+    cut into splits of per_split tokens, a whole number of BLOCK_N tiles (trailing splits may
+    be empty)."""
+    seq_len = tl.load(lens_ptr + seq).to(tl.int32)
+    start = seq_len * 0  # a tensor in either branch, as the caller's arithmetic expects
+    if USE_WINDOW:
+        start = tl.maximum(seq_len - window, 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
+    return seq_len, start, per_split
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,
     cache_ptr,
@@ -74,12 +88,8 @@ def _decode_split_kernel(
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(lens_ptr + seq).to(tl.int32)
-    start = 0
-    if USE_WINDOW:
-        start = tl.maximum(seq_len - window, 0)
-    # Each split takes a whole number of BLOCK_N tiles; trailing splits may be empty.
-    per_split = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
+    seq_len, start, per_split = _context_splits(lens_ptr, seq, window, num_splits, BLOCK_N,
+                                                USE_WINDOW)  # fmt: skip
     lo = start + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
     if lo < hi:  # an empty split does nothing: the merge reads only the splits that ran
@@ -178,11 +188,8 @@ def _decode_reduce_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    seq_len = tl.load(lens_ptr + seq).to(tl.int32)
-    start = 0
-    if USE_WINDOW:
-        start = tl.maximum(seq_len - window, 0)
-    per_split = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
+    seq_len, start, per_split = _context_splits(lens_ptr, seq, window, num_splits, BLOCK_N,
+                                                USE_WINDOW)  # fmt: skip
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < tl.cdiv(seq_len - start, per_split)  # the splits that ran
