@@ -37,6 +37,7 @@ import triton.language as tl
 from baton_kernels.pdl import use_pdl
 
 MAX_WEIGHT_ELEMENTS = 1 << 24  # larger matrices (over 32 MiB in bf16) stay with cuBLAS
+GATE_UP_FUSED = os.environ.get("BATON_GEMV_GATE_UP", "1") != "0"  # read once, at import
 
 
 class GemvConfig(NamedTuple):
@@ -342,7 +343,7 @@ def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def takes_gate_up(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `gemv_gate_up_silu` should run a gate/up projection and its activation on `x`:
     one half-precision row on CUDA, any size (`BATON_GEMV_GATE_UP=0`: cuBLAS and silu_mul)."""
-    return os.environ.get("BATON_GEMV_GATE_UP", "1") != "0" and _one_half_row(x, weight)
+    return GATE_UP_FUSED and _one_half_row(x, weight)
 
 
 def _one_half_row(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -148,7 +148,6 @@ class LlamaAttention(nn.Module):
         )  # (T, H, D); the backend rotates q and k (the Triton one with the KV store)
         return project(self.o_proj, out.reshape(num_tokens, self.q_size), self.use_kernels)
 
-
     def forward_one_token(
         self, x: torch.Tensor, rope: Rope, kv_cache: torch.Tensor, attn_meta: AttentionMetadata
     ) -> torch.Tensor:  # (1, hidden)
