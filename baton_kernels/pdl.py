@@ -16,7 +16,8 @@ the previous kernel waits on all before it. Kernels not launched this way (cuBLA
 waited for in full, as usual. What a kernel reads before its wait (a GEMV's weights) must not be
 written by the kernel just before it: weights are written at load time only.
 
-`BATON_PDL=0` turns it off (a same-machine comparison); it is off before sm_90 and under
+`BATON_PDL=0` turns it off (a same-machine comparison); it is off before sm_90, with a CUDA
+runtime older than 12.3 (the first whose graph capture keeps programmatic edges), and under
 Triton's CPU interpreter, which has no inline assembly.
 """
 
@@ -37,4 +38,11 @@ def use_pdl(x: torch.Tensor) -> bool:
 def _enabled(device_index: int) -> bool:
     if os.environ.get("BATON_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
+    if _version(torch.version.cuda) < (12, 3):
+        return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _version(text: str | None) -> tuple[int, ...]:
+    """"12.4" -> (12, 4); None (a CPU build of torch) -> ()."""
+    return tuple(int(part) for part in text.split(".")[:2]) if text else ()
