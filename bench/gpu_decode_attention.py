@@ -16,18 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.gpu_gemv import graph_seconds
 from bench.machine import describe_machine
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 64, 16
 MAX_CONTEXT = 131072  # the block table's width, as the graphs size it from max_model_len
 CASES = ((1, 575), (1, 2048), (1, 8192), (1, 32768), (8, 4096), (128, 575), (128, 2048))
 SPLITS = (1, 4, 16, 64)
-CALLS, REPLAYS = 16, 20
+CALLS = 16  # back to back in the graph (bench.gpu_gemv.graph_seconds replays it)
 
 
 def block_tables(
@@ -47,25 +49,6 @@ def block_tables(
     tables = torch.zeros(batch, MAX_CONTEXT // BLOCK_SIZE, dtype=torch.int32)
     tables[:, :per_seq] = ids.view(batch, per_seq)
     return tables, num_blocks
-
-
-def graph_us(call: Any) -> float:
-    """Microseconds per call of `call`, CALLS of them captured in one CUDA graph."""
-    call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / REPLAYS / CALLS
 
 
 def run_case(batch: int, context: int, layout: str) -> dict[str, Any]:
@@ -88,9 +71,8 @@ def run_case(batch: int, context: int, layout: str) -> dict[str, Any]:
         got = paged_decode_attention(q, cache, tables, lens, scale, num_splits=splits)
         torch.testing.assert_close(got[:1].float(), want.float(), atol=2e-2, rtol=2e-2)
         key = "engine_us" if splits is None else f"splits_{splits}_us"
-        row[key] = graph_us(
-            lambda s=splits: paged_decode_attention(q, cache, tables, lens, scale, num_splits=s)
-        )
+        call = partial(paged_decode_attention, q, cache, tables, lens, scale, num_splits=splits)
+        row[key] = graph_seconds([call] * CALLS) * 1e6
     kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * 2
     row["engine_kv_tb_per_s"] = kv_bytes / row["engine_us"] / 1e6
     return row
