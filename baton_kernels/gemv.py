@@ -15,14 +15,19 @@ and the KV store in its epilogue, `gemv_gate_up_silu` for the fused gate/up proj
 SwiGLU's activation in its epilogue (one kernel instead of two per layer, each). All load their
 first weight tile before waiting on the previous kernel (`baton_kernels.pdl`).
 
-Measured and dropped (bench.gpu_gemv, H200): fusing the RMSNorm before a projection, or the
-SwiGLU activation before the down projection, into this kernel's pass over K. Every program
-then re-reads the activations (and the residual and norm weight) from L2, as many bytes as its
-own weights at these tile sizes, so the fused kernel ran slower than the two kernels it
-replaced. For more than one row cuBLAS's tiles were faster than this kernel's tensor-core
-variant, and for matrices over 32 MiB cuBLAS is as fast (lm_head; the gate/up projection goes
-through `gemv_gate_up_silu`, with its activation: 16.7 us a layer against 20.1 for cuBLAS's GEMM
-and `silu_mul` on an H200).
+The RMSNorm before a projection and the residual add after one also run inside these kernels,
+so that a batch-1 decode layer launches no norm or add kernel (`LlamaDecoderLayer.
+forward_folded`). The add is an epilogue (`residual=`). The norm (`norm_eps=`) costs no extra
+bytes: its weight is folded into the projection's weight at load (`fold_norm_weight`), and its
+scale rsqrt(mean(x^2) + eps) is one multiply of the float32 sums, the sum of squares taken from
+the x tiles every program loads anyway. An earlier fusion that re-read the residual and the
+norm weight in every program (as many L2 bytes as its own weights) ran slower than the
+separate kernels, and so did fusing the SwiGLU activation before the down projection.
+
+Measured and dropped (bench.gpu_gemv, H200): for more than one row cuBLAS's tiles were faster
+than this kernel's tensor-core variant, and for matrices over 32 MiB cuBLAS is as fast
+(lm_head; the gate/up projection goes through `gemv_gate_up_silu`, with its activation: 16.7 us
+a layer against 20.1 for cuBLAS's GEMM and `silu_mul` on an H200).
 """
 
 from __future__ import annotations
@@ -38,22 +43,41 @@ from baton_kernels.pdl import use_pdl
 
 MAX_WEIGHT_ELEMENTS = 1 << 24  # larger matrices (over 32 MiB in bf16) stay with cuBLAS
 GATE_UP_FUSED = os.environ.get("BATON_GEMV_GATE_UP", "1") != "0"  # read once, at import
+NORM_FUSED = os.environ.get("BATON_GEMV_NORM", "1") != "0"  # see fold_norm_weight
 
 
 class GemvConfig(NamedTuple):
-    """One launch configuration: output columns and K elements per program, warps, stages."""
+    """One launch configuration: output columns and K elements per program, warps, stages, and
+    a cap on registers per thread (0: the compiler's choice)."""
 
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    max_registers: int = 0
+
+
+# Register caps that keep more programs resident (more weight bytes in flight), both without
+# spills (ptxas). The norm's reduction takes gemv_qkv_rope from 40 to 48 registers a thread, 10
+# programs of 4 warps an SM instead of 12; gemv_gate_up_silu with the norm at 72 fits 7, at 64
+# fits 8 (without the norm a cap of 64 spills, so it applies with the norm only). H200,
+# batch-1 graph of the 1B shape: 0.807 ms with neither cap, 0.798 with the q/k/v one, 0.792
+# with both (0.831 with separate norm kernels).
+QKV_ROPE_MAX_REGISTERS = 40
+GATE_UP_MAX_REGISTERS = 64
 
 
 @triton.jit
-def _dot_rows(x_ptr, w_rows, n_mask, K, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+def _dot_rows(
+    x_ptr, w_rows, n_mask, K, eps, BLOCK_K: tl.constexpr, NORM: tl.constexpr, USE_PDL: tl.constexpr
+):
     """(BLOCK_N,) float32 dot products of x (K,) with the program's weight rows `w_rows`
     (BLOCK_N, 1 pointers). The first weight tile is loaded before the PDL wait: the weights
-    never depend on the previous kernel, so they stream while it drains."""
+    never depend on the previous kernel, so they stream while it drains.
+
+    With NORM, x is RMS-normalised on the way: the products are scaled by rsqrt(mean(x^2) +
+    eps), the sum of squares taken from the same x tiles (every program reads all of x). The
+    norm's weight is not applied: `fold_norm_weight` has multiplied it into the rows."""
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
@@ -61,15 +85,23 @@ def _dot_rows(x_ptr, w_rows, n_mask, K, BLOCK_K: tl.constexpr, USE_PDL: tl.const
         tl.extra.cuda.gdc_wait()
     x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
     acc = x[None, :] * w.to(tl.float32)  # (BLOCK_N, BLOCK_K) partial products
+    # NORM: x's sum of squares, reduced tile by tile (a vector kept to the end would hold
+    # BLOCK_K / threads more registers per thread and cost the GEMV resident programs)
+    squares = tl.sum(x * x, axis=0)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc += x[None, :] * w.to(tl.float32)
+        if NORM:
+            squares += tl.sum(x * x, axis=0)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    return tl.sum(acc, axis=1)
+    y = tl.sum(acc, axis=1)
+    if NORM:
+        y = y * tl.rsqrt(squares / K + eps)
+    return y
 
 
 @triton.jit
@@ -81,7 +113,11 @@ def _gemv_kernel(
     N,
     K,
     stride_wn,
+    eps,
+    res_ptr,
     HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    NORM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -90,9 +126,12 @@ def _gemv_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
-    y = _dot_rows(x_ptr, w_rows, n_mask, K, BLOCK_K, USE_PDL)  # (BLOCK_N,)
+    y = _dot_rows(x_ptr, w_rows, n_mask, K, eps, BLOCK_K, NORM, USE_PDL)  # (BLOCK_N,)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:  # the layer's output rounded, then added to the stream and rounded again
+        r = tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + r
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
@@ -108,6 +147,7 @@ def _gemv_qkv_rope_kernel(
     slot_ptr,
     K,
     stride_wn,
+    eps,
     stride_cs_p,
     stride_cs_cs,
     stride_c_kv,
@@ -118,6 +158,7 @@ def _gemv_qkv_rope_kernel(
     num_heads,
     num_kv_heads,
     HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PAIRS: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -133,7 +174,7 @@ def _gemv_qkv_rope_kernel(
     dims = (pid % per_head) * PAIRS + r // 2 + (r % 2) * half  # (2 * PAIRS,) within the head
     rows = head * HEAD_DIM + dims
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-    y = _dot_rows(x_ptr, w_rows, rows >= 0, K, BLOCK_K, USE_PDL)
+    y = _dot_rows(x_ptr, w_rows, rows >= 0, K, eps, BLOCK_K, NORM, USE_PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows).to(tl.float32)
     y = y.to(q_ptr.dtype.element_ty)  # the projection's output, rounded as the GEMV rounds it
@@ -182,7 +223,9 @@ def _gemv_gate_up_silu_kernel(
     inter,  # I: the gate rows are weight[:I], the up rows weight[I:]
     K,
     stride_wn,
+    eps,
     HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
     PAIRS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -195,7 +238,7 @@ def _gemv_gate_up_silu_kernel(
     rows = cols + (r % 2) * inter
     col_mask = cols < inter
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-    y = _dot_rows(x_ptr, w_rows, col_mask, K, BLOCK_K, USE_PDL)
+    y = _dot_rows(x_ptr, w_rows, col_mask, K, eps, BLOCK_K, NORM, USE_PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=col_mask, other=0.0).to(tl.float32)
     y = y.to(y_ptr.dtype.element_ty)  # the projection's output, rounded as the GEMV rounds it
@@ -219,12 +262,23 @@ def gemv(
     weight: torch.Tensor,  # (N, K), rows contiguous
     bias: torch.Tensor | None = None,  # (N,)
     config: GemvConfig | None = None,
+    *,
+    residual: torch.Tensor | None = None,  # (1, N), contiguous
+    norm_eps: float | None = None,
 ) -> torch.Tensor:  # (1, N) in x's dtype
-    """`x @ weight.T + bias` for one row (see the module doc); float32 accumulation."""
+    """`x @ weight.T + bias` for one row (see the module doc); float32 accumulation.
+
+    With `residual`, returns `residual + (x @ weight.T + bias)`, the product rounded to x's dtype
+    before the add as a separate add would round it. With `norm_eps`, x is RMS-normalised first
+    (`fold_norm_weight`: the norm's weight must already be in `weight`)."""
     n, k = _check_row(x, weight, bias)
+    if residual is not None and (residual.shape != (1, n) or not residual.is_contiguous()
+                                 or residual.dtype != x.dtype):  # fmt: skip
+        raise ValueError(f"residual must be one contiguous row (1, {n}) of x's dtype")
     cfg = config or default_config(n, k)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    _launch(_gemv_kernel, triton.cdiv(n, cfg.block_n), x, weight, bias, y, n, cfg,
+    _launch(_gemv_kernel, triton.cdiv(n, cfg.block_n), x, weight, bias, y, n, cfg, norm_eps,
+            res_ptr=residual if residual is not None else x, HAS_RESIDUAL=residual is not None,
             BLOCK_N=cfg.block_n)  # fmt: skip
     return y
 
@@ -250,18 +304,22 @@ def _launch(
     y: torch.Tensor,
     n: int,
     cfg: GemvConfig,
-    **meta: int,
+    norm_eps: float | None,
+    **meta: Any,
 ) -> None:
-    """Launch a GEMV kernel of the (x, w, b, y, N, K, stride_wn) signature with `cfg`."""
+    """Launch a GEMV kernel of the (x, w, b, y, N, K, stride_wn, eps) signature with `cfg`."""
     pdl = use_pdl(x)
     kernel[(programs,)](
         x, weight, bias if bias is not None else x, y, n, x.shape[1], weight.stride(0),
+        0.0 if norm_eps is None else norm_eps,
         HAS_BIAS=bias is not None,
+        NORM=norm_eps is not None,
         BLOCK_K=cfg.block_k,
         USE_PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         launch_pdl=pdl,
+        **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
         **meta,
     )  # fmt: skip
 
@@ -276,6 +334,7 @@ def gemv_qkv_rope(
     cos_sin_cache: torch.Tensor,  # (max_positions, 2, D): RotaryEmbedding.cos_sin
     kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D), last dim contiguous
     slot_mapping: torch.Tensor,  # (1,) the token's cache slot; < 0 = do not store
+    norm_eps: float | None = None,  # RMS-normalise x first, as `gemv` does
 ) -> torch.Tensor:  # (1, H, D) rotated queries
     """One token's q/k/v projection, rotary embedding and KV store in one kernel: `gemv`, then
     `baton_kernels.rotary.rotary_write_kv` (the same GEMV tile of two rows per program, the two
@@ -299,10 +358,12 @@ def gemv_qkv_rope(
     pdl = use_pdl(x)
     _gemv_qkv_rope_kernel[(rows // (2 * pairs),)](
         x, weight, bias if bias is not None else x, q, position, cos_sin_cache, kv_cache,
-        slot_mapping, x.shape[1], weight.stride(0), cos_sin_cache.stride(0),
+        slot_mapping, x.shape[1], weight.stride(0), 0.0 if norm_eps is None else norm_eps,
+        cos_sin_cache.stride(0),
         cos_sin_cache.stride(1), *kv_cache.stride()[:4], kv_cache.shape[2],
         num_heads, num_kv_heads,
         HAS_BIAS=bias is not None,
+        NORM=norm_eps is not None,
         HEAD_DIM=head_dim,
         PAIRS=pairs,
         BLOCK_K=default_config(rows, x.shape[1]).block_k,
@@ -310,6 +371,7 @@ def gemv_qkv_rope(
         num_warps=4,
         num_stages=3,
         launch_pdl=pdl,
+        maxnreg=QKV_ROPE_MAX_REGISTERS,
     )  # fmt: skip
     return q
 
@@ -319,6 +381,8 @@ def gemv_gate_up_silu(
     weight: torch.Tensor,  # (2 * I, K): the fused [gate | up] projection, rows contiguous
     bias: torch.Tensor | None = None,  # (2 * I,)
     config: GemvConfig | None = None,  # block_n = 2 * output columns per program
+    *,
+    norm_eps: float | None = None,  # RMS-normalise x first, as `gemv` does
 ) -> torch.Tensor:  # (1, I)
     """SwiGLU's first half for one row: `silu(gate) * up` of `x @ weight.T` in one kernel (the
     GEMV and `baton_kernels.silu_mul` with their roundings), instead of a GEMM and a launch."""
@@ -326,27 +390,30 @@ def gemv_gate_up_silu(
     if n % 2:
         raise ValueError(f"weight must have an even number of rows (2 * I), got {n}")
     # bench.gpu_gemv, H200: one column (two rows) per program and K in one step of up to 2,048
-    cfg = config or GemvConfig(2, min(2048, triton.next_power_of_2(k)), 4, 3)
+    cap = GATE_UP_MAX_REGISTERS if norm_eps is not None else 0  # without the norm it spills
+    cfg = config or GemvConfig(2, min(2048, triton.next_power_of_2(k)), 4, 3, cap)
     pairs, inter = max(1, cfg.block_n // 2), n // 2
     y = torch.empty(1, inter, dtype=x.dtype, device=x.device)
     _launch(_gemv_gate_up_silu_kernel, triton.cdiv(inter, pairs), x, weight, bias, y, inter, cfg,
-            PAIRS=pairs)  # fmt: skip
+            norm_eps, PAIRS=pairs)  # fmt: skip
     return y
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `gemv` should run a linear layer on `x` in place of cuBLAS: one row on CUDA in
     half precision, and a weight of at most MAX_WEIGHT_ELEMENTS with contiguous rows."""
-    return _one_half_row(x, weight) and weight.numel() <= MAX_WEIGHT_ELEMENTS
+    return one_row(x, weight) and weight.numel() <= MAX_WEIGHT_ELEMENTS
 
 
 def takes_gate_up(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `gemv_gate_up_silu` should run a gate/up projection and its activation on `x`:
     one half-precision row on CUDA, any size (`BATON_GEMV_GATE_UP=0`: cuBLAS and silu_mul)."""
-    return GATE_UP_FUSED and _one_half_row(x, weight)
+    return GATE_UP_FUSED and one_row(x, weight)
 
 
-def _one_half_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether these kernels can take `x @ weight.T`: one contiguous row in half precision on
+    CUDA, the weight in x's dtype with contiguous rows (any size)."""
     return (
         x.is_cuda
         and x.dim() == 2
@@ -358,9 +425,28 @@ def _one_half_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def fold_norm_weight(weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
+    """`weight * norm_weight` over K, rounded once to weight's dtype: the projection that reads
+    the unweighted norm `n(x)` gives what `weight` gives on `norm_weight * n(x)`, so a GEMV with
+    `norm_eps` can apply the whole RMSNorm as one scale of its float32 sums."""
+    k = weight.shape[1]
+    if norm_weight.shape != (k,):
+        raise ValueError(f"norm_weight must be ({k},), got {tuple(norm_weight.shape)}")
+    return (weight.float() * norm_weight.float()).to(weight.dtype)
+
+
 def gemv_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    norm_eps: float | None = None,
 ) -> torch.Tensor:
     """Plain-torch oracle of `gemv`: the product in float32, rounded to x's dtype."""
     b = bias.float() if bias is not None else None
-    return torch.nn.functional.linear(x.float(), weight.float(), b).to(x.dtype)
+    h = x.float()
+    if norm_eps is not None:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm_eps)
+    y = torch.nn.functional.linear(h, weight.float(), b).to(x.dtype)
+    return y if residual is None else y + residual

@@ -67,14 +67,25 @@ def gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return takes(x, weight)
 
 
-def project(linear: nn.Linear, x: torch.Tensor, use_kernels: bool) -> torch.Tensor:
-    """`linear(x)`; on the kernel path, one row (batch-1 decode) times a weight of up to 32 MiB
-    goes through `baton_kernels.gemv` instead of cuBLAS."""
+def gemv_one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `baton_kernels.gemv`'s kernels can take `x @ weight.T` at all (any size)."""
+    from baton_kernels.gemv import one_row
+
+    return one_row(x, weight)
+
+
+def project(
+    linear: nn.Linear, x: torch.Tensor, use_kernels: bool, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`linear(x)`, plus `residual` if given; on the kernel path, one row (batch-1 decode) times
+    a weight of up to 32 MiB goes through `baton_kernels.gemv` instead of cuBLAS, the residual
+    added in its epilogue."""
     if use_kernels and gemv_takes(x, linear.weight):
         from baton_kernels.gemv import gemv
 
-        return gemv(x, linear.weight, linear.bias)
-    return linear(x)
+        return gemv(x, linear.weight, linear.bias, residual=residual)
+    y = linear(x)
+    return y if residual is None else y + residual
 
 
 class Rope:
@@ -133,10 +144,37 @@ class LlamaAttention(nn.Module):
         kv_cache: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
         attn_meta: AttentionMetadata,
     ) -> torch.Tensor:  # (T, hidden)
-        num_tokens = x.shape[0]
         if self.fused_backend is not None and gemv_takes(x, self.qkv_proj.weight):
-            return self.forward_one_token(x, rope, kv_cache, attn_meta)
-        qkv = project(self.qkv_proj, x, self.use_kernels)  # (T, q_size + 2 * kv_size)
+            out = self.attend_one_token(x, None, rope, kv_cache, attn_meta)
+        else:
+            qkv = project(self.qkv_proj, x, self.use_kernels)  # (T, q_size + 2 * kv_size)
+            out = self.attend(qkv, rope, kv_cache, attn_meta)
+        return project(self.o_proj, out, self.use_kernels)
+
+    def forward_folded(
+        self,
+        h: torch.Tensor,  # (1, hidden): the residual stream of one token
+        norm_eps: float,
+        rope: Rope,
+        kv_cache: torch.Tensor,
+        attn_meta: AttentionMetadata,
+    ) -> torch.Tensor:  # (1, hidden): h + attn(norm(h))
+        """One token on the GPU path with the input norm's weight folded into `qkv_proj`
+        (`LlamaForCausalLM.fold_norm_weights`): the q/k/v GEMV normalises h itself and the o
+        projection's GEMV adds the residual, so the layer runs no norm or add kernel."""
+        from baton_kernels.gemv import gemv
+
+        if self.fused_backend is not None:
+            out = self.attend_one_token(h, norm_eps, rope, kv_cache, attn_meta)
+        else:  # Qwen3: the q/k norms come between the projection and the rotation
+            qkv = gemv(h, self.qkv_proj.weight, self.qkv_proj.bias, norm_eps=norm_eps)
+            out = self.attend(qkv, rope, kv_cache, attn_meta)
+        return project(self.o_proj, out, True, residual=h)
+
+    def attend(
+        self, qkv: torch.Tensor, rope: Rope, kv_cache: torch.Tensor, attn_meta: AttentionMetadata
+    ) -> torch.Tensor:  # (T, q_size + 2 * kv_size) -> (T, q_size), before the o projection
+        num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
@@ -146,22 +184,27 @@ class LlamaAttention(nn.Module):
         out = self.attn_backend.forward(
             q, k, v, kv_cache, attn_meta, self.scale, self.sliding_window, rope
         )  # (T, H, D); the backend rotates q and k (the Triton one with the KV store)
-        return project(self.o_proj, out.reshape(num_tokens, self.q_size), self.use_kernels)
+        return out.reshape(num_tokens, self.q_size)
 
-    def forward_one_token(
-        self, x: torch.Tensor, rope: Rope, kv_cache: torch.Tensor, attn_meta: AttentionMetadata
-    ) -> torch.Tensor:  # (1, hidden)
-        """`forward` of one token through `baton_kernels.gemv.gemv_qkv_rope` (q/k/v projection,
+    def attend_one_token(
+        self,
+        x: torch.Tensor,  # (1, hidden)
+        norm_eps: float | None,  # normalise x first (the norm's weight folded into qkv_proj)
+        rope: Rope,
+        kv_cache: torch.Tensor,
+        attn_meta: AttentionMetadata,
+    ) -> torch.Tensor:  # (1, q_size), before the o projection
+        """`attend` of one token through `baton_kernels.gemv.gemv_qkv_rope` (q/k/v projection,
         rotary and the KV store in one kernel); the backend then only attends."""
         from baton_kernels.gemv import gemv_qkv_rope
 
         assert isinstance(self.fused_backend, TritonPagedAttention)
         q = gemv_qkv_rope(
             x, self.qkv_proj.weight, self.qkv_proj.bias, self.num_heads, self.num_kv_heads,
-            rope.positions, rope.cos_sin_cache, kv_cache, attn_meta.slot_mapping,
+            rope.positions, rope.cos_sin_cache, kv_cache, attn_meta.slot_mapping, norm_eps,
         )  # fmt: skip
         out = self.fused_backend.attend(q, kv_cache, attn_meta, self.scale, self.sliding_window)
-        return project(self.o_proj, out.reshape(1, self.q_size), True)
+        return out.reshape(1, self.q_size)
 
 
 class LlamaMLP(nn.Module):
@@ -194,6 +237,20 @@ class LlamaMLP(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)  # (T, I) each
         return self.down_proj(F.silu(gate) * up)
 
+    def forward_folded(self, h: torch.Tensor, norm_eps: float) -> torch.Tensor:
+        """h + mlp(norm(h)) for one row (1, hidden) on the GPU path, the post-attention norm's
+        weight folded into `gate_up_proj`: the gate/up GEMV normalises, the down GEMV adds."""
+        from baton_kernels.gemv import gemv, gemv_gate_up_silu, takes_gate_up
+
+        w, b = self.gate_up_proj.weight, self.gate_up_proj.bias
+        if takes_gate_up(h, w):
+            act = gemv_gate_up_silu(h, w, b, norm_eps=norm_eps)
+        else:
+            from baton_kernels.silu_mul import silu_mul
+
+            act = silu_mul(gemv(h, w, b, norm_eps=norm_eps))
+        return project(self.down_proj, act, True, residual=h)
+
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
@@ -206,6 +263,7 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, layer_idx, attn_backend)
         self.post_attention_layernorm = RMSNorm(size, eps, dtype, use_kernels)
         self.mlp = LlamaMLP(config, use_kernels)
+        self.norms_folded = False  # set by LlamaForCausalLM.fold_norm_weights
 
     def forward(
         self,
@@ -214,13 +272,28 @@ class LlamaDecoderLayer(nn.Module):
         rope: Rope,
         kv_cache: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
         attn_meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # (mlp output, residual stream), both (T, hidden)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (mlp output, residual stream or None)
         """x + attn(norm(x)), then + mlp(norm(.)), with each add fused into the next norm:
-        the residual stream is `hidden + residual`, summed by the norm that reads it."""
+        the residual stream is `hidden + residual`, summed by the norm that reads it. One token
+        with the norms folded (GPU, half precision) takes `forward_folded`."""
+        if self.norms_folded and gemv_one_row(hidden, self.self_attn.qkv_proj.weight):
+            return self.forward_folded(hidden if residual is None else hidden + residual, rope,
+                                       kv_cache, attn_meta), None  # fmt: skip
         normed, residual = self.input_layernorm.add_norm(hidden, residual)
         hidden = self.self_attn(normed, rope, kv_cache, attn_meta)
         normed, residual = self.post_attention_layernorm.add_norm(hidden, residual)
         return self.mlp(normed), residual
+
+    def forward_folded(
+        self, h: torch.Tensor, rope: Rope, kv_cache: torch.Tensor, attn_meta: AttentionMetadata
+    ) -> torch.Tensor:  # (1, hidden): the residual stream after this layer
+        """The layer for one token with no norm or add kernel: the q/k/v and gate/up GEMVs
+        normalise their input, the o and down GEMVs add the residual. The norms' scales apply
+        to the GEMVs' float32 sums, so results differ from the unfused path's by roundings, as
+        cuBLAS's and the GEMV's already do."""
+        eps = self.input_layernorm.eps
+        h = self.self_attn.forward_folded(h, eps, rope, kv_cache, attn_meta)
+        return self.mlp.forward_folded(h, self.post_attention_layernorm.eps)
 
 
 class LlamaModel(nn.Module):
@@ -281,6 +354,33 @@ class LlamaForCausalLM(nn.Module):
         )
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def fold_norm_weights(self) -> bool:
+        """Multiply each layer's input and post-attention RMSNorm weights into the projections
+        that read them (`baton_kernels.gemv.fold_norm_weight`: q/k/v, gate/up) and set those
+        norms' weights to one. Batched steps then compute the same model (norm without weight,
+        folded projection); one-token steps apply the whole norm inside the GEMVs
+        (`LlamaDecoderLayer.forward_folded`). Only on the Triton path in half precision, and not
+        with `BATON_GEMV_NORM=0`; float32 keeps transformers' exact op order. Call once, after
+        loading; returns whether it folded."""
+        if not self.model.use_kernels or self.config.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        from baton_kernels.gemv import NORM_FUSED, fold_norm_weight
+
+        if not NORM_FUSED:
+            return False
+
+        for layer in self.model.layers:
+            assert isinstance(layer, LlamaDecoderLayer) and not layer.norms_folded
+            for norm, linear in (
+                (layer.input_layernorm, layer.self_attn.qkv_proj),
+                (layer.post_attention_layernorm, layer.mlp.gate_up_proj),
+            ):
+                linear.weight.copy_(fold_norm_weight(linear.weight, norm.weight))
+                norm.weight.fill_(1.0)
+            layer.norms_folded = True
+        return True
 
     def forward(
         self,

@@ -55,6 +55,7 @@ def load_model(
     with torch.no_grad():
         loaded = _copy_tensors(files, targets)
     _check_complete(targets, loaded, config)
+    model.fold_norm_weights()  # GPU, half precision: RMSNorms applied inside one-row GEMVs
     return model.requires_grad_(False).eval()
 
 

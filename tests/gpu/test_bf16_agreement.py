@@ -40,7 +40,9 @@ def generated_logits(model, prompt: list[int], out: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_bf16_greedy_agrees_with_transformers_teacher_forced(tiny_model, tmp_path, arch):
+@pytest.mark.parametrize("batched", [True, False])  # False: one request at a time, batch-1
+# decode steps through the one-row GEMVs that apply the folded RMSNorms themselves
+def test_bf16_greedy_agrees_with_transformers_teacher_forced(tiny_model, tmp_path, arch, batched):
     from transformers import AutoModelForCausalLM
 
     from engine import LLM, SamplingParams
@@ -51,7 +53,13 @@ def test_bf16_greedy_agrees_with_transformers_teacher_forced(tiny_model, tmp_pat
     prompts = synthetic_prompts(8, seed=0)
     llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", kv_cache_memory_bytes=1 << 28)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    outputs = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    layers = llm.engine.core.runner.model.model.layers
+    assert all(layer.norms_folded for layer in layers)  # bf16 on the GPU: folded at load
+    if batched:
+        results = llm.generate(prompts, params, use_tqdm=False)
+    else:
+        results = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+    outputs = [list(o.outputs[0].token_ids) for o in results]
     assert all(len(o) == NEW_TOKENS for o in outputs)
 
     hf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
@@ -78,7 +86,8 @@ def test_bf16_greedy_agrees_with_transformers_teacher_forced(tiny_model, tmp_pat
 
     agreement = agree / total
     summary = (
-        f"{arch}: bf16 agreement with transformers-bf16 {agreement:.4f} ({agree}/{total}); "
+        f"{arch}, {'batched' if batched else 'one at a time'}: "
+        f"bf16 agreement with transformers-bf16 {agreement:.4f} ({agree}/{total}); "
         f"{near_ties} of {total - agree} disagreements are near-ties (gap < {NEAR_TIE} "
         f"relative); against transformers-fp32 argmax: Baton {baton_fp32}/{total}, "
         f"transformers-bf16 {hf16_fp32}/{total}; trained model: final loss {losses[-1]:.3f}, "

@@ -46,6 +46,8 @@ TOL = {
     torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
 }
 DTYPES = [torch.float32, torch.bfloat16]
+# one-row products summed in another order, or from differently rounded inputs (a folded norm)
+TOL_ROW = {"atol": 3e-2, "rtol": 2e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -501,6 +503,63 @@ def test_gemv_gate_up_silu_is_gemv_then_silu_mul(dtype, inter, hidden, bias, blo
     torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3072, 2048), (2048, 8192), (1000, 200), (7, 3)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_applies_a_folded_rms_norm_and_adds_a_residual(dtype, shape, bias):
+    """`norm_eps` with the norm's weight folded into the weight: within a rounding of the
+    rms_norm kernel followed by the GEMV; `residual`: the GEMV then the add, bit for bit."""
+    from baton_kernels.gemv import fold_norm_weight, gemv, gemv_ref
+
+    n, k = shape
+    x = 3 * torch.randn(1, k, dtype=dtype, device=CUDA)
+    weight = torch.randn(n, k, dtype=dtype, device=CUDA) * k**-0.5
+    b = torch.randn(n, dtype=dtype, device=CUDA) if bias else None
+    norm_w = torch.rand(k, dtype=dtype, device=CUDA) + 0.5
+    folded = fold_norm_weight(weight, norm_w)
+    got = gemv(x, folded, b, norm_eps=1e-5)
+    torch.testing.assert_close(got, gemv(rms_norm(x, norm_w, 1e-5)[0], weight, b), **TOL_ROW)
+    torch.testing.assert_close(got, gemv_ref(x, folded, b, norm_eps=1e-5), **TOL_ROW)
+    residual = torch.randn(1, n, dtype=dtype, device=CUDA)
+    assert torch.equal(gemv(x, weight, b, residual=residual), gemv(x, weight, b) + residual)
+    with pytest.raises(ValueError, match="residual"):
+        gemv(x, weight, b, residual=residual.float())
+    with pytest.raises(ValueError, match="norm_weight"):
+        fold_norm_weight(weight, norm_w[:-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_gemvs_apply_a_folded_rms_norm(dtype, bias):
+    """gemv_qkv_rope and gemv_gate_up_silu with `norm_eps` on the folded weight: within a
+    rounding of the same kernels on rms_norm's output with the weight unfolded."""
+    from baton_kernels.gemv import fold_norm_weight, gemv_gate_up_silu, gemv_qkv_rope
+
+    hidden, heads, kv_heads, dim, inter = 2048, 32, 8, 64, 1024
+    x = 3 * torch.randn(1, hidden, dtype=dtype, device=CUDA)
+    norm_w = torch.rand(hidden, dtype=dtype, device=CUDA) + 0.5
+    normed = rms_norm(x, norm_w, 1e-6)[0]
+    rows = (heads + 2 * kv_heads) * dim
+    w_qkv = torch.randn(rows, hidden, dtype=dtype, device=CUDA) * hidden**-0.5
+    b_qkv = torch.randn(rows, dtype=dtype, device=CUDA) if bias else None
+    cos_sin = RotaryEmbedding(dim, 4096, 500000.0, None, dtype).to(CUDA).cos_sin
+    position, slots = torch.tensor([77], device=CUDA), torch.tensor([5], device=CUDA)
+    caches = [torch.zeros(2, 2, BLOCK_SIZE, kv_heads, dim, dtype=dtype, device=CUDA)
+              for _ in range(2)]  # fmt: skip
+    want_q = gemv_qkv_rope(normed, w_qkv, b_qkv, heads, kv_heads, position, cos_sin, caches[0],
+                           slots)  # fmt: skip
+    got_q = gemv_qkv_rope(x, fold_norm_weight(w_qkv, norm_w), b_qkv, heads, kv_heads, position,
+                          cos_sin, caches[1], slots, norm_eps=1e-6)  # fmt: skip
+    torch.testing.assert_close(got_q, want_q, **TOL_ROW)
+    torch.testing.assert_close(caches[1], caches[0], **TOL_ROW)
+    assert caches[1].abs().sum() > 0  # the token's K/V were stored
+
+    w_gu = torch.randn(2 * inter, hidden, dtype=dtype, device=CUDA) * hidden**-0.5
+    b_gu = torch.randn(2 * inter, dtype=dtype, device=CUDA) if bias else None
+    got = gemv_gate_up_silu(x, fold_norm_weight(w_gu, norm_w), b_gu, norm_eps=1e-6)
+    torch.testing.assert_close(got, gemv_gate_up_silu(normed, w_gu, b_gu), **TOL_ROW)
+
+
 # ---------------------------------------------------------------- argmax and PDL chains
 
 
@@ -522,10 +581,11 @@ def test_argmax_is_torchs_with_its_ties(dtype, vocab, num_rows):
 
 def test_a_decode_layer_chain_is_the_same_with_and_without_pdl(monkeypatch):
     """The PDL-launched kernels back to back (norm, fused projection, attention, GEMV,
-    activation, argmax) in a CUDA graph give what the same chain gives launched plainly."""
+    activation, argmax; then the folded layer's GEMVs that normalise and add) in a CUDA graph
+    give what the same chain gives launched plainly."""
     import baton_kernels.pdl as pdl
     from baton_kernels.argmax import argmax
-    from baton_kernels.gemv import gemv, gemv_qkv_rope
+    from baton_kernels.gemv import gemv, gemv_gate_up_silu, gemv_qkv_rope
     from baton_kernels.silu_mul import silu_mul
 
     if not pdl.use_pdl(torch.empty(1, device=CUDA)):
@@ -546,12 +606,18 @@ def test_a_decode_layer_chain_is_the_same_with_and_without_pdl(monkeypatch):
 
     def chain(cache):
         h = x
-        for _ in range(4):
+        for i in range(4):
             normed, _ = rms_norm(h, norm_w, 1e-5, x)
             q = gemv_qkv_rope(normed, w_qkv, None, heads, kv_heads, position, cos_sin, cache, slots)
             att = paged_decode_attention(q, cache, tables, lens, dim**-0.5)
             o = gemv(att.reshape(1, -1), w_o)
             h = gemv(silu_mul(gemv(o, w_up)), w_down)
+            # the folded layer: norms inside the GEMVs, adds in their epilogues
+            q = gemv_qkv_rope(h, w_qkv, None, heads, kv_heads, position - i - 1, cos_sin, cache,
+                              slots - i - 1, norm_eps=1e-5)  # fmt: skip
+            att = paged_decode_attention(q, cache, tables, lens, dim**-0.5)
+            h = gemv(att.reshape(1, -1), w_o, residual=h)
+            h = gemv(gemv_gate_up_silu(h, w_up, norm_eps=1e-5), w_down, residual=h)
         return h, argmax(h)
 
     results = []
