@@ -18,10 +18,7 @@ Two sets of pinned buffers alternate, so the host may fill step k+1's while step
 still queued (asynchronous scheduling launches a step before reading the previous one's tokens);
 a set is reused only after its copies ran. With asynchronous scheduling a step's tokens may also
 come from the GPU (the previous step's argmax), and its greedy ids go back to pinned host
-memory (`greedy_to_host`) without stalling the stream. The per-row buffers share one byte block
-(`_step_views`), so a step makes two host-to-device copies, that block and the tables: each
-copy costs the stream a couple of microseconds between replays, which at batch 1 is 1% of a
-1B model's step.
+memory (`greedy_to_host`) without stalling the stream.
 Only pure-decode steps (every sequence one new token, no prompt logprobs) use the graphs, and
 only with the Triton attention backend, whose decode path reads nothing but these tensors.
 """
@@ -77,9 +74,7 @@ class DecodeGraphs:
         self._host_sets = [_host_buffers(n, max_blocks) for _ in range(2)]
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0  # the set the next `run` fills
-        first = self._host_sets[0][0]
-        self._static_step = first["step"].to(device)  # the rows of _step_views, on the GPU
-        self._static = {**_step_views(self._static_step, n), "tables": first["tables"].to(device)}
+        self._static = {k: v.to(device) for k, v in self._host_sets[0][0].items()}
         # `launch`: pinned homes of the greedy ids, one per buffer set
         self._greedy_host = [torch.zeros(n, dtype=torch.long).pin_memory() for _ in range(2)]
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -165,7 +160,8 @@ class DecodeGraphs:
         host["positions"][num_seqs:batch] = 0
         host["slots"][num_seqs:batch] = -1
         host["seq_lens"][num_seqs:batch] = 1
-        self._static_step.copy_(pinned["step"], non_blocking=True)  # all rows: one copy
+        for name in ("tokens", "positions", "slots", "seq_lens"):
+            self._static[name][:batch].copy_(pinned[name][:batch], non_blocking=True)
         if isinstance(tokens, torch.Tensor):
             self._static["tokens"][:num_seqs].copy_(tokens)
         packed = pinned["tables"].view(-1)[: batch * width].view(batch, width)
@@ -187,24 +183,14 @@ class DecodeGraphs:
         return host, done
 
 
-def _step_views(step: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
-    """The per-row inputs inside one (28 n,) byte block: tokens, positions and slots as int64
-    rows, then seq_lens as int32."""
-    wide = step[: 24 * n].view(torch.int64).view(3, n)
-    return {
-        "tokens": wide[0],
-        "positions": wide[1],
-        "slots": wide[2],
-        "seq_lens": step[24 * n :].view(torch.int32),
-    }
-
-
 def _host_buffers(n: int, max_blocks: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """One set of pinned host buffers for the static inputs ("step": the per-row block of
-    `_step_views`; "tables"), and numpy views of each input."""
-    step = torch.zeros(28 * n, dtype=torch.uint8).pin_memory()
-    pinned = {"step": step, "tables": torch.zeros(n, max_blocks, dtype=torch.int32).pin_memory()}
-    views = {**_step_views(step, n), "tables": pinned["tables"]}
-    views["slots"].fill_(-1)  # -1: the KV write skips the row
-    views["seq_lens"].fill_(1)
-    return pinned, {k: v.numpy() for k, v in views.items()}  # views: writes are free
+    """One set of pinned host buffers for the static inputs, and numpy views of them."""
+    buffers = {
+        "tokens": torch.zeros(n, dtype=torch.long),
+        "positions": torch.zeros(n, dtype=torch.long),
+        "slots": torch.full((n,), -1, dtype=torch.long),  # -1: the KV write skips the row
+        "seq_lens": torch.ones(n, dtype=torch.int32),
+        "tables": torch.zeros(n, max_blocks, dtype=torch.int32),
+    }
+    pinned = {k: v.pin_memory() for k, v in buffers.items()}
+    return pinned, {k: v.numpy() for k, v in pinned.items()}  # views: writes are free
