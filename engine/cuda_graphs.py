@@ -19,8 +19,9 @@ still queued (asynchronous scheduling launches a step before reading the previou
 a set is reused only after its copies ran. With asynchronous scheduling a step's tokens may also
 come from the GPU (the previous step's argmax), and its greedy ids go back to pinned host
 memory (`greedy_to_host`) without stalling the stream.
-Only pure-decode steps (every sequence one new token, no prompt logprobs) use the graphs, and
-only with the Triton attention backend, whose decode path reads nothing but these tensors.
+Decode steps use the graphs, and so do steps with short prompt chunks, each chunk as one row
+per token of the same sequence (`ModelRunner._graph_rows`); never prompt logprobs, and only
+with the Triton attention backend, whose decode path reads nothing but these tensors.
 """
 
 from __future__ import annotations

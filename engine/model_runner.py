@@ -66,6 +66,13 @@ class _BatchInputs:
     prompt_slices: list[_PromptLogprobsSlice]
 
 
+# Prompt chunks run in a decode graph (see `ModelRunner._graph_rows`) while the sum over the
+# step's chunks of rows x context tokens stays within this: 64k context rows read per layer
+# (128 MiB of a 1B model's KV at 2 KiB per token, mostly from L2 as a chunk's rows share it)
+# against the several milliseconds of an eager pass's launches.
+GRAPH_PROMPT_READS = 1 << 16
+
+
 def kv_cache_block_bytes(model: ModelConfig, block_size: int) -> int:
     """Bytes one block of `block_size` tokens takes across all layers (K and V)."""
     elem = torch.tensor([], dtype=model.dtype).element_size()
@@ -92,6 +99,7 @@ class ModelRunner:
             torch.zeros(shape, dtype=m.dtype, device=self.device) for _ in range(m.num_layers)
         ]
         self.graphs: DecodeGraphs | None = None
+        self.graph_prompt_steps = 0  # steps whose prompt chunks ran in a decode graph
         if self.model.model.use_kernels and not config.enforce_eager:  # the Triton backend
             self.graphs = DecodeGraphs(
                 self._decode_forward,
@@ -160,18 +168,24 @@ class ModelRunner:
                 return self._execute_eager(scheduled, out)
             finally:
                 self.model.model.layer_hook = None
-        if self._graphable(scheduled):
-            assert self.graphs is not None
-            items = scheduled.scheduled
-            logits, greedy = self.graphs.run(
-                [it.request.all_token_ids[it.start] for it in items],
-                [it.start for it in items],
-                [it.block_ids for it in items],
-                self.block_size,
-            )
+        rows = self._graph_rows(scheduled)
+        if rows is None:
+            return self._execute_eager(scheduled, out)
+        assert self.graphs is not None
+        tokens, positions, tables, sample_rows = rows
+        if len(tokens) > len(scheduled.scheduled):
+            self.graph_prompt_steps += 1
+        logits, greedy = self.graphs.run(tokens, positions, tables, self.block_size)
+        items = [it for it in scheduled.scheduled if it.samples]
+        if len(sample_rows) == len(tokens):  # every row samples: a pure decode step
             self._sample(logits, items, out, greedy)
-            return out
-        return self._execute_eager(scheduled, out)
+        elif all(_plain_greedy(it.request.params) for it in items):
+            picked = greedy.tolist()  # (rows,): cheaper read whole than indexed on the device
+            for item, row in zip(items, sample_rows, strict=True):
+                out.sampled[item.request.request_id] = picked[row]
+        elif items:
+            self._sample(logits[torch.tensor(sample_rows, device=logits.device)], items, out)
+        return out
 
     def can_launch(self, scheduled: SchedulerOutput) -> bool:
         """True if `launch_decode` may run this step: a pure decode step whose requests all
@@ -243,14 +257,48 @@ class ModelRunner:
             )
         return out
 
-    def _graphable(self, scheduled: SchedulerOutput) -> bool:
-        """A pure-decode step that fits a captured graph (no prompt logprobs to compute)."""
-        if self.graphs is None or self.graphs.batch_size_for(len(scheduled.scheduled)) is None:
-            return False
-        return all(
-            it.num_tokens == 1 and it.samples and it.request.params.prompt_logprobs is None
-            for it in scheduled.scheduled
-        )
+    def _graph_rows(
+        self, scheduled: SchedulerOutput
+    ) -> tuple[list[int], list[int], list[list[int]], list[int]] | None:
+        """The step as rows of a captured decode graph (tokens, positions, block tables, and
+        the rows whose logits are sampled), or None when it runs eagerly.
+
+        A decode is one row. A prompt chunk of n tokens from position s is n rows of the same
+        sequence at positions s..s+n-1: each row stores its key and value, then attends over
+        the cache up to its own position. As every row's store precedes the attention kernel,
+        that is the chunk's causal attention, so a short prompt runs in one replay instead of
+        an eager pass whose launches cost several milliseconds. The decode kernel reads each
+        row's whole context, so a chunk qualifies only while its rows x context stay within
+        `GRAPH_PROMPT_READS`. Prompt logprobs never run in a graph (its logits are in the
+        model's dtype)."""
+        items = scheduled.scheduled
+        if self.graphs is None:
+            return None
+        num_rows = sum(it.num_tokens for it in items)
+        if self.graphs.batch_size_for(num_rows) is None:
+            return None
+        if num_rows == len(items) and all(it.samples for it in items):  # pure decode
+            if any(it.request.params.prompt_logprobs is not None for it in items):
+                return None
+            tokens = [it.request.all_token_ids[it.start] for it in items]
+            positions = [it.start for it in items]
+            return tokens, positions, [it.block_ids for it in items], list(range(num_rows))
+        reads = 0
+        tokens, positions, tables, sample_rows = [], [], [], []
+        for it in items:
+            request, start, n = it.request, it.start, it.num_tokens
+            if request.params.prompt_logprobs is not None:
+                return None
+            if n > 1:
+                reads += n * (start + n)
+                if reads > GRAPH_PROMPT_READS:
+                    return None
+            tokens.extend(request.all_token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            tables.extend([it.block_ids] * n)
+            if it.samples:
+                sample_rows.append(len(tokens) - 1)
+        return tokens, positions, tables, sample_rows
 
     def _sample(
         self,

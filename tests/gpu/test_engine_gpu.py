@@ -46,25 +46,35 @@ def test_greedy_float32_on_gpu_matches_transformers(tiny_model, arch, backend, m
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_cuda_graph_decode_equals_eager(tiny_model, arch):
-    """Decode batches of sizes between captured ones (padded) give the eager engine's tokens."""
+    """Decode batches of sizes between captured ones (padded), and short prompt chunks run as
+    graph rows (alone, beside decodes, after a cached prefix), give the eager engine's tokens."""
     from engine import LLM, SamplingParams
 
     model_dir = tiny_model(arch)
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(1, 90))] for _ in range(11)]
+    prompts += [[rng.randrange(3, 512) for _ in range(n)] for n in (3, 16, 5)]
+    # The same prompts longer: their cached blocks leave chunks that start past position 0.
+    longer = [p + [rng.randrange(3, 512) for _ in range(6)] for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outputs = {}
     for eager in (False, True):
         llm = LLM(str(model_dir), device="cuda", max_num_seqs=16, enforce_eager=eager,
                   kv_cache_memory_bytes=1 << 28)  # fmt: skip
-        graphs = llm.engine.core.runner.graphs
+        runner = llm.engine.core.runner
+        graphs = runner.graphs
         assert (graphs is None) == eager
         outputs[eager] = [
-            o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)
+            o.outputs[0].token_ids
+            for batch in (prompts, longer, [longer[-1]])
+            for o in llm.generate(batch, params, use_tqdm=False)
         ]
         if graphs is not None:
             assert graphs.replays > 0
             assert graphs.sizes == [1, 2, 4, 8, 16]
+            assert runner.graph_prompt_steps > 0
+        else:
+            assert runner.graph_prompt_steps == 0
         llm.check_integrity()
     assert outputs[False] == outputs[True]
 
