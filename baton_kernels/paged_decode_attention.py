@@ -249,6 +249,7 @@ def paged_decode_attention(
     acc = torch.empty(num_seqs, num_heads, parts, head_dim, dtype=torch.float32, device=q.device)
     ml = torch.empty(num_seqs, num_heads, parts, 2, dtype=torch.float32, device=q.device)
     pdl = use_pdl(q)
+    num_warps, num_stages = _split_kernel_config(q, num_seqs * num_kv_heads)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, out, acc, ml,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -265,8 +266,8 @@ def paged_decode_attention(
         ONE_SPLIT=one_split,
         IEEE=q.dtype == torch.float32,
         USE_PDL=pdl,
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
         launch_pdl=pdl,
     )  # fmt: skip
     if not one_split:
@@ -282,6 +283,16 @@ def paged_decode_attention(
             launch_pdl=pdl,
         )  # fmt: skip
     return out
+
+
+def _split_kernel_config(q: torch.Tensor, num_programs: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of the split kernel. With at least one (sequence, KV head) per
+    SM, two warps and three stages: the smaller programs keep more tiles in flight per SM
+    (H200, 1B shape, bf16: batch 128 at 575 tokens 39.2 us against 47.0 with four warps, at
+    2k 129 against 163, batch 32 at 1k 24.7 against 25.1). Fewer, split programs keep four
+    warps and two stages (batch 1 at 575 tokens: 4.55 us against 4.74)."""
+    num_sms = _num_sms(q.device.index if q.device.index is not None else 0)
+    return (2, 3) if num_programs >= num_sms else (4, 2)
 
 
 def _pick_num_splits(q: torch.Tensor, max_context: int, num_kv_heads: int) -> int:
