@@ -2,7 +2,9 @@
 
 FlashAttention-style tiling (Dao et al. 2022): one program per (query tile, sequence, query
 head) streams the sequence's keys and values block by block through an online softmax, in
-float32. The new tokens' K/V must already be in the cache (`baton_kernels.write_kv` first).
+float32 and base 2 (FlashAttention-2's exp2). Key tiles wholly before the query tile's first
+position need no causal mask and run in a loop of their own; only the tiles from there on mask.
+The new tokens' K/V must already be in the cache (`baton_kernels.write_kv` first).
 
 KV cache of one layer (engine.attention's layout)::
 
@@ -72,48 +74,74 @@ def _prefill_kernel(
         other=0.0,
     )  # (BLOCK_M, BLOCK_D)
 
+    # Scores in base 2: exp2(x * log2(e)) is exp(x) in one instruction.
+    qk_scale = scale * 1.4426950408889634
     hi = tl.minimum(first_pos + tile_start + BLOCK_M, seq_len)  # past the tile's last query
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(first_pos + tile_start - window + 1, 0)
+        unmasked_end = lo  # a window's lower edge cuts every tile: all masked
+    else:  # key tiles wholly before the tile's first query are seen by every row in full
+        unmasked_end = (first_pos + tile_start) // BLOCK_N * BLOCK_N
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     table = tables_ptr + seq * stride_table
     k_base = cache_ptr + (head // GROUP).to(tl.int64) * stride_c_head
-    for tile in range(lo, hi, BLOCK_N):
-        toks = tile + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
-        valid = toks < hi
-        block = tl.load(table + toks // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        kv_rows = block * stride_c_block + (toks % BLOCK_SIZE).to(tl.int64) * stride_c_tok
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_base + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:  # noqa: SIM108 (a static branch: input_precision must be a constant)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        visible = valid[None, :] & (toks[None, :] <= pos[:, None])  # (BLOCK_M, BLOCK_N)
-        if USE_WINDOW:
-            visible = visible & (toks[None, :] > pos[:, None] - window)
-        s = tl.where(visible, s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(
-            k_base + stride_c_kv + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0
-        )
-        if IEEE:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    for tile in range(lo, unmasked_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, tile, hi, pos, k_base, table, offs_d, d_mask, stride_c_kv,
+            stride_c_block, stride_c_tok, qk_scale, window,
+            BLOCK_SIZE, BLOCK_N, False, USE_WINDOW, IEEE,
+        )  # fmt: skip
+    for tile in range(unmasked_end, hi, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, tile, hi, pos, k_base, table, offs_d, d_mask, stride_c_kv,
+            stride_c_block, stride_c_tok, qk_scale, window,
+            BLOCK_SIZE, BLOCK_N, True, USE_WINDOW, IEEE,
+        )  # fmt: skip
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     dst = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _attend_tile(
+    q, m_i, l_i, acc, tile, hi, pos, k_base, table, offs_d, d_mask, stride_c_kv,
+    stride_c_block, stride_c_tok, qk_scale, window,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+    USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """One key tile [tile, tile + BLOCK_N) of the online softmax (base 2); MASK applies the
+    causal (and window) mask, which tiles wholly before the queries skip."""
+    toks = tile + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
+    valid = toks < hi
+    block = tl.load(table + toks // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    kv_rows = block * stride_c_block + (toks % BLOCK_SIZE).to(tl.int64) * stride_c_tok
+    kv_mask = valid[:, None] & d_mask[None, :]
+    k = tl.load(k_base + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    if IEEE:  # noqa: SIM108 (a static branch: input_precision must be a constant)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
+    if MASK:
+        visible = valid[None, :] & (toks[None, :] <= pos[:, None])  # (BLOCK_M, BLOCK_N)
+        if USE_WINDOW:
+            visible = visible & (toks[None, :] > pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(k_base + stride_c_kv + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    if IEEE:  # noqa: SIM108
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
 
 
 def paged_prefill_attention(
@@ -146,7 +174,10 @@ def paged_prefill_attention(
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
     fp32 = q.dtype == torch.float32
-    block_m = 64
+    # (BLOCK_M, BLOCK_N, warps, stages). Half precision, H200, 1B shape: 16 x 512-token prompts
+    # 100 us against 122 before the unmasked-tile loop and exp2 with 64-row tiles, one 8k
+    # prompt 889 against 1,306, 512 after a 1,536-token prefix 109 against 171.
+    block_m, block_n, num_warps, num_stages = (64, 32, 4, 2) if fp32 else (128, 64, 8, 2)
     grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
         q, kv_cache, cu_seqlens_q, seq_lens, block_tables, out,
@@ -158,11 +189,11 @@ def paged_prefill_attention(
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size,
         BLOCK_M=block_m,
-        BLOCK_N=32 if fp32 else 64,
+        BLOCK_N=block_n,
         USE_WINDOW=sliding_window is not None,
         IEEE=fp32,
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     return out
 
