@@ -51,12 +51,16 @@ def _pick_slice_kernel(
     tl.store(out_ptr + row, at.to(tl.int64))
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:  # (N, V) -> (N,) int64
-    """`logits.argmax(dim=-1)` of finite (N, V) logits with a contiguous last dimension."""
+def argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`logits.argmax(dim=-1)` of finite (N, V) logits with a contiguous last dimension, as
+    (N,) int64 (written into `out` when given: a decode graph's fixed home for its tokens)."""
     if logits.dim() != 2 or logits.stride(-1) != 1:
         raise ValueError("logits must be (N, V) with a contiguous last dimension")
     num_rows, vocab = logits.shape
-    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    if out is None:
+        out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    elif out.shape != (num_rows,) or out.dtype != torch.int64 or out.stride(0) != 1:
+        raise ValueError(f"out must be ({num_rows},) contiguous int64")
     if num_rows == 0 or vocab == 0:
         return out
     slices = triton.cdiv(vocab, BLOCK)

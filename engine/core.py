@@ -206,13 +206,7 @@ class EngineCore:
         if after is not None:
             rows = {id(it.request): i for i, it in enumerate(scheduled.scheduled)}
             picks = [rows[id(it.request)] for it in after.scheduled]
-            inputs = launched.tokens
-            if len(picks) != len(scheduled.scheduled):
-                index = torch.tensor(picks)
-                if inputs.is_cuda:  # pinned, so the copy does not wait for the launched step
-                    index = index.pin_memory().to(inputs.device, non_blocking=True)
-                inputs = inputs[index]
-            self._launched = (after, self.runner.launch_decode(after.scheduled, inputs))
+            self._launched = (after, self.runner.launch_decode(after.scheduled, launched, picks))
             self.num_chained_steps += 1
         tokens = self.runner.finish_decode(launched)
         sampled = {

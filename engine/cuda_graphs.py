@@ -5,20 +5,24 @@ launches than in math. Like vLLM and SGLang, the runner captures the whole forwa
 logits projection) once per batch size in `capture_sizes` and replays it; a decode batch of S
 sequences runs the smallest captured size B >= S, its rows S..B-1 padding.
 
-Everything a replay reads lives in static buffers filled before each replay::
+Everything a replay reads lives in static buffers::
 
     input_ids, positions, slot_mapping: (B_max,) int64   padding rows: token 0, slot -1 (no write)
     block_tables: (B_max, max_blocks) int32              row i: sequence i's block ids
     seq_lens:     (B_max,) int32                         padding rows: 1
 
 `max_blocks` covers `max_model_len`, so the split count of the decode attention kernel (chosen
-from shapes only) is fixed per captured size. The host side fills pinned copies of the buffers
-and moves each with one asynchronous copy: no synchronisation until the sampler reads tokens.
-Two sets of pinned buffers alternate, so the host may fill step k+1's while step k's copies are
-still queued (asynchronous scheduling launches a step before reading the previous one's tokens);
-a set is reused only after its copies ran. With asynchronous scheduling a step's tokens may also
-come from the GPU (the previous step's argmax), and its greedy ids go back to pinned host
-memory (`greedy_to_host`) without stalling the stream.
+from shapes only) is fixed per captured size. The host packs a step (tokens, positions, block
+tables) into pinned memory and moves it with one asynchronous copy; the graph's first kernel
+(`baton_kernels.stage_inputs`, whose module doc has the layout `pack_step` writes) unpacks it
+into the static buffers, computing slots and context
+lengths on the GPU: no synchronisation until the sampler reads tokens, and one copy between
+replays instead of six. Two pinned buffers alternate, so the host may pack step k+1 while step
+k's copy is still queued (asynchronous scheduling launches a step before reading the previous
+one's tokens); a buffer is reused only after its copy ran. Every replay leaves its greedy ids in
+one device buffer (`last_greedy`); with asynchronous scheduling the next step's rows name their
+row there instead of a token id (the unpacking reads it on the GPU), and the ids go back to
+pinned host memory (`greedy_to_host`) without stalling the stream.
 Decode steps use the graphs, and so do steps with short prompt chunks, each chunk as one row
 per token of the same sequence (`ModelRunner._graph_rows`); never prompt logprobs, and only
 with the Triton attention backend, whose decode path reads nothing but these tensors.
@@ -29,7 +33,6 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,16 +47,59 @@ def default_capture_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes) | {max_num_seqs})
 
 
+HEADER = 1  # entries of the staged block before the tokens: the table width
+
+
+def staged_size(batch: int, max_blocks: int) -> int:
+    """Entries of the staged block for `batch` rows of at most `max_blocks` table entries."""
+    return HEADER + 2 * batch + batch * max_blocks
+
+
+def pack_step(
+    staged: np.ndarray,  # int32, at least staged_size(batch, width) entries
+    batch: int,  # the graph's rows; rows past len(positions) are padding
+    positions: Sequence[int],
+    block_tables: Sequence[Sequence[int]],
+    tokens: Sequence[int] | None = None,  # the rows' input ids, or
+    from_rows: Sequence[int] | None = None,  # each row's row in the previous argmax
+) -> int:
+    """Pack one step into `staged` (see the module doc); returns the entries used."""
+    num_rows = len(positions)
+    if (tokens is None) == (from_rows is None):
+        raise ValueError("give exactly one of tokens and from_rows")
+    lengths = np.fromiter(map(len, block_tables), dtype=np.int64, count=num_rows)
+    width = int(lengths.max())
+    staged[0] = width
+    ids = staged[HEADER : HEADER + batch]
+    ids[:num_rows] = tokens if tokens is not None else -1 - np.asarray(from_rows)
+    ids[num_rows:] = 0
+    pos = staged[HEADER + batch : HEADER + 2 * batch]
+    pos[:num_rows] = positions
+    pos[num_rows:] = -1
+    end = HEADER + 2 * batch + batch * width
+    tables = staged[HEADER + 2 * batch : end].reshape(batch, width)
+    flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int32)
+    rows = np.repeat(np.arange(num_rows), lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)  # each entry's row in `flat`
+    tables[rows, np.arange(len(flat)) - starts] = flat
+    tables[num_rows:] = 0  # padding rows read block 0 as a one-token context
+    return end
+
+
 Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """`logits.argmax(dim=-1)` for (N, V) logits (the first maximum's index); on a GPU through
-    `baton_kernels.argmax` (torch reduces one 128k row in too few thread blocks)."""
+
+def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`logits.argmax(dim=-1)` for (N, V) logits (the first maximum's index), into `out` if
+    given; on a GPU through `baton_kernels.argmax` (torch reduces one 128k row in too few
+    thread blocks)."""
     if logits.is_cuda:
         from baton_kernels.argmax import argmax
 
-        return argmax(logits)
-    return logits.argmax(dim=-1)
+        return argmax(logits, out=out)
+    if out is None:
+        return logits.argmax(dim=-1)
+    return torch.argmax(logits, dim=-1, out=out)
 
 
 class DecodeGraphs:
@@ -65,18 +111,33 @@ class DecodeGraphs:
         device: torch.device,
         capture_sizes: Sequence[int],
         max_blocks: int,  # block-table width: cdiv(max_model_len, block_size)
+        block_size: int,
     ) -> None:
         self.device = device
         self.sizes = sorted(capture_sizes)
+        self.block_size = block_size
         n = self.sizes[-1]  # the largest batch
         self._forward = forward
-        # Host buffers are pinned, so each step's copies are asynchronous; two sets alternate,
-        # each reused only once the copies out of it ran (`_copied`).
-        self._host_sets = [_host_buffers(n, max_blocks) for _ in range(2)]
+        size = staged_size(n, max_blocks)
+        # Pinned, so each step's copy is asynchronous; two alternate, each reused only once the
+        # copy out of it ran (`_copied`).
+        self._pinned = [torch.zeros(size, dtype=torch.int32).pin_memory() for _ in range(2)]
+        self._packed = [t.numpy() for t in self._pinned]  # views: writes are free
         self._copied: list[torch.cuda.Event | None] = [None, None]
-        self._turn = 0  # the set the next `run` fills
-        self._static = {k: v.to(device) for k, v in self._host_sets[0][0].items()}
-        # `launch`: pinned homes of the greedy ids, one per buffer set
+        self._turn = 0  # the buffer the next `run` fills
+        self._staged = torch.zeros(size, dtype=torch.int32, device=device)
+        # Until a step lands, every row of any size is padding (position -1) fed by token -1
+        # (row 0 of `last_greedy`): capture stores no KV.
+        self._staged[1 : 1 + 2 * n] = -1
+        self._static = {
+            "tokens": torch.zeros(n, dtype=torch.long, device=device),
+            "positions": torch.zeros(n, dtype=torch.long, device=device),
+            "slots": torch.full((n,), -1, dtype=torch.long, device=device),
+            "seq_lens": torch.ones(n, dtype=torch.int32, device=device),
+            "tables": torch.zeros(n, max_blocks, dtype=torch.int32, device=device),
+        }
+        self.last_greedy = torch.zeros(n, dtype=torch.long, device=device)  # every replay's ids
+        # `greedy_to_host`: pinned homes of the greedy ids, one per staging buffer
         self._greedy_host = [torch.zeros(n, dtype=torch.long).pin_memory() for _ in range(2)]
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -96,22 +157,33 @@ class DecodeGraphs:
         )
         return static["tokens"][:batch], static["positions"][:batch], meta
 
+    def _replayed(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a graph of `batch` rows runs: unpack the staged step, the forward pass, and
+        the greedy ids into `last_greedy`."""
+        from baton_kernels.stage_inputs import stage_inputs
+
+        static = self._static
+        stage_inputs(
+            self._staged, self.last_greedy, static["tokens"], static["positions"],
+            static["slots"], static["seq_lens"], static["tables"], batch, self.block_size,
+        )  # fmt: skip
+        logits = self._forward(*self._args(batch))
+        # Greedy tokens in the same replay: plain greedy batches need nothing else.
+        return logits, argmax_rows(logits, out=self.last_greedy[:batch])
+
     def capture(self) -> None:
         """Capture every size, largest first, sharing one memory pool."""
         pool = torch.cuda.graph_pool_handle()
         for batch in reversed(self.sizes):
-            args = self._args(batch)
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile the Triton kernels, settle the allocator
-                    self._forward(*args)
+                    self._replayed(batch)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(*args)
-                # Greedy tokens in the same replay: plain greedy batches need nothing else.
-                self._outputs[batch] = (logits, argmax_rows(logits))
+                self._outputs[batch] = self._replayed(batch)
             self._graphs[batch] = graph
         torch.cuda.synchronize(self.device)
 
@@ -122,57 +194,37 @@ class DecodeGraphs:
 
     def run(
         self,
-        tokens: Sequence[int] | torch.Tensor,
         positions: Sequence[int],
         block_tables: Sequence[Sequence[int]],
-        block_size: int,
+        tokens: Sequence[int] | None = None,
+        from_rows: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (S, vocab) logits, (S,) argmax ids
-        """One decode step for S sequences: token i at `positions[i]`, its blocks in
-        `block_tables[i]`. Fills the static buffers and replays the graph of the next size.
-        `tokens` may be a (S,) int64 tensor on the GPU (copied in on the stream). Both results
-        are views into the graph's outputs, valid until the next replay of that size."""
-        num_seqs = len(positions)
-        batch = self.batch_size_for(num_seqs)
+        """One step of S rows: row i at `positions[i]`, its blocks in `block_tables[i]`, its
+        input id `tokens[i]`, or (`from_rows`) row `from_rows[i]` of the previous replay's
+        greedy ids (`last_greedy`), read on the GPU. Packs the step, copies it in, and replays
+        the graph of the next size. Both results are views into the graph's outputs, valid
+        until the next replay of that size (the ids, until the next replay of any)."""
+        num_rows = len(positions)
+        batch = self.batch_size_for(num_rows)
         assert batch is not None, "the caller checks batch_size_for first"
         turn = self._turn
         self._turn ^= 1
         copied = self._copied[turn]
         if copied is not None:
             copied.synchronize()  # long done in practice: two steps back
-        pinned, host = self._host_sets[turn]
-        # This step's tables, packed as (batch, width) at the start of the host buffer, so only
-        # the columns in use travel (entries past a sequence's own blocks are never read).
-        lengths = np.fromiter(map(len, block_tables), dtype=np.int64, count=num_seqs)
-        width = int(lengths.max())
-        tables = host["tables"].reshape(-1)[: batch * width].reshape(batch, width)
-        flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int32)
-        rows = np.repeat(np.arange(num_seqs), lengths)
-        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)  # each entry's row in `flat`
-        tables[rows, np.arange(len(flat)) - starts] = flat
-        pos = np.asarray(positions, dtype=np.int64)
-        host["slots"][:num_seqs] = tables[np.arange(num_seqs), pos // block_size] * block_size
-        host["slots"][:num_seqs] += pos % block_size
-        if not isinstance(tokens, torch.Tensor):
-            host["tokens"][:num_seqs] = tokens
-        host["positions"][:num_seqs] = pos
-        host["seq_lens"][:num_seqs] = pos
-        host["seq_lens"][:num_seqs] += 1
-        host["tokens"][num_seqs:batch] = 0
-        host["positions"][num_seqs:batch] = 0
-        host["slots"][num_seqs:batch] = -1
-        host["seq_lens"][num_seqs:batch] = 1
-        for name in ("tokens", "positions", "slots", "seq_lens"):
-            self._static[name][:batch].copy_(pinned[name][:batch], non_blocking=True)
-        if isinstance(tokens, torch.Tensor):
-            self._static["tokens"][:num_seqs].copy_(tokens)
-        packed = pinned["tables"].view(-1)[: batch * width].view(batch, width)
-        self._static["tables"][:batch, :width].copy_(packed, non_blocking=True)
+        used = pack_step(self._packed[turn], batch, positions, block_tables, tokens, from_rows)
+        self._staged[:used].copy_(self._pinned[turn][:used], non_blocking=True)
         copied = self._copied[turn] = torch.cuda.Event()
         copied.record()
         self._graphs[batch].replay()
         self.replays += 1
         logits, greedy = self._outputs[batch]
-        return logits[:num_seqs], greedy[:num_seqs]
+        return logits[:num_rows], greedy[:num_rows]
+
+    def adopt_greedy(self, greedy: torch.Tensor) -> None:
+        """Make (S,) greedy ids computed outside the graphs (an eager step) the previous
+        replay's, for a next step's `from_rows` (queued on the stream)."""
+        self.last_greedy[: len(greedy)].copy_(greedy)
 
     def greedy_to_host(self, greedy: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
         """Queue a copy of the last `run`'s greedy ids (S,) to pinned host memory; returns the
@@ -182,16 +234,3 @@ class DecodeGraphs:
         done = torch.cuda.Event()
         done.record()
         return host, done
-
-
-def _host_buffers(n: int, max_blocks: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """One set of pinned host buffers for the static inputs, and numpy views of them."""
-    buffers = {
-        "tokens": torch.zeros(n, dtype=torch.long),
-        "positions": torch.zeros(n, dtype=torch.long),
-        "slots": torch.full((n,), -1, dtype=torch.long),  # -1: the KV write skips the row
-        "seq_lens": torch.ones(n, dtype=torch.int32),
-        "tables": torch.zeros(n, max_blocks, dtype=torch.int32),
-    }
-    pinned = {k: v.pin_memory() for k, v in buffers.items()}
-    return pinned, {k: v.numpy() for k, v in pinned.items()}  # views: writes are free

@@ -40,12 +40,14 @@ class LaunchedDecode:
     """A plain-greedy decode step queued on the device whose tokens are not read yet.
 
     `tokens` is the (S,) argmax on the device (the next step's input if it chains on);
-    `host_tokens` the same ids in (pinned) host memory, readable once `ready` completes."""
+    `host_tokens` the same ids in (pinned) host memory, readable once `ready` completes.
+    `in_graph`: the step ran in a decode graph, so its ids are the graphs' `last_greedy`."""
 
     items: list[ScheduledRequest]
     tokens: torch.Tensor
     host_tokens: torch.Tensor
     ready: torch.cuda.Event | None  # None on the CPU: the step ran synchronously
+    in_graph: bool = False
 
 
 @dataclass(slots=True)
@@ -106,6 +108,7 @@ class ModelRunner:
                 self.device,
                 default_capture_sizes(config.scheduler.max_num_seqs),
                 max_blocks=-(-m.max_model_len // self.block_size),
+                block_size=self.block_size,
             )
             self.graphs.capture()
 
@@ -175,7 +178,7 @@ class ModelRunner:
         tokens, positions, tables, sample_rows = rows
         if len(tokens) > len(scheduled.scheduled):
             self.graph_prompt_steps += 1
-        logits, greedy = self.graphs.run(tokens, positions, tables, self.block_size)
+        logits, greedy = self.graphs.run(positions, tables, tokens=tokens)
         items = [it for it in scheduled.scheduled if it.samples]
         if len(sample_rows) == len(tokens):  # every row samples: a pure decode step
             self._sample(logits, items, out, greedy)
@@ -200,25 +203,42 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch_decode(
-        self, items: list[ScheduledRequest], tokens: torch.Tensor | None = None
+        self,
+        items: list[ScheduledRequest],
+        previous: LaunchedDecode | None = None,
+        rows: list[int] | None = None,
     ) -> LaunchedDecode:
         """Queue a plain-greedy decode step (see `can_launch`) without waiting for its tokens.
 
-        `tokens`: the input ids (S,) on the device (the previous step's output), when the
-        requests' last tokens are not known on the host yet; otherwise read from the requests.
+        With `previous` (a launched step whose tokens are not read yet), item i's input id is
+        row `rows[i]` of its argmax, taken on the device; otherwise the requests' last tokens.
         """
         cuda = self.device.type == "cuda"
         with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
+            positions = [it.start for it in items]
             if self.graphs is not None and self.graphs.batch_size_for(len(items)) is not None:
-                _, greedy = self.graphs.run(
-                    tokens if tokens is not None else self._last_tokens(items),
-                    [it.start for it in items],
-                    [it.block_ids for it in items],
-                    self.block_size,
-                )
-                host, ready = self.graphs.greedy_to_host(greedy)
-                return LaunchedDecode(items, greedy, host, ready)
-            ids = tokens if tokens is not None else torch.tensor(self._last_tokens(items))
+                graphs = self.graphs
+                if previous is None:
+                    _, greedy = graphs.run(
+                        positions, [it.block_ids for it in items], tokens=self._last_tokens(items)
+                    )
+                else:
+                    if not previous.in_graph:  # ran eagerly: its ids are not the graphs' yet
+                        graphs.adopt_greedy(previous.tokens)
+                    _, greedy = graphs.run(
+                        positions, [it.block_ids for it in items], from_rows=rows
+                    )
+                host, ready = graphs.greedy_to_host(greedy)
+                return LaunchedDecode(items, greedy, host, ready, in_graph=True)
+            if previous is None:
+                ids = torch.tensor(self._last_tokens(items))
+            else:
+                ids = previous.tokens
+                if rows != list(range(len(ids))):
+                    index = torch.tensor(rows)
+                    if ids.is_cuda:  # pinned, so the copy does not wait for the launched step
+                        index = index.pin_memory().to(ids.device, non_blocking=True)
+                    ids = ids[index]
             batch = self._prepare(SchedulerOutput(items), input_ids=ids)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_meta)
             greedy = self.model.compute_logits(hidden).argmax(dim=-1)  # one row per request

@@ -577,6 +577,53 @@ def test_argmax_is_torchs_with_its_ties(dtype, vocab, num_rows):
         logits[3] = 0.0  # all equal: index 0
         logits[4, -1] = top  # the last index
     assert torch.equal(argmax(logits), argmax_ref(logits))
+    home = torch.full((num_rows + 3,), -5, dtype=torch.long, device=CUDA)
+    assert argmax(logits, out=home[:num_rows]).data_ptr() == home.data_ptr()
+    assert torch.equal(home[:num_rows], argmax_ref(logits)) and home[num_rows:].eq(-5).all()
+
+
+# ---------------------------------------------------------------- decode graphs' staged inputs
+
+
+@pytest.mark.parametrize("batch,num_rows", [(1, 1), (8, 5), (128, 128), (256, 200)])
+@pytest.mark.parametrize("on_device", [False, True], ids=["host-ids", "previous-argmax-rows"])
+def test_stage_inputs_matches_reference(batch, num_rows, on_device):
+    """`engine.cuda_graphs.pack_step`'s block unpacked by the kernel and by its reference:
+    tables wider than one 128-entry tile, padding rows, ids from the previous argmax."""
+    import random
+
+    import numpy as np
+
+    from baton_kernels.stage_inputs import stage_inputs, stage_inputs_ref
+    from engine.cuda_graphs import pack_step, staged_size
+
+    n, max_blocks, block_size = 256, 400, 16
+    rng = random.Random(batch + num_rows)
+    positions = [rng.randrange(0, block_size * 300) for _ in range(num_rows)]
+    tables = [[rng.randrange(0, 10**6) for _ in range(p // block_size + 1 + rng.randrange(3))]
+              for p in positions]  # fmt: skip
+    given = (
+        {"from_rows": [rng.randrange(n) for _ in range(num_rows)]}
+        if on_device
+        else {"tokens": [rng.randrange(128256) for _ in range(num_rows)]}
+    )
+    staged = np.zeros(staged_size(n, max_blocks), dtype=np.int32)
+    pack_step(staged, batch, positions, tables, **given)
+    prev = torch.randint(0, 128256, (n,), device=CUDA)
+    results = []
+    for fn, device in ((stage_inputs, CUDA), (stage_inputs_ref, "cpu")):
+        bufs = [torch.full((n,), 7, dtype=torch.long, device=device) for _ in range(3)]
+        bufs.append(torch.full((n,), 7, dtype=torch.int32, device=device))
+        bufs.append(torch.full((n, max_blocks), 7, dtype=torch.int32, device=device))
+        fn(torch.from_numpy(staged).to(device), prev.to(device), *bufs, batch, block_size)
+        results.append([b.cpu() for b in bufs])
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+    tokens, pos, slots, lens, _ = results[0]
+    assert pos[:num_rows].tolist() == positions and lens[:num_rows].tolist() == [
+        p + 1 for p in positions
+    ]
+    assert slots[num_rows:batch].eq(-1).all() and slots[batch:].eq(7).all()
 
 
 def test_a_decode_layer_chain_is_the_same_with_and_without_pdl(monkeypatch):
