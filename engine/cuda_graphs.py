@@ -15,14 +15,14 @@ Everything a replay reads lives in static buffers::
 from shapes only) is fixed per captured size. The host packs a step (tokens, positions, block
 tables) into pinned memory and moves it with one asynchronous copy; the graph's first kernel
 (`baton_kernels.stage_inputs`, whose module doc has the layout `pack_step` writes) unpacks it
-into the static buffers, computing slots and context
-lengths on the GPU: no synchronisation until the sampler reads tokens, and one copy between
-replays instead of six. Two pinned buffers alternate, so the host may pack step k+1 while step
-k's copy is still queued (asynchronous scheduling launches a step before reading the previous
-one's tokens); a buffer is reused only after its copy ran. Every replay leaves its greedy ids in
-one device buffer (`last_greedy`); with asynchronous scheduling the next step's rows name their
-row there instead of a token id (the unpacking reads it on the GPU), and the ids go back to
-pinned host memory (`greedy_to_host`) without stalling the stream.
+into the static buffers, computing slots and context lengths on the GPU: no synchronisation
+until the sampler reads tokens, and one copy between replays instead of six. Two pinned buffers
+alternate, so the host may pack step k+1 while step k's copy is still queued (asynchronous
+scheduling launches a step before reading the previous one's tokens); a buffer is reused only
+after its copy ran. Every replay leaves its greedy ids in one device buffer (`last_greedy`);
+with asynchronous scheduling the next step's rows name their row there instead of a token id
+(the unpacking reads it on the GPU), and the ids go back to pinned host memory
+(`greedy_to_host`) without stalling the stream.
 Decode steps use the graphs, and so do steps with short prompt chunks, each chunk as one row
 per token of the same sequence (`ModelRunner._graph_rows`); never prompt logprobs, and only
 with the Triton attention backend, whose decode path reads nothing but these tensors.
