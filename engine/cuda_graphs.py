@@ -24,7 +24,7 @@ with asynchronous scheduling the next step's rows name their row there instead o
 (the unpacking reads it on the GPU), and the ids go back to pinned host memory
 (`greedy_to_host`) without stalling the stream.
 Decode steps use the graphs, and so do steps with short prompt chunks, each chunk as one row
-per token of the same sequence (`ModelRunner._graph_rows`); never prompt logprobs, and only
+per token of the same sequence (`engine.model_runner.graph_rows`); never prompt logprobs, and only
 with the Triton attention backend, whose decode path reads nothing but these tensors.
 """
 
@@ -45,6 +45,12 @@ def default_capture_sizes(max_num_seqs: int) -> list[int]:
     sizes = [b for b in (1, 2, 4) if b < max_num_seqs]
     sizes += list(range(8, max_num_seqs, 8))
     return sorted(set(sizes) | {max_num_seqs})
+
+
+def padded_batch(sizes: Sequence[int], num_rows: int) -> int | None:
+    """The smallest of the (sorted) captured `sizes` that holds `num_rows`; None if none."""
+    at = bisect.bisect_left(sizes, num_rows)
+    return sizes[at] if at < len(sizes) else None
 
 
 HEADER = 1  # entries of the staged block before the tokens: the table width
@@ -189,8 +195,7 @@ class DecodeGraphs:
 
     def batch_size_for(self, num_seqs: int) -> int | None:
         """The captured size a batch of `num_seqs` decodes runs at; None if too large."""
-        at = bisect.bisect_left(self.sizes, num_seqs)
-        return self.sizes[at] if at < len(self.sizes) else None
+        return padded_batch(self.sizes, num_seqs)
 
     def run(
         self,
