@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from baton_kernels.paged_kv import paged_scores, paged_values
 from baton_kernels.pdl import use_pdl
 
 _TOKENS_PER_SPLIT = 256  # at least this much context per split before splitting further
@@ -128,26 +129,16 @@ def _attend_split(
     table = tables_ptr + seq * stride_table
     k_base = cache_ptr + kv_head.to(tl.int64) * stride_c_head
     for tile in range(lo, hi, BLOCK_N):
-        toks = tile + tl.arange(0, BLOCK_N)  # (BLOCK_N,) context positions
-        valid = toks < hi
-        block = tl.load(table + toks // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        rows = block * stride_c_block + (toks % BLOCK_SIZE).to(tl.int64) * stride_c_tok
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:  # noqa: SIM108 (a static branch: input_precision must be a constant)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        _, valid, rows, kv_mask, s = paged_scores(
+            q, k_base, table, tile, hi, offs_d, d_mask, stride_c_block, stride_c_tok,
+            BLOCK_SIZE, BLOCK_N, IEEE,
+        )  # fmt: skip
         s = tl.where(valid[None, :], s * scale, float("-inf"))  # (BLOCK_G, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(k_base + stride_c_kv + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
+        pv = paged_values(p, k_base, stride_c_kv, rows, offs_d, kv_mask, IEEE)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     if USE_PDL:

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from baton_kernels.paged_kv import paged_scores, paged_values
+
 
 @triton.jit
 def _prefill_kernel(
@@ -115,16 +117,10 @@ def _attend_tile(
 ):  # fmt: skip
     """One key tile [tile, tile + BLOCK_N) of the online softmax (base 2); MASK applies the
     causal (and window) mask, which tiles wholly before the queries skip."""
-    toks = tile + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
-    valid = toks < hi
-    block = tl.load(table + toks // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    kv_rows = block * stride_c_block + (toks % BLOCK_SIZE).to(tl.int64) * stride_c_tok
-    kv_mask = valid[:, None] & d_mask[None, :]
-    k = tl.load(k_base + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-    if IEEE:  # noqa: SIM108 (a static branch: input_precision must be a constant)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
+    toks, valid, kv_rows, kv_mask, s = paged_scores(
+        q, k_base, table, tile, hi, offs_d, d_mask, stride_c_block, stride_c_tok,
+        BLOCK_SIZE, BLOCK_N, IEEE,
+    )  # fmt: skip
     s = s * qk_scale
     if MASK:
         visible = valid[None, :] & (toks[None, :] <= pos[:, None])  # (BLOCK_M, BLOCK_N)
@@ -136,11 +132,7 @@ def _attend_tile(
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(k_base + stride_c_kv + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-    if IEEE:  # noqa: SIM108
-        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
+    pv = paged_values(p, k_base, stride_c_kv, kv_rows, offs_d, kv_mask, IEEE)
     return m_new, l_i, acc * alpha[:, None] + pv
 
 
