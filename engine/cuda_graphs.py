@@ -24,7 +24,7 @@ with asynchronous scheduling the next step's rows name their row there instead o
 (the unpacking reads it on the GPU), and the ids go back to pinned host memory
 (`greedy_to_host`) without stalling the stream.
 Decode steps use the graphs, and so do steps with short prompt chunks, each chunk as one row
-per token of the same sequence (`engine.model_runner.graph_rows`); never prompt logprobs, and only
+per token of the same sequence (`graph_rows`); never prompt logprobs, and only
 with the Triton attention backend, whose decode path reads nothing but these tensors.
 """
 
@@ -33,11 +33,13 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.scheduler.output import ScheduledRequest
 
 
 def default_capture_sizes(max_num_seqs: int) -> list[int]:
@@ -51,6 +53,58 @@ def padded_batch(sizes: Sequence[int], num_rows: int) -> int | None:
     """The smallest of the (sorted) captured `sizes` that holds `num_rows`; None if none."""
     at = bisect.bisect_left(sizes, num_rows)
     return sizes[at] if at < len(sizes) else None
+
+
+# Prompt chunks run in a decode graph (see `graph_rows`) while the sum over the step's chunks
+# of rows x context tokens stays within this: 64k context rows read per layer (128 MiB of a 1B
+# model's KV at 2 KiB per token, mostly from L2 as a chunk's rows share it) against the several
+# milliseconds of an eager pass's launches.
+GRAPH_PROMPT_READS = 1 << 16
+
+
+class GraphRows(NamedTuple):
+    """A step as rows of a decode graph (`graph_rows`)."""
+
+    tokens: list[int]
+    positions: list[int]
+    tables: list[list[int]]  # each row's block ids (a chunk's rows share its list)
+    sample_rows: list[int]  # the rows whose logits are sampled, in the order of the items
+
+
+def graph_rows(items: list[ScheduledRequest], sizes: Sequence[int]) -> GraphRows | None:
+    """A step's items as rows of a decode graph captured at `sizes`, or None when the step
+    runs eagerly.
+
+    A decode is one row. A prompt chunk of n tokens from position s is n rows of the same
+    sequence at positions s..s+n-1: each row stores its key and value, then attends over the
+    cache up to its own position. As every row's store precedes the attention kernel, that is
+    the chunk's causal attention, so a short prompt runs in one replay instead of an eager pass
+    whose launches cost several milliseconds. The decode kernel reads each row's whole context,
+    so chunks qualify only while their rows x context stay within `GRAPH_PROMPT_READS`. Prompt
+    logprobs never run in a graph (its logits are in the model's dtype)."""
+    num_rows = sum(it.num_tokens for it in items)
+    if padded_batch(sizes, num_rows) is None:
+        return None
+    if any(it.request.params.prompt_logprobs is not None for it in items):
+        return None
+    if num_rows == len(items) and all(it.samples for it in items):  # pure decode
+        tokens = [it.request.all_token_ids[it.start] for it in items]
+        positions = [it.start for it in items]
+        return GraphRows(tokens, positions, [it.block_ids for it in items], list(range(num_rows)))
+    reads = 0
+    rows = GraphRows([], [], [], [])
+    for it in items:
+        request, start, n = it.request, it.start, it.num_tokens
+        if n > 1:
+            reads += n * (start + n)
+            if reads > GRAPH_PROMPT_READS:
+                return None
+        rows.tokens.extend(request.all_token_ids[start : start + n])
+        rows.positions.extend(range(start, start + n))
+        rows.tables.extend([it.block_ids] * n)
+        if it.samples:
+            rows.sample_rows.append(len(rows.tokens) - 1)
+    return rows
 
 
 HEADER = 1  # entries of the staged block before the tokens: the table width

@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig, ModelConfig
-from engine.cuda_graphs import DecodeGraphs, default_capture_sizes, padded_batch
+from engine.cuda_graphs import DecodeGraphs, default_capture_sizes, graph_rows
 from engine.kv_export import LayerwiseExport
 from engine.models.loader import load_model
 from engine.sampling.logprobs import LogprobsTensors, compute_prompt_logprobs
@@ -67,13 +66,6 @@ class _BatchInputs:
     logits_indices: torch.Tensor  # (R,) rows of the hidden states to project to logits
     sample_rows: list[ScheduledRequest]  # the first len(sample_rows) logits rows, in order
     prompt_slices: list[_PromptLogprobsSlice]
-
-
-# Prompt chunks run in a decode graph (see `graph_rows`) while the sum over the step's chunks
-# of rows x context tokens stays within this: 64k context rows read per layer (128 MiB of a 1B
-# model's KV at 2 KiB per token, mostly from L2 as a chunk's rows share it) against the several
-# milliseconds of an eager pass's launches.
-GRAPH_PROMPT_READS = 1 << 16
 
 
 def kv_cache_block_bytes(model: ModelConfig, block_size: int) -> int:
@@ -403,51 +395,6 @@ def _plain_greedy(params: SamplingParams) -> bool:
         and params.frequency_penalty == 0
         and params.repetition_penalty == 1
     )
-
-
-class GraphRows(NamedTuple):
-    """A step as rows of a decode graph (`graph_rows`)."""
-
-    tokens: list[int]
-    positions: list[int]
-    tables: list[list[int]]  # each row's block ids (a chunk's rows share its list)
-    sample_rows: list[int]  # the rows whose logits are sampled, in the order of the items
-
-
-def graph_rows(items: list[ScheduledRequest], sizes: Sequence[int]) -> GraphRows | None:
-    """A step's items as rows of a decode graph captured at `sizes`, or None when the step
-    runs eagerly.
-
-    A decode is one row. A prompt chunk of n tokens from position s is n rows of the same
-    sequence at positions s..s+n-1: each row stores its key and value, then attends over the
-    cache up to its own position. As every row's store precedes the attention kernel, that is
-    the chunk's causal attention, so a short prompt runs in one replay instead of an eager pass
-    whose launches cost several milliseconds. The decode kernel reads each row's whole context,
-    so chunks qualify only while their rows x context stay within `GRAPH_PROMPT_READS`. Prompt
-    logprobs never run in a graph (its logits are in the model's dtype)."""
-    num_rows = sum(it.num_tokens for it in items)
-    if padded_batch(sizes, num_rows) is None:
-        return None
-    if any(it.request.params.prompt_logprobs is not None for it in items):
-        return None
-    if num_rows == len(items) and all(it.samples for it in items):  # pure decode
-        tokens = [it.request.all_token_ids[it.start] for it in items]
-        positions = [it.start for it in items]
-        return GraphRows(tokens, positions, [it.block_ids for it in items], list(range(num_rows)))
-    reads = 0
-    rows = GraphRows([], [], [], [])
-    for it in items:
-        request, start, n = it.request, it.start, it.num_tokens
-        if n > 1:
-            reads += n * (start + n)
-            if reads > GRAPH_PROMPT_READS:
-                return None
-        rows.tokens.extend(request.all_token_ids[start : start + n])
-        rows.positions.extend(range(start, start + n))
-        rows.tables.extend([it.block_ids] * n)
-        if it.samples:
-            rows.sample_rows.append(len(rows.tokens) - 1)
-    return rows
 
 
 def _row(t: LogprobsTensors, i: int) -> LogprobsTensors:

@@ -1,8 +1,8 @@
-"""Which steps run in the decode graphs and as which rows (`engine.model_runner.graph_rows`):
+"""Which steps run in the decode graphs and as which rows (`engine.cuda_graphs.graph_rows`):
 decodes one row each, short prompt chunks one row per token; the graphs themselves run in
 tests/gpu (their outputs equal the eager engine's)."""
 
-from engine.model_runner import GRAPH_PROMPT_READS, graph_rows
+from engine.cuda_graphs import GRAPH_PROMPT_READS, graph_rows
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler.output import ScheduledRequest
