@@ -7,6 +7,10 @@ replayed under `torch.profiler`, and each kernel's time per replay is summed by 
 attention, norm, ...). The replay's wall time, from CUDA events, is the step's GPU time without
 the host.
 
+A batch-1 generate under the profiler gives the step's period on the GPU timeline, from one
+graph's first kernel to the next's, and how long the GPU idled in it (the host's copies and
+launches between replays).
+
 The same 128-request run (bench.gpu_engine's concurrent benchmark: 512-token prompts, 128 new
 tokens) is then split into its phases: the wall time of the prompts alone (one new token each)
 against the whole run, and the kernel time of the whole run by kind and by kernel (their sum
@@ -18,6 +22,7 @@ against the wall time: how long the GPU idled).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -94,6 +99,59 @@ def profile_graph(graph: torch.cuda.CUDAGraph) -> dict[str, Any]:
     }
 
 
+STEP_MARK = "_stage_inputs_kernel"  # every decode graph's first kernel
+
+
+def step_timeline(events: list[tuple[str, float, float]]) -> dict[str, Any]:
+    """Decode steps on the GPU timeline, from (name, start_us, end_us) device events sorted by
+    start: each step runs from one `STEP_MARK` kernel to the next. Per step, the GPU is busy
+    for the union of its events' intervals (kernels may overlap under PDL) and idle for the
+    rest; `between` counts the events by name outside the graph, after its last kernel's end
+    (copies, host-launched ops), in the median step."""
+    marks = [i for i, (name, _, _) in enumerate(events) if STEP_MARK in name]
+    steps = []
+    for a, b in itertools.pairwise(marks):
+        period = events[b][1] - events[a][1]
+        busy, reach = 0.0, events[a][1]
+        for _, start, end in events[a:b]:
+            start = max(start, reach)
+            if end > start:
+                busy += end - start
+                reach = end
+        steps.append((period, period - busy, a, b))
+    if not steps:
+        return {"steps": 0}
+    steps.sort()
+    period, idle, a, b = steps[len(steps) // 2]
+    return {
+        "steps": len(steps),
+        "period_us_median": period,
+        "idle_us_in_median_step": idle,
+        "ops_in_median_step": b - a,
+    }
+
+
+def batch1_steps(llm: Any, new_tokens: int = 64) -> dict[str, Any]:
+    """`step_timeline` of a batch-1 generate (16-token prompt) under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.gpu_engine import DECODE_PROMPT
+    from engine import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate([DECODE_PROMPT], params, use_tqdm=False)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate([DECODE_PROMPT], params, use_tqdm=False)
+        torch.cuda.synchronize()
+    events = [
+        (e.name, e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type.name == "CUDA"
+    ]
+    events.sort(key=lambda e: e[1])
+    return step_timeline(events)
+
+
 def concurrent_phases(llm: Any) -> dict[str, Any]:
     """Wall seconds of 128 prompts alone and of the whole 128-token run; kernel ms by kind of
     the whole run (under the profiler, another run)."""
@@ -148,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": {"shape": SHAPE, "dtype": "bfloat16", "weight_bytes": weight_bytes(model_dir)},
         "context_tokens": 512 + 63,
         "batches": {str(b): profile_graph(graphs._graphs[b]) for b in BATCHES},
+        "batch1_steps": batch1_steps(llm),
         "concurrent": concurrent_phases(llm),
         "machine": describe_machine(),
         "command": " ".join(["python -m bench.gpu_decode_profile", *(argv or sys.argv[1:])]),

@@ -225,7 +225,7 @@ def bench_decode(model_dir: Path) -> dict[str, Any]:
     weights = weight_bytes(model_dir)
     bandwidth = copy_bandwidth()
     free_gpu()
-    baton_runs, baton_tokens, sync_runs = _baton_decode(model_dir)
+    baton_runs, baton_tokens, sync_runs, first_runs = _baton_decode(model_dir)
     baton_s, sync_s = statistics.median(baton_runs), statistics.median(sync_runs)
     free_gpu()
     hf_s = _hf_decode(model_dir)
@@ -247,6 +247,9 @@ def bench_decode(model_dir: Path) -> dict[str, Any]:
         "baton_ms_per_token": 1000 * baton_s / DECODE_NEW_TOKENS,
         "baton_output_tokens": baton_tokens,
         "baton_sync_scheduling_tokens_per_s": DECODE_NEW_TOKENS / sync_s,
+        # a generate of one token: the 16-token prompt's step and the output's way back
+        "baton_first_token_ms": 1000 * statistics.median(first_runs),
+        "baton_first_token_ms_samples": [1000 * s for s in first_runs],
         "transformers_seconds": hf_s,
         "transformers_tokens_per_s": hf_rate,
         "transformers_ms_per_token": 1000 * hf_s / DECODE_NEW_TOKENS,
@@ -257,9 +260,10 @@ def bench_decode(model_dir: Path) -> dict[str, Any]:
     }
 
 
-def _baton_decode(model_dir: Path) -> tuple[list[float], int, list[float]]:
+def _baton_decode(model_dir: Path) -> tuple[list[float], int, list[float], list[float]]:
     """Seconds of BATON_REPEATS timed batch-1 generates after two warm-ups, the tokens each
-    generated, and the seconds of as many with synchronous scheduling (runs alternate)."""
+    generated, the seconds of as many with synchronous scheduling (runs alternate), and the
+    seconds of five one-token generates."""
     from engine import SamplingParams
 
     llm = baton_llm(model_dir, kv_cache_memory_bytes=8 << 30)
@@ -277,7 +281,9 @@ def _baton_decode(model_dir: Path) -> tuple[list[float], int, list[float]]:
                 llm, lambda: llm.generate([DECODE_PROMPT], params, use_tqdm=False)
             )
         )
-    return runs, tokens, sync_runs
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    first = [timed(lambda: llm.generate([DECODE_PROMPT], one, use_tqdm=False))[0] for _ in range(5)]
+    return runs, tokens, sync_runs, first
 
 
 def _synchronous_seconds(llm: Any, run: Callable[[], Any]) -> float:

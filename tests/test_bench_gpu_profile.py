@@ -1,6 +1,6 @@
 """bench.gpu_decode_profile's kernel grouping (the profile itself runs on a GPU)."""
 
-from bench.gpu_decode_profile import kind_of
+from bench.gpu_decode_profile import kind_of, step_timeline
 
 
 def test_decode_profile_sorts_kernels_by_kind():
@@ -15,3 +15,22 @@ def test_decode_profile_sorts_kernels_by_kind():
         "argmax"
     )
     assert kind_of("void at::native::vectorized_elementwise_kernel<4, copy>") == "other"
+
+
+def test_step_timeline_measures_each_step_from_one_graph_start_to_the_next():
+    """Three steps of 100, 110 and 130 us; kernels overlap (PDL) and copies sit between."""
+    events = []
+    for start, idle in ((0.0, 10.0), (100.0, 20.0), (210.0, 40.0)):
+        events += [
+            ("_stage_inputs_kernel", start, start + 5),
+            ("_gemv_kernel", start + 5, start + 60),
+            ("_decode_split_kernel", start + 50, start + 90),  # overlaps the GEMV's tail
+            ("Memcpy HtoD (Pinned -> Device)", start + 90 + idle / 2, start + 90 + idle / 2),
+        ]
+    events.append(("_stage_inputs_kernel", 340.0, 345.0))
+    timeline = step_timeline(events)
+    assert timeline["steps"] == 3
+    assert timeline["period_us_median"] == 110.0  # the middle step
+    assert timeline["idle_us_in_median_step"] == 20.0
+    assert timeline["ops_in_median_step"] == 4
+    assert step_timeline([("_gemv_kernel", 0.0, 1.0)]) == {"steps": 0}
