@@ -208,19 +208,15 @@ class ModelRunner:
         """
         cuda = self.device.type == "cuda"
         with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
-            positions = [it.start for it in items]
             if self.graphs is not None and self.graphs.batch_size_for(len(items)) is not None:
                 graphs = self.graphs
+                positions, tables = [it.start for it in items], [it.block_ids for it in items]
                 if previous is None:
-                    _, greedy = graphs.run(
-                        positions, [it.block_ids for it in items], tokens=self._last_tokens(items)
-                    )
+                    _, greedy = graphs.run(positions, tables, tokens=self._last_tokens(items))
                 else:
                     if not previous.in_graph:  # ran eagerly: its ids are not the graphs' yet
                         graphs.adopt_greedy(previous.tokens)
-                    _, greedy = graphs.run(
-                        positions, [it.block_ids for it in items], from_rows=rows
-                    )
+                    _, greedy = graphs.run(positions, tables, from_rows=rows)
                 host, ready = graphs.greedy_to_host(greedy)
                 return LaunchedDecode(items, greedy, host, ready, in_graph=True)
             if previous is None:
