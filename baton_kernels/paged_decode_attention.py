@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from baton_kernels.paged_kv import paged_scores, paged_values
+from baton_kernels.paged_kv import output_for, paged_scores, paged_values
 from baton_kernels.pdl import use_pdl
 
 _TOKENS_PER_SPLIT = 256  # at least this much context per split before splitting further
@@ -208,7 +208,8 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,  # keys visible, including the query's own
     num_splits: int | None = None,  # context splits per sequence; None = pick from the shapes
-) -> torch.Tensor:  # (S, H, D) in q's dtype
+    out: torch.Tensor | None = None,  # (S, H, D) like q, last dim contiguous; None = a new one
+) -> torch.Tensor:  # (S, H, D) in q's dtype: `out`
     """Attention of each sequence's one query token over its paged context (see module doc)."""
     num_seqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_dim = kv_cache.shape
@@ -226,7 +227,7 @@ def paged_decode_attention(
         raise ValueError("q, kv_cache and block_tables need a contiguous last dimension")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError("sliding_window must be >= 1 (or None)")
-    out = torch.empty_like(q)
+    out = output_for(out, q)
     if num_seqs == 0:
         return out
     if num_splits is None:

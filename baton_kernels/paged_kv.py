@@ -6,10 +6,13 @@ KV cache of one layer (engine.attention's layout)::
 
 `k_base` points at one KV head's keys (`cache + head * stride_c_head`); its values are
 `stride_c_kv` further. `table` is one sequence's row of block ids.
+
+`output_for` checks (or makes) the output tensor both attention wrappers take.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -41,3 +44,18 @@ def paged_values(p, k_base, stride_c_kv, rows, offs_d, kv_mask, IEEE: tl.constex
     if IEEE:
         return tl.dot(p, v.to(tl.float32), input_precision="ieee")
     return tl.dot(p.to(v.dtype), v)
+
+
+def output_for(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """`out` checked to take attention of `q` (same shape, dtype and device, rows of
+    contiguous heads), or a new tensor like `q` when None."""
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(
+            f"out must be like q: {tuple(q.shape)} {q.dtype} on {q.device}; got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    if out.stride(-1) != 1:
+        raise ValueError("out needs a contiguous last dimension")
+    return out

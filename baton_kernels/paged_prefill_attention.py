@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from baton_kernels.paged_kv import paged_scores, paged_values
+from baton_kernels.paged_kv import output_for, paged_scores, paged_values
 
 
 @triton.jit
@@ -145,7 +145,8 @@ def paged_prefill_attention(
     scale: float,
     sliding_window: int | None = None,  # keys visible per query, including its own
     max_seqlen_q: int | None = None,  # longest chunk (rows); None = read it (one device sync)
-) -> torch.Tensor:  # (T, H, D) in q's dtype
+    out: torch.Tensor | None = None,  # (T, H, D) like q, last dim contiguous; None = a new one
+) -> torch.Tensor:  # (T, H, D) in q's dtype: `out`
     """Causal attention of each sequence's query chunk over its paged context (see module doc)."""
     num_tokens, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_dim = kv_cache.shape
@@ -160,7 +161,7 @@ def paged_prefill_attention(
         raise ValueError("q, kv_cache and block_tables need a contiguous last dimension")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError("sliding_window must be >= 1 (or None)")
-    out = torch.empty_like(q)
+    out = output_for(out, q)
     if num_tokens == 0 or num_seqs == 0:
         return out
     if max_seqlen_q is None:

@@ -61,19 +61,22 @@ class AttentionMetadata:
     def padded(self, device: torch.device) -> dict[str, Any]:
         """The batch as kernels take it (built on first use, shared by every layer):
         `block_tables` (S, max_blocks) int32 (0-padded), `seq_lens` (S,) and `cu_seqlens_q`
-        (S + 1,) int32, `max_seqlen_q` and `all_decode` (every sequence has one query row)."""
+        (S + 1,) int32, `max_seqlen_q`, `all_decode` (every sequence has one query row) and
+        `num_decodes` (how many leading sequences have one query row)."""
         if not self._padded:
             # Padded where the tables already are (no copy back to the host on a GPU).
             tables = self._table
             if tables is None:
                 tables = pad_sequence(self.block_tables, batch_first=True, padding_value=0)
             rows = [b - a for a, b in itertools.pairwise(self.query_start_loc)]
+            num_decodes = next((i for i, n in enumerate(rows) if n != 1), len(rows))
             self._padded.update(
                 block_tables=tables.to(device=device, dtype=torch.int32),
                 seq_lens=torch.tensor(self.seq_lens, dtype=torch.int32).to(device),
                 cu_seqlens_q=torch.tensor(self.query_start_loc, dtype=torch.int32).to(device),
                 max_seqlen_q=max(rows),
                 all_decode=max(rows) == 1,
+                num_decodes=num_decodes,
             )
         return self._padded
 
@@ -263,14 +266,22 @@ class TritonPagedAttention(AttentionBackend):
         """`forward` after the store: for a caller that already wrote the step's rotated keys
         and values into `kv_cache` (the fused one-token projection, `baton_kernels.gemv`)."""
         batch = meta.padded(q.device)
+        tables, lens = batch["block_tables"], batch["seq_lens"]
         if batch["all_decode"]:
-            return self._decode(
-                q, kv_cache, batch["block_tables"], batch["seq_lens"], scale, sliding_window
-            )
-        return self._prefill(
-            q, kv_cache, batch["cu_seqlens_q"], batch["seq_lens"], batch["block_tables"],
-            scale, sliding_window, max_seqlen_q=batch["max_seqlen_q"],
+            return self._decode(q, kv_cache, tables, lens, scale, sliding_window)
+        # A mixed step: its leading one-row sequences (the model runner puts decodes first)
+        # go to the decode kernel, which reads their context once per KV head; the prefill
+        # kernel would spend a whole query tile on each. The prefill kernel takes the rest,
+        # addressing q and out by their row offsets, so neither needs a copy.
+        out = torch.empty_like(q)
+        n = batch["num_decodes"]
+        if n:
+            self._decode(q[:n], kv_cache, tables[:n], lens[:n], scale, sliding_window, out=out[:n])
+        self._prefill(
+            q, kv_cache, batch["cu_seqlens_q"][n:], lens[n:], tables[n:], scale,
+            sliding_window, max_seqlen_q=batch["max_seqlen_q"], out=out,
         )  # fmt: skip
+        return out
 
 
 def get_attention_backend(device: torch.device) -> AttentionBackend:

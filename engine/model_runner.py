@@ -305,7 +305,10 @@ class ModelRunner:
         number of sequences (the host's work per step matters at large batches). `input_ids`
         replaces the requests' tokens (a decode step whose inputs are still on the device)."""
         bs = self.block_size
-        items = scheduled.scheduled
+        # One-row chunks (decodes) first, in order: the attention backend takes the leading
+        # ones through its decode kernel (AttentionMetadata.padded's `num_decodes`). With
+        # `input_ids` (in `scheduled`'s order) every chunk is one row already.
+        items = sorted(scheduled.scheduled, key=lambda it: it.num_tokens > 1)
         tokens: list[int] = []
         starts, counts = [], []
         query_start_loc, seq_lens = [0], []

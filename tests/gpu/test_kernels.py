@@ -375,6 +375,46 @@ def test_paged_prefill_attention_agrees_with_engine_attend(dtype, sliding_window
         torch.testing.assert_close(out[rows], want, **tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch",
+    [
+        [(1, 300), (1, 40), (17, 60), (1, 5), (64, 64)],  # decodes first, then one among chunks
+        [(1, 700), (1, 33), (1, 1)],  # decodes only
+        [(40, 40), (1, 90)],  # no leading decode
+    ],
+)
+def test_triton_backend_splits_a_mixed_step_between_its_kernels(dtype, batch):
+    """The leading one-row sequences of a step go to the decode kernel and the rest to the
+    prefill kernel, into one output: the same as attention of the whole batch."""
+    from engine.attention import TritonPagedAttention
+
+    q, cache, cu, lens, tables = make_prefill_batch(batch, 8, 2, 64, dtype)
+    tables = tables.clamp(min=0)  # the engine pads with block 0
+    meta = AttentionMetadata.from_table(
+        torch.empty(0, dtype=torch.long, device=CUDA), cu.tolist(), lens.tolist(), tables.long()
+    )
+    leading = next((i for i, (rows, _) in enumerate(batch) if rows != 1), len(batch))
+    assert meta.padded(CUDA)["num_decodes"] == leading
+    out = TritonPagedAttention().attend(q, cache, meta, 0.125, None)
+    ref = paged_prefill_attention_ref(q, cache, cu, lens, tables, 0.125)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+def test_attention_wrappers_write_into_out_and_check_it():
+    q, cache, cu, lens, tables = make_prefill_batch([(3, 20), (1, 9)], 4, 2, 64, torch.float32)
+    out = torch.full_like(q, float("nan"))
+    got = paged_prefill_attention(q, cache, cu, lens, tables, 0.125, out=out)
+    assert got is out and not out.isnan().any()
+    decode_out = torch.empty(2, 4, 64, device=CUDA)
+    got = paged_decode_attention(q[:2], cache, tables, lens, 0.125, out=decode_out)
+    assert got is decode_out
+    with pytest.raises(ValueError, match="out must be like q"):
+        paged_decode_attention(q[:2], cache, tables, lens, 0.125, out=decode_out.half())
+    with pytest.raises(ValueError, match="out must be like q"):
+        paged_prefill_attention(q, cache, cu, lens, tables, 0.125, out=out[:2])
+
+
 def test_prefill_then_decode_through_write_kv():
     """write_kv a prompt, prefill it, then decode one more token: the kernels compose."""
     num_kv_heads, head_dim, prompt = 2, 64, 70
