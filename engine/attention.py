@@ -54,6 +54,17 @@ class AttentionMetadata:
         """Metadata over one padded block table: no per-sequence tensors to make."""
         return cls(slot_mapping, query_start_loc, seq_lens, list(table.unbind(0)), _table=table)
 
+    def set_padded(self, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor) -> None:
+        """Give `padded` the batch's context lengths (S,) and query offsets (S + 1,), int32,
+        already on the device (with an int32 table from `from_table`): it then copies nothing."""
+        assert self._table is not None and self._table.dtype == torch.int32
+        self._padded.update(
+            block_tables=self._table,
+            seq_lens=seq_lens,
+            cu_seqlens_q=cu_seqlens_q,
+            **_row_counts(self.query_start_loc),
+        )
+
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
@@ -68,17 +79,24 @@ class AttentionMetadata:
             tables = self._table
             if tables is None:
                 tables = pad_sequence(self.block_tables, batch_first=True, padding_value=0)
-            rows = [b - a for a, b in itertools.pairwise(self.query_start_loc)]
-            num_decodes = next((i for i, n in enumerate(rows) if n != 1), len(rows))
             self._padded.update(
                 block_tables=tables.to(device=device, dtype=torch.int32),
                 seq_lens=torch.tensor(self.seq_lens, dtype=torch.int32).to(device),
                 cu_seqlens_q=torch.tensor(self.query_start_loc, dtype=torch.int32).to(device),
-                max_seqlen_q=max(rows),
-                all_decode=max(rows) == 1,
-                num_decodes=num_decodes,
+                **_row_counts(self.query_start_loc),
             )
         return self._padded
+
+
+def _row_counts(query_start_loc: list[int]) -> dict[str, Any]:
+    """`max_seqlen_q`, `all_decode` and `num_decodes` of `AttentionMetadata.padded`."""
+    rows = [b - a for a, b in itertools.pairwise(query_start_loc)]
+    longest = max(rows)
+    return {
+        "max_seqlen_q": longest,
+        "all_decode": longest == 1,
+        "num_decodes": next((i for i, n in enumerate(rows) if n != 1), len(rows)),
+    }
 
 
 class Rotation(Protocol):

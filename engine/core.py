@@ -14,7 +14,7 @@ from engine.config import EngineConfig
 from engine.kv_cache.events import KVEvent, KVEventLog
 from engine.kv_cache.manager import KVCacheManager, PrefixCacheStats, cdiv
 from engine.kv_export import LayerwiseExport
-from engine.model_runner import LaunchedDecode, ModelRunner
+from engine.model_runner import LaunchedStep, ModelRunner
 from engine.outputs import EngineCoreOutput
 from engine.request import Request, RequestStatus
 from engine.sampling.topk_topp import advance_generator
@@ -56,8 +56,11 @@ class EngineCore:
             if config.async_scheduling is not None
             else self.runner.graphs is not None
         )
-        self._launched: tuple[SchedulerOutput, LaunchedDecode] | None = None  # tokens unread
+        self._launched: tuple[SchedulerOutput, LaunchedStep] | None = None  # tokens unread
         self.num_chained_steps = 0  # steps launched before the previous one's tokens were read
+        # A step scheduled ahead of a launched one's tokens that cannot be launched itself
+        # (it samples otherwise than greedily, or asks for logprobs): the next `step()` runs it.
+        self._deferred: SchedulerOutput | None = None
 
     def add_request(self, request: Request) -> None:
         """Queue a validated request. Raises ValueError if it could never fit the KV cache."""
@@ -88,7 +91,7 @@ class EngineCore:
 
     def has_work(self) -> bool:
         """True when `step()` would compute something (or read a launched step)."""
-        return self._launched is not None or self.scheduler.has_work()
+        return self._launched is not None or self._deferred is not None or self.scheduler.has_work()
 
     # --- disaggregation: the prefill and decode roles ------------------------------------
 
@@ -160,19 +163,38 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """Schedule a batch, run it, and return what each request produced.
 
-        With asynchronous scheduling, a plain-greedy decode step is launched without waiting
-        for its tokens; the next `step()` launches the one after it (when that can be decided
-        without them: `Scheduler.schedule_next_decode`), fed by its tokens on the device, and
+        With asynchronous scheduling, a step whose sampling requests are all plainly greedy
+        is launched without waiting for its tokens; the next `step()` schedules and launches
+        the one after it (`Scheduler.schedule_next`), fed by those tokens on the device, and
         only then reads them. The GPU so runs step k+1 while the host turns step k's tokens
         into outputs and prepares step k+2. Outputs are those of the step read."""
         if self._launched is not None:
             return self._read_launched()
-        scheduled = self.scheduler.schedule()
+        scheduled, self._deferred = self._deferred, None
+        if scheduled is not None:  # requests finished since it was scheduled drop out of it
+            scheduled.scheduled = [
+                it for it in scheduled.scheduled if it.request.status == RequestStatus.RUNNING
+            ]
+        if scheduled is None or scheduled.is_empty:
+            scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
-        if self.async_scheduling and self.runner.can_launch(scheduled):
-            self._launched = (scheduled, self.runner.launch_decode(scheduled.scheduled))
+        if self._may_launch(scheduled):
+            self._launched = (scheduled, self.runner.launch(scheduled.scheduled))
             return self._read_launched()
+        return self._execute(scheduled)
+
+    def _may_launch(self, scheduled: SchedulerOutput) -> bool:
+        """Asynchronous scheduling applies: plain greedy, and no request handed off (the
+        prefill role reads its first token at once)."""
+        return (
+            self.async_scheduling
+            and self.runner.can_launch(scheduled)
+            and all(it.request.kv_transfer is None for it in scheduled.scheduled)
+        )
+
+    def _execute(self, scheduled: SchedulerOutput) -> list[EngineCoreOutput]:
+        """Run `scheduled` and wait for its results."""
         exports = self._start_exports(scheduled) if self.layerwise_export else {}
         self._step_exports = exports
         try:
@@ -197,22 +219,25 @@ class EngineCore:
         return outputs
 
     def _read_launched(self) -> list[EngineCoreOutput]:
-        """Launch the step after the launched one if it can be decided now, then read the
-        launched one's tokens and advance its requests."""
+        """Schedule the step after the launched one and launch it if it can be (else run it
+        once the tokens are in), then read the launched one's tokens and advance its
+        requests."""
         assert self._launched is not None
         scheduled, launched = self._launched
         self._launched = None
-        after = self.scheduler.schedule_next_decode(scheduled)
-        if after is not None:
-            rows = {id(it.request): i for i, it in enumerate(scheduled.scheduled)}
-            picks = [rows[id(it.request)] for it in after.scheduled]
-            self._launched = (after, self.runner.launch_decode(after.scheduled, launched, picks))
+        after = self.scheduler.schedule_next(scheduled)
+        if after is not None and not after.is_empty and self._may_launch(after):
+            row_of = launched.row_of()
+            picks = [
+                row_of[it.request.request_id] if it.pending else None for it in after.scheduled
+            ]
+            self._launched = (after, self.runner.launch(after.scheduled, launched, picks))
             self.num_chained_steps += 1
-        tokens = self.runner.finish_decode(launched)
-        sampled = {
-            it.request.request_id: t for it, t in zip(scheduled.scheduled, tokens, strict=True)
-        }
-        return self.scheduler.update_from_output(scheduled, sampled, advanced=after is not None)
+        sampled = self.runner.finish(launched)
+        outputs = self.scheduler.update_from_output(scheduled, sampled, advanced=after is not None)
+        if after is not None and not after.is_empty and self._launched is None:
+            self._deferred = after  # scheduled ahead, not launchable: the next step runs it
+        return outputs
 
     def check_integrity(self, expect_all_free: bool = False) -> None:
         """The block pool's accounting check; with `expect_all_free`, also that nothing leaked."""

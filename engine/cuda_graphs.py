@@ -62,18 +62,29 @@ def padded_batch(sizes: Sequence[int], num_rows: int) -> int | None:
 GRAPH_PROMPT_READS = 1 << 16
 
 
+def from_row(row: int) -> int:
+    """The input id that stands for row `row` of the previous step's argmax, read on the GPU
+    (a token the host does not know yet: asynchronous scheduling)."""
+    return -1 - row
+
+
 class GraphRows(NamedTuple):
     """A step as rows of a decode graph (`graph_rows`)."""
 
-    tokens: list[int]
+    ids: list[int]  # each row's input id: a token id, or `from_row(r)`
     positions: list[int]
     tables: list[list[int]]  # each row's block ids (a chunk's rows share its list)
     sample_rows: list[int]  # the rows whose logits are sampled, in the order of the items
 
 
-def graph_rows(items: list[ScheduledRequest], sizes: Sequence[int]) -> GraphRows | None:
+def graph_rows(
+    items: list[ScheduledRequest],
+    sizes: Sequence[int],
+    picks: Sequence[int | None] | None = None,
+) -> GraphRows | None:
     """A step's items as rows of a decode graph captured at `sizes`, or None when the step
-    runs eagerly.
+    runs eagerly. `picks[i]`, where not None, is the row of the previous step's argmax that
+    holds item i's one input token (`ScheduledRequest.pending`).
 
     A decode is one row. A prompt chunk of n tokens from position s is n rows of the same
     sequence at positions s..s+n-1: each row stores its key and value, then attends over the
@@ -87,23 +98,30 @@ def graph_rows(items: list[ScheduledRequest], sizes: Sequence[int]) -> GraphRows
         return None
     if any(it.request.params.prompt_logprobs is not None for it in items):
         return None
+    picks = picks or [None] * len(items)
     if num_rows == len(items) and all(it.samples for it in items):  # pure decode
-        tokens = [it.request.all_token_ids[it.start] for it in items]
+        ids = [
+            it.request.all_token_ids[it.start] if pick is None else from_row(pick)
+            for it, pick in zip(items, picks, strict=True)
+        ]
         positions = [it.start for it in items]
-        return GraphRows(tokens, positions, [it.block_ids for it in items], list(range(num_rows)))
+        return GraphRows(ids, positions, [it.block_ids for it in items], list(range(num_rows)))
     reads = 0
     rows = GraphRows([], [], [], [])
-    for it in items:
+    for it, pick in zip(items, picks, strict=True):
         request, start, n = it.request, it.start, it.num_tokens
         if n > 1:
             reads += n * (start + n)
             if reads > GRAPH_PROMPT_READS:
                 return None
-        rows.tokens.extend(request.all_token_ids[start : start + n])
+        if pick is None:
+            rows.ids.extend(request.all_token_ids[start : start + n])
+        else:
+            rows.ids.append(from_row(pick))
         rows.positions.extend(range(start, start + n))
         rows.tables.extend([it.block_ids] * n)
         if it.samples:
-            rows.sample_rows.append(len(rows.tokens) - 1)
+            rows.sample_rows.append(len(rows.ids) - 1)
     return rows
 
 
@@ -120,19 +138,17 @@ def pack_step(
     batch: int,  # the graph's rows; rows past len(positions) are padding
     positions: Sequence[int],
     block_tables: Sequence[Sequence[int]],
-    tokens: Sequence[int] | None = None,  # the rows' input ids, or
-    from_rows: Sequence[int] | None = None,  # each row's row in the previous argmax
+    ids: Sequence[int],  # each row's input id: a token id, or `from_row(r)`
 ) -> int:
     """Pack one step into `staged` (see the module doc); returns the entries used."""
     num_rows = len(positions)
-    if (tokens is None) == (from_rows is None):
-        raise ValueError("give exactly one of tokens and from_rows")
+    if len(ids) != num_rows or len(block_tables) != num_rows:
+        raise ValueError("ids, positions and block_tables need one entry per row")
     lengths = np.fromiter(map(len, block_tables), dtype=np.int64, count=num_rows)
     width = int(lengths.max())
     staged[0] = width
-    ids = staged[HEADER : HEADER + batch]
-    ids[:num_rows] = tokens if tokens is not None else -1 - np.asarray(from_rows)
-    ids[num_rows:] = 0
+    staged[HEADER : HEADER + num_rows] = ids
+    staged[HEADER + num_rows : HEADER + batch] = 0
     pos = staged[HEADER + batch : HEADER + 2 * batch]
     pos[:num_rows] = positions
     pos[num_rows:] = -1
@@ -255,11 +271,10 @@ class DecodeGraphs:
         self,
         positions: Sequence[int],
         block_tables: Sequence[Sequence[int]],
-        tokens: Sequence[int] | None = None,
-        from_rows: Sequence[int] | None = None,
+        ids: Sequence[int],
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (S, vocab) logits, (S,) argmax ids
         """One step of S rows: row i at `positions[i]`, its blocks in `block_tables[i]`, its
-        input id `tokens[i]`, or (`from_rows`) row `from_rows[i]` of the previous replay's
+        input id `ids[i]`: a token id, or `from_row(r)` for row r of the previous replay's
         greedy ids (`last_greedy`), read on the GPU. Packs the step, copies it in, and replays
         the graph of the next size. Both results are views into the graph's outputs, valid
         until the next replay of that size (the ids, until the next replay of any)."""
@@ -271,7 +286,7 @@ class DecodeGraphs:
         copied = self._copied[turn]
         if copied is not None:
             copied.synchronize()  # long done in practice: two steps back
-        used = pack_step(self._packed[turn], batch, positions, block_tables, tokens, from_rows)
+        used = pack_step(self._packed[turn], batch, positions, block_tables, ids)
         self._staged[:used].copy_(self._pinned[turn][:used], non_blocking=True)
         copied = self._copied[turn] = torch.cuda.Event()
         copied.record()
@@ -282,7 +297,7 @@ class DecodeGraphs:
 
     def adopt_greedy(self, greedy: torch.Tensor) -> None:
         """Make (S,) greedy ids computed outside the graphs (an eager step) the previous
-        replay's, for a next step's `from_rows` (queued on the stream)."""
+        replay's, for a next step's `from_row` ids (queued on the stream)."""
         self.last_greedy[: len(greedy)].copy_(greedy)
 
     def greedy_to_host(self, greedy: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:

@@ -90,7 +90,7 @@ class LLMEngine:
     def tokenize(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
-        return [int(t) for t in prompt]
+        return list(map(int, prompt))  # C-speed: 128 prompts of 512 ids cost ~10 ms else
 
     def add_request(
         self,

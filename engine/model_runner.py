@@ -16,7 +16,7 @@ import torch
 
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig, ModelConfig
-from engine.cuda_graphs import DecodeGraphs, default_capture_sizes, graph_rows
+from engine.cuda_graphs import DecodeGraphs, argmax_rows, default_capture_sizes, graph_rows
 from engine.kv_export import LayerwiseExport
 from engine.models.loader import load_model
 from engine.sampling.logprobs import LogprobsTensors, compute_prompt_logprobs
@@ -36,18 +36,25 @@ class ModelRunnerOutput:
 
 
 @dataclass(slots=True)
-class LaunchedDecode:
-    """A plain-greedy decode step queued on the device whose tokens are not read yet.
+class LaunchedStep:
+    """A plain-greedy step queued on the device whose sampled tokens are not read yet.
 
-    `tokens` is the (S,) argmax on the device (the next step's input if it chains on);
-    `host_tokens` the same ids in (pinned) host memory, readable once `ready` completes.
-    `in_graph`: the step ran in a decode graph, so its ids are the graphs' `last_greedy`."""
+    `tokens` holds the step's argmax ids on the device: `samplers[j]` (the items that sample,
+    in the step's order) has its token at row `rows[j]`, which the next step reads on the
+    device if it chains on (`ModelRunner.launch`'s `picks`). `host_tokens` are the same ids in
+    (pinned) host memory, readable once `ready` completes. `in_graph`: the step ran in a decode
+    graph, so its ids are the graphs' `last_greedy`."""
 
-    items: list[ScheduledRequest]
+    samplers: list[ScheduledRequest]
+    rows: list[int]
     tokens: torch.Tensor
     host_tokens: torch.Tensor
     ready: torch.cuda.Event | None  # None on the CPU: the step ran synchronously
     in_graph: bool = False
+
+    def row_of(self) -> dict[str, int]:
+        """The row of `tokens` of each sampled request, by request id."""
+        return {it.request.request_id: r for it, r in zip(self.samplers, self.rows, strict=True)}
 
 
 @dataclass(slots=True)
@@ -168,12 +175,12 @@ class ModelRunner:
         if rows is None:
             return self._execute_eager(scheduled, out)
         assert self.graphs is not None
-        tokens, positions, tables, sample_rows = rows
-        if len(tokens) > len(scheduled.scheduled):
+        ids, positions, tables, sample_rows = rows
+        if len(ids) > len(scheduled.scheduled):
             self.graph_prompt_steps += 1
-        logits, greedy = self.graphs.run(positions, tables, tokens=tokens)
+        logits, greedy = self.graphs.run(positions, tables, ids)
         items = [it for it in scheduled.scheduled if it.samples]
-        if len(sample_rows) == len(tokens):  # every row samples: a pure decode step
+        if len(sample_rows) == len(ids):  # every row samples: a pure decode step
             self._sample(logits, items, out, greedy)
         elif all(_plain_greedy(it.request.params) for it in items):
             picked = greedy.tolist()  # (rows,): cheaper read whole than indexed on the device
@@ -183,73 +190,68 @@ class ModelRunner:
             self._sample(logits[torch.tensor(sample_rows, device=logits.device)], items, out)
         return out
 
-    def can_launch(self, scheduled: SchedulerOutput) -> bool:
-        """True if `launch_decode` may run this step: a pure decode step whose requests all
-        sample plainly greedily (so the tokens need not reach the host before the next step)."""
+    @staticmethod
+    def can_launch(scheduled: SchedulerOutput) -> bool:
+        """True if `launch` may run this step: no prompt logprobs, and every request that
+        samples does so plainly greedily (its token need not reach the host before the next
+        step is scheduled)."""
         return all(
-            it.num_tokens == 1
-            and it.samples
-            and it.request.params.prompt_logprobs is None
-            and _plain_greedy(it.request.params)
+            it.request.params.prompt_logprobs is None
+            and (not it.samples or _plain_greedy(it.request.params))
             for it in scheduled.scheduled
         )
 
     @torch.inference_mode()
-    def launch_decode(
+    def launch(
         self,
         items: list[ScheduledRequest],
-        previous: LaunchedDecode | None = None,
-        rows: list[int] | None = None,
-    ) -> LaunchedDecode:
-        """Queue a plain-greedy decode step (see `can_launch`) without waiting for its tokens.
+        previous: LaunchedStep | None = None,
+        picks: list[int | None] | None = None,
+    ) -> LaunchedStep:
+        """Queue a step that `can_launch` without waiting for its tokens.
 
-        With `previous` (a launched step whose tokens are not read yet), item i's input id is
-        row `rows[i]` of its argmax, taken on the device; otherwise the requests' last tokens.
-        """
+        `picks[i]`, where not None, is the row of `previous.tokens` (a launched step whose
+        tokens are not read yet) holding item i's input token: the item is `pending`, its
+        token taken on the device. Nothing here waits for the device."""
         cuda = self.device.type == "cuda"
         with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
-            if self.graphs is not None and self.graphs.batch_size_for(len(items)) is not None:
-                graphs = self.graphs
-                positions, tables = [it.start for it in items], [it.block_ids for it in items]
-                if previous is None:
-                    _, greedy = graphs.run(positions, tables, tokens=self._last_tokens(items))
-                else:
-                    if not previous.in_graph:  # ran eagerly: its ids are not the graphs' yet
-                        graphs.adopt_greedy(previous.tokens)
-                    _, greedy = graphs.run(positions, tables, from_rows=rows)
+            graphs = self.graphs
+            rows = None if graphs is None else graph_rows(items, graphs.sizes, picks)
+            if rows is not None:
+                assert graphs is not None
+                if previous is not None and not previous.in_graph:
+                    graphs.adopt_greedy(previous.tokens)  # ran eagerly: not the graphs' ids
+                if len(rows.ids) > len(items):
+                    self.graph_prompt_steps += 1
+                _, greedy = graphs.run(rows.positions, rows.tables, rows.ids)
                 host, ready = graphs.greedy_to_host(greedy)
-                return LaunchedDecode(items, greedy, host, ready, in_graph=True)
-            if previous is None:
-                ids = torch.tensor(self._last_tokens(items))
-            else:
-                ids = previous.tokens
-                if rows != list(range(len(ids))):
-                    index = torch.tensor(rows)
-                    if ids.is_cuda:  # pinned, so the copy does not wait for the launched step
-                        index = index.pin_memory().to(ids.device, non_blocking=True)
-                    ids = ids[index]
-            batch = self._prepare(SchedulerOutput(items), input_ids=ids)
+                samplers = [it for it in items if it.samples]
+                return LaunchedStep(samplers, rows.sample_rows, greedy, host, ready, in_graph=True)
+            batch = self._prepare(
+                SchedulerOutput(items), picks, None if previous is None else previous.tokens
+            )
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_meta)
-            greedy = self.model.compute_logits(hidden).argmax(dim=-1)  # one row per request
+            logits = self.model.compute_logits(hidden[batch.logits_indices], float32=False)
+            greedy = argmax_rows(logits)  # one row per sampling item, in batch.sample_rows order
+            rows_ = list(range(len(batch.sample_rows)))
             if not cuda:  # it ran synchronously
-                return LaunchedDecode(items, greedy, greedy, None)
+                return LaunchedStep(batch.sample_rows, rows_, greedy, greedy, None)
             host = torch.empty(greedy.shape, dtype=greedy.dtype, pin_memory=True)
             host.copy_(greedy, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-            return LaunchedDecode(items, greedy, host, ready)
+            return LaunchedStep(batch.sample_rows, rows_, greedy, host, ready)
 
     @staticmethod
-    def _last_tokens(items: list[ScheduledRequest]) -> list[int]:
-        return [it.request.all_token_ids[it.start] for it in items]
-
-    @staticmethod
-    def finish_decode(launched: LaunchedDecode) -> list[int]:
-        """The launched step's token ids, in `items` order (waits for that step only)."""
+    def finish(launched: LaunchedStep) -> dict[str, int]:
+        """The launched step's sampled token ids by request id (waits for that step only)."""
         if launched.ready is not None:
             launched.ready.synchronize()
         tokens: list[int] = launched.host_tokens.tolist()
-        return tokens
+        return {
+            it.request.request_id: tokens[r]
+            for it, r in zip(launched.samplers, launched.rows, strict=True)
+        }
 
     def _execute_eager(
         self, scheduled: SchedulerOutput, out: ModelRunnerOutput
@@ -299,16 +301,21 @@ class ModelRunner:
                 out.logprobs[request_id] = _row(result.logprobs, i)
 
     def _prepare(
-        self, scheduled: SchedulerOutput, input_ids: torch.Tensor | None = None
+        self,
+        scheduled: SchedulerOutput,
+        picks: Sequence[int | None] | None = None,
+        previous: torch.Tensor | None = None,
     ) -> _BatchInputs:
         """The step's inputs, built with a fixed number of tensor operations whatever the
-        number of sequences (the host's work per step matters at large batches). `input_ids`
-        replaces the requests' tokens (a decode step whose inputs are still on the device)."""
+        number of sequences (the host's work per step matters at large batches), and moved to
+        the device by two copies from pinned memory that do not wait for it (a step may be
+        prepared while the one before runs). `picks[i]`, where not None, is the row of
+        `previous` (a launched step's argmax, on the device) holding item i's input token."""
         bs = self.block_size
         # One-row chunks (decodes) first, in order: the attention backend takes the leading
-        # ones through its decode kernel (AttentionMetadata.padded's `num_decodes`). With
-        # `input_ids` (in `scheduled`'s order) every chunk is one row already.
-        items = sorted(scheduled.scheduled, key=lambda it: it.num_tokens > 1)
+        # ones through its decode kernel (AttentionMetadata.padded's `num_decodes`).
+        picks = picks or [None] * len(scheduled.scheduled)
+        order = sorted(range(len(picks)), key=lambda i: scheduled.scheduled[i].num_tokens > 1)
         tokens: list[int] = []
         starts, counts = [], []
         query_start_loc, seq_lens = [0], []
@@ -316,11 +323,21 @@ class ModelRunner:
         sample_rows: list[ScheduledRequest] = []
         prompt_idx: list[int] = []
         prompt_pieces: list[tuple[str, int, list[int], int]] = []
-        for item in items:
+        taken_at: list[int] = []  # rows whose input id is in `previous`
+        taken_from: list[int] = []  # ... at these rows of it
+        items = []
+        for i in order:
+            item = scheduled.scheduled[i]
+            items.append(item)
             request, start, n = item.request, item.start, item.num_tokens
             end, offset = start + n, query_start_loc[-1]
-            if input_ids is None:
+            pick = picks[i]
+            if pick is None:
                 tokens.extend(request.all_token_ids[start:end])
+            else:
+                taken_at.append(offset)
+                taken_from.append(pick)
+                tokens.append(0)
             starts.append(start)
             counts.append(n)
             query_start_loc.append(offset + n)
@@ -340,29 +357,65 @@ class ModelRunner:
         width = max(len(item.block_ids) for item in items)
         table = torch.tensor(
             [item.block_ids + [0] * (width - len(item.block_ids)) for item in items],
-            dtype=torch.long,
+            dtype=torch.int32,
         )
         # Token t of sequence i (row `rows[t]`) sits at position start_i + (t - first row of i).
+        num_tokens, num_seqs = query_start_loc[-1], len(items)
         num = torch.tensor(counts)
-        rows = torch.repeat_interleave(torch.arange(len(items)), num)
+        rows = torch.repeat_interleave(torch.arange(num_seqs), num)
         shift = torch.tensor(starts) - torch.tensor(query_start_loc[:-1])
-        positions = torch.arange(query_start_loc[-1]) + shift[rows]
-        slots = table[rows, positions // bs] * bs + positions % bs
-        dev = self.device
+        positions = torch.arange(num_tokens) + shift[rows]
+        slots = table[rows, positions // bs].long() * bs + positions % bs
+        logits_idx = sample_idx + prompt_idx
+        # Two staging buffers, one per dtype, each moved by one copy:
+        # int64: ids, positions, slots (T each), logits rows (R), taken_at, taken_from (P each)
+        # int32: context lengths (S), query offsets (S + 1), block tables (S x width)
+        longs = self._staging(
+            torch.long,
+            torch.tensor(tokens),
+            positions,
+            slots,
+            torch.tensor(logits_idx, dtype=torch.long),
+            torch.tensor(taken_at + taken_from, dtype=torch.long),
+        )
+        ints = self._staging(
+            torch.int32,
+            torch.tensor(seq_lens, dtype=torch.int32),
+            torch.tensor(query_start_loc, dtype=torch.int32),
+            table.flatten(),
+        )
+        t, r, p = num_tokens, len(logits_idx), len(taken_at)
+        input_ids = longs[:t]
+        if p:
+            assert previous is not None, "picks name rows of a previous step's tokens"
+            input_ids[longs[3 * t + r : 3 * t + r + p]] = previous[longs[3 * t + r + p :]]
+        device_table = ints[2 * num_seqs + 1 :].view(num_seqs, width)
+        meta = AttentionMetadata.from_table(
+            longs[2 * t : 3 * t], query_start_loc, seq_lens, device_table
+        )
+        meta.set_padded(ints[:num_seqs], ints[num_seqs : 2 * num_seqs + 1])
         return _BatchInputs(
-            input_ids=(
-                torch.tensor(tokens, dtype=torch.long, device=dev)
-                if input_ids is None
-                else input_ids.to(dev)
-            ),
-            positions=positions.to(dev),
-            attn_meta=AttentionMetadata.from_table(
-                slots.to(dev), query_start_loc, seq_lens, table.to(dev)
-            ),
-            logits_indices=torch.tensor(sample_idx + prompt_idx, dtype=torch.long, device=dev),
+            input_ids=input_ids,
+            positions=longs[t : 2 * t],
+            attn_meta=meta,
+            logits_indices=longs[3 * t : 3 * t + r],
             sample_rows=sample_rows,
             prompt_slices=prompt_slices,
         )
+
+    def _staging(self, dtype: torch.dtype, *parts: torch.Tensor) -> torch.Tensor:
+        """`parts` concatenated on the device: through pinned memory and a copy that does not
+        wait for the device (the pinned block is kept until the copy ran, by torch)."""
+        size = sum(part.numel() for part in parts)
+        if self.device.type != "cuda":
+            return (
+                torch.cat([part.to(dtype) for part in parts])
+                if size
+                else torch.empty(0, dtype=dtype)
+            )
+        host = torch.empty(size, dtype=dtype, pin_memory=True)
+        torch.cat([part.to(dtype) for part in parts], out=host)
+        return host.to(self.device, non_blocking=True)
 
     def _prompt_logprob_rows(
         self, item: ScheduledRequest, offset: int

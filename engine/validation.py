@@ -13,8 +13,8 @@ def validate_prompt(token_ids: Sequence[int], params: SamplingParams, model: Mod
     resolved max_tokens (None means up to the context; never past it)."""
     if not token_ids:
         raise ValueError("prompt must not be empty")
-    bad = next((t for t in token_ids if not 0 <= t < model.vocab_size), None)
-    if bad is not None:
+    if min(token_ids) < 0 or max(token_ids) >= model.vocab_size:  # builtins: fast when fine
+        bad = next(t for t in token_ids if not 0 <= t < model.vocab_size)
         raise ValueError(
             f"prompt_token_ids must be in [0, {model.vocab_size}) (the vocabulary), got {bad}"
         )

@@ -128,3 +128,21 @@ def test_stops_and_abort_while_launched(model_dir):
     assert len(sync_seen["1"]) < 40 and len(sync_seen["2"]) < 40  # stopped, aborted
     for llm in (sync, async_llm):
         llm.check_integrity()
+
+
+def test_prompt_steps_chain_too(model_dir):
+    """Steps with prompt chunks (and arrivals admitted mid-run) are launched ahead as well:
+    with every request greedy, each step after the first is chained, and the outputs are the
+    synchronous engine's."""
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (100, 7, 64, 65, 33, 1, 130)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    results = []
+    for async_scheduling in (False, True):
+        llm = _llm(model_dir, async_scheduling, max_num_seqs=4)  # the rest wait their turn
+        results.append(_run(llm, prompts, params))
+        core = llm.engine.core
+        # one plain schedule, then every step chained; the last schedule finds nothing
+        assert core.num_chained_steps == (core.scheduler.num_steps - 2 if async_scheduling else 0)
+        llm.check_integrity()
+    assert results[0] == results[1]

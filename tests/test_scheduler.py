@@ -104,3 +104,73 @@ def test_abort_waiting_and_running():
     assert all(r.status.finish_reason == "abort" for r in done)
     assert not sched.has_unfinished_requests()
     sched.kv.check_integrity(expect_all_free=True)
+
+
+def _ids(out) -> list[tuple[str, int, bool]]:
+    return [(s.request.request_id, s.num_tokens, s.pending) for s in out.scheduled]
+
+
+def test_schedule_next_decides_the_step_ahead_of_the_launched_ones_tokens():
+    """Asynchronous scheduling: the step after a launched one, before its tokens are read.
+    A request that sampled is one token longer (pending: computed next, its id on the
+    device); prompts go on in chunks; arrivals are admitted; one whose unread token reaches
+    its length limit sits out; reading the tokens then lands each where it belongs."""
+    sched = _scheduler(tokens=10)
+    sched.add_request(_request("long", 14, max_tokens=5))
+    sched.add_request(_request("short", 3, max_tokens=5))
+    sched.add_request(_request("one", 2, max_tokens=1))
+    first = sched.schedule()
+    assert _ids(first) == [("long", 10, False)]
+    second = sched.schedule_next(first)  # nothing sampled: the prompt goes on
+    assert second is not None and sched.requests["long"].num_computed_tokens == 10
+    assert _ids(second) == [("long", 4, False), ("short", 3, False), ("one", 2, False)]
+    assert sched.update_from_output(first, {}, advanced=True) == []
+    third = sched.schedule_next(second)  # all three sampled; "one" ends by its length
+    assert third is not None
+    assert _ids(third) == [("long", 1, True), ("short", 1, True)]
+    assert all(s.samples for s in third.scheduled)
+    outputs = sched.update_from_output(second, {"long": 5, "short": 6, "one": 8}, advanced=True)
+    assert [(o.request_id, o.new_token_ids, o.finish_reason) for o in outputs] == [
+        ("long", [5], None), ("short", [6], None), ("one", [8], "length"),
+    ]  # fmt: skip
+    assert "one" not in sched.requests
+    assert [s.pending for s in third.scheduled] == [False, False]  # read: known now
+    fourth = sched.schedule_next(third)
+    assert fourth is not None and _ids(fourth) == [("long", 1, True), ("short", 1, True)]
+    sched.update_from_output(third, {"long": 1, "short": 0}, advanced=True)  # short: eos
+    assert sched.requests.keys() == {"long"}
+    # the stopped request's row in the launched `fourth` is dropped when it is read
+    outputs = sched.update_from_output(fourth, {"long": 2, "short": 3}, advanced=False)
+    assert [o.request_id for o in outputs] == ["long"]
+    assert sched.requests["long"].output_token_ids == [5, 1, 2]
+    sched.finish_requests(["long"], RequestStatus.FINISHED_ABORTED)
+    sched.kv.check_integrity(expect_all_free=True)
+
+
+def test_schedule_next_may_preempt_a_request_whose_token_is_unread():
+    """A victim's unread token is dropped: it waits to be recomputed from what it knows."""
+    sched = _scheduler(num_blocks=4, block_size=4, tokens=64)
+    a, b = _request("a", 7, max_tokens=8), _request("b", 7, max_tokens=8)
+    sched.add_request(a)
+    sched.add_request(b)
+    first = sched.schedule()  # both prompts: 2 blocks each, the pool full
+    second = sched.schedule_next(first)  # token 8 of each still fits in block 2
+    assert second is not None and _ids(second) == [("a", 1, True), ("b", 1, True)]
+    sched.update_from_output(first, {"a": 7, "b": 7}, advanced=True)
+    third = sched.schedule_next(second)  # a needs a 3rd block: b is preempted
+    assert third is not None and [r.request_id for r in third.preempted] == ["b"]
+    assert _ids(third) == [("a", 1, True)]
+    assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+    outputs = sched.update_from_output(second, {"a": 9, "b": 9}, advanced=True)
+    assert [o.request_id for o in outputs] == ["a"] and b.output_token_ids == [7]
+
+
+def test_schedule_next_leaves_handed_off_requests_to_a_synchronous_step():
+    from engine.request import KVHandoff
+
+    sched = _scheduler()
+    request = _request("p", 5)
+    request.kv_transfer = KVHandoff(num_cached_tokens=0)
+    sched.add_request(request)
+    first = sched.schedule()
+    assert sched.schedule_next(first) is None and request.num_computed_tokens == 0

@@ -6,13 +6,15 @@ import random
 import numpy as np
 import pytest
 
-from engine.cuda_graphs import pack_step, staged_size
+from engine.cuda_graphs import from_row, pack_step, staged_size
 
 N, MAX_BLOCKS, BLOCK_SIZE = 8, 40, 16
 
 
 @pytest.mark.parametrize("batch,num_rows", [(8, 8), (8, 5), (4, 1)])
-@pytest.mark.parametrize("on_device", [False, True], ids=["host-ids", "previous-argmax-rows"])
+@pytest.mark.parametrize(
+    "on_device", [False, True, None], ids=["host-ids", "previous-argmax-rows", "mixed"]
+)
 def test_a_step_packs_into_the_documented_layout(batch, num_rows, on_device):
     rng = random.Random(batch * 10 + num_rows)
     positions = [rng.randrange(0, BLOCK_SIZE * 30) for _ in range(num_rows)]
@@ -22,13 +24,18 @@ def test_a_step_packs_into_the_documented_layout(batch, num_rows, on_device):
     tokens = [rng.randrange(0, 1000) for _ in range(num_rows)]
     rows = rng.sample(range(N), num_rows)
     staged = np.full(staged_size(N, MAX_BLOCKS), 99, dtype=np.int32)
-    given = {"from_rows": rows} if on_device else {"tokens": tokens}
-    used = pack_step(staged, batch, positions, tables, **given)
+    # on_device None: rows alternate between host ids and rows of the previous argmax
+    ids = [
+        from_row(r) if on_device or (on_device is None and i % 2) else t
+        for i, (t, r) in enumerate(zip(tokens, rows, strict=True))
+    ]
+    used = pack_step(staged, batch, positions, tables, ids)
     width = max(map(len, tables))
     assert used == 1 + 2 * batch + batch * width
     assert staged[0] == width
     pad = batch - num_rows
-    ids = [-1 - r for r in rows] if on_device else tokens
+    if on_device:
+        assert ids == [-1 - r for r in rows]
     assert staged[1 : 1 + batch].tolist() == ids + [0] * pad
     assert staged[1 + batch : 1 + 2 * batch].tolist() == positions + [-1] * pad
     packed = staged[1 + 2 * batch : used].reshape(batch, width)
@@ -38,9 +45,9 @@ def test_a_step_packs_into_the_documented_layout(batch, num_rows, on_device):
     assert (staged[used:] == 99).all()
 
 
-def test_pack_step_takes_ids_or_rows_not_both():
+def test_pack_step_needs_one_id_and_one_table_per_row():
     staged = np.zeros(staged_size(N, MAX_BLOCKS), dtype=np.int32)
-    with pytest.raises(ValueError, match="exactly one of tokens and from_rows"):
-        pack_step(staged, 1, [0], [[1]], tokens=[5], from_rows=[0])
-    with pytest.raises(ValueError, match="exactly one of tokens and from_rows"):
-        pack_step(staged, 1, [0], [[1]])
+    with pytest.raises(ValueError, match="one entry per row"):
+        pack_step(staged, 2, [0, 1], [[1], [2]], [5])
+    with pytest.raises(ValueError, match="one entry per row"):
+        pack_step(staged, 2, [0, 1], [[1]], [5, 6])

@@ -25,8 +25,15 @@ class ScheduledRequest:
 
     @property
     def samples(self) -> bool:
-        """True when this step reaches the end of the request's tokens, so a token is sampled."""
-        return self.start + self.num_tokens == self.request.num_tokens
+        """True when this step reaches the end of the request's tokens, so a token is sampled
+        (asked before the step counts as computed: `Scheduler.advance`)."""
+        return self.start + self.num_tokens >= self.request.num_tokens
+
+    @property
+    def pending(self) -> bool:
+        """True when this step's one token was sampled by the step before, on the device, and
+        is not read yet (asynchronous scheduling: `Scheduler.schedule_next`)."""
+        return self.start == self.request.num_tokens
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 
 from engine.config import SchedulerConfig
 from engine.errors import EngineOverloadedError
@@ -105,62 +106,69 @@ class Scheduler:
         return len(self.running)
 
     def schedule(self) -> SchedulerOutput:
-        self.num_steps += 1
-        out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            num_preempted = len(out.preempted)
-            if self._allocate_or_preempt(request, num_tokens, out):
-                out.scheduled.append(self._scheduled(request, num_tokens))
-                budget -= num_tokens
-            if len(out.preempted) != num_preempted:
-                # Preemptions may have removed scheduled requests: recount from what remains.
-                budget = self.config.max_num_batched_tokens - out.num_batched_tokens
-            i = len(out.scheduled)
-        if not out.preempted:
-            self._admit_waiting(out, budget)
-        return out
+        return self._schedule(pending=frozenset(), skip=frozenset())
 
-    def schedule_next_decode(self, launched: SchedulerOutput) -> SchedulerOutput | None:
-        """Asynchronous scheduling: the step after `launched` (a pure decode step whose tokens
-        are not read yet), or None when it cannot be decided before reading them.
+    def schedule_next(self, launched: SchedulerOutput) -> SchedulerOutput | None:
+        """Asynchronous scheduling: the step after `launched`, a step whose sampled tokens are
+        still on the device (not read), decided without them; None when it cannot be.
 
-        It can be when nothing waits and every running request is in `launched`: then
-        `schedule()` would decode each running request again. Requests that reach their length
-        limit with `launched`'s token are left out; one that `launched` ends by a stop token is
-        found only when its tokens are read (its row in the next step is then discarded). On
-        success, `launched` counts as computed (`advance`), and blocks are held for one more
-        token of each request in the returned step.
+        A request that samples in `launched` is one token longer than it knows: the next step
+        computes that token (its input id taken on the device, `ScheduledRequest.pending`),
+        unless the token reaches its length limit (then it is left out, and finishes when the
+        tokens are read). One that `launched` ends by a stop token is found only when its
+        tokens are read; its row in the next step is then dropped. Otherwise the step is what
+        `schedule()` would decide once the tokens are read: prompts go on chunk by chunk,
+        waiting requests are admitted, a full cache preempts (a victim's unread token is
+        dropped, and computed again when it resumes). `launched` then counts as computed
+        (`advance`); the step may be empty. None (and `launched` not advanced) when `launched`
+        hands a request off (the prefill role: its first token ends it here).
         """
-        if self.waiting or len(self.running) != len(launched.scheduled):
+        if any(it.request.kv_transfer is not None for it in launched.scheduled):
             return None
-        going_on = []
-        for item in launched.scheduled:
-            request = item.request
-            if request.status != RequestStatus.RUNNING or request.kv_transfer is not None:
-                return None
+        sampling = [it.request for it in launched.scheduled if it.samples]  # before `advance`
+        self.advance(launched)
+        pending, ending = set(), set()
+        for request in sampling:
+            if request.status != RequestStatus.RUNNING:
+                continue
             if (
                 request.num_output_tokens + 1 < request.max_tokens
                 and request.num_tokens + 1 < self.max_model_len
             ):
-                going_on.append(request)
-        if not going_on:
-            return None
-        # One more block for each request whose next token starts one: all or nothing.
-        bs = self.kv.block_size
-        needed = sum(1 for r in going_on if (r.num_computed_tokens + 1) % bs == 0)
-        if needed > self.kv.pool.num_free_blocks:
-            return None
-        self.advance(launched)
+                pending.add(request.request_id)
+            else:
+                ending.add(request.request_id)
+        return self._schedule(pending, ending)
+
+    def _schedule(self, pending: AbstractSet[str], skip: AbstractSet[str]) -> SchedulerOutput:
+        """`schedule()`, where the running requests in `pending` have one more token than
+        their `all_token_ids` (sampled on the device, not read) and those in `skip` sit out."""
         self.num_steps += 1
         out = SchedulerOutput()
-        for request in going_on:
-            allocated = self.kv.allocate_slots(request, 1)
-            assert allocated, "counted above"
-            out.scheduled.append(self._scheduled(request, 1))
+        budget = self.config.max_num_batched_tokens
+        i = 0  # running[:i] are scheduled or skipped
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            if request.request_id in skip:
+                i += 1
+                continue
+            known = request.num_tokens + (request.request_id in pending)
+            num_tokens = min(known - request.num_computed_tokens, budget)
+            num_preempted = len(out.preempted)
+            if self._allocate_or_preempt(request, num_tokens, out):
+                out.scheduled.append(self._scheduled(request, num_tokens))
+                budget -= num_tokens
+            i += 1
+            if len(out.preempted) != num_preempted:
+                # Preemptions may have removed scheduled requests: recount from what remains,
+                # and go on from the first running request not scheduled yet.
+                budget = self.config.max_num_batched_tokens - out.num_batched_tokens
+                done = {id(s.request) for s in out.scheduled}
+                i = next(
+                    (j for j, r in enumerate(self.running) if id(r) not in done), len(self.running)
+                )
+        if not out.preempted:
+            self._admit_waiting(out, budget)
         return out
 
     def advance(self, scheduled: SchedulerOutput) -> None:

@@ -635,20 +635,19 @@ def test_stage_inputs_matches_reference(batch, num_rows, on_device):
     import numpy as np
 
     from baton_kernels.stage_inputs import stage_inputs, stage_inputs_ref
-    from engine.cuda_graphs import pack_step, staged_size
+    from engine.cuda_graphs import from_row, pack_step, staged_size
 
     n, max_blocks, block_size = 256, 400, 16
     rng = random.Random(batch + num_rows)
     positions = [rng.randrange(0, block_size * 300) for _ in range(num_rows)]
     tables = [[rng.randrange(0, 10**6) for _ in range(p // block_size + 1 + rng.randrange(3))]
               for p in positions]  # fmt: skip
-    given = (
-        {"from_rows": [rng.randrange(n) for _ in range(num_rows)]}
-        if on_device
-        else {"tokens": [rng.randrange(128256) for _ in range(num_rows)]}
-    )
+    ids = [
+        from_row(rng.randrange(n)) if on_device else rng.randrange(128256)
+        for _ in range(num_rows)
+    ]
     staged = np.zeros(staged_size(n, max_blocks), dtype=np.int32)
-    pack_step(staged, batch, positions, tables, **given)
+    pack_step(staged, batch, positions, tables, ids)
     prev = torch.randint(0, 128256, (n,), device=CUDA)
     results = []
     for fn, device in ((stage_inputs, CUDA), (stage_inputs_ref, "cpu")):
