@@ -22,7 +22,6 @@ from engine.models.loader import load_model
 from engine.sampling.logprobs import LogprobsTensors, compute_prompt_logprobs
 from engine.sampling.metadata import SamplingMetadata, SamplingRow
 from engine.sampling.sampler import Sampler
-from engine.sampling_params import SamplingParams, SamplingType
 from engine.scheduler.output import ScheduledRequest, SchedulerOutput
 
 
@@ -182,7 +181,7 @@ class ModelRunner:
         items = [it for it in scheduled.scheduled if it.samples]
         if len(sample_rows) == len(ids):  # every row samples: a pure decode step
             self._sample(logits, items, out, greedy)
-        elif all(_plain_greedy(it.request.params) for it in items):
+        elif all(it.request.plain_greedy for it in items):
             picked = greedy.tolist()  # (rows,): cheaper read whole than indexed on the device
             for item, row in zip(items, sample_rows, strict=True):
                 out.sampled[item.request.request_id] = picked[row]
@@ -192,12 +191,11 @@ class ModelRunner:
 
     @staticmethod
     def can_launch(scheduled: SchedulerOutput) -> bool:
-        """True if `launch` may run this step: no prompt logprobs, and every request that
-        samples does so plainly greedily (its token need not reach the host before the next
-        step is scheduled)."""
+        """True if `launch` may run this step: every request samples plainly greedily (its
+        token need not reach the host before the next step is scheduled), without prompt
+        logprobs."""
         return all(
-            it.request.params.prompt_logprobs is None
-            and (not it.samples or _plain_greedy(it.request.params))
+            it.request.plain_greedy and it.request.params.prompt_logprobs is None
             for it in scheduled.scheduled
         )
 
@@ -225,7 +223,9 @@ class ModelRunner:
                     self.graph_prompt_steps += 1
                 _, greedy = graphs.run(rows.positions, rows.tables, rows.ids)
                 host, ready = graphs.greedy_to_host(greedy)
-                samplers = [it for it in items if it.samples]
+                # one sampled row per item: every item samples (a decode step)
+                every = len(rows.sample_rows) == len(items)
+                samplers = items if every else [it for it in items if it.samples]
                 return LaunchedStep(samplers, rows.sample_rows, greedy, host, ready, in_graph=True)
             batch = self._prepare(
                 SchedulerOutput(items), picks, None if previous is None else previous.tokens
@@ -275,7 +275,7 @@ class ModelRunner:
         out: ModelRunnerOutput,
         greedy: torch.Tensor | None = None,  # (N,) argmax of `logits`, if already computed
     ) -> None:
-        if all(_plain_greedy(s.request.params) for s in items):  # argmax is all there is to do
+        if all(s.request.plain_greedy for s in items):  # argmax is all there is to do
             if greedy is None:
                 greedy = logits.argmax(dim=-1)
             for item, token in zip(items, greedy.tolist(), strict=True):
@@ -433,20 +433,6 @@ class ModelRunner:
         if num_top == -1:
             num_top = self.config.model.vocab_size
         return rows, request.prompt_token_ids[lo + 1 : hi + 1], num_top
-
-
-def _plain_greedy(params: SamplingParams) -> bool:
-    """Greedy with nothing that edits the logits or asks for logprobs: a bare argmax."""
-    return (
-        params.sampling_type == SamplingType.GREEDY
-        and params.logprobs is None
-        and not params.allowed_token_ids
-        and not params.logit_bias
-        and params.min_tokens == 0
-        and params.presence_penalty == 0
-        and params.frequency_penalty == 0
-        and params.repetition_penalty == 1
-    )
 
 
 def _row(t: LogprobsTensors, i: int) -> LogprobsTensors:

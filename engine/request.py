@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from engine.kv_cache.hashing import BlockHash
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, SamplingType
 
 
 class RequestStatus(enum.Enum):
@@ -102,6 +103,22 @@ class Request:
         self.times = RequestTimes(arrival=self.arrival_time)
         if self.generator is None and self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @functools.cached_property
+    def plain_greedy(self) -> bool:
+        """Sampling is a bare argmax: greedy, with nothing that edits the logits or asks for
+        logprobs (asked every step, so computed once: the params never change)."""
+        params = self.params
+        return (
+            params.sampling_type == SamplingType.GREEDY
+            and params.logprobs is None
+            and not params.allowed_token_ids
+            and not params.logit_bias
+            and params.min_tokens == 0
+            and params.presence_penalty == 0
+            and params.frequency_penalty == 0
+            and params.repetition_penalty == 1
+        )
 
     @property
     def num_prompt_tokens(self) -> int:

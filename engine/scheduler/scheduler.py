@@ -125,15 +125,11 @@ class Scheduler:
         """
         if any(it.request.kv_transfer is not None for it in launched.scheduled):
             return None
-        sampling = [it.request for it in launched.scheduled if it.samples]  # before `advance`
-        self.advance(launched)
         pending, ending = set(), set()
-        for request in sampling:
-            if request.status != RequestStatus.RUNNING:
-                continue
+        for request in self.advance(launched):
             if (
-                request.num_output_tokens + 1 < request.max_tokens
-                and request.num_tokens + 1 < self.max_model_len
+                len(request.output_token_ids) + 1 < request.max_tokens
+                and len(request.all_token_ids) + 1 < self.max_model_len
             ):
                 pending.add(request.request_id)
             else:
@@ -146,38 +142,45 @@ class Scheduler:
         self.num_steps += 1
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        running, allocate = self.running, self.kv.allocate_slots
         i = 0  # running[:i] are scheduled or skipped
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            if request.request_id in skip:
+        while i < len(running) and budget > 0:  # (per-step host time: kept lean)
+            request = running[i]
+            rid = request.request_id
+            if rid in skip:
                 i += 1
                 continue
-            known = request.num_tokens + (request.request_id in pending)
+            known = len(request.all_token_ids) + (rid in pending)
             num_tokens = min(known - request.num_computed_tokens, budget)
-            num_preempted = len(out.preempted)
-            if self._allocate_or_preempt(request, num_tokens, out):
+            if allocate(request, num_tokens):
                 out.scheduled.append(self._scheduled(request, num_tokens))
                 budget -= num_tokens
-            i += 1
-            if len(out.preempted) != num_preempted:
-                # Preemptions may have removed scheduled requests: recount from what remains,
-                # and go on from the first running request not scheduled yet.
-                budget = self.config.max_num_batched_tokens - out.num_batched_tokens
-                done = {id(s.request) for s in out.scheduled}
-                i = next(
-                    (j for j, r in enumerate(self.running) if id(r) not in done), len(self.running)
-                )
+                i += 1
+                continue
+            if self._allocate_or_preempt(request, num_tokens, out):
+                out.scheduled.append(self._scheduled(request, num_tokens))
+            # Preemptions may have removed scheduled requests: recount from what remains, and
+            # go on from the first running request not scheduled yet.
+            budget = self.config.max_num_batched_tokens - out.num_batched_tokens
+            done = {id(s.request) for s in out.scheduled}
+            i = next((j for j, r in enumerate(running) if id(r) not in done), len(running))
         if not out.preempted:
             self._admit_waiting(out, budget)
         return out
 
-    def advance(self, scheduled: SchedulerOutput) -> None:
+    def advance(self, scheduled: SchedulerOutput) -> list[Request]:
         """Count the step's tokens as computed (its forward pass is queued) and index the
-        blocks they fill. `update_from_output` does it unless `advanced` says it was done."""
+        blocks they fill. `update_from_output` does it unless `advanced` says it was done.
+        Returns the requests whose tokens the step reached the end of (they sample)."""
+        reached = []
         for item in scheduled.scheduled:
-            if item.request.status == RequestStatus.RUNNING:  # else finished meanwhile
-                item.request.num_computed_tokens += item.num_tokens
-                self.kv.cache_blocks(item.request)
+            request = item.request
+            if request.status == RequestStatus.RUNNING:  # else finished meanwhile
+                request.num_computed_tokens += item.num_tokens
+                self.kv.cache_blocks(request)
+                if request.num_computed_tokens >= len(request.all_token_ids):
+                    reached.append(request)
+        return reached
 
     def update_from_output(
         self, scheduled: SchedulerOutput, sampled: dict[str, int], advanced: bool = False
