@@ -227,10 +227,9 @@ class EngineCore:
         self._launched = None
         after = self.scheduler.schedule_next(scheduled)
         if after is not None and not after.is_empty and self._may_launch(after):
+            # A request that sampled in `launched` computes that (pending) token in `after`.
             row_of = launched.row_of()
-            picks = [
-                row_of[it.request.request_id] if it.pending else None for it in after.scheduled
-            ]
+            picks = [row_of.get(it.request.request_id) for it in after.scheduled]
             self._launched = (after, self.runner.launch(after.scheduled, launched, picks))
             self.num_chained_steps += 1
         sampled = self.runner.finish(launched)

@@ -101,7 +101,10 @@ class IncrementalDetokenizer:
         check_from = len(self._output_text)
         for token_id in new_token_ids:
             self.token_ids.append(token_id)
-            self._output_text += self._decode_next(token_id)
+            text = self._step(token_id) or ""
+            if self._special_tokens:
+                text = self._special_text(token_id, text)
+            self._output_text += text
             if len(self.token_ids) <= self.min_tokens:
                 # Text of the first min_tokens tokens cannot end the request.
                 check_from = len(self._output_text)
@@ -147,13 +150,11 @@ class IncrementalDetokenizer:
         self._last_output_offset = end
         return self._output_text[start:end]
 
-    def _decode_next(self, token_id: int) -> str:
-        text = self._step(token_id) or ""
-        if self._special_tokens:
-            special = self._special_tokens.get(token_id)
-            if special is not None and self._last_was_special:
-                text = special  # no separating space between adjacent added tokens
-            self._last_was_special = special is not None
+    def _special_text(self, token_id: int, text: str) -> str:
+        special = self._special_tokens.get(token_id)
+        if special is not None and self._last_was_special:
+            text = special  # no separating space between adjacent added tokens
+        self._last_was_special = special is not None
         return text
 
     def _step(self, token_id: int) -> str | None:

@@ -61,6 +61,9 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
+        if len(self.completions) == 1:  # n = 1, asked twice per request per step: no generator
+            (only,) = self.completions.values()
+            return only.finish_reason is not None
         return all(c.finish_reason is not None for c in self.completions.values())
 
     def to_output(self) -> RequestOutput:

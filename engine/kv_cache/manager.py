@@ -107,10 +107,17 @@ class KVCacheManager:
         Returns False, changing nothing, if the pool lacks the blocks.
         """
         rid = request.request_id
-        blocks = self._blocks.setdefault(rid, [])
+        blocks = self._blocks.get(rid)
+        if blocks is None:
+            blocks = self._blocks[rid] = []
+        elif (
+            not computed
+            and request.num_computed_tokens + num_new_tokens <= len(blocks) * self.block_size
+        ):
+            return True  # the common decode step: room in the last block
         total = request.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
         needed = cdiv(total, self.block_size) - len(blocks) - len(computed)
-        if needed <= 0 and not computed:  # the common decode step: room in the last block
+        if needed <= 0 and not computed:
             return True
         reclaimed = sum(1 for b in computed if b.ref_cnt == 0)  # hits sitting in the free queue
         if max(needed, 0) + reclaimed > self.pool.num_free_blocks:

@@ -193,20 +193,24 @@ class Scheduler:
             self.advance(scheduled)
         outputs = []
         now = time.time()
-        for item in scheduled.scheduled:
+        running = RequestStatus.RUNNING
+        for item in scheduled.scheduled:  # (per-step host time: kept lean)
             request = item.request
-            if request.status != RequestStatus.RUNNING:
+            if request.status != running:
                 continue
             token = sampled.get(request.request_id)
             if token is None:
                 continue
-            request.append_output_token(token)
-            first = request.times.first_token is None
-            request.times.first_token = request.times.first_token or now
-            request.times.last_token = now
-            out = self._check_stop(request)
-            if first and request.num_output_tokens == 1 and request.times.first_scheduled:
-                out.queue_time_s = request.times.first_scheduled - request.times.arrival
+            request.output_token_ids.append(token)
+            request.all_token_ids.append(token)
+            times = request.times
+            first = times.first_token is None
+            if first:
+                times.first_token = now
+            times.last_token = now
+            out = self._check_stop(request, token)
+            if first and len(request.output_token_ids) == 1 and times.first_scheduled:
+                out.queue_time_s = times.first_scheduled - times.arrival
             outputs.append(out)
         return outputs
 
@@ -273,15 +277,15 @@ class Scheduler:
             out.scheduled.append(self._scheduled(request, num_tokens))
             budget -= num_tokens
 
-    def _check_stop(self, request: Request) -> EngineCoreOutput:
-        """vLLM's order: length first, then (past min_tokens) eos, then stop_token_ids."""
-        params, token = request.params, request.output_token_ids[-1]
+    def _check_stop(self, request: Request, token: int) -> EngineCoreOutput:
+        """vLLM's order: length first, then (past min_tokens) eos, then stop_token_ids.
+        `token` is the one just appended."""
+        params = request.params
         status, stop_reason, by_token = None, None, False
-        if request.num_tokens >= self.max_model_len or (
-            request.num_output_tokens >= request.max_tokens
-        ):
+        num_output = len(request.output_token_ids)
+        if len(request.all_token_ids) >= self.max_model_len or num_output >= request.max_tokens:
             status = RequestStatus.FINISHED_LENGTH
-        elif request.num_output_tokens >= params.min_tokens:
+        elif num_output >= params.min_tokens:
             if not params.ignore_eos and token in request.eos_token_ids:
                 status, by_token = RequestStatus.FINISHED_STOPPED, True
             elif params.stop_token_ids and token in params.stop_token_ids:
