@@ -61,6 +61,7 @@ class EngineCore:
         # A step scheduled ahead of a launched one's tokens that cannot be launched itself
         # (it samples otherwise than greedily, or asks for logprobs): the next `step()` runs it.
         self._deferred: SchedulerOutput | None = None
+        self.num_deferred_steps = 0
 
     def add_request(self, request: Request) -> None:
         """Queue a validated request. Raises ValueError if it could never fit the KV cache."""
@@ -236,6 +237,7 @@ class EngineCore:
         outputs = self.scheduler.update_from_output(scheduled, sampled, advanced=after is not None)
         if after is not None and not after.is_empty and self._launched is None:
             self._deferred = after  # scheduled ahead, not launchable: the next step runs it
+            self.num_deferred_steps += 1
         return outputs
 
     def check_integrity(self, expect_all_free: bool = False) -> None:

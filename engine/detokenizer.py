@@ -54,8 +54,12 @@ class IncrementalDetokenizer:
         self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
         self._special_tokens = self._special_token_texts(params)
         self._last_was_special = False
-        if self.detokenize:
-            self._prime(prompt_token_ids)
+        # The stream is primed with the prompt's end at the first output token, not here: a
+        # batch of requests added at once (LLM.generate) reaches the GPU sooner, and the
+        # priming runs while an asynchronous step computes.
+        self._prompt_end: list[int] | None = (
+            list(prompt_token_ids[-_MAX_PROMPT_CONTEXT:]) if self.detokenize else None
+        )
 
     def _special_token_texts(self, params: SamplingParams) -> dict[int, str]:
         # Only needed to drop the spaces the decoder puts between adjacent added tokens.
@@ -64,10 +68,9 @@ class IncrementalDetokenizer:
         added = self._tokenizer.get_added_tokens_decoder()
         return {tid: tok.content for tid, tok in added.items()}
 
-    def _prime(self, prompt_token_ids: Sequence[int]) -> None:
+    def _prime(self, suffix: list[int]) -> None:
         # Decode the first output token in the context of a prompt suffix that ends on a
         # character boundary, so word-initial spaces come out as in a full decode.
-        suffix = list(prompt_token_ids[-_MAX_PROMPT_CONTEXT:])
         for length in range(4, len(suffix) + 1):
             if "\ufffd" not in self._tokenizer.decode(suffix[-length:]):
                 suffix = suffix[-length:]
@@ -95,6 +98,9 @@ class IncrementalDetokenizer:
         if not self.detokenize:
             self.token_ids.extend(new_token_ids)
             return None
+        if self._prompt_end is not None:
+            self._prime(self._prompt_end)
+            self._prompt_end = None
         skipped: int | None = None
         if new_token_ids and stop_terminated and not self.include_stop_str_in_output:
             *new_token_ids, skipped = new_token_ids

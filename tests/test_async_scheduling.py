@@ -146,3 +146,22 @@ def test_prompt_steps_chain_too(model_dir):
         assert core.num_chained_steps == (core.scheduler.num_steps - 2 if async_scheduling else 0)
         llm.check_integrity()
     assert results[0] == results[1]
+
+
+def test_a_step_scheduled_ahead_that_cannot_launch_runs_once_the_tokens_are_read(model_dir):
+    """A sampling request admitted into the step after a launched greedy one: that step was
+    scheduled before the greedy tokens were read, so it runs synchronously at the next
+    `step()`, its pending rows fed by the tokens read meanwhile. Outputs equal the synchronous
+    engine's, seeded sampling included."""
+    prompts = _prompts(5)
+    params = [SamplingParams(temperature=0, max_tokens=10 + i, ignore_eos=True) for i in range(4)]
+    params.append(SamplingParams(temperature=0.9, seed=11, max_tokens=9, ignore_eos=True))
+    results = []
+    for async_scheduling in (False, True):
+        llm = _llm(model_dir, async_scheduling, max_num_seqs=2)  # the sampler arrives later
+        results.append(_run(llm, prompts, params))
+        core = llm.engine.core
+        assert (core.num_deferred_steps > 0) == async_scheduling
+        assert (core.num_chained_steps > 0) == async_scheduling
+        llm.check_integrity()
+    assert results[0] == results[1]

@@ -127,6 +127,8 @@ def test_min_tokens_and_stop_token_ids(llm):
         ("", SamplingParams(), "prompt"),
         ([1] * 5000, SamplingParams(), "max_model_len"),
         ([10**6], SamplingParams(), "prompt_token_ids"),
+        ([5, 2.5], SamplingParams(), "prompt_token_ids must be integers"),
+        ([5, 2**70], SamplingParams(), "prompt_token_ids must be integers"),
         ([1, 2], SamplingParams(logit_bias={10**6: 1.0}), "logit_bias"),
     ],
 )
