@@ -99,13 +99,21 @@ def graph_rows(
     if any(it.request.params.prompt_logprobs is not None for it in items):
         return None
     picks = picks or [None] * len(items)
-    if num_rows == len(items) and all(it.samples for it in items):  # pure decode
-        ids = [
-            it.request.all_token_ids[it.start] if pick is None else from_row(pick)
-            for it, pick in zip(items, picks, strict=True)
-        ]
-        positions = [it.start for it in items]
-        return GraphRows(ids, positions, [it.block_ids for it in items], list(range(num_rows)))
+    if num_rows == len(items):  # one row each: a decode step, unless a chunk does not sample
+        decode = GraphRows([], [], [], list(range(num_rows)))
+        for it, pick in zip(items, picks, strict=True):  # one pass (per-step host time)
+            request = it.request
+            start, tokens = request.num_computed_tokens, request.all_token_ids
+            if pick is None:
+                if start + 1 < len(tokens):  # a one-token prompt chunk that samples nothing
+                    break
+                decode.ids.append(tokens[start])
+            else:
+                decode.ids.append(-1 - pick)  # from_row(pick)
+            decode.positions.append(start)
+            decode.tables.append(it.block_ids)
+        else:
+            return decode
     reads = 0
     rows = GraphRows([], [], [], [])
     for it, pick in zip(items, picks, strict=True):

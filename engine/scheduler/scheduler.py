@@ -173,12 +173,16 @@ class Scheduler:
         blocks they fill. `update_from_output` does it unless `advanced` says it was done.
         Returns the requests whose tokens the step reached the end of (they sample)."""
         reached = []
+        bs, cache_blocks = self.kv.block_size, self.kv.cache_blocks
         for item in scheduled.scheduled:
             request = item.request
             if request.status == RequestStatus.RUNNING:  # else finished meanwhile
-                request.num_computed_tokens += item.num_tokens
-                self.kv.cache_blocks(request)
-                if request.num_computed_tokens >= len(request.all_token_ids):
+                computed = request.num_computed_tokens = (
+                    request.num_computed_tokens + item.num_tokens
+                )
+                if item.num_tokens > 1 or computed % bs == 0:  # else no block filled up
+                    cache_blocks(request)
+                if computed >= len(request.all_token_ids):
                     reached.append(request)
         return reached
 
