@@ -11,6 +11,10 @@ A batch-1 generate under the profiler gives the step's period on the GPU timelin
 graph's first kernel to the next's, and how long the GPU idled in it (the host's copies and
 launches between replays).
 
+The host's time per decode step of 128 sequences (`host_step`: a tiny model on the same GPU,
+so the step's wall time is the host's), against the 1B graph's replay at batch 128: above 1,
+the concurrent benchmark's decode phase waits for the host on this machine.
+
 The same 128-request run (bench.gpu_engine's concurrent benchmark: 512-token prompts, 128 new
 tokens) is then split into its phases: the wall time of the prompts alone (one new token each)
 against the whole run, and the kernel time of the whole run by kind and by kernel (their sum
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import random
 import sys
 import tempfile
 from collections import defaultdict
@@ -186,6 +191,46 @@ def concurrent_phases(llm: Any) -> dict[str, Any]:
     }
 
 
+def host_step(requests: int = 128, new_tokens: int = 128, device: str = "cuda") -> dict[str, Any]:
+    """The engine's host time per decode step of `requests` sequences: a tiny random model
+    (`baton make-tiny-model`'s llama) on the same GPU, whose steps take the GPU a small
+    fraction of the host's time, so a step's wall time is the host's (scheduling, inputs,
+    outputs and detokenization). Against the 1B graph's replay at the same batch, it says
+    whether the concurrent benchmark's decode phase is GPU- or host-bound on this machine."""
+    import time
+
+    from engine import LLM, SamplingParams
+    from launcher.tiny_model import make_tiny_model
+
+    llm = LLM(
+        str(make_tiny_model(Path(tempfile.mkdtemp()), "llama")),
+        device=device,
+        max_num_seqs=requests,
+        max_num_batched_tokens=8192,
+        kv_cache_memory_bytes=1 << 30,
+    )
+
+    def run(seed: int, tokens: int) -> float:
+        rng = random.Random(seed)  # the tiny model's vocabulary is 512 ids
+        prompts = [[rng.randrange(3, 500) for _ in range(16)] for _ in range(requests)]
+        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)  # returns once the last token is read
+        return time.perf_counter() - start
+
+    run(0, 8)
+    first = sorted(run(70 + i, 1) for i in range(3))[1]
+    whole = sorted(run(80 + i, new_tokens) for i in range(3))[1]
+    return {
+        "requests": requests,
+        "prompt_tokens": 16,
+        "new_tokens": new_tokens,
+        "first_token_seconds": first,
+        "whole_seconds": whole,
+        "ms_per_decode_step": (whole - first) / (new_tokens - 1) * 1000,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_decode_profile.json"))
@@ -208,9 +253,14 @@ def main(argv: list[str] | None = None) -> None:
         "batches": {str(b): profile_graph(graphs._graphs[b]) for b in BATCHES},
         "batch1_steps": batch1_steps(llm),
         "concurrent": concurrent_phases(llm),
+        "host_step": host_step(),
         "machine": describe_machine(),
         "command": " ".join(["python -m bench.gpu_decode_profile", *(argv or sys.argv[1:])]),
     }
+    host = result["host_step"]
+    host["over_1b_graph_replay"] = (
+        host["ms_per_decode_step"] / result["batches"]["128"]["replay_ms"]
+    )
     write_result(result, args.out)
     print(json.dumps({b: r["ms_by_kind"] for b, r in result["batches"].items()}, indent=1))
 

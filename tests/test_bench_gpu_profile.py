@@ -34,3 +34,13 @@ def test_step_timeline_measures_each_step_from_one_graph_start_to_the_next():
     assert timeline["idle_us_in_median_step"] == 20.0
     assert timeline["ops_in_median_step"] == 4
     assert step_timeline([("_gemv_kernel", 0.0, 1.0)]) == {"steps": 0}
+
+
+def test_host_step_reports_the_time_per_decode_step():
+    """Runs here on the CPU (where the tiny model's own compute is in the figure too)."""
+    from bench.gpu_decode_profile import host_step
+
+    result = host_step(requests=3, new_tokens=4, device="cpu")
+    assert result["requests"] == 3 and result["new_tokens"] == 4
+    assert 0 < result["first_token_seconds"] < result["whole_seconds"]
+    assert result["ms_per_decode_step"] > 0
