@@ -214,33 +214,34 @@ class ModelRunner:
         cuda = self.device.type == "cuda"
         with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
             graphs = self.graphs
-            rows = None if graphs is None else graph_rows(items, graphs.sizes, picks)
-            if rows is not None:
+            in_graph = None if graphs is None else graph_rows(items, graphs.sizes, picks)
+            if in_graph is not None:
                 assert graphs is not None
                 if previous is not None and not previous.in_graph:
                     graphs.adopt_greedy(previous.tokens)  # ran eagerly: not the graphs' ids
-                if len(rows.ids) > len(items):
+                if len(in_graph.ids) > len(items):
                     self.graph_prompt_steps += 1
-                _, greedy = graphs.run(rows.positions, rows.tables, rows.ids)
+                _, greedy = graphs.run(in_graph.positions, in_graph.tables, in_graph.ids)
                 host, ready = graphs.greedy_to_host(greedy)
-                # one sampled row per item: every item samples (a decode step)
-                every = len(rows.sample_rows) == len(items)
+                sample_rows = in_graph.sample_rows
+                # as many sampled rows as items: every item samples (a decode step)
+                every = len(sample_rows) == len(items)
                 samplers = items if every else [it for it in items if it.samples]
-                return LaunchedStep(samplers, rows.sample_rows, greedy, host, ready, in_graph=True)
+                return LaunchedStep(samplers, sample_rows, greedy, host, ready, in_graph=True)
             batch = self._prepare(
                 SchedulerOutput(items), picks, None if previous is None else previous.tokens
             )
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_meta)
             logits = self.model.compute_logits(hidden[batch.logits_indices], float32=False)
             greedy = argmax_rows(logits)  # one row per sampling item, in batch.sample_rows order
-            rows_ = list(range(len(batch.sample_rows)))
+            samplers, rows = batch.sample_rows, list(range(len(batch.sample_rows)))
             if not cuda:  # it ran synchronously
-                return LaunchedStep(batch.sample_rows, rows_, greedy, greedy, None)
+                return LaunchedStep(samplers, rows, greedy, greedy, None)
             host = torch.empty(greedy.shape, dtype=greedy.dtype, pin_memory=True)
             host.copy_(greedy, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-            return LaunchedStep(batch.sample_rows, rows_, greedy, host, ready)
+            return LaunchedStep(samplers, rows, greedy, host, ready)
 
     @staticmethod
     def finish(launched: LaunchedStep) -> dict[str, int]:
@@ -360,62 +361,55 @@ class ModelRunner:
             dtype=torch.int32,
         )
         # Token t of sequence i (row `rows[t]`) sits at position start_i + (t - first row of i).
-        num_tokens, num_seqs = query_start_loc[-1], len(items)
+        num_tokens, num_seqs = query_start_loc[-1], len(items)  # T, S
         num = torch.tensor(counts)
         rows = torch.repeat_interleave(torch.arange(num_seqs), num)
         shift = torch.tensor(starts) - torch.tensor(query_start_loc[:-1])
         positions = torch.arange(num_tokens) + shift[rows]
         slots = table[rows, positions // bs].long() * bs + positions % bs
-        logits_idx = sample_idx + prompt_idx
-        # Two staging buffers, one per dtype, each moved by one copy:
-        # int64: ids, positions, slots (T each), logits rows (R), taken_at, taken_from (P each)
-        # int32: context lengths (S), query offsets (S + 1), block tables (S x width)
-        longs = self._staging(
+        # Two staging buffers, one per dtype, each moved by one copy
+        ids, positions, slots, logits_indices, dst, src = self._staging(
             torch.long,
             torch.tensor(tokens),
             positions,
             slots,
-            torch.tensor(logits_idx, dtype=torch.long),
-            torch.tensor(taken_at + taken_from, dtype=torch.long),
+            torch.tensor(sample_idx + prompt_idx, dtype=torch.long),
+            torch.tensor(taken_at, dtype=torch.long),
+            torch.tensor(taken_from, dtype=torch.long),
         )
-        ints = self._staging(
+        lens, cu_seqlens, flat_table = self._staging(
             torch.int32,
             torch.tensor(seq_lens, dtype=torch.int32),
             torch.tensor(query_start_loc, dtype=torch.int32),
             table.flatten(),
         )
-        t, r, p = num_tokens, len(logits_idx), len(taken_at)
-        input_ids = longs[:t]
-        if p:
+        if taken_at:
             assert previous is not None, "picks name rows of a previous step's tokens"
-            input_ids[longs[3 * t + r : 3 * t + r + p]] = previous[longs[3 * t + r + p :]]
-        device_table = ints[2 * num_seqs + 1 :].view(num_seqs, width)
+            ids[dst] = previous[src]  # on the device: not known here yet
         meta = AttentionMetadata.from_table(
-            longs[2 * t : 3 * t], query_start_loc, seq_lens, device_table
+            slots, query_start_loc, seq_lens, flat_table.view(num_seqs, width)
         )
-        meta.set_padded(ints[:num_seqs], ints[num_seqs : 2 * num_seqs + 1])
+        meta.set_padded(lens, cu_seqlens)
         return _BatchInputs(
-            input_ids=input_ids,
-            positions=longs[t : 2 * t],
+            input_ids=ids,
+            positions=positions,
             attn_meta=meta,
-            logits_indices=longs[3 * t : 3 * t + r],
+            logits_indices=logits_indices,
             sample_rows=sample_rows,
             prompt_slices=prompt_slices,
         )
 
-    def _staging(self, dtype: torch.dtype, *parts: torch.Tensor) -> torch.Tensor:
-        """`parts` concatenated on the device: through pinned memory and a copy that does not
-        wait for the device (the pinned block is kept until the copy ran, by torch)."""
-        size = sum(part.numel() for part in parts)
+    def _staging(self, dtype: torch.dtype, *parts: torch.Tensor) -> list[torch.Tensor]:
+        """`parts` on the device, in `dtype`: concatenated in pinned memory, moved by one copy
+        that does not wait for the device (torch keeps the pinned block until the copy ran),
+        and split again into views."""
+        converted = [part.to(dtype) for part in parts]
+        sizes = [part.numel() for part in parts]
         if self.device.type != "cuda":
-            return (
-                torch.cat([part.to(dtype) for part in parts])
-                if size
-                else torch.empty(0, dtype=dtype)
-            )
-        host = torch.empty(size, dtype=dtype, pin_memory=True)
-        torch.cat([part.to(dtype) for part in parts], out=host)
-        return host.to(self.device, non_blocking=True)
+            return list(torch.cat(converted).split(sizes))
+        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=True)
+        torch.cat(converted, out=host)
+        return list(host.to(self.device, non_blocking=True).split(sizes))
 
     def _prompt_logprob_rows(
         self, item: ScheduledRequest, offset: int
