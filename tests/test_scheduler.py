@@ -174,3 +174,26 @@ def test_schedule_next_leaves_handed_off_requests_to_a_synchronous_step():
     sched.add_request(request)
     first = sched.schedule()
     assert sched.schedule_next(first) is None and request.num_computed_tokens == 0
+
+
+def test_schedule_next_after_a_preemption_schedules_each_request_once():
+    """A request sitting out (its unread token ends it) ahead of a preemption: the schedule
+    goes on after the last request handled, never over one already scheduled (found by a
+    randomized async-against-sync run: a request scheduled twice in one step)."""
+    sched = _scheduler(num_blocks=5, block_size=4, tokens=64)
+    ending = _request("e", 3, max_tokens=1)
+    a, b, c = (_request(rid, 4, max_tokens=8) for rid in "abc")
+    for request in (ending, a, b, c):
+        sched.add_request(request)
+    first = sched.schedule()  # one block each; one block left
+    nxt = sched.schedule_next(first)  # "e" sits out; a takes the last block; b preempts c
+    assert nxt is not None
+    assert _ids(nxt) == [("a", 1, True), ("b", 1, True)]
+    assert [r.request_id for r in nxt.preempted] == ["c"]
+    sched.update_from_output(first, dict.fromkeys("eabc", 7), advanced=True)
+    assert "e" not in sched.requests and c.output_token_ids == []
+    sched.update_from_output(nxt, {"a": 8, "b": 9})
+    assert a.output_token_ids == [7, 8] and b.output_token_ids == [7, 9]
+    for request in (a, b, c):
+        sched.finish_requests([request.request_id], RequestStatus.FINISHED_ABORTED)
+    sched.kv.check_integrity(expect_all_free=True)

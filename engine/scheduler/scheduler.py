@@ -160,10 +160,17 @@ class Scheduler:
             if self._allocate_or_preempt(request, num_tokens, out):
                 out.scheduled.append(self._scheduled(request, num_tokens))
             # Preemptions may have removed scheduled requests: recount from what remains, and
-            # go on from the first running request not scheduled yet.
+            # go on from the first running request neither scheduled nor sitting out.
             budget = self.config.max_num_batched_tokens - out.num_batched_tokens
             done = {id(s.request) for s in out.scheduled}
-            i = next((j for j, r in enumerate(running) if id(r) not in done), len(running))
+            i = next(
+                (
+                    j
+                    for j, r in enumerate(running)
+                    if id(r) not in done and r.request_id not in skip
+                ),
+                len(running),
+            )
         if not out.preempted:
             self._admit_waiting(out, budget)
         return out
