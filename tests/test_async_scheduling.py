@@ -165,3 +165,54 @@ def test_a_step_scheduled_ahead_that_cannot_launch_runs_once_the_tokens_are_read
         assert (core.num_chained_steps > 0) == async_scheduling
         llm.check_integrity()
     assert results[0] == results[1]
+
+
+def _random_run(model_dir, async_scheduling: bool, seed: int, num_kv_blocks: int):
+    """Requests of mixed kinds arriving over the first steps, and aborts once a request has
+    shown a given number of tokens; every output the engine shows, by request."""
+    llm = _llm(model_dir, async_scheduling, max_num_seqs=6, num_kv_blocks=num_kv_blocks)
+    engine = llm.engine
+    rng = random.Random(seed)
+    arrivals = []
+    for i in range(12):
+        prompt = [rng.randrange(3, 500) for _ in range(rng.choice([1, 3, 17, 40, 70]))]
+        kind = rng.random()
+        if kind < 0.6:
+            params = SamplingParams(temperature=0, max_tokens=rng.randrange(1, 24), ignore_eos=True)
+        elif kind < 0.8:
+            stops = [rng.randrange(3, 500) for _ in range(40)]
+            params = SamplingParams(temperature=0, max_tokens=24, stop_token_ids=stops)
+        else:
+            params = SamplingParams(temperature=0.8, seed=i, max_tokens=16, ignore_eos=True)
+        arrivals.append((rng.randrange(0, 20), str(i), prompt, params))
+    arrivals.sort(key=lambda a: a[0])
+    aborts = {str(rng.randrange(12)): rng.randrange(1, 6) for _ in range(3)}  # id: tokens seen
+    seen: dict[str, tuple[list[int], str | None]] = {}
+    step = 0
+    while arrivals or engine.core.has_work():
+        while arrivals and arrivals[0][0] <= step:
+            _, rid, prompt, params = arrivals.pop(0)
+            engine.add_request(rid, prompt, params)
+        for state in engine.step():
+            for child in state.completions.values():
+                seen[state.request_id] = (list(child.token_ids), child.finish_reason)
+        for rid, count in list(aborts.items()):
+            if rid in seen and len(seen[rid][0]) >= count:
+                engine.abort_request([rid])
+                del aborts[rid]
+        step += 1
+    llm.check_integrity()
+    return seen, engine.core
+
+
+@pytest.mark.parametrize("num_kv_blocks", [200, 14])  # 14: preemptions
+# Both seeds chain, defer and (with 14 blocks) preempt; 9 with 14 blocks once had a request
+# scheduled twice in one step.
+@pytest.mark.parametrize("seed", [3, 9])
+def test_random_arrivals_kinds_and_aborts_equal_sync(model_dir, seed, num_kv_blocks):
+    sync, _ = _random_run(model_dir, False, seed, num_kv_blocks)
+    chained, core = _random_run(model_dir, True, seed, num_kv_blocks)
+    assert chained == sync
+    assert core.num_chained_steps > 0 and core.num_deferred_steps > 0
+    if num_kv_blocks == 14:
+        assert core.scheduler.num_preemptions > 0
