@@ -8,7 +8,9 @@ per layer on that layer's own weights (16 copies, more than the L2 cache holds),
 CUDA graph and replayed. `--sweep` also times every launch configuration of a grid, which is how
 `baton_kernels.gemv.default_config`'s rules were chosen.
 
-    python -m bench.gpu_gemv [--sweep] [--out PATH.json]
+`--batches` times cuBLAS at those row counts in two weight layouts and with either library.
+
+    python -m bench.gpu_gemv [--sweep] [--batches 32,128,8192] [--out PATH.json]
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse
 import itertools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ SWEEP = {"block_n": (1, 2, 4, 8), "block_k": (512, 1024, 2048), "num_warps": (4,
 DTYPE = torch.bfloat16
 
 
-def graph_seconds(calls: list[Callable[[], Any]]) -> float:
+def graph_seconds(calls: Sequence[Callable[[], Any]]) -> float:
     """Seconds per call of `calls`, captured back to back in one CUDA graph and replayed."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -160,9 +162,48 @@ def sweep() -> list[dict[str, Any]]:
     return out
 
 
+def batched(batches: list[int]) -> list[dict[str, Any]]:
+    """Each projection at `batches` rows (a decode step of that many sequences, or a prompt
+    step): cuBLAS as the engine calls it (`F.linear`, the weight (N, K): a TN GEMM), on the
+    weight stored transposed ((K, N), an NN GEMM: other kernels), and with torch's cuBLASLt
+    preference; microseconds and the weight bandwidth of each. Which layout or library the
+    engine should hold for its batched GEMMs (not yet measured: at M = 128, cuBLAS streams
+    the attention projections and the down projection at 1.3-2.1 TB/s)."""
+    default_library = torch.backends.cuda.preferred_blas_library()
+    out = []
+    for op, (n, k) in SHAPES.items():
+        weights = _weights(n, k)
+        transposed = [w.t().contiguous() for w in weights]
+        for m in batches:
+            x = torch.randn(m, k, dtype=DTYPE, device="cuda")
+            row: dict[str, Any] = {"op": op, "m": m, "n": n, "k": k}
+            for name, calls in (
+                ("tn", [partial(F.linear, x, w) for w in weights]),
+                ("nn", [partial(torch.matmul, x, w) for w in transposed]),
+            ):
+                for library in ("cublas", "cublaslt"):
+                    torch.backends.cuda.preferred_blas_library(library)
+                    try:
+                        us = graph_seconds(calls) * 1e6
+                    finally:
+                        torch.backends.cuda.preferred_blas_library(default_library)
+                    row[f"{name}_{library}_us"] = us
+                    row[f"{name}_{library}_weight_tb_per_s"] = n * k * 2 / us / 1e6
+            out.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        del weights, transposed
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time a grid of configurations")
+    parser.add_argument(
+        "--batches",
+        type=lambda text: [int(b) for b in text.split(",")],
+        default=[],
+        help="also time cuBLAS's layouts and libraries at these row counts, e.g. 32,128,8192",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_gemv.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -177,8 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.sweep:
         result["sweep"] = sweep()
+    if args.batches:
+        result["batched"] = batched(args.batches)
     result["machine"] = describe_machine()
-    result["command"] = "python -m bench.gpu_gemv" + (" --sweep" if args.sweep else "")
+    result["command"] = " ".join(["python -m bench.gpu_gemv", *(argv or sys.argv[1:])])
     text = json.dumps(result, indent=2) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
