@@ -167,15 +167,23 @@ def test_a_step_scheduled_ahead_that_cannot_launch_runs_once_the_tokens_are_read
     assert results[0] == results[1]
 
 
-def _random_run(model_dir, async_scheduling: bool, seed: int, num_kv_blocks: int):
+def _random_run(
+    model_dir, async_scheduling: bool, seed: int, num_kv_blocks: int, shared: bool = False
+):
     """Requests of mixed kinds arriving over the first steps, and aborts once a request has
-    shown a given number of tokens; every output the engine shows, by request."""
+    shown a given number of tokens; every output the engine shows, by request. `shared`:
+    prompts start with one of three prefixes (prefix-cache hits on blocks that a launched
+    step may still be computing)."""
     llm = _llm(model_dir, async_scheduling, max_num_seqs=6, num_kv_blocks=num_kv_blocks)
     engine = llm.engine
     rng = random.Random(seed)
+    other = random.Random(-seed)  # the shared prefixes' draws leave `rng`'s alone
+    prefixes = [[other.randrange(3, 500) for _ in range(n)] for n in (16, 32, 40)]
     arrivals = []
     for i in range(12):
         prompt = [rng.randrange(3, 500) for _ in range(rng.choice([1, 3, 17, 40, 70]))]
+        if shared:
+            prompt = other.choice(prefixes) + prompt[: other.choice([0, 1, 5, 20])]
         kind = rng.random()
         if kind < 0.6:
             params = SamplingParams(temperature=0, max_tokens=rng.randrange(1, 24), ignore_eos=True)
@@ -216,3 +224,11 @@ def test_random_arrivals_kinds_and_aborts_equal_sync(model_dir, seed, num_kv_blo
     assert core.num_chained_steps > 0 and core.num_deferred_steps > 0
     if num_kv_blocks == 14:
         assert core.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("num_kv_blocks", [200, 14])
+def test_shared_prefixes_equal_sync(model_dir, num_kv_blocks):
+    sync, _ = _random_run(model_dir, False, 1, num_kv_blocks, shared=True)
+    chained, core = _random_run(model_dir, True, 1, num_kv_blocks, shared=True)
+    assert chained == sync
+    assert core.num_chained_steps > 0 and core.kv.stats.hits > 0
