@@ -227,15 +227,18 @@ class EngineCore:
         scheduled, launched = self._launched
         self._launched = None
         after = self.scheduler.schedule_next(scheduled)
-        if after is not None and not after.is_empty and self._may_launch(after):
+        advanced = after is not None  # `schedule_next` counted `scheduled` as computed
+        if after is not None and after.is_empty:
+            after = None
+        if after is not None and self._may_launch(after):
             # A request that sampled in `launched` computes that (pending) token in `after`.
             row_of = launched.row_of()
             picks = [row_of.get(it.request.request_id) for it in after.scheduled]
             self._launched = (after, self.runner.launch(after.scheduled, launched, picks))
             self.num_chained_steps += 1
         sampled = self.runner.finish(launched)
-        outputs = self.scheduler.update_from_output(scheduled, sampled, advanced=after is not None)
-        if after is not None and not after.is_empty and self._launched is None:
+        outputs = self.scheduler.update_from_output(scheduled, sampled, advanced=advanced)
+        if after is not None and self._launched is None:
             self._deferred = after  # scheduled ahead, not launchable: the next step runs it
             self.num_deferred_steps += 1
         return outputs

@@ -109,7 +109,7 @@ def graph_rows(
                     break
                 decode.ids.append(tokens[start])
             else:
-                decode.ids.append(-1 - pick)  # from_row(pick)
+                decode.ids.append(from_row(pick))
             decode.positions.append(start)
             decode.tables.append(it.block_ids)
         else:
