@@ -1,9 +1,9 @@
 """Where a decode step's GPU time goes: the kernels of the captured decode graphs.
 
 The engine of `bench.gpu_engine` (a random-weight model with Llama-3.2-1B's shape, bfloat16)
-decodes 128 requests of 512-token prompts, which leaves real block tables and context lengths
-(about 575 tokens) in the graphs' static buffers; then the graphs of batch 1 and batch 128 are
-replayed under `torch.profiler`, and each kernel's time per replay is summed by kind (GEMM,
+decodes 128 requests of 512-token prompts (compiling every kernel); then one decode step of 1
+and of 128 sequences of 576 tokens each (`stage_step`) is run through the graphs and that
+graph is replayed under `torch.profiler`, each kernel's time per replay summed by kind (GEMM,
 attention, norm, ...). The replay's wall time, from CUDA events, is the step's GPU time without
 the host.
 
@@ -48,10 +48,11 @@ from bench.gpu_engine import (
 from bench.machine import describe_machine
 
 BATCHES = (1, 128)
+CONTEXT = 512 + 64  # tokens of context per sequence in the profiled decode steps
 REPLAYS = 20
 # Kernel kinds by name, first match wins (cuBLAS's Hopper GEMMs are named nvjet_*).
 KINDS = (
-    ("gemm", ("nvjet", "gemm", "cutlass", "splitKreduce", "_gemv_kernel", "_gemv_qkv_rope")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "splitKreduce", "_gemv_")),
     ("attention", ("_decode_split_kernel", "_decode_reduce_kernel", "_prefill")),
     ("norm", ("_rms_norm_kernel",)),
     ("rotary", ("_rotary_kernel",)),
@@ -66,6 +67,17 @@ def kind_of(kernel: str) -> str:
         if any(mark in kernel for mark in marks):
             return kind
     return "other"
+
+
+def stage_step(graphs: Any, batch: int, context: int) -> None:
+    """Run one decode step of `batch` sequences of `context` tokens (blocks of their own, past
+    block 0) through the graphs, so that the staged inputs a replay of that size unpacks
+    are a real step's: each size reads the staged block in its own layout, and the last step
+    the engine ran may have been another size's."""
+    per_seq = -(-context // graphs.block_size)
+    tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
+    graphs.run([context - 1] * batch, tables, [5] * batch)
+    torch.cuda.synchronize()
 
 
 def profile_graph(graph: torch.cuda.CUDAGraph) -> dict[str, Any]:
@@ -102,6 +114,11 @@ def profile_graph(graph: torch.cuda.CUDAGraph) -> dict[str, Any]:
         "ms_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
         "top_kernels_ms": {name[:100]: ms for name, ms in top},
     }
+
+
+def profile_batch(graphs: Any, batch: int, context: int) -> dict[str, Any]:
+    stage_step(graphs, batch, context)
+    return profile_graph(graphs._graphs[batch])
 
 
 STEP_MARK = "_stage_inputs_kernel"  # every decode graph's first kernel
@@ -249,8 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {
         "benchmark": "gpu_decode_profile",
         "model": {"shape": SHAPE, "dtype": "bfloat16", "weight_bytes": weight_bytes(model_dir)},
-        "context_tokens": 512 + 63,
-        "batches": {str(b): profile_graph(graphs._graphs[b]) for b in BATCHES},
+        "context_tokens": CONTEXT,
+        "batches": {str(b): profile_batch(graphs, b, CONTEXT) for b in BATCHES},
         "batch1_steps": batch1_steps(llm),
         "concurrent": concurrent_phases(llm),
         "host_step": host_step(),

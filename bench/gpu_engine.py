@@ -56,6 +56,7 @@ DECODE_NEW_TOKENS = 256
 CONCURRENT_REQUESTS = 128
 CONCURRENT_PROMPT_TOKENS = 512
 CONCURRENT_NEW_TOKENS = 128
+CHUNK_TOKENS = 8192  # the engine's max_num_batched_tokens in the concurrent benchmark
 BATON_REPEATS = 3  # timed runs of each Baton measurement (decode, concurrent): the median
 PREFILL_TOKENS = 8192
 PREFILL_WARMUPS = 2
@@ -165,6 +166,108 @@ def concurrent_bound(
         "decode_bytes": decode_bytes,
         "decode_seconds": decode_s,
         "seconds": prefill_s + decode_s,
+    }
+
+
+def concurrent_steps(
+    requests: int, prompt_tokens: int, new_tokens: int, chunk: int
+) -> tuple[list[tuple[int, int]], list[list[int]]]:
+    """The steps the scheduler runs for `requests` equal prompts submitted at once, `chunk`
+    tokens a step: every request past its prompt decodes one row, and the prompts fill the
+    rest of the budget in order, chunked where it runs out. Returns
+    - the prompt steps, each (rows, sampled rows): the decodes and prompt chunks, and the
+      decodes plus the prompts that end in the step, which sample their first token;
+    - then the decode-only steps, each the context lengths of its rows (the last steps have
+      fewer rows, as the earlier prompts' requests finish first)."""
+    left = [prompt_tokens] * requests  # prompt tokens not yet computed
+    made = [0] * requests  # tokens generated
+    prompt_steps: list[tuple[int, int]] = []
+    decode_steps: list[list[int]] = []
+    while any(n < new_tokens for n in made):
+        decodes = [i for i in range(requests) if not left[i] and made[i] < new_tokens]
+        budget, ended = chunk - len(decodes), []
+        for i in range(requests):
+            take = min(budget, left[i])
+            if take:
+                budget -= take
+                left[i] -= take
+                if not left[i]:
+                    ended.append(i)
+        if ended or budget < chunk - len(decodes):
+            prompt_steps.append((chunk - budget, len(decodes) + len(ended)))
+        else:
+            decode_steps.append([prompt_tokens + made[i] for i in decodes])
+        for i in decodes + ended:
+            made[i] += 1
+    return prompt_steps, decode_steps
+
+
+def concurrent_kernel_bound(
+    shape: dict[str, Any], requests: int, prompt_tokens: int, new_tokens: int, chunk: int
+) -> dict[str, Any]:
+    """A lower bound on the concurrent run with this machine's kernels: every step of
+    `concurrent_steps` runs only its GEMMs, through cuBLAS as the engine calls them
+    (`F.linear` on (N, K) weights, each layer its own copy) at the step's rows, and, in the
+    decode-only steps, the decode attention kernel over the step's contexts; each timed alone
+    (CUDA graphs). Norms, activations, rotary, the prompts' attention, sampling and the host
+    count nothing. Below it no schedule of these kernels can go: what is left to gain lies in
+    the kernels themselves."""
+    from baton_kernels.paged_decode_attention import paged_decode_attention
+    from bench.gpu_gemv import graph_seconds
+
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    layers, heads = shape["num_hidden_layers"], shape["num_attention_heads"]
+    kv_heads, head_dim = shape["num_key_value_heads"], hidden // heads
+    projections = {
+        "qkv_proj": (hidden + 2 * kv_heads * head_dim, hidden),
+        "o_proj": (hidden, hidden),
+        "gate_up_proj": (2 * inter, hidden),
+        "down_proj": (hidden, inter),
+    }
+    dtype = torch.bfloat16
+    prompt_steps, decode_steps = concurrent_steps(requests, prompt_tokens, new_tokens, chunk)
+
+    def gemm_seconds(n: int, k: int, rows: list[int], copies: int) -> dict[int, float]:
+        weights = [torch.randn(n, k, dtype=dtype, device="cuda") for _ in range(copies)]
+        out = {}
+        for m in sorted(set(rows)):
+            x = torch.randn(m, k, dtype=dtype, device="cuda")
+            out[m] = graph_seconds([partial(torch.nn.functional.linear, x, w) for w in weights])
+        return out
+
+    layer_rows = [rows for rows, _ in prompt_steps] + [len(c) for c in decode_steps]
+    head_rows = [sampled for _, sampled in prompt_steps] + [len(c) for c in decode_steps]
+    layer_s = {m: 0.0 for m in layer_rows}
+    for n, k in projections.values():
+        for m, s in gemm_seconds(n, k, layer_rows, layers).items():
+            layer_s[m] += s * layers
+    head_s = gemm_seconds(shape["vocab_size"], hidden, head_rows, 2)  # 525 MB: past the L2
+    prompt_gemm = sum(layer_s[rows] + head_s[sampled] for rows, sampled in prompt_steps)
+    decode_gemm = sum(layer_s[len(c)] + head_s[len(c)] for c in decode_steps)
+
+    block_size = 16
+    width = -(-shape["max_position_embeddings"] // block_size)  # the engine's table width
+    longest = -(-(prompt_tokens + new_tokens) // block_size)
+    cache = torch.randn(2, requests * longest + 1, block_size, kv_heads, head_dim, dtype=dtype,
+                        device="cuda")  # fmt: skip
+    tables = torch.zeros(requests, width, dtype=torch.int32, device="cuda")
+    tables[:, :longest] = torch.arange(1, requests * longest + 1).view(requests, longest)
+    q = torch.randn(requests, heads, head_dim, dtype=dtype, device="cuda")
+    out = torch.empty_like(q)
+    attention = 0.0
+    for contexts in decode_steps:
+        n = len(contexts)
+        lens = torch.tensor(contexts, dtype=torch.int32, device="cuda")
+        call = partial(paged_decode_attention, q[:n], cache, tables[:n], lens, head_dim**-0.5,
+                       out=out[:n])  # fmt: skip
+        attention += graph_seconds([call]) * layers
+    return {
+        "prompt_steps": len(prompt_steps),
+        "decode_only_steps": len(decode_steps),
+        "prompt_gemm_seconds": prompt_gemm,
+        "decode_gemm_seconds": decode_gemm,
+        "decode_attention_seconds": attention,
+        "seconds": prompt_gemm + decode_gemm + attention,
     }
 
 
@@ -328,6 +431,10 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
         SHAPE, CONCURRENT_REQUESTS, CONCURRENT_PROMPT_TOKENS, CONCURRENT_NEW_TOKENS, bandwidth,
         flops,
     )  # fmt: skip
+    kernels = concurrent_kernel_bound(
+        SHAPE, CONCURRENT_REQUESTS, CONCURRENT_PROMPT_TOKENS, CONCURRENT_NEW_TOKENS, CHUNK_TOKENS
+    )
+    free_gpu()
     aim = AIMS["concurrent_baton_over_transformers"]
     return {
         "requests": CONCURRENT_REQUESTS,
@@ -335,7 +442,7 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
         "new_tokens": CONCURRENT_NEW_TOKENS,
         "baton_engine_args": {
             "max_num_seqs": CONCURRENT_REQUESTS,
-            "max_num_batched_tokens": 8192,
+            "max_num_batched_tokens": CHUNK_TOKENS,
             "kv_cache_memory_bytes": 8 << 30,
         },
         "baton_seconds": baton_s,  # the median run
@@ -357,6 +464,10 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
         "baton_fraction_of_bound": bound["seconds"] / baton_s,
         "transformers_fraction_of_bound": bound["seconds"] / hf["transformers_seconds"],
         "aim_needs_fraction_of_bound": aim * bound["seconds"] / hf["transformers_seconds"],
+        # With cuBLAS's GEMMs and the decode attention kernel as they run here, and nothing
+        # else: the most this engine could reach over transformers without faster kernels.
+        "kernel_bound": kernels,
+        "kernel_bound_over_transformers": hf["transformers_seconds"] / kernels["seconds"],
     }
 
 
@@ -371,7 +482,7 @@ def _baton_concurrent(
     llm = baton_llm(
         model_dir,
         max_num_seqs=CONCURRENT_REQUESTS,
-        max_num_batched_tokens=8192,
+        max_num_batched_tokens=CHUNK_TOKENS,
         kv_cache_memory_bytes=8 << 30,
     )
     # The timed run's shape with distinct prompts (another seed: no prefix-cache hits), so every
