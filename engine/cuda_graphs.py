@@ -141,19 +141,35 @@ def staged_size(batch: int, max_blocks: int) -> int:
     return HEADER + 2 * batch + batch * max_blocks
 
 
+class PackedTables:
+    """What the table rows of one staged block hold since its last packing, so that the next
+    packing rewrites only the rows that changed (a decode step adds a block to about one
+    sequence in sixteen). Per row, the block-id list packed there and its length then: the
+    lists are the KV manager's own, which only grow while their request holds them, and are
+    kept alive here, so the list and its length name the contents."""
+
+    __slots__ = ("shape", "rows")
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, int] | None = None  # (batch, width) of the packed layout
+        self.rows: list[tuple[Sequence[int], int]] = []
+
+
 def pack_step(
     staged: np.ndarray,  # int32, at least staged_size(batch, width) entries
     batch: int,  # the graph's rows; rows past len(positions) are padding
     positions: Sequence[int],
     block_tables: Sequence[Sequence[int]],
     ids: Sequence[int],  # each row's input id: a token id, or `from_row(r)`
+    held: PackedTables | None = None,  # what `staged`'s table rows hold; updated
 ) -> int:
-    """Pack one step into `staged` (see the module doc); returns the entries used."""
+    """Pack one step into `staged` (see the module doc); returns the entries used. With
+    `held`, table rows that already hold their list are left as they are."""
     num_rows = len(positions)
     if len(ids) != num_rows or len(block_tables) != num_rows:
         raise ValueError("ids, positions and block_tables need one entry per row")
-    lengths = np.fromiter(map(len, block_tables), dtype=np.int64, count=num_rows)
-    width = int(lengths.max())
+    lengths = [len(t) for t in block_tables]
+    width = max(lengths)
     staged[0] = width
     staged[HEADER : HEADER + num_rows] = ids
     staged[HEADER + num_rows : HEADER + batch] = 0
@@ -162,11 +178,30 @@ def pack_step(
     pos[num_rows:] = -1
     end = HEADER + 2 * batch + batch * width
     tables = staged[HEADER + 2 * batch : end].reshape(batch, width)
-    flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int32)
-    rows = np.repeat(np.arange(num_rows), lengths)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)  # each entry's row in `flat`
-    tables[rows, np.arange(len(flat)) - starts] = flat
     tables[num_rows:] = 0  # padding rows read block 0 as a one-token context
+    if held is None or held.shape != (batch, width):
+        counts = np.array(lengths, dtype=np.int64)
+        flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int32)
+        rows = np.repeat(np.arange(num_rows), counts)
+        starts = np.repeat(np.cumsum(counts) - counts, counts)  # each entry's row in `flat`
+        tables[rows, np.arange(len(flat)) - starts] = flat
+        if held is not None:
+            held.shape = (batch, width)
+            held.rows = list(zip(block_tables, lengths, strict=True))
+        return end
+    packed = held.rows
+    del packed[num_rows:]
+    for r, (table, n) in enumerate(zip(block_tables, lengths, strict=True)):
+        if r < len(packed):
+            old, old_n = packed[r]
+            if old is table and old_n == n:
+                continue
+            start = old_n if old is table and old_n < n else 0  # a list only grows
+            tables[r, start:n] = table[start:]
+            packed[r] = (table, n)
+        else:
+            tables[r, :n] = table
+            packed.append((table, n))
     return end
 
 
@@ -208,6 +243,7 @@ class DecodeGraphs:
         self._pinned = [torch.zeros(size, dtype=torch.int32).pin_memory() for _ in range(2)]
         self._packed = [t.numpy() for t in self._pinned]  # views: writes are free
         self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._held = [PackedTables(), PackedTables()]  # what each buffer's tables hold
         self._turn = 0  # the buffer the next `run` fills
         self._staged = torch.zeros(size, dtype=torch.int32, device=device)
         # Until a step lands, every row of any size is padding (position -1) fed by token -1
@@ -294,7 +330,9 @@ class DecodeGraphs:
         copied = self._copied[turn]
         if copied is not None:
             copied.synchronize()  # long done in practice: two steps back
-        used = pack_step(self._packed[turn], batch, positions, block_tables, ids)
+        used = pack_step(
+            self._packed[turn], batch, positions, block_tables, ids, self._held[turn]
+        )
         self._staged[:used].copy_(self._pinned[turn][:used], non_blocking=True)
         copied = self._copied[turn] = torch.cuda.Event()
         copied.record()

@@ -51,3 +51,43 @@ def test_pack_step_needs_one_id_and_one_table_per_row():
         pack_step(staged, 2, [0, 1], [[1], [2]], [5])
     with pytest.raises(ValueError, match="one entry per row"):
         pack_step(staged, 2, [0, 1], [[1]], [5, 6])
+
+
+def test_packing_over_what_the_buffer_holds_rewrites_what_changed():
+    """Steps packed into one buffer that remembers its rows (`PackedTables`) read as a fresh
+    packing would: tables grow (the manager's lists only grow), requests finish and arrive,
+    rows reorder, the widest table and the graph size change."""
+    from engine.cuda_graphs import PackedTables
+
+    rng = random.Random(7)
+    staged = np.full(staged_size(N, MAX_BLOCKS), 99, dtype=np.int32)
+    held = PackedTables()
+    live = [[rng.randrange(1, 500) for _ in range(rng.randrange(1, 6))] for _ in range(6)]
+    for step in range(300):
+        for table in live:  # a block now and then; the list object stays the same
+            if rng.random() < 0.2 and len(table) < MAX_BLOCKS:
+                table.append(rng.randrange(1, 500))
+        if rng.random() < 0.1 and len(live) > 1:
+            live.pop(rng.randrange(len(live)))  # finished
+        if rng.random() < 0.1 and len(live) < N:
+            live.insert(rng.randrange(len(live) + 1), [rng.randrange(1, 500)])  # arrived
+        if rng.random() < 0.05:
+            rng.shuffle(live)
+        batch = N if len(live) > 4 or step % 2 else 4
+        positions = [len(t) * BLOCK_SIZE - 1 for t in live]
+        ids = [rng.randrange(1000) for _ in live]
+        used = pack_step(staged, batch, positions, live, ids, held)
+        width = max(map(len, live))
+        assert used == 1 + 2 * batch + batch * width and staged[0] == width
+        assert staged[1 : 1 + batch].tolist() == ids + [0] * (batch - len(live))
+        assert staged[1 + batch : 1 + 2 * batch].tolist() == positions + [-1] * (
+            batch - len(live)
+        )
+        packed = staged[1 + 2 * batch : used].reshape(batch, width)
+        for i, table in enumerate(live):
+            assert packed[i, : len(table)].tolist() == table
+        assert (packed[len(live) :] == 0).all()
+    # the same step again leaves the held rows alone: a mark in one survives
+    packed[0, 0] = -7
+    pack_step(staged, batch, positions, live, ids, held)
+    assert packed[0, 0] == -7
