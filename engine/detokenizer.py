@@ -60,6 +60,8 @@ class IncrementalDetokenizer:
         self._prompt_end: list[int] | None = (
             list(prompt_token_ids[-_MAX_PROMPT_CONTEXT:]) if self.detokenize else None
         )
+        # Text with no stop strings and no added-token spacing to mind: `update`'s short path.
+        self._plain = self.detokenize and not self.stop and not self._special_tokens
 
     def _special_token_texts(self, params: SamplingParams) -> dict[int, str]:
         # Only needed to drop the spaces the decoder puts between adjacent added tokens.
@@ -95,6 +97,12 @@ class IncrementalDetokenizer:
         include_stop_str_in_output. Returns the matched stop string (output_text is then cut
         before it, or just after it with include_stop_str_in_output), else None.
         """
+        if self._plain and len(new_token_ids) == 1 and self._prompt_end is None:
+            # one token a step, no stop string to look for (per-step host time: kept lean)
+            if not stop_terminated or self.include_stop_str_in_output:
+                self._output_text += self._step(new_token_ids[0]) or ""
+            self.token_ids.append(new_token_ids[0])
+            return None
         if not self.detokenize:
             self.token_ids.extend(new_token_ids)
             return None
