@@ -435,6 +435,10 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
         SHAPE, CONCURRENT_REQUESTS, CONCURRENT_PROMPT_TOKENS, CONCURRENT_NEW_TOKENS, CHUNK_TOKENS
     )
     free_gpu()
+    from bench.gpu_decode_profile import host_step
+
+    host = host_step(CONCURRENT_REQUESTS, CONCURRENT_NEW_TOKENS)
+    free_gpu()
     aim = AIMS["concurrent_baton_over_transformers"]
     return {
         "requests": CONCURRENT_REQUESTS,
@@ -468,6 +472,10 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
         # else: the most this engine could reach over transformers without faster kernels.
         "kernel_bound": kernels,
         "kernel_bound_over_transformers": hf["transformers_seconds"] / kernels["seconds"],
+        # This host's time per step of 128 decodes (`bench.gpu_decode_profile.host_step`, a tiny
+        # model): above the GPU's time per step (about 1.8 ms here), the decode phase waits
+        # for the host.
+        "host_ms_per_decode_step": host["ms_per_decode_step"],
     }
 
 
