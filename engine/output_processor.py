@@ -58,13 +58,16 @@ class RequestState:
     prompt_token_ids: list[int]
     completions: dict[str, CompletionState]  # by child request id
     prompt_logprobs: PromptLogprobs | None = None
+    # completions without a finish reason yet (`OutputProcessor._finish` counts them down):
+    # `finished` is asked twice per request per step
+    unfinished: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.unfinished = sum(c.finish_reason is None for c in self.completions.values())
 
     @property
     def finished(self) -> bool:
-        if len(self.completions) == 1:  # n = 1, asked twice per request per step: no generator
-            (only,) = self.completions.values()
-            return only.finish_reason is not None
-        return all(c.finish_reason is not None for c in self.completions.values())
+        return self.unfinished == 0
 
     def to_output(self) -> RequestOutput:
         children = sorted(self.completions.values(), key=lambda c: c.index)
@@ -127,14 +130,16 @@ class OutputProcessor:
             if out.prompt_logprobs is not None:
                 self._add_prompt_logprobs(state, out.prompt_logprobs)
             completion = state.completions[out.request_id]
-            if self._apply(completion, out):
+            if self._apply(state, completion, out):
                 stopped.append(out.request_id)
         for state in touched.values():
             if state.finished:
                 self.remove(state.request_id)
         return list(touched.values()), stopped
 
-    def _apply(self, completion: CompletionState, out: EngineCoreOutput) -> bool:
+    def _apply(
+        self, state: RequestState, completion: CompletionState, out: EngineCoreOutput
+    ) -> bool:
         """Add new tokens; True if a stop string finished the completion here."""
         if not out.new_token_ids:
             return False
@@ -143,12 +148,20 @@ class OutputProcessor:
             self._add_sample_logprobs(completion, out.new_logprobs)
         stop = completion.detokenizer.update(out.new_token_ids, out.stopped_by_token)
         if stop is not None and out.finish_reason is None:
-            completion.finish_reason, completion.stop_reason = "stop", stop
+            self._finish(state, completion, "stop", stop)
             return True
         if out.finish_reason is not None:
-            completion.finish_reason = out.finish_reason
-            completion.stop_reason = stop if stop is not None else out.stop_reason
+            self._finish(state, completion, out.finish_reason,
+                         stop if stop is not None else out.stop_reason)  # fmt: skip
         return False
+
+    @staticmethod
+    def _finish(
+        state: RequestState, completion: CompletionState, reason: str, stop: int | str | None
+    ) -> None:
+        if completion.finish_reason is None:
+            state.unfinished -= 1
+        completion.finish_reason, completion.stop_reason = reason, stop
 
     def _decode_one(self, token_id: int) -> str:
         text = self._token_text.get(token_id)

@@ -57,6 +57,27 @@ def test_n_completions_follow_vllm_seeding(llm):
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
 
 
+def test_a_request_finishes_with_its_last_completion(llm):
+    """n = 4 children stopping at different steps (stop token ids): the request is reported
+    finished exactly when every child has a finish reason, and only then leaves the engine."""
+    engine = llm.engine
+    params = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=24,
+                            stop_token_ids=list(range(0, 512, 6)))  # fmt: skip
+    engine.add_request("fanout", PROMPTS[1], params)
+    state = engine.output_processor.requests["fanout"]
+    lengths_when_done = set()
+    while engine.has_unfinished_requests():
+        for touched in engine.step():
+            done = [c.finish_reason is not None for c in touched.completions.values()]
+            assert touched.finished == all(done)
+            if any(done) and not all(done):
+                assert "fanout" in engine.output_processor.requests
+            lengths_when_done |= {len(c.token_ids) for c in touched.completions.values()
+                                  if c.finish_reason is not None}  # fmt: skip
+    assert state.finished and "fanout" not in engine.output_processor.requests
+    assert len(lengths_when_done) > 1  # the children stopped at different lengths
+
+
 def test_stop_strings_cut_text(llm):
     greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     full = llm.generate([PROMPTS[1]], greedy, use_tqdm=False)[0].outputs[0]
