@@ -232,8 +232,7 @@ class EngineCore:
             after = None
         if after is not None and self._may_launch(after):
             # A request that sampled in `launched` computes that (pending) token in `after`.
-            row_of = launched.row_of()
-            picks = [row_of.get(it.request.request_id) for it in after.scheduled]
+            picks = launched.picks_for(after.scheduled)
             self._launched = (after, self.runner.launch(after.scheduled, launched, picks))
             self.num_chained_steps += 1
         sampled = self.runner.finish(launched)

@@ -55,6 +55,17 @@ class LaunchedStep:
         """The row of `tokens` of each sampled request, by request id."""
         return {it.request.request_id: r for it, r in zip(self.samplers, self.rows, strict=True)}
 
+    def picks_for(self, items: list[ScheduledRequest]) -> list[int | None]:
+        """For each of a next step's items, the row of `tokens` that holds its input token
+        (it sampled here), else None: `ModelRunner.launch`'s `picks`."""
+        samplers = self.samplers
+        if len(items) == len(samplers) and all(
+            a.request is b.request for a, b in zip(items, samplers, strict=True)
+        ):  # the same requests in the same order: a decode step after a decode step
+            return list(self.rows)
+        row_of = self.row_of()
+        return [row_of.get(it.request.request_id) for it in items]
+
 
 @dataclass(slots=True)
 class _PromptLogprobsSlice:

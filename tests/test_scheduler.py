@@ -197,3 +197,21 @@ def test_schedule_next_after_a_preemption_schedules_each_request_once():
     for request in (a, b, c):
         sched.finish_requests([request.request_id], RequestStatus.FINISHED_ABORTED)
     sched.kv.check_integrity(expect_all_free=True)
+
+
+def test_a_launched_steps_picks_name_the_rows_of_the_requests_that_sampled():
+    """`LaunchedStep.picks_for`: the same requests in the same order take the sampled rows as
+    they are; otherwise each item finds its row by request id (None: it did not sample)."""
+    import torch
+
+    from engine.model_runner import LaunchedStep
+    from engine.scheduler.output import ScheduledRequest
+
+    a, b, c = (_request(rid, 4) for rid in "abc")
+    item = lambda r: ScheduledRequest(r, 1, [])  # noqa: E731
+    tokens = torch.zeros(8, dtype=torch.long)
+    launched = LaunchedStep([item(a), item(b)], [5, 2], tokens, tokens, None)
+    assert launched.picks_for([item(a), item(b)]) == [5, 2]
+    assert launched.picks_for([item(b), item(a)]) == [2, 5]
+    assert launched.picks_for([item(c), item(a)]) == [None, 5]
+    assert launched.picks_for([item(b)]) == [2]
