@@ -186,13 +186,8 @@ class EngineCore:
         return self._execute(scheduled)
 
     def _may_launch(self, scheduled: SchedulerOutput) -> bool:
-        """Asynchronous scheduling applies: plain greedy, and no request handed off (the
-        prefill role reads its first token at once)."""
-        return (
-            self.async_scheduling
-            and self.runner.can_launch(scheduled)
-            and all(it.request.kv_transfer is None for it in scheduled.scheduled)
-        )
+        """Asynchronous scheduling applies: every request is `Request.launchable`."""
+        return self.async_scheduling and all(it.request.launchable for it in scheduled.scheduled)
 
     def _execute(self, scheduled: SchedulerOutput) -> list[EngineCoreOutput]:
         """Run `scheduled` and wait for its results."""

@@ -200,16 +200,6 @@ class ModelRunner:
             self._sample(logits[torch.tensor(sample_rows, device=logits.device)], items, out)
         return out
 
-    @staticmethod
-    def can_launch(scheduled: SchedulerOutput) -> bool:
-        """True if `launch` may run this step: every request samples plainly greedily (its
-        token need not reach the host before the next step is scheduled), without prompt
-        logprobs."""
-        return all(
-            it.request.plain_greedy and it.request.params.prompt_logprobs is None
-            for it in scheduled.scheduled
-        )
-
     @torch.inference_mode()
     def launch(
         self,
@@ -217,7 +207,7 @@ class ModelRunner:
         previous: LaunchedStep | None = None,
         picks: list[int | None] | None = None,
     ) -> LaunchedStep:
-        """Queue a step that `can_launch` without waiting for its tokens.
+        """Queue a step of `Request.launchable` requests without waiting for its tokens.
 
         `picks[i]`, where not None, is the row of `previous.tokens` (a launched step whose
         tokens are not read yet) holding item i's input token: the item is `pending`, its

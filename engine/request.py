@@ -120,6 +120,15 @@ class Request:
             and params.repetition_penalty == 1
         )
 
+    @functools.cached_property
+    def launchable(self) -> bool:
+        """Its steps may be launched before the previous step's tokens are read (asynchronous
+        scheduling, `ModelRunner.launch`): plain greedy, so its token need not reach the host
+        first; no prompt logprobs; not handed off (the prefill role reads its first token at
+        once). Asked every step: computed once (neither changes)."""
+        params = self.params
+        return self.plain_greedy and params.prompt_logprobs is None and self.kv_transfer is None
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
