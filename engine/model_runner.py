@@ -12,11 +12,18 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig, ModelConfig
-from engine.cuda_graphs import DecodeGraphs, argmax_rows, default_capture_sizes, graph_rows
+from engine.cuda_graphs import (
+    DecodeGraphs,
+    argmax_rows,
+    default_capture_sizes,
+    fill_rows,
+    graph_rows,
+)
 from engine.kv_export import LayerwiseExport
 from engine.models.loader import load_model
 from engine.sampling.logprobs import LogprobsTensors, compute_prompt_logprobs
@@ -356,11 +363,11 @@ class ModelRunner:
             _PromptLogprobsSlice(rid, slice(first + at, first + at + len(t)), t, k)
             for rid, at, t, k in prompt_pieces
         ]
-        width = max(len(item.block_ids) for item in items)
-        table = torch.tensor(
-            [item.block_ids + [0] * (width - len(item.block_ids)) for item in items],
-            dtype=torch.int32,
-        )
+        lengths = [len(item.block_ids) for item in items]
+        width = max(lengths)
+        padded = np.zeros((len(items), width), dtype=np.int32)
+        fill_rows(padded, [item.block_ids for item in items], lengths)
+        table = torch.from_numpy(padded)
         # Token t of sequence i (row `rows[t]`) sits at position start_i + (t - first row of i).
         num_tokens, num_seqs = query_start_loc[-1], len(items)  # T, S
         num = torch.tensor(counts)

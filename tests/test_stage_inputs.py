@@ -91,3 +91,11 @@ def test_packing_over_what_the_buffer_holds_rewrites_what_changed():
     packed[0, 0] = -7
     pack_step(staged, batch, positions, live, ids, held)
     assert packed[0, 0] == -7
+
+
+def test_fill_rows_puts_each_list_at_the_start_of_its_row():
+    from engine.cuda_graphs import fill_rows
+
+    out = np.full((3, 4), -1, dtype=np.int32)
+    fill_rows(out, [[5, 6], [], [7, 8, 9, 10]], [2, 0, 4])
+    assert out.tolist() == [[5, 6, -1, -1], [-1, -1, -1, -1], [7, 8, 9, 10]]
