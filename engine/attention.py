@@ -19,8 +19,9 @@ from __future__ import annotations
 import itertools
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) int64
     query_start_loc: list[int]  # (S + 1,)
     seq_lens: list[int]  # (S,)
-    block_tables: list[torch.Tensor]  # S x (num_blocks_i,) int64
+    block_tables: Sequence[torch.Tensor]  # S x (num_blocks_i,) int64
     _padded: dict[str, Any] = field(default_factory=dict)  # built once per step, for kernels
     _table: torch.Tensor | None = None  # (S, max_blocks) int64, when built from one
 
@@ -51,8 +52,9 @@ class AttentionMetadata:
         seq_lens: list[int],
         table: torch.Tensor,  # (S, max_blocks) int64, 0-padded, on the compute device
     ) -> AttentionMetadata:
-        """Metadata over one padded block table: no per-sequence tensors to make."""
-        return cls(slot_mapping, query_start_loc, seq_lens, list(table.unbind(0)), _table=table)
+        """Metadata over one padded block table: no per-sequence tensors to make (its rows
+        are views, made when asked for)."""
+        return cls(slot_mapping, query_start_loc, seq_lens, _TableRows(table), _table=table)
 
     def set_padded(self, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor) -> None:
         """Give `padded` the batch's context lengths (S,) and query offsets (S + 1,), int32,
@@ -78,7 +80,7 @@ class AttentionMetadata:
             # Padded where the tables already are (no copy back to the host on a GPU).
             tables = self._table
             if tables is None:
-                tables = pad_sequence(self.block_tables, batch_first=True, padding_value=0)
+                tables = pad_sequence(list(self.block_tables), batch_first=True, padding_value=0)
             self._padded.update(
                 block_tables=tables.to(device=device, dtype=torch.int32),
                 seq_lens=torch.tensor(self.seq_lens, dtype=torch.int32).to(device),
@@ -86,6 +88,26 @@ class AttentionMetadata:
                 **_row_counts(self.query_start_loc),
             )
         return self._padded
+
+
+class _TableRows(Sequence[torch.Tensor]):
+    """The rows of a padded block table as `AttentionMetadata.block_tables`, each a view made
+    when asked for (only the torch reference's prefill path reads them)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self._table = table
+
+    def __len__(self) -> int:
+        return self._table.shape[0]
+
+    @overload
+    def __getitem__(self, i: int) -> torch.Tensor: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[torch.Tensor]: ...
+    def __getitem__(self, i: int | slice) -> torch.Tensor | Sequence[torch.Tensor]:
+        if isinstance(i, slice):
+            return list(self._table.unbind(0))[i]
+        return self._table[i]
 
 
 def _row_counts(query_start_loc: list[int]) -> dict[str, Any]:

@@ -338,11 +338,13 @@ class ModelRunner:
         for i in order:
             item = scheduled.scheduled[i]
             items.append(item)
-            request, start, n = item.request, item.start, item.num_tokens
+            request, n = item.request, item.num_tokens
+            start = request.num_computed_tokens  # item.start, without the call (per item)
             end, offset = start + n, query_start_loc[-1]
+            all_ids = request.all_token_ids
             pick = picks[i]
             if pick is None:
-                tokens.extend(request.all_token_ids[start:end])
+                tokens.extend(all_ids[start:end])
             else:
                 taken_at.append(offset)
                 taken_from.append(pick)
@@ -351,13 +353,16 @@ class ModelRunner:
             counts.append(n)
             query_start_loc.append(offset + n)
             seq_lens.append(end)
-            if item.samples:
+            if end >= len(all_ids):  # item.samples (a pending token is not in all_ids yet)
                 sample_idx.append(offset + n - 1)
                 sample_rows.append(item)
-            piece = self._prompt_logprob_rows(item, offset)
-            if piece is not None:
-                prompt_pieces.append((request.request_id, len(prompt_idx), piece[1], piece[2]))
-                prompt_idx.extend(piece[0])
+            if request.params.prompt_logprobs is not None:
+                piece = self._prompt_logprob_rows(item, offset)
+                if piece is not None:
+                    prompt_pieces.append(
+                        (request.request_id, len(prompt_idx), piece[1], piece[2])
+                    )
+                    prompt_idx.extend(piece[0])
         first = len(sample_idx)
         prompt_slices = [
             _PromptLogprobsSlice(rid, slice(first + at, first + at + len(t)), t, k)
