@@ -213,7 +213,7 @@ def concurrent_kernel_bound(
     count nothing. Below it no schedule of these kernels can go: what is left to gain lies in
     the kernels themselves."""
     from baton_kernels.paged_decode_attention import paged_decode_attention
-    from bench.gpu_gemv import graph_seconds
+    from bench.gpu_gemv import graph_seconds, weight_copies
 
     hidden, inter = shape["hidden_size"], shape["intermediate_size"]
     layers, heads = shape["num_hidden_layers"], shape["num_attention_heads"]
@@ -227,8 +227,8 @@ def concurrent_kernel_bound(
     dtype = torch.bfloat16
     prompt_steps, decode_steps = concurrent_steps(requests, prompt_tokens, new_tokens, chunk)
 
-    def gemm_seconds(n: int, k: int, rows: list[int], copies: int) -> dict[int, float]:
-        weights = [torch.randn(n, k, dtype=dtype, device="cuda") for _ in range(copies)]
+    def gemm_seconds(n: int, k: int, rows: list[int]) -> dict[int, float]:
+        weights = weight_copies(n, k)
         out = {}
         for m in sorted(set(rows)):
             x = torch.randn(m, k, dtype=dtype, device="cuda")
@@ -239,9 +239,9 @@ def concurrent_kernel_bound(
     head_rows = [sampled for _, sampled in prompt_steps] + [len(c) for c in decode_steps]
     layer_s = {m: 0.0 for m in layer_rows}
     for n, k in projections.values():
-        for m, s in gemm_seconds(n, k, layer_rows, layers).items():
+        for m, s in gemm_seconds(n, k, layer_rows).items():
             layer_s[m] += s * layers
-    head_s = gemm_seconds(shape["vocab_size"], hidden, head_rows, 2)  # 525 MB: past the L2
+    head_s = gemm_seconds(shape["vocab_size"], hidden, head_rows)
     prompt_gemm = sum(layer_s[rows] + head_s[sampled] for rows, sampled in prompt_steps)
     decode_gemm = sum(layer_s[len(c)] + head_s[len(c)] for c in decode_steps)
 

@@ -66,7 +66,9 @@ def graph_seconds(calls: Sequence[Callable[[], Any]]) -> float:
     return start.elapsed_time(end) / 1000 / REPLAYS / len(calls)
 
 
-def _weights(n: int, k: int) -> list[torch.Tensor]:
+def weight_copies(n: int, k: int) -> list[torch.Tensor]:
+    """(N, K) bfloat16 weights, one per layer (two for a matrix that alone outgrows the L2),
+    so that calls over them read the weights from memory as a model's layers do."""
     copies = LAYERS if n * k * 2 <= (256 << 20) else 2  # lm_head alone outgrows the L2
     return [torch.randn(n, k, dtype=DTYPE, device="cuda") * k**-0.5 for _ in range(copies)]
 
@@ -91,7 +93,7 @@ def compare() -> list[dict[str, Any]]:
 
     out = []
     for op, (n, k) in SHAPES.items():
-        weights = _weights(n, k)
+        weights = weight_copies(n, k)
         x = torch.randn(1, k, dtype=DTYPE, device="cuda")
         cublas = graph_seconds([partial(F.linear, x, w) for w in weights])
         ours = graph_seconds([partial(gemv, x, w) for w in weights])
@@ -108,7 +110,7 @@ def compare_gate_up() -> dict[str, Any]:
     from baton_kernels.silu_mul import silu_mul
 
     n, k = SHAPES["gate_up_proj"]
-    weights = _weights(n, k)
+    weights = weight_copies(n, k)
     x = torch.randn(1, k, dtype=DTYPE, device="cuda")
     cublas = graph_seconds([partial(lambda w: silu_mul(F.linear(x, w)), w) for w in weights])
     timed = []
@@ -135,7 +137,7 @@ def sweep() -> list[dict[str, Any]]:
 
     out = []
     for op, (n, k) in SHAPES.items():
-        weights = _weights(n, k)
+        weights = weight_copies(n, k)
         x = torch.randn(1, k, dtype=DTYPE, device="cuda")
         timed = []
         for values in itertools.product(*SWEEP.values()):
@@ -172,7 +174,7 @@ def batched(batches: list[int]) -> list[dict[str, Any]]:
     default_library = torch.backends.cuda.preferred_blas_library()
     out = []
     for op, (n, k) in SHAPES.items():
-        weights = _weights(n, k)
+        weights = weight_copies(n, k)
         transposed = [w.t().contiguous() for w in weights]
         for m in batches:
             x = torch.randn(m, k, dtype=DTYPE, device="cuda")

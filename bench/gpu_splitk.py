@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from bench.gpu_gemv import _weights, graph_seconds
+from bench.gpu_gemv import SHAPES as PROJECTIONS
+from bench.gpu_gemv import graph_seconds, weight_copies
 from bench.machine import describe_machine
 
 DTYPE = torch.bfloat16
@@ -119,7 +120,8 @@ def splitk_reduced(x, w, part, out, cfg, desc):
     return out
 
 
-SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
+# gpu_gemv's projections but the logits, named as in the committed result ("qkv", ...)
+SHAPES = {op.removesuffix("_proj"): nk for op, nk in PROJECTIONS.items() if op != "lm_head"}
 
 
 def sweep(ms: list[int]) -> list[dict[str, Any]]:
@@ -127,7 +129,7 @@ def sweep(ms: list[int]) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     results = []
     for op, (n, k) in SHAPES.items():
-        weights = _weights(n, k)
+        weights = weight_copies(n, k)
         for m in ms:
             x = torch.randn(m, k, dtype=DTYPE, device="cuda")
             ref = F.linear(x, weights[0]).float()
