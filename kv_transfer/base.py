@@ -40,6 +40,11 @@ class KVTransferError(RuntimeError):
     """
 
 
+class TransferRefused(KVTransferError):
+    """The receiver refused or dropped a transfer cleanly: the sender's connection to it (and
+    whatever pairs them, such as an NCCL communicator) stays in step and usable."""
+
+
 @dataclass(frozen=True, slots=True)
 class TransferSpec:
     """What the decode side reserved; travels router -> prefill worker.

@@ -52,6 +52,7 @@ from kv_transfer.base import (
     KVLayerSource,
     KVSender,
     KVTransferError,
+    TransferRefused,
     TransferSpec,
     check_send,
     layer_event,
@@ -59,7 +60,7 @@ from kv_transfer.base import (
 )
 from kv_transfer.blocks import LayerScatter
 from kv_transfer.reservations import Extras, Reservation
-from kv_transfer.tcp import ListeningReceiver, parse_endpoint, read_reply
+from kv_transfer.tcp import CONNECTION_ERRORS, ListeningReceiver, parse_endpoint, read_reply
 from kv_transfer.wire import (
     TransferHeader,
     json_frame,
@@ -72,7 +73,6 @@ from kv_transfer.wire import (
 
 log = logging.getLogger(__name__)
 
-_Broken = (OSError, asyncio.IncompleteReadError)
 _WATCH_S = 0.01  # how often a wait for the GPU checks its deadline and the peer's connection
 DEFAULT_STAGING_BYTES = 256 << 20  # receiver staging: two buffers of half this, alternating
 
@@ -259,14 +259,14 @@ class NcclKVSender(KVSender):
                         raise KVTransferError(f"connection to {spec.endpoint} was lost")
                     try:
                         await self._transfer(peer, spec, layers, extra or {})
-                    except _Refused:
+                    except TransferRefused:
                         raise  # a clean refusal: the pair stays in step
                     except BaseException:
                         self._drop(spec.endpoint, peer)  # before `layers` can be freed
                         raise
         except TimeoutError as exc:
             raise KVTransferError(f"transfer {spec.transfer_id!r}: deadline passed") from exc
-        except _Broken as exc:
+        except CONNECTION_ERRORS as exc:
             raise KVTransferError(
                 f"transfer {spec.transfer_id!r}: connection to {spec.endpoint} failed: {exc!r}"
             ) from exc
@@ -355,11 +355,7 @@ class NcclKVSender(KVSender):
         if not done.query():
             await wait_gpu(peer.comm, done, spec.deadline, f"transfer {spec.transfer_id!r}")
         if answer["status"] != "ok":
-            raise _Refused(answer.get("message") or f"receiver answered {answer!r}")
-
-
-class _Refused(KVTransferError):
-    """The receiver refused or dropped a transfer cleanly: the pair stays usable."""
+            raise TransferRefused(answer.get("message") or f"receiver answered {answer!r}")
 
 
 async def _expect_ok(reader: asyncio.StreamReader) -> None:

@@ -42,7 +42,7 @@ from kv_transfer.wire import (
     tensor_payload,
 )
 
-_Broken = (OSError, asyncio.IncompleteReadError)  # the connection failed (TimeoutError included)
+CONNECTION_ERRORS = (OSError, asyncio.IncompleteReadError)  # the peer is gone (TimeoutError too)
 
 
 def parse_endpoint(endpoint: str, scheme: str = "tcp") -> tuple[str, int]:
@@ -133,7 +133,7 @@ class TcpKVSender(KVSender):
                 await self._exchange(spec, host, port, layers, extra or {})
         except TimeoutError as exc:
             raise KVTransferError(f"transfer {spec.transfer_id!r}: deadline passed") from exc
-        except _Broken as exc:
+        except CONNECTION_ERRORS as exc:
             raise KVTransferError(
                 f"transfer {spec.transfer_id!r}: connection to {spec.endpoint} failed: {exc!r}"
             ) from exc
@@ -185,7 +185,7 @@ class TcpKVSender(KVSender):
         try:
             try:
                 await self._stream(writer, header, layers, first, extras, reply)
-            except _Broken:  # the receiver may have cut us off: prefer its reason
+            except CONNECTION_ERRORS:  # the receiver may have cut us off: prefer its reason
                 await asyncio.wait({reply}, timeout=self._reply_grace_s)
                 if not reply.done() or reply.exception() is not None:
                     raise
@@ -308,7 +308,7 @@ class ListeningReceiver(KVReceiver):
         self._handlers.add(task)
         try:
             await self._serve(reader, writer)
-        except _Broken:
+        except CONNECTION_ERRORS:
             pass  # the sender went away; its reservation (if any) was failed already
         finally:
             self._handlers.discard(task)
@@ -394,7 +394,7 @@ class TcpKVReceiver(ListeningReceiver):
         for i, cache in enumerate(self.kv_caches):
             try:
                 layer = await read_tensor_frame(reader, header.layer, buffer)
-            except _Broken as exc:
+            except CONNECTION_ERRORS as exc:
                 raise KVTransferError(
                     f"transfer {res.transfer_id!r}: connection lost in layer {i} ({exc!r})"
                 ) from exc
