@@ -7,10 +7,13 @@ KV cache of one layer (engine.attention's layout)::
 `gather_blocks` packs the chosen blocks into one contiguous `(2, n, block_size, Hkv, D)` buffer
 (ready for one send); `scatter_blocks` writes such a buffer back into chosen blocks;
 `scatter_blocks_layers` does it for several layers (separate cache tensors) in one launch, with
-the caches named by a device table of their addresses (`layer_pointers`).
+the caches named by a device table of their addresses (`layer_pointers`), from one packed buffer
+of all those layers or (`scatter_blocks_from_layers`) from a separate packed buffer per layer.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -48,12 +51,14 @@ def _block_copy_kernel(
 @triton.jit
 def _layers_scatter_kernel(
     cache_ptrs,  # int64 (num_layers,): each layer's cache address
-    packed_ptr,  # (c, 2, n, block_size, Hkv, D) contiguous
+    packed_ptr,  # (c, 2, n, block_size, Hkv, D) contiguous; with SRC_TABLE, layer 0's (2, n, ...)
+    src_ptrs,  # with SRC_TABLE, int64 (c,): each layer's packed (2, n, ...) address
     ids_ptr,
     first_layer,
     num_ids,
     num_blocks,
     block_numel,
+    SRC_TABLE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)  # (layer * 2 + kv) * num_ids + i
@@ -61,14 +66,17 @@ def _layers_scatter_kernel(
     layer = row // (2 * num_ids)
     kv = ((row // num_ids) % 2).to(tl.int64)
     i = (row % num_ids).to(tl.int64)
-    cache_ptr = tl.load(cache_ptrs + first_layer + layer).to(
-        tl.pointer_type(packed_ptr.dtype.element_ty)
-    )
+    element = tl.pointer_type(packed_ptr.dtype.element_ty)
+    cache_ptr = tl.load(cache_ptrs + first_layer + layer).to(element)
     block_id = tl.load(ids_ptr + i).to(tl.int64)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < block_numel
     cache_at = cache_ptr + (kv * num_blocks + block_id) * block_numel + offs
-    packed_at = packed_ptr + row.to(tl.int64) * block_numel + offs
+    if SRC_TABLE:
+        src_ptr = tl.load(src_ptrs + layer).to(element)
+        packed_at = src_ptr + (row % (2 * num_ids)).to(tl.int64) * block_numel + offs
+    else:
+        packed_at = packed_ptr + row.to(tl.int64) * block_numel + offs
     tl.store(cache_at, tl.load(packed_at, mask=mask), mask=mask)
 
 
@@ -102,11 +110,52 @@ def scatter_blocks_layers(
         raise ValueError("data must be contiguous and its layers within the caches")
     if n == 0 or c == 0:
         return
+    _launch_layers(kv_caches, pointers, first_layer, block_ids, data, None, c)
+
+
+def scatter_blocks_from_layers(
+    kv_caches: list[torch.Tensor],  # every layer's (2, num_blocks, block_size, Hkv, D) cache
+    pointers: torch.Tensor,  # layer_pointers(kv_caches)
+    first_layer: int,
+    block_ids: torch.Tensor,  # (n,) distinct integer block ids, on the caches' device
+    layers: Sequence[torch.Tensor],  # c tensors (2, n, block_size, Hkv, D), each contiguous
+) -> None:
+    """`scatter_blocks_layers` with each layer's packed blocks in a tensor of its own (no
+    stacking copy); one launch. The tensors must stay alive until the launch has run."""
+    c, n = len(layers), block_ids.numel()
+    cache = kv_caches[0]
+    expected = (2, n, *cache.shape[2:])
+    for t in layers:
+        if tuple(t.shape) != expected or t.dtype != cache.dtype or t.device != cache.device:
+            raise ValueError(f"each layer must be ({', '.join(map(str, expected))}) of "
+                             f"{cache.dtype} on {cache.device}")  # fmt: skip
+        if not t.is_contiguous():
+            raise ValueError("each layer must be contiguous")
+    if not 0 <= first_layer <= first_layer + c <= len(kv_caches):
+        raise ValueError("the layers must be within the caches")
+    if n == 0 or c == 0:
+        return
+    table = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64).pin_memory()
+    table = table.to(cache.device, non_blocking=True)  # from pageable memory it would wait
+    _launch_layers(kv_caches, pointers, first_layer, block_ids, layers[0], table, c)
+
+
+def _launch_layers(
+    kv_caches: list[torch.Tensor],
+    pointers: torch.Tensor,
+    first_layer: int,
+    block_ids: torch.Tensor,
+    packed: torch.Tensor,
+    src_table: torch.Tensor | None,
+    c: int,
+) -> None:
+    cache, n = kv_caches[0], block_ids.numel()
     block_numel = cache[0, 0].numel()
     block = min(triton.next_power_of_2(block_numel), 8192)
     grid = (c * 2 * n, triton.cdiv(block_numel, block))
     _layers_scatter_kernel[grid](
-        pointers, data, block_ids, first_layer, n, cache.shape[1], block_numel,
+        pointers, packed, pointers if src_table is None else src_table, block_ids, first_layer,
+        n, cache.shape[1], block_numel, SRC_TABLE=src_table is not None,
         BLOCK=block, num_warps=8 if block >= 4096 else 4,
     )  # fmt: skip
 
@@ -165,8 +214,12 @@ def scatter_blocks_ref(kv_cache: torch.Tensor, block_ids: torch.Tensor, data: to
 
 
 def scatter_blocks_layers_ref(
-    kv_caches: list[torch.Tensor], first_layer: int, block_ids: torch.Tensor, data: torch.Tensor
+    kv_caches: list[torch.Tensor],
+    first_layer: int,
+    block_ids: torch.Tensor,
+    data: torch.Tensor | Sequence[torch.Tensor],
 ) -> None:
-    """Plain-torch oracle of `scatter_blocks_layers`."""
+    """Plain-torch oracle of `scatter_blocks_layers` (`data` packed) and
+    `scatter_blocks_from_layers` (`data` a list of layers)."""
     for j, layer in enumerate(data):
         scatter_blocks_ref(kv_caches[first_layer + j], block_ids, layer)

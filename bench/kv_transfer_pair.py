@@ -188,7 +188,7 @@ async def time_transfers(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="the receiver process of a timed KV transfer")
-    parser.add_argument("--transport", choices=["tcp", "nccl"], required=True)
+    parser.add_argument("--transport", choices=["tcp", "nccl", "cuda-ipc"], required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     for name in ("num-layers", "num-blocks", "block-size", "num-kv-heads", "head-dim"):

@@ -20,8 +20,14 @@ BlockIds = Sequence[int] | torch.Tensor
 
 
 def block_index(block_ids: BlockIds, device: torch.device | str = "cpu") -> torch.Tensor:
-    """`block_ids` as an int64 index tensor of shape (n,) on `device`."""
-    return torch.as_tensor(block_ids, dtype=torch.long, device=device).reshape(-1)
+    """`block_ids` as an int64 index tensor of shape (n,) on `device`. To a GPU, the copy goes
+    through pinned memory, queued on the current stream: from pageable memory CUDA would first
+    wait for everything queued on that stream (a whole engine step, say)."""
+    device = torch.device(device)
+    if isinstance(block_ids, torch.Tensor) or device.type != "cuda":
+        return torch.as_tensor(block_ids, dtype=torch.long, device=device).reshape(-1)
+    host = torch.tensor(list(block_ids), dtype=torch.long).pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 class GatheredBlocks:
@@ -89,13 +95,34 @@ class LayerScatter:
             for j, layer in enumerate(data):
                 scatter_layer(self.kv_caches[first_layer + j], block_ids, layer)
             return
-        from baton_kernels.block_copy import layer_pointers, scatter_blocks_layers
+        from baton_kernels.block_copy import scatter_blocks_layers
 
         device = self.kv_caches[0].device
         with torch.cuda.device(device):  # Triton launches on the current device
-            if self._pointers is None:
-                self._pointers = layer_pointers(self.kv_caches)
-            scatter_blocks_layers(self.kv_caches, self._pointers, first_layer, block_ids, data)
+            scatter_blocks_layers(self.kv_caches, self._table(), first_layer, block_ids, data)
+
+    def each(
+        self, first_layer: int, block_ids: torch.Tensor, layers: Sequence[torch.Tensor]
+    ) -> None:
+        """`self(first_layer, block_ids, stacked layers)` without stacking them: `layers` are
+        c tensors (2, n, bs, Hkv, D), each contiguous, kept alive until the work ran."""
+        if not self._fused:
+            for j, layer in enumerate(layers):
+                scatter_layer(self.kv_caches[first_layer + j], block_ids, layer)
+            return
+        from baton_kernels.block_copy import scatter_blocks_from_layers
+
+        with torch.cuda.device(self.kv_caches[0].device):
+            scatter_blocks_from_layers(
+                self.kv_caches, self._table(), first_layer, block_ids, list(layers)
+            )
+
+    def _table(self) -> torch.Tensor:
+        from baton_kernels.block_copy import layer_pointers
+
+        if self._pointers is None:
+            self._pointers = layer_pointers(self.kv_caches)
+        return self._pointers
 
 
 @cache

@@ -1,8 +1,8 @@
 """Choosing a transport: the receiver by flag, the sender by each transfer's endpoint scheme.
 
-A decode worker receives over one transport (`--kv-transport tcp|nccl`) and advertises its
-endpoint; a prefill worker may push to decode workers of either kind, so its sender picks the
-transport from the endpoint of each transfer (`tcp://...`, `nccl://...`).
+A decode worker receives over one transport (`--kv-transport tcp|nccl|cuda-ipc`) and advertises
+its endpoint; a prefill worker may push to decode workers of any kind, so its sender picks the
+transport from the endpoint of each transfer (`tcp://...`, `nccl://...`, `cuda-ipc://...`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 from kv_transfer.base import KVLayerSource, KVReceiver, KVSender, KVTransferError, TransferSpec
 from kv_transfer.tcp import TcpKVReceiver, TcpKVSender
 
-TRANSPORTS = ("tcp", "nccl")
+TRANSPORTS = ("tcp", "nccl", "cuda-ipc")
+GPU_TRANSPORTS = ("nccl", "cuda-ipc")  # their senders need a GPU prefill worker
 
 
 def make_receiver(
@@ -27,11 +28,15 @@ def make_receiver(
         from kv_transfer.nccl import NcclKVReceiver
 
         return NcclKVReceiver(kv_caches, host, port)
+    if transport == "cuda-ipc":
+        from kv_transfer.cuda_ipc import CudaIpcKVReceiver
+
+        return CudaIpcKVReceiver(kv_caches, host, port)
     raise ValueError(f"kv transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
 
 
 class EndpointSender(KVSender):
-    """Sends each transfer with the transport its endpoint names; NCCL from `device`."""
+    """Sends each transfer with the transport its endpoint names; the GPU ones from `device`."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -40,12 +45,10 @@ class EndpointSender(KVSender):
     def _sender(self, endpoint: str) -> KVSender:
         scheme = endpoint.split("://", 1)[0]
         sender = self._senders.get(scheme)
-        if sender is None and scheme == "nccl":
+        if sender is None and scheme in GPU_TRANSPORTS:
             if self.device.type != "cuda":
-                raise KVTransferError(f"{endpoint}: an nccl receiver needs a GPU prefill worker")
-            from kv_transfer.nccl import NcclKVSender
-
-            sender = self._senders["nccl"] = NcclKVSender(self.device)
+                raise KVTransferError(f"{endpoint}: a {scheme} receiver needs a GPU prefill worker")
+            sender = self._senders[scheme] = _gpu_sender(scheme, self.device)
         if sender is None:
             raise KVTransferError(f"unknown KV transport in endpoint {endpoint!r}")
         return sender
@@ -61,3 +64,13 @@ class EndpointSender(KVSender):
     async def close(self) -> None:
         for sender in self._senders.values():
             await sender.close()
+
+
+def _gpu_sender(scheme: str, device: torch.device) -> KVSender:
+    if scheme == "nccl":
+        from kv_transfer.nccl import NcclKVSender
+
+        return NcclKVSender(device)
+    from kv_transfer.cuda_ipc import CudaIpcKVSender
+
+    return CudaIpcKVSender(device)

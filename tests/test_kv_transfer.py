@@ -586,6 +586,11 @@ def test_layer_scatter_writes_a_run_of_layers() -> None:
     LayerScatter(dst)(1, torch.tensor(DST_IDS), data)
     assert torch.equal(dst[0], before[0])
     assert_landed(dst[1:], before[1:], src[1:])
+    # The same from a tensor per layer (how a CUDA IPC sender writes a computed source).
+    dst = make_caches(seed=2)
+    LayerScatter(dst).each(1, torch.tensor(DST_IDS), list(data))
+    assert torch.equal(dst[0], before[0])
+    assert_landed(dst[1:], before[1:], src[1:])
 
 
 def test_release_of_a_tcp_reservation_is_its_cancel() -> None:
@@ -612,12 +617,38 @@ def test_endpoint_sender_and_receiver_choice() -> None:
 
     sender = EndpointSender(torch.device("cpu"))
     source = gather_blocks(make_caches(), SRC_IDS)
-    for endpoint, match in (("nccl://127.0.0.1:1", "needs a GPU"), ("rdma://h:1", "unknown")):
+    cases = (
+        ("nccl://127.0.0.1:1", "needs a GPU"),
+        ("cuda-ipc://127.0.0.1:1", "needs a GPU"),
+        ("rdma://h:1", "unknown"),
+    )
+    for endpoint, match in cases:
         spec = TransferSpec("t", endpoint, DST_IDS, time.time() + 5)
         with pytest.raises(KVTransferError, match=match):
             run(sender.send(spec, source))
     assert isinstance(make_receiver("tcp", make_caches(), "127.0.0.1", 0), TcpKVReceiver)
-    with pytest.raises(ValueError, match="CUDA"):
-        make_receiver("nccl", make_caches(), "127.0.0.1", 0)
+    for transport in ("nccl", "cuda-ipc"):
+        with pytest.raises(ValueError, match="CUDA"):
+            make_receiver(transport, make_caches(), "127.0.0.1", 0)
     with pytest.raises(ValueError, match="kv transport"):
         make_receiver("ipc", make_caches(), "127.0.0.1", 0)
+
+
+def test_a_malformed_cuda_ipc_export_is_refused_before_cuda_is_touched() -> None:
+    """A receiver's cache export that does not parse fails the sender's hello cleanly."""
+    from kv_transfer.cuda_ipc import import_cache
+
+    good = {"shape": [2, 4], "stride": [4, 1], "offset": 0, "dtype": "bfloat16",
+            "handle": "00ff", "storage_bytes": 16, "storage_offset": 0, "ref_handle": "aa",
+            "ref_offset": 0, "event_handle": None, "event_sync": False}  # fmt: skip
+    for bad in (
+        {k: v for k, v in good.items() if k != "handle"},
+        good | {"handle": "not hex"},
+        good | {"offset": -1},
+        good | {"storage_bytes": "16"},
+        good | {"dtype": "complex32"},
+        good | {"shape": "2x4"},
+        "not an object",
+    ):
+        with pytest.raises(KVTransferError, match="malformed KV cache export"):
+            import_cache(bad, torch.device("cuda", 0))

@@ -21,6 +21,7 @@ from baton_kernels.block_copy import (  # noqa: E402
     gather_blocks_ref,
     layer_pointers,
     scatter_blocks,
+    scatter_blocks_from_layers,
     scatter_blocks_layers,
     scatter_blocks_layers_ref,
     scatter_blocks_ref,
@@ -211,6 +212,12 @@ def test_scatter_blocks_layers_matches_reference(dtype, num_kv_heads, head_dim, 
     scatter_blocks_layers(caches, layer_pointers(caches), first, ids, data)
     scatter_blocks_layers_ref(refs, first, ids, data)
     for cache, ref in zip(caches, refs, strict=True):  # layers outside [first, first+c) untouched
+        assert torch.equal(cache, ref)
+    # The same from a separate tensor per layer (no stacking), other data.
+    layers = [torch.randn_like(data[0]) for _ in range(c)]
+    scatter_blocks_from_layers(caches, layer_pointers(caches), first, ids, layers)
+    scatter_blocks_layers_ref(refs, first, ids, layers)
+    for cache, ref in zip(caches, refs, strict=True):
         assert torch.equal(cache, ref)
 
 
