@@ -1,5 +1,5 @@
 """`python -m decode_service --model DIR [--role decode|colocated] [--port P] [--kv-port K]
-[--kv-transport tcp|nccl]`."""
+[--kv-transport tcp|nccl|cuda-ipc]`."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def main() -> None:
         "--kv-transport",
         choices=TRANSPORTS,
         default="tcp",
-        help="how prefill workers push KV here: tcp, or nccl (GPU to GPU; prefill on another GPU)",
+        help="how prefill workers push KV here: tcp, nccl (prefill on another GPU), or cuda-ipc"
+        " (prefill on this GPU)",
     )
     args = parser.parse_args()
     run_worker(args, args.role, setup)

@@ -387,6 +387,13 @@ def _add_serve(commands: Any) -> None:
     sub.add_argument("--num-kv-blocks", type=int, default=None)
     sub.add_argument("--max-num-seqs", type=int, default=None)
     sub.add_argument("--max-num-batched-tokens", type=int, default=None)
+    sub.add_argument(
+        "--kv-transport",
+        default="",
+        choices=["", "tcp", "nccl", "cuda-ipc"],
+        help="how prefill workers push KV to decode workers (default: by placement: nccl between"
+        " GPUs, cuda-ipc on a shared GPU, tcp on CPUs)",
+    )
     sub.set_defaults(run=_run_serve)
 
 
@@ -420,6 +427,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         cluster_name=args.cluster_name,
         worker_args=worker_args,
+        kv_transport=args.kv_transport,
     )
     try:
         return serve_forever(spec)

@@ -39,6 +39,7 @@ class ClusterSpec:
     prefill_args: list[str] = field(default_factory=list)  # for prefill workers only
     router_args: list[str] = field(default_factory=list)
     num_gpus: int | None = None  # None: as many as torch sees; 0: CPU workers
+    kv_transport: str = ""  # decode workers' KV transport; "": by placement (kv_transport_args)
 
     @property
     def num_workers(self) -> int:
@@ -111,11 +112,22 @@ def gpu_for_worker(index: int, num_gpus: int) -> int | None:
     return index % num_gpus if num_gpus > 0 else None
 
 
-def kv_transport_args(role: str, gpu: int | None, prefill_gpus: set[int | None]) -> list[str]:
-    """NCCL for a decode worker on a GPU no prefill worker uses (NCCL cannot join two ranks on
-    one GPU); TCP otherwise."""
-    if role == "decode" and gpu is not None and gpu not in prefill_gpus:
+def kv_transport_args(
+    role: str, gpu: int | None, prefill_gpus: set[int | None], forced: str = ""
+) -> list[str]:
+    """The KV transport of a decode worker (`forced`, or chosen): NCCL on a GPU no prefill
+    worker uses; CUDA IPC on a GPU every prefill worker shares (NCCL cannot join two ranks on
+    one GPU); TCP otherwise (on the CPU, or with prefill workers on its GPU and on others)."""
+    if role != "decode":
+        return []
+    if forced:
+        return ["--kv-transport", forced]
+    if gpu is None:
+        return []
+    if gpu not in prefill_gpus:
         return ["--kv-transport", "nccl"]
+    if prefill_gpus == {gpu}:
+        return ["--kv-transport", "cuda-ipc"]
     return []
 
 
@@ -168,7 +180,7 @@ def start_cluster(spec: ClusterSpec) -> Cluster:
         for role, module, extra, count in roles:
             for _ in range(count):
                 gpu = gpu_for_worker(len(cluster.workers), num_gpus)
-                args = [*extra, *kv_transport_args(role, gpu, prefill_gpus)]
+                args = [*extra, *kv_transport_args(role, gpu, prefill_gpus, spec.kv_transport)]
                 if role == "prefill":
                     args += spec.prefill_args
                 cluster.workers.append(start_worker(role, module, spec, args, gpu))

@@ -114,13 +114,16 @@ def test_workers_are_spread_over_gpus():
     assert gpu_for_worker(0, 0) is None  # CPU
 
 
-def test_decode_workers_on_their_own_gpu_receive_over_nccl():
+def test_decode_workers_pick_their_kv_transport_by_placement():
     from launcher.serve import kv_transport_args
 
-    assert kv_transport_args("decode", 1, {0}) == ["--kv-transport", "nccl"]
-    assert kv_transport_args("decode", 0, {0}) == []  # shares a GPU with a prefill worker: tcp
-    assert kv_transport_args("decode", None, {None}) == []  # CPU
+    assert kv_transport_args("decode", 1, {0}) == ["--kv-transport", "nccl"]  # own GPU
+    assert kv_transport_args("decode", 0, {0}) == ["--kv-transport", "cuda-ipc"]  # shared GPU
+    assert kv_transport_args("decode", 0, {0, 1}) == []  # prefill here and elsewhere: tcp
+    assert kv_transport_args("decode", None, {None}) == []  # CPU: tcp
+    assert kv_transport_args("decode", 0, {0}, forced="tcp") == ["--kv-transport", "tcp"]
     assert kv_transport_args("prefill", 1, {0}) == []
+    assert kv_transport_args("prefill", 0, {0}, forced="nccl") == []
     assert kv_transport_args("colocated", 1, {0}) == []
 
 
