@@ -1,5 +1,6 @@
 """KV transfer on two GPUs (issue 7): Baton's nccl transport against raw NCCL, and the time to
-first token of 1 prefill + 1 decode worker against one colocated worker.
+first token of 1 prefill + 1 decode worker against one colocated worker; and the same on one GPU,
+where the two workers share it and move KV over CUDA IPC.
 
 Bandwidth: for the KV of 2k- and 8k-token prompts of a Llama-3.2-1B shape (16 layers, 8 KV heads,
 head_dim 64) and a Llama-3.1-8B shape (32 layers, 8 KV heads, head_dim 128), bf16, Baton's
@@ -15,6 +16,14 @@ GPU 1 (KV over NCCL; pushed after the prefill step, and again with `--layerwise-
 one colocated worker on GPU 0, one request at a time, prompts of
 2,048 and 8,192 random tokens (each prompt new: no prefix cache hits), streamed through the
 router's OpenAI API; TTFT measured by the client.
+
+One GPU (`--only bandwidth_one_gpu,ttft_one_gpu`, the default on a one-GPU machine): the same
+KV from this process into a receiver process on the same GPU with `CudaIpcKVSender.send` (control
+round trips over TCP, then the block-copy kernel writing straight into the receiver's mapped
+cache), against a device-to-device copy of the same bytes in one process (per layer, contiguous
+buffers, no control plane); TTFT of prefill + decode on that one GPU (KV over CUDA IPC; and over
+TCP through the host, the previous default there) against one colocated worker, each worker with
+the same share of the GPU's memory.
 
     python -m bench.gpu_kv_transfer [--only bandwidth,ttft] [--receiver process|in-process]
                                     [--out bench/results/...json]
@@ -34,7 +43,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -217,24 +226,99 @@ def bandwidth(receiver: str = "process") -> list[dict[str, Any]]:
     return rows
 
 
-def _ttft_run(cluster_url: str, model: str, prompts: list[list[int]]) -> list[float]:
+def raw_copy_seconds(layers: list[torch.Tensor]) -> float:
+    """Median wall seconds to copy `layers` into same-shaped buffers on their GPU, per layer."""
+    dst = [torch.empty_like(t) for t in layers]
+    times = []
+    for i in range(WARMUP + REPEATS):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for d, t in zip(dst, layers, strict=True):
+            d.copy_(t)
+        torch.cuda.synchronize()
+        if i >= WARMUP:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+async def baton_ipc_seconds(src_caches: list[torch.Tensor], num_blocks: int) -> float:
+    """Median seconds of `CudaIpcKVSender.send` of `num_blocks` random blocks into random
+    reserved blocks of a receiver process on the same GPU, until that process reports them
+    landed (checksums compared)."""
+    from bench.kv_transfer_pair import RemoteReceiver, time_transfers
+    from kv_transfer.cuda_ipc import CudaIpcKVSender
+
+    _, num_cache_blocks, block_size, num_kv_heads, head_dim = src_caches[0].shape
+    shape = (len(src_caches), num_cache_blocks, block_size, num_kv_heads, head_dim)
+    sender = CudaIpcKVSender(torch.device("cuda:0"))
+    try:
+        async with RemoteReceiver("cuda-ipc", "cuda:0", "bfloat16", shape) as receiver:
+            try:
+                times = await time_transfers(
+                    sender, receiver, src_caches, num_blocks, REPEATS, WARMUP
+                )
+            finally:
+                await sender.close()  # before the receiver goes
+    finally:
+        await sender.close()
+    return statistics.median(times)
+
+
+def bandwidth_one_gpu() -> list[dict[str, Any]]:
+    rows = []
+    for name, shape in SHAPES.items():
+        num_cache_blocks = 2 * max(PROMPT_TOKENS) // BLOCK_SIZE
+        cache_shape = (2, num_cache_blocks, BLOCK_SIZE, shape["num_kv_heads"], shape["head_dim"])
+        src = [
+            torch.randn(cache_shape, device="cuda:0", dtype=torch.bfloat16)
+            for _ in range(shape["num_layers"])
+        ]
+        for tokens in PROMPT_TOKENS:
+            blocks = tokens // BLOCK_SIZE
+            raw = raw_copy_seconds([c[:, :blocks].contiguous() for c in src])
+            baton = asyncio.run(baton_ipc_seconds(src, blocks))
+            nbytes = _kv_bytes(shape, tokens)
+            row = {
+                "shape": name,
+                **shape,
+                "prompt_tokens": tokens,
+                "kv_bytes": nbytes,
+                "raw_copy_seconds": raw,
+                "baton_seconds": baton,
+                "raw_copy_gib_per_s": nbytes / raw / 2**30,
+                "baton_gib_per_s": nbytes / baton / 2**30,
+                "baton_fraction_of_raw": raw / baton,
+                "transport": "cuda-ipc",
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del src
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _ttft_run(
+    cluster_url: str, model: str, prompts: list[list[int]]
+) -> list[tuple[float, float]]:
+    """Per prompt, seconds to the first and to the second streamed token (the second waits
+    for the KV to land in the decode worker: with P/D, the push is not in the first's time)."""
     import httpx
 
-    ttfts = []
+    times = []
     with httpx.Client(timeout=300) as client:
         for prompt in prompts:
             body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0,
                     "ignore_eos": True, "stream": True}  # fmt: skip
             start = time.perf_counter()
-            first = None
+            chunks: list[float] = []
             with client.stream("POST", f"{cluster_url}/v1/completions", json=body) as response:
                 response.raise_for_status()
                 for line in response.iter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]" and first is None:
-                        first = time.perf_counter() - start
-            assert first is not None, "no streamed chunk"
-            ttfts.append(first)
-    return ttfts
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        chunks.append(time.perf_counter() - start)
+            assert len(chunks) >= 2, "fewer than two streamed chunks"
+            times.append((chunks[0], chunks[1]))
+    return times
 
 
 def _scrape(url: str, histogram: str) -> dict[str, float]:
@@ -251,68 +335,104 @@ def _scrape(url: str, histogram: str) -> dict[str, float]:
     return found
 
 
-def ttft() -> list[dict[str, Any]]:
+# (label, ClusterSpec fields): the TTFT section's clusters; "colocated" is the baseline
+TTFT_TWO_GPUS: list[tuple[str, dict[str, Any]]] = [
+    ("pd", {"prefill": 1, "decode": 1, "num_gpus": 2}),
+    ("colocated", {"prefill": 0, "decode": 0, "colocated": 1, "num_gpus": 1}),
+    ("pd_layerwise", {"prefill": 1, "decode": 1, "num_gpus": 2,
+                      "prefill_args": ["--layerwise-push"]}),
+]  # fmt: skip
+TTFT_ONE_GPU: list[tuple[str, dict[str, Any]]] = [
+    ("pd", {"prefill": 1, "decode": 1, "num_gpus": 1}),  # cuda-ipc, by placement
+    ("colocated", {"prefill": 0, "decode": 0, "colocated": 1, "num_gpus": 1}),
+    ("pd_layerwise", {"prefill": 1, "decode": 1, "num_gpus": 1,
+                      "prefill_args": ["--layerwise-push"]}),
+    ("pd_tcp", {"prefill": 1, "decode": 1, "num_gpus": 1, "kv_transport": "tcp"}),
+]  # fmt: skip
+
+
+def ttft(
+    configs: list[tuple[str, dict[str, Any]]] = TTFT_TWO_GPUS,
+    memory_fraction: float = 0.6,
+    only: str = "",
+) -> list[dict[str, Any]]:
+    """Each config's median TTFT per prompt length against the colocated config's (and the
+    second token's time). `memory_fraction`: every worker's --gpu-memory-utilization; `only`:
+    the labels to run, comma-separated (colocated always runs)."""
+    if only:
+        configs = [c for c in configs if c[0] in {"colocated", *only.split(",")}]
     from bench.gpu_engine import make_model
     from launcher.serve import ClusterSpec, free_port, start_cluster
 
     rows: list[dict[str, Any]] = []
-    pushes: dict[str, float] = {}
+    pushes: dict[str, dict[str, float]] = {}  # P/D label -> the prefill worker's KV pushes
+    transports: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(Path(tmp))
         worker_args = ["--dtype", "bfloat16", "--max-num-batched-tokens", "8192",
-                       "--max-model-len", "16384", "--gpu-memory-utilization", "0.6"]  # fmt: skip
+                       "--max-model-len", "16384",
+                       "--gpu-memory-utilization", str(memory_fraction)]  # fmt: skip
         rng = random.Random(0)
         prompts = {n: [[rng.randrange(3, 30000) for _ in range(n)]
                        for _ in range(WARMUP + REPEATS)] for n in PROMPT_TOKENS}  # fmt: skip
         results: dict[str, dict[int, list[float]]] = {}
-        configs = [("pd", (1, 1, 0, 2), []), ("colocated", (0, 0, 1, 1), []),
-                   ("pd_layerwise", (1, 1, 0, 2), ["--layerwise-push"])]  # fmt: skip
-        for label, counts, prefill_args in configs:
-            prefill, decode, colocated, gpus = counts
-            spec = ClusterSpec(model, prefill=prefill, decode=decode, colocated=colocated,
-                               port=free_port(), grpc_port=free_port(), worker_args=worker_args,
-                               prefill_args=prefill_args, num_gpus=gpus)  # fmt: skip
+        second: dict[str, dict[int, list[float]]] = {label: {} for label, _ in configs}
+        for shift, (label, fields) in enumerate(configs):
+            spec = ClusterSpec(model, port=free_port(), grpc_port=free_port(),
+                               worker_args=worker_args, **fields)  # fmt: skip
             cluster = start_cluster(spec)
             try:
+                for worker in cluster.workers:
+                    if worker.role == "decode":
+                        args = [str(a) for a in cast(list[str], worker.proc.args)]
+                        flag = "--kv-transport"
+                        transports[label] = args[args.index(flag) + 1] if flag in args else "tcp"
                 url = f"http://127.0.0.1:{spec.port}"
                 results[label] = {}
                 for n in PROMPT_TOKENS:
-                    # fresh prompts every run: the prefix cache never hits
-                    fresh = [[(t + 7 * k) % 30000 + 3 for t in p]
+                    # fresh prompts every run and config: the prefix cache never hits
+                    fresh = [[(t + 7 * k + 11 * shift) % 30000 + 3 for t in p]
                              for k, p in enumerate(prompts[n])]  # fmt: skip
-                    shift = {"pd": 0, "colocated": 11, "pd_layerwise": 23}[label]
-                    fresh = [[(t + shift) % 30000 + 3 for t in p] for p in fresh]
-                    results[label][n] = _ttft_run(url, model.name, fresh)[WARMUP:]
-                if label == "pd":
-                    worker = next(w for w in cluster.workers if w.role == "prefill")
-                    pushes = _scrape(worker.metrics_url, "baton:kv_transfer_seconds")
+                    timed = _ttft_run(url, model.name, fresh)[WARMUP:]
+                    results[label][n] = [first for first, _ in timed]
+                    second[label][n] = [s for _, s in timed]
+                for worker in cluster.workers:
+                    if worker.role == "prefill":
+                        pushes[label] = _scrape(worker.metrics_url, "baton:kv_transfer_seconds")
             finally:
                 cluster.stop()
-        rows.append({"pd_prefill_worker_kv_pushes": pushes})  # every push of the P/D runs
+        # every push of the P/D runs (warm-up requests and the first Triton launches included)
+        rows.append({"prefill_worker_kv_pushes": pushes, "kv_transports": transports})
         for n in PROMPT_TOKENS:
-            pd, co = statistics.median(results["pd"][n]), statistics.median(results["colocated"][n])
-            layerwise = statistics.median(results["pd_layerwise"][n])
-            row = {
+            co = statistics.median(results["colocated"][n])
+            row: dict[str, Any] = {
                 "shape": "llama-3.2-1b",
                 "prompt_tokens": n,
-                "pd_ttft_s": pd,
                 "colocated_ttft_s": co,
-                "pd_layerwise_ttft_s": layerwise,
-                "pd_ttft_samples_s": results["pd"][n],
                 "colocated_ttft_samples_s": results["colocated"][n],
-                "pd_layerwise_ttft_samples_s": results["pd_layerwise"][n],
-                "added_fraction": pd / co - 1,
-                "layerwise_added_fraction": layerwise / co - 1,
-                "aim_added_at_most": 0.05,
             }
+            for label in results:
+                if label != "colocated":
+                    median = statistics.median(results[label][n])
+                    row[f"{label}_ttft_s"] = median
+                    row[f"{label}_ttft_samples_s"] = results[label][n]
+                    row[f"{label}_added_fraction"] = median / co - 1
+                row[f"{label}_second_token_s"] = statistics.median(second[label][n])
+            row["aim_added_at_most"] = 0.05
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
+    global REPEATS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="bandwidth,ttft")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="sections, comma-separated (default: bandwidth,ttft on two or more GPUs, else"
+        " bandwidth_one_gpu,ttft_one_gpu)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_kv_transfer.json"))
     parser.add_argument(
         "--receiver",
@@ -320,7 +440,10 @@ def main(argv: list[str] | None = None) -> None:
         default="process",
         help="bandwidth: the receiver in its own process (as a decode worker) or in this one",
     )
+    parser.add_argument("--configs", default="", help="TTFT: the P/D configs to run (pd,...)")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed runs per figure")
     args = parser.parse_args(argv)
+    REPEATS = args.repeats
     result: dict[str, Any] = {
         "benchmark": "gpu_kv_transfer",
         "machine": describe_machine(),
@@ -329,10 +452,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     sections: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "bandwidth": lambda: bandwidth(args.receiver),
-        "ttft": ttft,
+        "ttft": lambda: ttft(only=args.configs),
+        "bandwidth_one_gpu": bandwidth_one_gpu,
+        "ttft_one_gpu": lambda: ttft(TTFT_ONE_GPU, memory_fraction=0.3, only=args.configs),
     }
+    only = args.only or (
+        "bandwidth,ttft" if torch.cuda.device_count() >= 2 else "bandwidth_one_gpu,ttft_one_gpu"
+    )
     for section, fn in sections.items():
-        if section not in args.only.split(","):
+        if section not in only.split(","):
             continue
         try:
             result[section] = fn()
