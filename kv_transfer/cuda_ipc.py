@@ -45,17 +45,22 @@ import torch
 
 from kv_transfer.base import (
     KVLayerSource,
-    KVSender,
     KVTransferError,
     TransferRefused,
     TransferSpec,
-    check_send,
     layer_event,
     layer_ready,
 )
 from kv_transfer.blocks import LayerScatter, block_index, check_layer
 from kv_transfer.reservations import Extras, Reservation
-from kv_transfer.tcp import CONNECTION_ERRORS, ListeningReceiver, parse_endpoint, read_reply
+from kv_transfer.tcp import (
+    ListeningReceiver,
+    Pair,
+    PairedSender,
+    cuda_device_of,
+    parse_endpoint,
+    read_reply,
+)
 from kv_transfer.wire import (
     DTYPES,
     TransferHeader,
@@ -130,7 +135,7 @@ def import_cache(obj: Any, device: torch.device) -> torch.Tensor:
         raise KVTransferError(f"cannot map the receiver's KV cache over CUDA IPC: {exc}") from exc
 
 
-class _Pair:
+class _Pair(Pair):
     """The sender's side of one receiver: the control connection, the receiver's caches mapped
     into this process, a stream for the writes, one transfer at a time."""
 
@@ -141,11 +146,10 @@ class _Pair:
         caches: list[torch.Tensor],
         device: torch.device,
     ) -> None:
-        self.reader, self.writer, self.caches = reader, writer, caches
+        super().__init__(reader, writer)
+        self.caches = caches
         self.scatter = LayerScatter(caches)
         self.stream = torch.cuda.Stream(device)
-        self.lock = asyncio.Lock()
-        self.broken = False
         self.last_write: torch.cuda.Event | None = None  # recorded after the latest queued write
 
     def writing(self) -> bool:
@@ -153,57 +157,25 @@ class _Pair:
         return self.last_write is not None and not self.last_write.query()
 
 
-class CudaIpcKVSender(KVSender):
+class CudaIpcKVSender(PairedSender[_Pair]):
     """Sends KV from CUDA tensors into `CudaIpcKVReceiver`s on the same GPU, writing their
-    reserved blocks directly; one control connection and one mapping per receiver."""
+    reserved blocks directly; one control connection and one mapping per receiver. The layers
+    must be contiguous CUDA tensors on this sender's device."""
 
     def __init__(self, device: torch.device | str) -> None:
+        super().__init__()
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"the cuda-ipc transport needs a CUDA device, got {self.device}")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._pairs: dict[str, _Pair] = {}
-        self._connecting: dict[str, asyncio.Lock] = {}
-        self._retired: list[_Pair] = []  # dropped, their last writes maybe still running
+        self._retired: list[_Pair] = []  # ended, their last writes maybe still running
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cuda-ipc")
-        self._closed = False
-
-    async def send(
-        self,
-        spec: TransferSpec,
-        layers: KVLayerSource,
-        extra: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        """See `KVSender.send`; the layers must be contiguous CUDA tensors on this sender's
-        device, and the receiver on the same GPU."""
-        left = check_send(self._closed, spec, layers)
-        try:
-            async with asyncio.timeout(left):
-                pair = await self._pair(spec.endpoint)
-                async with pair.lock:
-                    if pair.broken:
-                        raise KVTransferError(f"connection to {spec.endpoint} was lost")
-                    try:
-                        await self._transfer(pair, spec, layers, extra or {})
-                    except TransferRefused:
-                        raise  # a clean refusal: the pair stays in step
-                    except BaseException:
-                        self._drop(spec.endpoint, pair)
-                        raise
-        except TimeoutError as exc:
-            raise KVTransferError(f"transfer {spec.transfer_id!r}: deadline passed") from exc
-        except CONNECTION_ERRORS as exc:
-            raise KVTransferError(
-                f"transfer {spec.transfer_id!r}: connection to {spec.endpoint} failed: {exc!r}"
-            ) from exc
 
     async def close(self) -> None:
-        """Drop every pair (sends in flight fail), then wait for their queued writes to run
+        """End every pair (sends in flight fail), then wait for their queued writes to run
         before the mappings go."""
-        self._closed = True
-        for endpoint in list(self._pairs):
-            self._drop(endpoint)
+        await super().close()
         for pair in self._retired:
             if pair.last_write is not None:
                 await asyncio.get_running_loop().run_in_executor(
@@ -212,42 +184,31 @@ class CudaIpcKVSender(KVSender):
         self._retired.clear()
         self._pool.shutdown(wait=False)
 
-    def _drop(self, endpoint: str, pair: _Pair | None = None) -> None:
+    def _kill(self, pair: _Pair) -> None:
         """Close the pair's connection; its mapping stays until its queued writes ran."""
-        if pair is None or self._pairs.get(endpoint) is pair:
-            pair = self._pairs.pop(endpoint, None) or pair
-        if pair is None:
-            return
-        pair.broken = True
         pair.writer.transport.abort()
         self._retired = [p for p in self._retired if p.writing()]
         if pair.writing():
             self._retired.append(pair)
 
-    async def _pair(self, endpoint: str) -> _Pair:
-        """The live pair for `endpoint`: on first use, connect and map the receiver's caches."""
-        lock = self._connecting.setdefault(endpoint, asyncio.Lock())
-        async with lock:
-            pair = self._pairs.get(endpoint)
-            if pair is not None and not pair.broken:
-                return pair
-            host, port = parse_endpoint(endpoint, SCHEME)
-            reader, writer = await asyncio.open_connection(host, port)
-            try:
-                writer.write(json_frame({"type": "hello", "gpu": gpu_uuid(self.device)}))
-                await writer.drain()
-                answer = await read_reply(reader)
-                if answer["status"] != "ok":
-                    raise KVTransferError(answer.get("message") or f"hello refused: {answer!r}")
-                exports = answer.get("caches")
-                if not isinstance(exports, list) or not exports:
-                    raise KVTransferError(f"{endpoint}: the receiver exported no caches")
-                caches = [import_cache(e, self.device) for e in exports]
-            except BaseException:
-                writer.transport.abort()
-                raise
-            pair = self._pairs[endpoint] = _Pair(reader, writer, caches, self.device)
-            return pair
+    async def _connect(self, endpoint: str) -> _Pair:
+        """Connect, and map the receiver's caches."""
+        host, port = parse_endpoint(endpoint, SCHEME)
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(json_frame({"type": "hello", "gpu": gpu_uuid(self.device)}))
+            await writer.drain()
+            answer = await read_reply(reader)
+            if answer["status"] != "ok":
+                raise KVTransferError(answer.get("message") or f"hello refused: {answer!r}")
+            exports = answer.get("caches")
+            if not isinstance(exports, list) or not exports:
+                raise KVTransferError(f"{endpoint}: the receiver exported no caches")
+            caches = [import_cache(e, self.device) for e in exports]
+        except BaseException:
+            writer.transport.abort()
+            raise
+        return _Pair(reader, writer, caches, self.device)
 
     async def _transfer(
         self,
@@ -379,7 +340,8 @@ class CudaIpcKVReceiver(ListeningReceiver):
     `cuda-ipc://advertise_host:port`.
 
     `stop_timeout_s`: how long a sender may take to stop writing once a reservation ended;
-    `orphan_grace_s`: how long after a sender vanished mid-transfer its blocks stay held.
+    `orphan_grace_s`: how long after a sender vanished mid-transfer its blocks stay held;
+    `options` are `ListeningReceiver`'s (`header_timeout_s` 30 s by default here).
     """
 
     SCHEME = SCHEME
@@ -390,34 +352,20 @@ class CudaIpcKVReceiver(ListeningReceiver):
         host: str = "127.0.0.1",
         port: int = 0,
         *,
-        advertise_host: str | None = None,
-        header_timeout_s: float = 30.0,
-        max_extra_bytes: int = 64 << 20,
         stop_timeout_s: float = 30.0,
         orphan_grace_s: float = 2.0,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            kv_caches,
-            host,
-            port,
-            advertise_host=advertise_host,
-            header_timeout_s=header_timeout_s,
-            max_extra_bytes=max_extra_bytes,
-        )
-        self.device = self.kv_caches[0].device
-        if self.device.type != "cuda":
-            raise ValueError(f"the cuda-ipc transport needs CUDA caches, got {self.device}")
+        options.setdefault("header_timeout_s", 30.0)
+        self.device = cuda_device_of(kv_caches, "cuda-ipc")
+        super().__init__(kv_caches, host, port, **options)
         self._gpu = gpu_uuid(self.device)
         self._stop_timeout_s = stop_timeout_s
         self._orphan_grace_s = orphan_grace_s
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Check the sender's GPU and export the caches to it, then serve its transfers."""
-        try:
-            hello = await asyncio.wait_for(read_json_frame(reader), self._header_timeout_s)
-        except KVTransferError as exc:
-            writer.write(reply_frame("error", str(exc)))
-            return
+        hello = await self._first_frame(reader, writer)
         if not isinstance(hello, dict) or hello.get("type") != "hello":
             writer.write(reply_frame("error", "expected a hello frame naming the sender's GPU"))
             return
@@ -432,12 +380,8 @@ class CudaIpcKVReceiver(ListeningReceiver):
             return
         writer.write(json_frame({"status": "ok", "caches": self._exports()}))
         await writer.drain()
-        try:
-            while True:  # until the sender goes away
-                obj = await read_json_frame(reader)
-                await self._serve_one(obj, reader, writer)
-        except KVTransferError:
-            pass  # a sender that would not stop, or sent garbage: the connection closes
+        while True:  # until the sender goes away, would not stop, or sent garbage
+            await self._serve_one(await read_json_frame(reader), reader, writer)
 
     def _exports(self) -> list[dict[str, Any]]:
         """The caches, described for a sender to map (a fresh export per sender: each holds

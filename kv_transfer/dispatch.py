@@ -48,7 +48,7 @@ class EndpointSender(KVSender):
         if sender is None and scheme in GPU_TRANSPORTS:
             if self.device.type != "cuda":
                 raise KVTransferError(f"{endpoint}: a {scheme} receiver needs a GPU prefill worker")
-            sender = self._senders[scheme] = _gpu_sender(scheme, self.device)
+            sender = self._senders[scheme] = gpu_sender(scheme, self.device)
         if sender is None:
             raise KVTransferError(f"unknown KV transport in endpoint {endpoint!r}")
         return sender
@@ -66,11 +66,14 @@ class EndpointSender(KVSender):
             await sender.close()
 
 
-def _gpu_sender(scheme: str, device: torch.device) -> KVSender:
+def gpu_sender(scheme: str, device: torch.device) -> KVSender:
+    """A sender of the GPU transport `scheme` ("nccl" or "cuda-ipc") from `device`."""
     if scheme == "nccl":
         from kv_transfer.nccl import NcclKVSender
 
         return NcclKVSender(device)
-    from kv_transfer.cuda_ipc import CudaIpcKVSender
+    if scheme == "cuda-ipc":
+        from kv_transfer.cuda_ipc import CudaIpcKVSender
 
-    return CudaIpcKVSender(device)
+        return CudaIpcKVSender(device)
+    raise ValueError(f"not a GPU KV transport: {scheme!r}")

@@ -50,17 +50,22 @@ import torch
 
 from kv_transfer.base import (
     KVLayerSource,
-    KVSender,
     KVTransferError,
     TransferRefused,
     TransferSpec,
-    check_send,
     layer_event,
     layer_ready,
 )
 from kv_transfer.blocks import LayerScatter
 from kv_transfer.reservations import Extras, Reservation
-from kv_transfer.tcp import CONNECTION_ERRORS, ListeningReceiver, parse_endpoint, read_reply
+from kv_transfer.tcp import (
+    ListeningReceiver,
+    Pair,
+    PairedSender,
+    cuda_device_of,
+    parse_endpoint,
+    read_reply,
+)
 from kv_transfer.wire import (
     TransferHeader,
     json_frame,
@@ -218,95 +223,45 @@ class _Comm:
         self.abort()
 
 
-class _Peer:
+class _Peer(Pair):
     """The sender's side of a pair: control connection, communicator, one transfer at a time."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, comm: _Comm):
-        self.reader, self.writer, self.comm = reader, writer, comm
-        self.lock = asyncio.Lock()
-        self.broken = False
-
-    def kill(self) -> None:
-        self.broken = True
-        self.comm.abort()
-        self.writer.transport.abort()
+        super().__init__(reader, writer)
+        self.comm = comm
 
 
-class NcclKVSender(KVSender):
+class NcclKVSender(PairedSender[_Peer]):
     """Sends KV from CUDA tensors to `NcclKVReceiver`s on other GPUs, one communicator per peer."""
 
     def __init__(self, device: torch.device | str) -> None:
+        super().__init__()
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"the nccl transport needs a CUDA device, got {self.device}")
-        self._peers: dict[str, _Peer] = {}
-        self._connecting: dict[str, asyncio.Lock] = {}
-        self._closed = False
 
-    async def send(
-        self,
-        spec: TransferSpec,
-        layers: KVLayerSource,
-        extra: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        """See `KVSender.send`; the layers must be CUDA tensors on this sender's device."""
-        left = check_send(self._closed, spec, layers)
-        try:
-            async with asyncio.timeout(left):
-                peer = await self._peer(spec.endpoint)
-                async with peer.lock:
-                    if peer.broken:
-                        raise KVTransferError(f"connection to {spec.endpoint} was lost")
-                    try:
-                        await self._transfer(peer, spec, layers, extra or {})
-                    except TransferRefused:
-                        raise  # a clean refusal: the pair stays in step
-                    except BaseException:
-                        self._drop(spec.endpoint, peer)  # before `layers` can be freed
-                        raise
-        except TimeoutError as exc:
-            raise KVTransferError(f"transfer {spec.transfer_id!r}: deadline passed") from exc
-        except CONNECTION_ERRORS as exc:
-            raise KVTransferError(
-                f"transfer {spec.transfer_id!r}: connection to {spec.endpoint} failed: {exc!r}"
-            ) from exc
-
-    async def close(self) -> None:
-        """Abort every pair's communicator and connection; sends in flight fail."""
-        self._closed = True
-        for endpoint in list(self._peers):
-            self._drop(endpoint)
-
-    def _drop(self, endpoint: str, peer: _Peer | None = None) -> None:
+    def _kill(self, peer: _Peer) -> None:
         """Abort the pair's communicator and connection; the next send makes new ones."""
-        if peer is None or self._peers.get(endpoint) is peer:
-            peer = self._peers.pop(endpoint, None) or peer
-        if peer is not None:
-            peer.kill()
+        peer.comm.abort()
+        peer.writer.transport.abort()
 
-    async def _peer(self, endpoint: str) -> _Peer:
-        """The live pair for `endpoint`, connecting and making its communicator on first use."""
-        lock = self._connecting.setdefault(endpoint, asyncio.Lock())
-        async with lock:
-            peer = self._peers.get(endpoint)
-            if peer is not None and not peer.broken:
-                return peer
-            host, port = parse_endpoint(endpoint, "nccl")
-            reader, writer = await asyncio.open_connection(host, port)
-            comm = _Comm(self.device)
-            try:
-                unique_id = new_unique_id()
-                writer.write(json_frame({"type": "hello", "unique_id": unique_id.hex()}))
-                await writer.drain()
-                # Both ranks must be inside ncclCommInitRank at once: ours runs on the pair's
-                # thread while the receiver joins.
-                await asyncio.gather(comm.init(unique_id, 0), _expect_ok(reader))
-            except BaseException:
-                comm.abort()
-                writer.transport.abort()
-                raise
-            peer = self._peers[endpoint] = _Peer(reader, writer, comm)
-            return peer
+    async def _connect(self, endpoint: str) -> _Peer:
+        """Connect and make the pair's communicator."""
+        host, port = parse_endpoint(endpoint, "nccl")
+        reader, writer = await asyncio.open_connection(host, port)
+        comm = _Comm(self.device)
+        try:
+            unique_id = new_unique_id()
+            writer.write(json_frame({"type": "hello", "unique_id": unique_id.hex()}))
+            await writer.drain()
+            # Both ranks must be inside ncclCommInitRank at once: ours runs on the pair's
+            # thread while the receiver joins.
+            await asyncio.gather(comm.init(unique_id, 0), _expect_ok(reader))
+        except BaseException:
+            comm.abort()
+            writer.transport.abort()
+            raise
+        return _Peer(reader, writer, comm)
 
     async def _transfer(
         self,
@@ -369,7 +324,8 @@ class NcclKVReceiver(ListeningReceiver):
 
     Listens for control connections as `ListeningReceiver` does and advertises
     `nccl://advertise_host:port`. `staging_bytes` bounds the GPU memory a transfer stages at once
-    (two buffers of half of it; whole layers, at least one).
+    (two buffers of half of it; whole layers, at least one); `options` are `ListeningReceiver`'s
+    (`header_timeout_s` 30 s by default here).
     """
 
     SCHEME = "nccl"
@@ -380,22 +336,12 @@ class NcclKVReceiver(ListeningReceiver):
         host: str = "127.0.0.1",
         port: int = 0,
         *,
-        advertise_host: str | None = None,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
-        header_timeout_s: float = 30.0,
-        max_extra_bytes: int = 64 << 20,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            kv_caches,
-            host,
-            port,
-            advertise_host=advertise_host,
-            header_timeout_s=header_timeout_s,
-            max_extra_bytes=max_extra_bytes,
-        )
-        self.device = self.kv_caches[0].device
-        if self.device.type != "cuda":
-            raise ValueError(f"the nccl transport needs CUDA caches, got {self.device}")
+        options.setdefault("header_timeout_s", 30.0)
+        self.device = cuda_device_of(kv_caches, "nccl")
+        super().__init__(kv_caches, host, port, **options)
         self._staging_bytes = staging_bytes
         self._scatter = LayerScatter(self.kv_caches)
 

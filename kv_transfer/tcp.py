@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import torch
@@ -26,6 +27,7 @@ from kv_transfer.base import (
     KVReceiver,
     KVSender,
     KVTransferError,
+    TransferRefused,
     TransferSpec,
     check_send,
     layer_ready,
@@ -56,6 +58,29 @@ def parse_endpoint(endpoint: str, scheme: str = "tcp") -> tuple[str, int]:
     if parts.scheme != scheme or not parts.hostname or port is None:
         raise KVTransferError(f"not a {scheme} endpoint: {endpoint!r}")
     return parts.hostname, port
+
+
+@asynccontextmanager
+async def send_errors(spec: TransferSpec, seconds: float) -> AsyncIterator[None]:
+    """Run a send's body for at most `seconds`; its timeout and a broken connection come out as
+    `KVTransferError`s naming the transfer."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError as exc:
+        raise KVTransferError(f"transfer {spec.transfer_id!r}: deadline passed") from exc
+    except CONNECTION_ERRORS as exc:
+        raise KVTransferError(
+            f"transfer {spec.transfer_id!r}: connection to {spec.endpoint} failed: {exc!r}"
+        ) from exc
+
+
+def cuda_device_of(kv_caches: Sequence[torch.Tensor], transport: str) -> torch.device:
+    """The GPU of `kv_caches`; `ValueError` naming `transport` if they are not on one."""
+    device = kv_caches[0].device if kv_caches else torch.device("cpu")
+    if device.type != "cuda":
+        raise ValueError(f"the {transport} transport needs CUDA caches, got {device}")
+    return device
 
 
 def format_endpoint(host: str, port: int) -> str:
@@ -128,15 +153,8 @@ class TcpKVSender(KVSender):
         """See `KVSender.send`; the whole exchange runs under `spec.deadline`."""
         left = check_send(self._closed, spec, layers)
         host, port = parse_endpoint(spec.endpoint)
-        try:
-            async with asyncio.timeout(left):
-                await self._exchange(spec, host, port, layers, extra or {})
-        except TimeoutError as exc:
-            raise KVTransferError(f"transfer {spec.transfer_id!r}: deadline passed") from exc
-        except CONNECTION_ERRORS as exc:
-            raise KVTransferError(
-                f"transfer {spec.transfer_id!r}: connection to {spec.endpoint} failed: {exc!r}"
-            ) from exc
+        async with send_errors(spec, left):
+            await self._exchange(spec, host, port, layers, extra or {})
 
     async def close(self) -> None:
         """Abort the connections of sends in flight (they raise) and refuse new sends."""
@@ -217,6 +235,89 @@ class TcpKVSender(KVSender):
             writer.write(tensor_frame_prefix(extras[meta.name]))
             writer.write(tensor_payload(extras[meta.name]))
         await writer.drain()
+
+
+class Pair:
+    """A sender's link to one receiver: the control connection; one transfer at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.lock = asyncio.Lock()
+        self.broken = False
+
+
+P = TypeVar("P", bound=Pair)
+
+
+class PairedSender(KVSender, Generic[P]):
+    """What senders with a lasting link per receiver share (nccl, cuda-ipc): the pairs by
+    endpoint, made on first use (`_connect`), each carrying one transfer at a time
+    (`_transfer`). A transfer that fails other than by a clean refusal (`TransferRefused`) ends
+    its pair (`_kill`); the next send to that endpoint makes a new one."""
+
+    def __init__(self) -> None:
+        self._pairs: dict[str, P] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+        self._closed = False
+
+    async def send(
+        self,
+        spec: TransferSpec,
+        layers: KVLayerSource,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """See `KVSender.send`; the whole exchange runs under `spec.deadline`."""
+        left = check_send(self._closed, spec, layers)
+        async with send_errors(spec, left):
+            pair = await self._pair(spec.endpoint)
+            async with pair.lock:
+                if pair.broken:
+                    raise KVTransferError(f"connection to {spec.endpoint} was lost")
+                try:
+                    await self._transfer(pair, spec, layers, extra or {})
+                except TransferRefused:
+                    raise  # a clean refusal: the pair stays in step
+                except BaseException:
+                    self._drop(spec.endpoint, pair)  # before `layers` can be freed
+                    raise
+
+    async def close(self) -> None:
+        """End every pair; sends in flight fail."""
+        self._closed = True
+        for endpoint in list(self._pairs):
+            self._drop(endpoint)
+
+    def _drop(self, endpoint: str, pair: P | None = None) -> None:
+        """End the endpoint's pair (or `pair`, if it is still the endpoint's)."""
+        if pair is None or self._pairs.get(endpoint) is pair:
+            pair = self._pairs.pop(endpoint, None) or pair
+        if pair is not None:
+            pair.broken = True
+            self._kill(pair)
+
+    async def _pair(self, endpoint: str) -> P:
+        """The live pair for `endpoint`, connecting on first use."""
+        lock = self._connecting.setdefault(endpoint, asyncio.Lock())
+        async with lock:
+            pair = self._pairs.get(endpoint)
+            if pair is not None and not pair.broken:
+                return pair
+            pair = self._pairs[endpoint] = await self._connect(endpoint)
+            return pair
+
+    @abstractmethod
+    async def _connect(self, endpoint: str) -> P:
+        """A new pair with the receiver at `endpoint`, ready for transfers."""
+
+    @abstractmethod
+    async def _transfer(
+        self, pair: P, spec: TransferSpec, layers: KVLayerSource, extras: Mapping[str, torch.Tensor]
+    ) -> None:
+        """One transfer over `pair`; `TransferRefused` when the pair stays usable."""
+
+    @abstractmethod
+    def _kill(self, pair: P) -> None:
+        """Tear `pair` down (it is marked broken already)."""
 
 
 class ListeningReceiver(KVReceiver):
@@ -308,8 +409,8 @@ class ListeningReceiver(KVReceiver):
         self._handlers.add(task)
         try:
             await self._serve(reader, writer)
-        except CONNECTION_ERRORS:
-            pass  # the sender went away; its reservation (if any) was failed already
+        except (*CONNECTION_ERRORS, KVTransferError):
+            pass  # the sender went away or broke the protocol; its reservation was failed
         finally:
             self._handlers.discard(task)
             writer.close()
@@ -317,6 +418,17 @@ class ListeningReceiver(KVReceiver):
     @abstractmethod
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one sender's connection until it is done."""
+
+    async def _first_frame(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Any:
+        """A connection's first JSON frame, within `header_timeout_s`; an unreadable one is
+        answered with an error and raises `KVTransferError` (the connection then closes)."""
+        try:
+            return await asyncio.wait_for(read_json_frame(reader), self._header_timeout_s)
+        except KVTransferError as exc:
+            writer.write(reply_frame("error", str(exc)))
+            raise
 
     def _admit(
         self, obj: Any, writer: asyncio.StreamWriter
@@ -351,12 +463,7 @@ class TcpKVReceiver(ListeningReceiver):
     """
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            obj = await asyncio.wait_for(read_json_frame(reader), self._header_timeout_s)
-        except KVTransferError as exc:
-            writer.write(reply_frame("error", str(exc)))
-            return
-        admitted = self._admit(obj, writer)
+        admitted = self._admit(await self._first_frame(reader, writer), writer)
         if admitted is None:
             return
         header, res = admitted

@@ -652,3 +652,79 @@ def test_a_malformed_cuda_ipc_export_is_refused_before_cuda_is_touched() -> None
     ):
         with pytest.raises(KVTransferError, match="malformed KV cache export"):
             import_cache(bad, torch.device("cuda", 0))
+
+
+def test_paired_sender_keeps_a_pair_until_a_transfer_fails() -> None:
+    """The nccl and cuda-ipc senders' shared part (`PairedSender`), over a real socket: one
+    connection serves transfer after transfer; a clean refusal keeps it; a failure or a missed
+    deadline ends it (`_kill`) and the next send connects again; after close, sends fail."""
+    from kv_transfer.base import TransferRefused
+    from kv_transfer.tcp import Pair, PairedSender, read_reply
+
+    connections: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while True:
+            try:
+                obj = await read_json_frame(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return  # the sender ended the pair
+            what = obj["transfer_id"].split("-")[0]
+            if what == "cut":
+                writer.close()
+                return
+            if what != "silent":
+                writer.write(json_frame({"status": "ok" if what == "ok" else "error"}))
+
+    class Sender(PairedSender[Pair]):
+        def __init__(self, port: int) -> None:
+            super().__init__()
+            self.port, self.killed = port, 0
+
+        async def _connect(self, endpoint: str) -> Pair:
+            return Pair(*await asyncio.open_connection("127.0.0.1", self.port))
+
+        async def _transfer(self, pair, spec, layers, extras) -> None:
+            pair.writer.write(json_frame({"transfer_id": spec.transfer_id}))
+            if (await read_reply(pair.reader))["status"] != "ok":
+                raise TransferRefused(f"{spec.transfer_id} refused")
+
+        def _kill(self, pair: Pair) -> None:
+            self.killed += 1
+            pair.writer.transport.abort()
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        sender = Sender(server.sockets[0].getsockname()[1])
+        source = gather_blocks(make_caches(), SRC_IDS)
+
+        async def send(transfer_id: str, ttl_s: float = 5.0) -> None:
+            spec = TransferSpec(transfer_id, "x://pair", DST_IDS, time.time() + ttl_s)
+            await sender.send(spec, source)
+
+        try:
+            await send("ok-1")
+            await send("ok-2")
+            with pytest.raises(TransferRefused):
+                await send("no-1")
+            await send("ok-3")
+            assert len(connections) == 1 and sender.killed == 0
+            with pytest.raises(KVTransferError, match="connection to x://pair failed"):
+                await send("cut-1")
+            assert sender.killed == 1
+            await send("ok-4")
+            assert len(connections) == 2
+            with pytest.raises(KVTransferError, match="deadline passed"):
+                await send("silent-1", ttl_s=0.3)
+            assert sender.killed == 2
+            await send("ok-5")
+            assert len(connections) == 3
+            await sender.close()
+            assert sender.killed == 3
+            with pytest.raises(KVTransferError, match="closed"):
+                await send("ok-6")
+        finally:
+            server.close()
+
+    run(main())
