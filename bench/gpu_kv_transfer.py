@@ -120,17 +120,21 @@ def raw_nccl_seconds(layers: list[torch.Tensor], dst: list[torch.Tensor]) -> flo
     return statistics.median(times)
 
 
-async def baton_seconds(src_caches: list[torch.Tensor], num_blocks: int) -> float:
-    """Median seconds of `NcclKVSender.send` of `num_blocks` random blocks from GPU 0 into random
-    reserved blocks of a receiver process on GPU 1, until that process reports them landed."""
+async def baton_seconds(
+    src_caches: list[torch.Tensor], num_blocks: int, transport: str = "nccl"
+) -> float:
+    """Median seconds of a `send` of `num_blocks` random blocks from GPU 0 into random reserved
+    blocks of a receiver process, until that process reports them landed: over `nccl` into GPU
+    1, or over `cuda-ipc` into GPU 0 itself."""
     from bench.kv_transfer_pair import RemoteReceiver, time_transfers
-    from kv_transfer.nccl import NcclKVSender
+    from kv_transfer.dispatch import gpu_sender
 
     _, num_cache_blocks, block_size, num_kv_heads, head_dim = src_caches[0].shape
     shape = (len(src_caches), num_cache_blocks, block_size, num_kv_heads, head_dim)
-    sender = NcclKVSender(torch.device("cuda:0"))
+    sender = gpu_sender(transport, torch.device("cuda:0"))
+    device = "cuda:1" if transport == "nccl" else "cuda:0"
     try:
-        async with RemoteReceiver("nccl", "cuda:1", "bfloat16", shape) as receiver:
+        async with RemoteReceiver(transport, device, "bfloat16", shape) as receiver:
             try:
                 times = await time_transfers(
                     sender, receiver, src_caches, num_blocks, REPEATS, WARMUP
@@ -182,7 +186,13 @@ async def baton_seconds_in_process(
     return statistics.median(times)
 
 
-def bandwidth(receiver: str = "process") -> list[dict[str, Any]]:
+def _bandwidth_rows(
+    measure: Callable[[list[torch.Tensor], int], tuple[float, float]],
+    baseline: str,
+    **fields: Any,
+) -> list[dict[str, Any]]:
+    """For each shape and prompt length, `measure(src caches on GPU 0, blocks)` -> (seconds of
+    the raw `baseline`, seconds of Baton's transfer), as rows."""
     rows = []
     for name, shape in SHAPES.items():
         num_cache_blocks = 2 * max(PROMPT_TOKENS) // BLOCK_SIZE
@@ -192,38 +202,41 @@ def bandwidth(receiver: str = "process") -> list[dict[str, Any]]:
             for _ in range(shape["num_layers"])
         ]
         for tokens in PROMPT_TOKENS:
-            blocks = tokens // BLOCK_SIZE
-            layer_shape = (2, blocks, BLOCK_SIZE, shape["num_kv_heads"], shape["head_dim"])
-            raw_src = [c[:, :blocks].contiguous() for c in src]
-            raw_dst = [torch.empty(layer_shape, device="cuda:1", dtype=torch.bfloat16)
-                       for _ in src]  # fmt: skip
-            raw = raw_nccl_seconds(raw_src, raw_dst)
-            del raw_src, raw_dst
-            if receiver == "process":
-                baton = asyncio.run(baton_seconds(src, blocks))
-            else:
-                dst = [torch.zeros_like(c, device="cuda:1") for c in src]
-                baton = asyncio.run(baton_seconds_in_process(src, dst, blocks))
-                del dst
+            raw, baton = measure(src, tokens // BLOCK_SIZE)
             nbytes = _kv_bytes(shape, tokens)
             row = {
                 "shape": name,
                 **shape,
                 "prompt_tokens": tokens,
                 "kv_bytes": nbytes,
-                "raw_nccl_seconds": raw,
+                f"raw_{baseline}_seconds": raw,
                 "baton_seconds": baton,
-                "raw_nccl_gib_per_s": nbytes / raw / 2**30,
+                f"raw_{baseline}_gib_per_s": nbytes / raw / 2**30,
                 "baton_gib_per_s": nbytes / baton / 2**30,
                 "baton_fraction_of_raw": raw / baton,
-                "receiver": receiver,
-                "aim": 0.8,
+                **fields,
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
         del src
         torch.cuda.empty_cache()
     return rows
+
+
+def bandwidth(receiver: str = "process") -> list[dict[str, Any]]:
+    """Two GPUs: the nccl transport against raw NCCL send/recv."""
+
+    def measure(src: list[torch.Tensor], blocks: int) -> tuple[float, float]:
+        raw_src = [c[:, :blocks].contiguous() for c in src]
+        raw_dst = [torch.empty_like(t, device="cuda:1") for t in raw_src]
+        raw = raw_nccl_seconds(raw_src, raw_dst)
+        del raw_src, raw_dst
+        if receiver == "process":
+            return raw, asyncio.run(baton_seconds(src, blocks))
+        dst = [torch.zeros_like(c, device="cuda:1") for c in src]
+        return raw, asyncio.run(baton_seconds_in_process(src, dst, blocks))
+
+    return _bandwidth_rows(measure, "nccl", receiver=receiver, aim=0.8)
 
 
 def raw_copy_seconds(layers: list[torch.Tensor]) -> float:
@@ -241,60 +254,14 @@ def raw_copy_seconds(layers: list[torch.Tensor]) -> float:
     return statistics.median(times)
 
 
-async def baton_ipc_seconds(src_caches: list[torch.Tensor], num_blocks: int) -> float:
-    """Median seconds of `CudaIpcKVSender.send` of `num_blocks` random blocks into random
-    reserved blocks of a receiver process on the same GPU, until that process reports them
-    landed (checksums compared)."""
-    from bench.kv_transfer_pair import RemoteReceiver, time_transfers
-    from kv_transfer.cuda_ipc import CudaIpcKVSender
-
-    _, num_cache_blocks, block_size, num_kv_heads, head_dim = src_caches[0].shape
-    shape = (len(src_caches), num_cache_blocks, block_size, num_kv_heads, head_dim)
-    sender = CudaIpcKVSender(torch.device("cuda:0"))
-    try:
-        async with RemoteReceiver("cuda-ipc", "cuda:0", "bfloat16", shape) as receiver:
-            try:
-                times = await time_transfers(
-                    sender, receiver, src_caches, num_blocks, REPEATS, WARMUP
-                )
-            finally:
-                await sender.close()  # before the receiver goes
-    finally:
-        await sender.close()
-    return statistics.median(times)
-
-
 def bandwidth_one_gpu() -> list[dict[str, Any]]:
-    rows = []
-    for name, shape in SHAPES.items():
-        num_cache_blocks = 2 * max(PROMPT_TOKENS) // BLOCK_SIZE
-        cache_shape = (2, num_cache_blocks, BLOCK_SIZE, shape["num_kv_heads"], shape["head_dim"])
-        src = [
-            torch.randn(cache_shape, device="cuda:0", dtype=torch.bfloat16)
-            for _ in range(shape["num_layers"])
-        ]
-        for tokens in PROMPT_TOKENS:
-            blocks = tokens // BLOCK_SIZE
-            raw = raw_copy_seconds([c[:, :blocks].contiguous() for c in src])
-            baton = asyncio.run(baton_ipc_seconds(src, blocks))
-            nbytes = _kv_bytes(shape, tokens)
-            row = {
-                "shape": name,
-                **shape,
-                "prompt_tokens": tokens,
-                "kv_bytes": nbytes,
-                "raw_copy_seconds": raw,
-                "baton_seconds": baton,
-                "raw_copy_gib_per_s": nbytes / raw / 2**30,
-                "baton_gib_per_s": nbytes / baton / 2**30,
-                "baton_fraction_of_raw": raw / baton,
-                "transport": "cuda-ipc",
-            }
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-        del src
-        torch.cuda.empty_cache()
-    return rows
+    """One GPU: the cuda-ipc transport into another process against a copy in one."""
+
+    def measure(src: list[torch.Tensor], blocks: int) -> tuple[float, float]:
+        raw = raw_copy_seconds([c[:, :blocks].contiguous() for c in src])
+        return raw, asyncio.run(baton_seconds(src, blocks, "cuda-ipc"))
+
+    return _bandwidth_rows(measure, "copy", transport="cuda-ipc")
 
 
 def _ttft_run(

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kv_transfer import KVTransferError, TransferSpec, gather_blocks
+from tests.gpu.ipc_sender import Layerwise
 from tests.test_kv_transfer import (
     DST_IDS,
     SRC_IDS,
@@ -43,26 +44,6 @@ def assert_landed(dst, before, src, src_ids=SRC_IDS, dst_ids=DST_IDS) -> None:
         d, b, s = d.cpu(), b.cpu(), s.cpu()
         assert torch.equal(d[:, list(dst_ids)], s[:, list(src_ids)])
         assert torch.equal(d[:, rest], b[:, rest])
-
-
-class Layerwise:
-    """A layer source that, like a layer-wise export, makes the sender wait per layer:
-    `hook(i)` (sync or async) runs in `ready(i)`, once layers before i may already be sent."""
-
-    def __init__(self, inner, hook) -> None:
-        self._inner, self._hook = inner, hook
-
-    @property
-    def num_layers(self) -> int:
-        return self._inner.num_layers
-
-    def layer(self, i: int) -> torch.Tensor:
-        return self._inner.layer(i)
-
-    async def ready(self, i: int) -> None:
-        result = self._hook(i)
-        if asyncio.iscoroutine(result):
-            await result
 
 
 def assert_untouched_outside(dst, before, dst_ids=DST_IDS) -> None:
