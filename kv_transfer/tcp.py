@@ -296,12 +296,15 @@ class PairedSender(KVSender, Generic[P]):
             self._kill(pair)
 
     async def _pair(self, endpoint: str) -> P:
-        """The live pair for `endpoint`, connecting on first use."""
+        """The live pair for `endpoint`, connecting on first use, and again once the receiver
+        closed the connection between transfers (it restarted, say)."""
         lock = self._connecting.setdefault(endpoint, asyncio.Lock())
         async with lock:
             pair = self._pairs.get(endpoint)
             if pair is not None and not pair.broken:
-                return pair
+                if not pair.reader.at_eof():
+                    return pair
+                self._drop(endpoint, pair)
             pair = self._pairs[endpoint] = await self._connect(endpoint)
             return pair
 

@@ -657,7 +657,8 @@ def test_a_malformed_cuda_ipc_export_is_refused_before_cuda_is_touched() -> None
 def test_paired_sender_keeps_a_pair_until_a_transfer_fails() -> None:
     """The nccl and cuda-ipc senders' shared part (`PairedSender`), over a real socket: one
     connection serves transfer after transfer; a clean refusal keeps it; a failure or a missed
-    deadline ends it (`_kill`) and the next send connects again; after close, sends fail."""
+    deadline ends it (`_kill`) and the next send connects again, as it does at once when the
+    receiver closed the connection between transfers; after close, sends fail."""
     from kv_transfer.base import TransferRefused
     from kv_transfer.tcp import Pair, PairedSender, read_reply
 
@@ -675,7 +676,10 @@ def test_paired_sender_keeps_a_pair_until_a_transfer_fails() -> None:
                 writer.close()
                 return
             if what != "silent":
-                writer.write(json_frame({"status": "ok" if what == "ok" else "error"}))
+                writer.write(json_frame({"status": "ok" if what in ("ok", "last") else "no"}))
+            if what == "last":  # the receiver goes away between transfers
+                writer.close()
+                return
 
     class Sender(PairedSender[Pair]):
         def __init__(self, port: int) -> None:
@@ -720,10 +724,14 @@ def test_paired_sender_keeps_a_pair_until_a_transfer_fails() -> None:
             assert sender.killed == 2
             await send("ok-5")
             assert len(connections) == 3
+            await send("last-1")  # it lands; then the receiver closes the connection
+            await asyncio.sleep(0.1)
+            await send("ok-6")  # no failed transfer: a new connection at once
+            assert len(connections) == 4 and sender.killed == 3
             await sender.close()
-            assert sender.killed == 3
+            assert sender.killed == 4
             with pytest.raises(KVTransferError, match="closed"):
-                await send("ok-6")
+                await send("ok-7")
         finally:
             server.close()
 
