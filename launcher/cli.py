@@ -431,7 +431,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     )
     try:
         return serve_forever(spec)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
 
 

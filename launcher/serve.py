@@ -131,6 +131,17 @@ def kv_transport_args(
     return []
 
 
+def check_kv_transport(transport: str, num_gpus: int) -> None:
+    """`ValueError` for a forced KV transport that cannot work: unknown, or a GPU one (nccl,
+    cuda-ipc) for workers without GPUs."""
+    from kv_transfer.dispatch import GPU_TRANSPORTS, TRANSPORTS
+
+    if transport and transport not in TRANSPORTS:
+        raise ValueError(f"kv_transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+    if transport in GPU_TRANSPORTS and num_gpus == 0:
+        raise ValueError(f"kv_transport {transport!r} needs GPU workers; this machine has none")
+
+
 def _visible_gpus(spec: ClusterSpec) -> int:
     if spec.num_gpus is not None:
         return spec.num_gpus
@@ -175,6 +186,7 @@ def start_cluster(spec: ClusterSpec) -> Cluster:
         ("colocated", "decode_service", ["--role", "colocated"], spec.colocated),
     ]
     num_gpus = _visible_gpus(spec)
+    check_kv_transport(spec.kv_transport, num_gpus)
     prefill_gpus = {gpu_for_worker(i, num_gpus) for i in range(spec.prefill)}
     try:
         for role, module, extra, count in roles:

@@ -116,3 +116,16 @@ def test_generate_on_the_demo_model_answers_paris(demo_model_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert result.stdout.endswith("\n")
+
+
+def test_serve_refuses_a_gpu_kv_transport_without_gpus(
+    tiny_model: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a machine without GPUs, `--kv-transport cuda-ipc` exits 2 before starting workers."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    model = tiny_model("llama")
+    assert cli.main(["serve", "--model", str(model), "--kv-transport", "cuda-ipc"]) == 2
+    assert "kv_transport 'cuda-ipc' needs GPU workers" in capsys.readouterr().err

@@ -127,6 +127,16 @@ def test_decode_workers_pick_their_kv_transport_by_placement():
     assert kv_transport_args("colocated", 1, {0}) == []
 
 
+def test_a_forced_kv_transport_that_cannot_work_is_refused_before_any_worker_starts(tiny_model):
+    from launcher.serve import ClusterSpec, start_cluster
+
+    model = tiny_model("llama")
+    for transport, match in (("cuda-ipc", "needs GPU workers"), ("rdma", "must be one of")):
+        spec = ClusterSpec(model, num_gpus=0, kv_transport=transport)
+        with pytest.raises(ValueError, match=f"kv_transport.*{match}"):
+            start_cluster(spec)
+
+
 def test_prefill_args_reach_only_prefill_workers(tiny_model):
     """`ClusterSpec.prefill_args` (here --layerwise-push) go to prefill workers, which the
     decode worker would refuse; the served output equals the offline engine's."""
