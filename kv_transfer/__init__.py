@@ -2,8 +2,9 @@
 
 One interface (`KVSender`, `KVReceiver`, `TransferSpec`, in `base`) over several transports:
 `tcp` (between hosts, or processes on CPU), `local` (one process), `nccl` (GPU to GPU, in
-`kv_transfer.nccl`: imported on demand, it needs cupy); `dispatch` picks one by flag or endpoint.
-`blocks` gathers and scatters blocks of a paged cache.
+`kv_transfer.nccl`: imported on demand, it needs cupy), `cuda-ipc` (processes sharing one GPU,
+in `kv_transfer.cuda_ipc`); `dispatch` picks one by flag or endpoint. `blocks` gathers and
+scatters blocks of a paged cache.
 """
 
 from kv_transfer.base import KVLayerSource, KVReceiver, KVSender, KVTransferError, TransferSpec

@@ -324,7 +324,8 @@ class PairedSender(KVSender, Generic[P]):
 
 
 class ListeningReceiver(KVReceiver):
-    """What every receiver with a TCP listener shares (tcp here, nccl for its control plane):
+    """What every receiver with a TCP listener shares (tcp here; nccl and cuda-ipc for their
+    control planes):
     the reservation table, the listening socket, connection bookkeeping, header admission.
 
     Binds `host:port` (port 0 picks a free one) and advertises `SCHEME://advertise_host:port`
