@@ -32,11 +32,36 @@ def generate(out_root: Path = PROTO_ROOT) -> list[Path]:
     written = sorted((out_root / "baton" / "v1").glob("*_pb2*.py*"))
     for path in written:
         text = re.sub(
-            r"^from baton\.v1 import (\w+)", r"from proto.baton.v1 import \1", path.read_text(),
+            r"^from baton\.v1 import (\w+)",
+            r"from proto.baton.v1 import \1",
+            path.read_text(),
             flags=re.M,
         )
         path.write_text(text)
     return written
+
+
+# What the generator writes of its own version: protoc's (the gencode's runtime check) and
+# grpcio-tools' (GRPC_GENERATED_VERSION). A patch release of either changes only these.
+_GENERATOR_VERSIONS = (
+    (re.compile(r"^# Protobuf Python Version: .*$", re.M), "# Protobuf Python Version: X"),
+    (
+        re.compile(
+            r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)"
+            r"\s*\d+,\s*\d+,\s*\d+,"
+        ),
+        r"\1 X, X, X,",
+    ),
+    (re.compile(r"^GRPC_GENERATED_VERSION = '[^']*'$", re.M), "GRPC_GENERATED_VERSION = 'X'"),
+)
+
+
+def without_generator_versions(text: str) -> str:
+    """`text` of a generated stub with the generator's version numbers masked, so two stubs
+    compare equal when only the protoc or grpcio-tools release that wrote them differs."""
+    for pattern, replacement in _GENERATOR_VERSIONS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 if __name__ == "__main__":
