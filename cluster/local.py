@@ -224,7 +224,6 @@ def _start_router(
         if addresses:
             cmd += [f"--{role}", *addresses]
     env = _env()
-    env.pop(API_KEY_ENV, None)
     if spec.api_key:  # by environment: a command line is visible to every user (ps)
         env[API_KEY_ENV] = spec.api_key
     return subprocess.Popen(cmd, env=env)
@@ -247,8 +246,10 @@ def _wait_healthy(host: str, port: int, router: subprocess.Popen) -> None:
 
 
 def _env() -> dict[str, str]:
-    """Children import the repository's packages even when Baton is not installed."""
+    """Children import the repository's packages even when Baton is not installed; only a
+    router given `ClusterSpec.api_key` gets an API key (not one inherited from this process)."""
     env = dict(os.environ)
+    env.pop(API_KEY_ENV, None)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env

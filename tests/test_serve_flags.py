@@ -103,7 +103,11 @@ def served(tiny_model, tmp_path_factory) -> Iterator[Served]:
         yield Served(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", urls)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _info_labels(metrics_url: str, name: str) -> dict[str, str]:
