@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.serve import ClusterSpec
+from cluster import ClusterSpec
 
 WORKER_OPTIONS = frozenset({
     "max-num-seqs", "max-num-batched-tokens", "num-kv-blocks", "kv-cache-memory-bytes",

@@ -20,7 +20,7 @@ from bench.session import bench_target
 from bench.settings import BenchSettings
 from bench.sweep import SweepResult
 from bench.target import Target
-from launcher.serve import free_port, start_cluster
+from cluster import free_port, start_cluster
 
 
 @dataclass

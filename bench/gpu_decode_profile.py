@@ -217,7 +217,7 @@ def host_step(requests: int = 128, new_tokens: int = 128, device: str = "cuda") 
     import time
 
     from engine import LLM, SamplingParams
-    from launcher.tiny_model import make_tiny_model
+    from engine.models.tiny import make_tiny_model
 
     llm = LLM(
         str(make_tiny_model(Path(tempfile.mkdtemp()), "llama")),

@@ -329,7 +329,7 @@ def ttft(
     if only:
         configs = [c for c in configs if c[0] in {"colocated", *only.split(",")}]
     from bench.gpu_engine import make_model
-    from launcher.serve import ClusterSpec, free_port, start_cluster
+    from cluster import ClusterSpec, free_port, start_cluster
 
     rows: list[dict[str, Any]] = []
     pushes: dict[str, dict[str, float]] = {}  # P/D label -> the prefill worker's KV pushes

@@ -30,8 +30,8 @@ import httpx
 from bench.local_redis import RedisServer
 from bench.machine import describe_machine
 from bench.shared_prefix import SharedPrefix
+from cluster import ClusterSpec, free_port, start_cluster
 from engine.kv_cache.hashing import hash_prompt_blocks, request_extra_keys
-from launcher.serve import ClusterSpec, free_port, start_cluster
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 BLOCK_SIZE = 16
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path("bench/results/prefix_routing_cpu.json"))
     args = parser.parse_args(argv)
     if args.model is None:
-        from launcher.tiny_model import make_tiny_model
+        from engine.models.tiny import make_tiny_model
 
         args.model = make_tiny_model(Path("/tmp/baton-bench-tiny-qwen2"), "qwen2", 0)
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]

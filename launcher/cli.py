@@ -14,44 +14,49 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-TINY_MODEL_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-EXIT_USAGE = 2  # argparse's exit status for a bad command line; also used for a bad request
-_BYTE_UNITS = {
-    "": 1,
-    "k": 1000,
-    "m": 1000**2,
-    "g": 1000**3,
-    "t": 1000**4,
-    "ki": 1024,
-    "mi": 1024**2,
-    "gi": 1024**3,
-    "ti": 1024**4,
-}
+from launcher.command import EXIT_USAGE, UsageError, add_subcommand, resolve_model_dir
+from launcher.config_file import with_config_file
+from launcher.serve import add_serve
+from worker_common.engine_args import MODEL, add_engine_args, engine_kwargs
 
-
-class UsageError(Exception):
-    """A problem with what the user asked for; reported as `error: ...` with exit status 2."""
+TINY_MODEL_ARCHS = ("llama", "qwen2", "qwen3", "mistral")  # engine.models.tiny's (no torch here)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `baton` CLI on `argv` (default: sys.argv[1:]) and return the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args))
+        return int(args.run(parse_config_file(parser, argv, args)))
     except UsageError as exc:
         print(f"{args.prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The parsed command line `argv`, with the flags of its `--config` file (tests use it)."""
+    parser = build_parser()
+    return parse_config_file(parser, list(argv), parser.parse_args(argv))
+
+
+def parse_config_file(
+    parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace
+) -> argparse.Namespace:
+    """`args` parsed again with the `--config` file's flags before the typed ones, if it names
+    one (UsageError for a bad file); else `args`."""
+    if getattr(args, "config", None) is None:
+        return args
+    command = args.prog.split()[-1]
+    return parser.parse_args(with_config_file(argv, command, args.config_parser, args.config))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_make_tiny_model(commands)
     _add_demo_model(commands)
-    _add_serve(commands)
+    add_serve(commands)
     _add_bench(commands)
     return parser
 
@@ -78,35 +83,31 @@ def _version() -> str:
         return "unknown"
 
 
-def _subparser(commands: Any, name: str, help_text: str) -> argparse.ArgumentParser:
-    """Register subcommand `name`; its errors name it as `baton NAME`."""
-    sub: argparse.ArgumentParser = commands.add_parser(name, help=help_text, description=help_text)
-    sub.set_defaults(prog=f"baton {name}")
-    return sub
-
-
 # --- baton generate ----------------------------------------------------------------------------
 
 
 def _add_generate(commands: Any) -> None:
     """`baton generate`: engine, sampling and prompt options."""
-    sub = _subparser(commands, "generate", "Generate an answer to one prompt, streamed to stdout.")
-    sub.add_argument("prompt", metavar="PROMPT", help="the prompt (the user message in chat mode)")
-    sub.add_argument(
-        "--model",
-        type=Path,
-        metavar="DIR",
-        help="local Hugging Face model directory (default: the demo model, "
-        "SmolLM2-135M-Instruct, converted on first use)",
+    sub = add_subcommand(
+        commands, "generate", "Generate an answer to one prompt, streamed to stdout."
     )
-    _add_sampling_options(sub)
+    sub.add_argument("prompt", metavar="PROMPT", help="the prompt (the user message in chat mode)")
     sub.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="apply the tokenizer's chat template (default: when it has one)",
     )
-    _add_engine_options(sub)
+    _add_sampling_options(sub)
+    model = sub.add_argument_group(MODEL, "the model, its context and numerics")
+    model.add_argument(
+        "--model",
+        type=Path,
+        metavar="DIR",
+        help="local Hugging Face model directory (default: the demo model, "
+        "SmolLM2-135M-Instruct, converted on first use)",
+    )
+    add_engine_args(sub, {MODEL: model}, skip={"served_model_name"})
     sub.set_defaults(run=_run_generate)
 
 
@@ -149,13 +150,6 @@ def _add_sampling_options(sub: argparse.ArgumentParser) -> None:
         help="drop tokens below P x the top probability, 0 = off (default: %(default)s)",
     )
     group.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        metavar="S",
-        help="seed of this request's sampler (default: random)",
-    )
-    group.add_argument(
         "--stop",
         action="append",
         default=[],
@@ -167,53 +161,9 @@ def _add_sampling_options(sub: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_engine_options(sub: argparse.ArgumentParser) -> None:
-    """LLM(...) constructor options; unset ones keep the engine's defaults."""
-    group = sub.add_argument_group("engine")
-    group.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="auto",
-        help="weight and activation dtype (default: %(default)s, from the config)",
-    )
-    group.add_argument(
-        "--block-size",
-        type=int,
-        default=16,
-        metavar="TOKENS",
-        help="tokens per KV cache block (default: %(default)s)",
-    )
-    group.add_argument(
-        "--max-num-seqs", type=int, default=None, metavar="N", help="most sequences in one batch"
-    )
-    group.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=None,
-        metavar="N",
-        help="most tokens in one forward pass (chunked prefill budget)",
-    )
-    group.add_argument(
-        "--kv-cache-memory-bytes",
-        type=parse_bytes,
-        default=None,
-        metavar="BYTES",
-        help="KV cache size in bytes; accepts suffixes, e.g. 512MiB or 2G",
-    )
-
-
-def parse_bytes(text: str) -> int:
-    """Parse a byte count such as `1073741824`, `512MiB`, `2G` or `1.5GB` into bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text.lower())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (try 512MiB or 2G)")
-    number, unit = match.groups()
-    return int(float(number) * _BYTE_UNITS[unit or ""])
-
-
 def _run_generate(args: argparse.Namespace) -> int:
     """Stream the answer to `args.prompt` to stdout, ending with a newline."""
-    model_dir = _resolve_model_dir(args.model)
+    model_dir = resolve_model_dir(args.model)
     chat = has_chat_template(model_dir) if args.chat is None else args.chat
     from engine import LLM, SamplingParams
 
@@ -223,29 +173,16 @@ def _run_generate(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             top_k=args.top_k,
             min_p=args.min_p,
-            seed=args.seed,
             max_tokens=args.max_tokens,
             stop=list(args.stop),
             ignore_eos=args.ignore_eos,
         )
-        llm = LLM(model=str(model_dir), **_engine_kwargs(args))
+        llm = LLM(model=str(model_dir), **engine_kwargs(args))
         prompt: Any = [{"role": "user", "content": args.prompt}] if chat else args.prompt
         _stream(llm.stream(prompt, params, chat=chat))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     return 0
-
-
-def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """LLM constructor arguments the user set; the rest keep the engine's defaults."""
-    kwargs: dict[str, Any] = {"dtype": args.dtype, "block_size": args.block_size}
-    optional = {
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
-    }
-    kwargs.update({name: value for name, value in optional.items() if value is not None})
-    return kwargs
 
 
 def _stream(outputs: Any) -> None:
@@ -259,22 +196,6 @@ def _stream(outputs: Any) -> None:
     except BrokenPipeError:  # e.g. `baton generate ... | head`: the reader left, stop quietly
         # Point stdout at the null device so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-def _resolve_model_dir(model: Path | None) -> Path:
-    """The model directory to load: `model` if it is a model directory, else the demo model."""
-    if model is None:
-        from engine.models.demo import DemoModelUnavailableError, ensure_demo_model
-
-        try:
-            return ensure_demo_model()
-        except DemoModelUnavailableError as exc:
-            raise UsageError(str(exc)) from exc
-    if not model.is_dir():
-        raise UsageError(f"model directory not found: {model}")
-    if not (model / "config.json").is_file():
-        raise UsageError(f"not a Hugging Face model directory (no config.json): {model}")
-    return model
 
 
 def has_chat_template(model_dir: Path) -> bool:
@@ -296,7 +217,7 @@ def has_chat_template(model_dir: Path) -> bool:
 
 def _add_make_tiny_model(commands: Any) -> None:
     """`baton make-tiny-model DIR --arch A [--seed N]`."""
-    sub = _subparser(
+    sub = add_subcommand(
         commands,
         "make-tiny-model",
         "Write a small random-weight model with a trained tokenizer and chat "
@@ -318,7 +239,7 @@ def _add_make_tiny_model(commands: Any) -> None:
 
 def _run_make_tiny_model(args: argparse.Namespace) -> int:
     """Write the tiny model and print its directory."""
-    from launcher.tiny_model import make_tiny_model
+    from engine.models.tiny import make_tiny_model
 
     try:
         path = make_tiny_model(args.path, args.arch, args.seed)
@@ -333,7 +254,7 @@ def _run_make_tiny_model(args: argparse.Namespace) -> int:
 
 def _add_demo_model(commands: Any) -> None:
     """`baton demo-model [--cache-dir DIR]`."""
-    sub = _subparser(
+    sub = add_subcommand(
         commands,
         "demo-model",
         "Convert the demo model (SmolLM2-135M-Instruct) if needed and print its directory.",
@@ -361,80 +282,6 @@ def _run_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- baton serve -------------------------------------------------------------------------------
-
-
-def _add_serve(commands: Any) -> None:
-    """`baton serve`: the cluster on this machine."""
-    sub = _subparser(commands, "serve", "Serve the OpenAI API and gRPC with local workers.")
-    sub.add_argument("--model", type=Path, default=None, help="model directory (default: demo)")
-    pair_help = "default 1, or 0 with --colocated"
-    sub.add_argument("--prefill-workers", type=int, default=None, help=pair_help)
-    sub.add_argument("--decode-workers", type=int, default=None, help=pair_help)
-    sub.add_argument("--colocated", type=int, default=0, help="colocated workers (both roles)")
-    sub.add_argument("--host", default="127.0.0.1")
-    sub.add_argument("--port", type=int, default=8000, help="OpenAI HTTP port")
-    sub.add_argument("--grpc-port", type=int, default=50051, help="public gRPC port")
-    sub.add_argument(
-        "--policy",
-        default="",
-        choices=["", "round_robin", "least_loaded", "prefix_aware"],
-        help="routing (default: prefix_aware)",
-    )
-    sub.add_argument("--routers", type=int, default=1, help="routers (>1 needs --redis-url)")
-    sub.add_argument("--redis-url", default="", help="prefix index in Redis (redis://...)")
-    sub.add_argument("--cluster-name", default="default", help="Redis key namespace part")
-    sub.add_argument("--num-kv-blocks", type=int, default=None)
-    sub.add_argument("--max-num-seqs", type=int, default=None)
-    sub.add_argument("--max-num-batched-tokens", type=int, default=None)
-    sub.add_argument(
-        "--kv-transport",
-        default="",
-        choices=["", "tcp", "nccl", "cuda-ipc"],
-        help="how prefill workers push KV to decode workers (default: by placement: nccl between"
-        " GPUs, cuda-ipc on a shared GPU, tcp on CPUs)",
-    )
-    sub.set_defaults(run=_run_serve)
-
-
-def _run_serve(args: argparse.Namespace) -> int:
-    from launcher.serve import ClusterSpec, serve_forever
-
-    default_pair = 0 if args.colocated else 1
-    prefill = default_pair if args.prefill_workers is None else args.prefill_workers
-    decode = default_pair if args.decode_workers is None else args.decode_workers
-    if (prefill == 0) != (decode == 0):
-        raise UsageError("--prefill-workers and --decode-workers must both be 0 or both >= 1")
-    if prefill + decode + args.colocated == 0:
-        raise UsageError("no workers: give --prefill-workers/--decode-workers or --colocated")
-    if args.routers < 1 or (args.routers > 1 and not args.redis_url):
-        raise UsageError("--routers must be >= 1, and more than one router needs --redis-url")
-    worker_args: list[str] = []
-    for flag in ("num_kv_blocks", "max_num_seqs", "max_num_batched_tokens"):
-        value = getattr(args, flag)
-        if value is not None:
-            worker_args += [f"--{flag.replace('_', '-')}", str(value)]
-    spec = ClusterSpec(
-        model=_resolve_model_dir(args.model),
-        prefill=prefill,
-        decode=decode,
-        colocated=args.colocated,
-        host=args.host,
-        port=args.port,
-        grpc_port=args.grpc_port,
-        policy=args.policy,
-        routers=args.routers,
-        redis_url=args.redis_url,
-        cluster_name=args.cluster_name,
-        worker_args=worker_args,
-        kv_transport=args.kv_transport,
-    )
-    try:
-        return serve_forever(spec)
-    except (RuntimeError, ValueError) as exc:
-        raise UsageError(str(exc)) from exc
-
-
 # --- baton bench -------------------------------------------------------------------------------
 
 
@@ -443,7 +290,7 @@ def _add_bench(commands: Any) -> None:
     from bench.cli import add_bench_commands
 
     help_text = "Benchmark a server (run, sweep rates) or compare cluster configurations."
-    sub = _subparser(commands, "bench", help_text)
+    sub = add_subcommand(commands, "bench", help_text)
     add_bench_commands(sub)
     sub.set_defaults(run=_run_bench)
 

@@ -1,254 +1,176 @@
-"""`baton serve`: the cluster on one machine, as processes.
+"""`baton serve`: the cluster on this machine, with `vllm serve`'s flag names.
 
-Starts the workers (prefill, decode, colocated) on free ports, then the router with their
-addresses; waits until the router answers `/health`; prints the endpoints; on SIGTERM or Ctrl-C
-stops the router first (it drains in-flight requests), then the workers.
+Engine flags (model, KV cache, scheduler groups: worker_common.engine_args) go to every worker;
+--served-model-name, --max-model-len and --chat-template go to the router(s) too; --api-key goes
+to the routers through their environment. `--config FILE.yaml` supplies any flag (see
+launcher.config_file); the command line wins over the file.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-ROUTER_READY_TIMEOUT_S = 120.0
-
-
-@dataclass
-class ClusterSpec:
-    """What to start. Counts are processes; `worker_args` go to every worker."""
-
-    model: Path
-    prefill: int = 1
-    decode: int = 1
-    colocated: int = 0
-    host: str = "127.0.0.1"
-    port: int = 8000
-    grpc_port: int = 50051
-    policy: str = ""  # "": the router's default (prefix_aware with an index)
-    routers: int = 1  # routers on consecutive ports; more than one shares a Redis index
-    redis_url: str = ""  # the prefix index in Redis ("" = in-process in each router)
-    cluster_name: str = "default"
-    worker_args: list[str] = field(default_factory=list)
-    prefill_args: list[str] = field(default_factory=list)  # for prefill workers only
-    router_args: list[str] = field(default_factory=list)
-    num_gpus: int | None = None  # None: as many as torch sees; 0: CPU workers
-    kv_transport: str = ""  # decode workers' KV transport; "": by placement (kv_transport_args)
-
-    @property
-    def num_workers(self) -> int:
-        return self.prefill + self.decode + self.colocated
-
-    def threads_per_worker(self) -> int:
-        """CPU threads for each worker's torch: the cores shared out, so workers on one machine
-        do not oversubscribe it (OpenMP threads spinning against each other stall everyone)."""
-        return max(1, (os.cpu_count() or 1) // max(1, self.num_workers))
-
-    def router_ports(self) -> list[tuple[int, int]]:
-        """(HTTP port, gRPC port) of each router."""
-        return [(self.port + i, self.grpc_port + i) for i in range(self.routers)]
-
-    def index_args(self) -> list[str]:
-        """How workers publish KV events: to Redis, or to every router's in-process index."""
-        if self.redis_url:
-            return ["--index-redis-url", self.redis_url, "--cluster-name", self.cluster_name]
-        return ["--index-router", *(f"{self.host}:{g}" for _, g in self.router_ports())]
+from cluster import ClusterSpec, start_cluster
+from launcher.command import UsageError, add_subcommand, resolve_model_dir
+from router.config import API_KEY_ENV, load_chat_template
+from worker_common.engine_args import MODEL, add_engine_args, engine_cli_args
 
 
-@dataclass
-class WorkerHandle:
-    """One worker process: its role, gRPC address (host:port) and Prometheus endpoint."""
-
-    role: str
-    proc: subprocess.Popen
-    address: str
-    metrics_url: str
-    device: str = "cpu"  # "cpu" or "gpu N"
-
-
-@dataclass
-class Cluster:
-    """The running processes; `stop()` ends them, router first."""
-
-    workers: list[WorkerHandle] = field(default_factory=list)
-    routers: list[subprocess.Popen] = field(default_factory=list)
-
-    @property
-    def router(self) -> subprocess.Popen | None:
-        return self.routers[0] if self.routers else None
-
-    def stop(self, grace_s: float = 15.0) -> None:
-        procs = [*self.routers, *(w.proc for w in self.workers)]
-        for proc in procs:  # router first: it drains, then the workers go
-            _terminate(proc, grace_s)
-
-
-def _terminate(proc: subprocess.Popen, grace_s: float) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def gpu_for_worker(index: int, num_gpus: int) -> int | None:
-    """The GPU of the `index`-th worker (prefill workers first, then decode, then colocated):
-    round robin, so with as many GPUs as workers each worker has its own (prefill and decode
-    on distinct GPUs); None on a machine without GPUs."""
-    return index % num_gpus if num_gpus > 0 else None
-
-
-def kv_transport_args(
-    role: str, gpu: int | None, prefill_gpus: set[int | None], forced: str = ""
-) -> list[str]:
-    """The KV transport of a decode worker (`forced`, or chosen): NCCL on a GPU no prefill
-    worker uses; CUDA IPC on a GPU every prefill worker shares (NCCL cannot join two ranks on
-    one GPU); TCP otherwise (on the CPU, or with prefill workers on its GPU and on others)."""
-    if role != "decode":
-        return []
-    if forced:
-        return ["--kv-transport", forced]
-    if gpu is None:
-        return []
-    if gpu not in prefill_gpus:
-        return ["--kv-transport", "nccl"]
-    if prefill_gpus == {gpu}:
-        return ["--kv-transport", "cuda-ipc"]
-    return []
-
-
-def check_kv_transport(transport: str, num_gpus: int) -> None:
-    """`ValueError` for a forced KV transport that cannot work: unknown, or a GPU one (nccl,
-    cuda-ipc) for workers without GPUs."""
-    from kv_transfer.dispatch import GPU_TRANSPORTS, TRANSPORTS
-
-    if transport and transport not in TRANSPORTS:
-        raise ValueError(f"kv_transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
-    if transport in GPU_TRANSPORTS and num_gpus == 0:
-        raise ValueError(f"kv_transport {transport!r} needs GPU workers; this machine has none")
-
-
-def _visible_gpus(spec: ClusterSpec) -> int:
-    if spec.num_gpus is not None:
-        return spec.num_gpus
-    import torch
-
-    return torch.cuda.device_count()
-
-
-def start_worker(
-    role: str, module: str, spec: ClusterSpec, extra: list[str], gpu: int | None = None
-) -> WorkerHandle:
-    """Start one worker process (on GPU `gpu`, or the CPU); return it once it printed READY."""
-    metrics_port = free_port(spec.host)
-    cmd = [sys.executable, "-m", module, "--model", str(spec.model), "--host", spec.host]
-    cmd += ["--metrics-port", str(metrics_port)]
-    cmd += spec.index_args()
-    env = _env()
-    if gpu is not None:
-        # Every worker sees every GPU (NCCL needs that for peer-to-peer over NVLink).
-        cmd += ["--device", f"cuda:{gpu}"]
-    elif "--num-threads" not in spec.worker_args:
-        cmd += ["--num-threads", str(spec.threads_per_worker())]
-    proc = subprocess.Popen(
-        [*cmd, *spec.worker_args, *extra], stdout=subprocess.PIPE, text=True, env=env
+def add_serve(commands: Any) -> None:
+    """Register `baton serve` and its flags, grouped as vLLM's."""
+    sub = add_subcommand(commands, "serve", "Serve the OpenAI API and gRPC with local workers.")
+    sub.add_argument("--config", type=Path, metavar="FILE.yaml",
+                     help="flags from a YAML file: keys are long flag names (- or _), the "
+                     "command line wins")  # fmt: skip
+    model = sub.add_argument_group(MODEL, "the model, its context and numerics")
+    model.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="local Hugging Face model directory (default: the demo model)",
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("READY"):
-        _terminate(proc, 5)
-        raise RuntimeError(f"{module} failed to start (see its log above)")
-    metrics_url = f"http://{spec.host}:{metrics_port}/metrics"
-    device = "cpu" if gpu is None else f"gpu {gpu}"
-    return WorkerHandle(role, proc, line.split()[-1], metrics_url, device)
+    add_engine_args(sub, {MODEL: model})
+    _add_api_server_args(sub)
+    _add_cluster_args(sub)
+    transfer = sub.add_argument_group("KV transfer", "moving KV from prefill to decode workers")
+    transfer.add_argument(
+        "--kv-transport",
+        default="",
+        choices=["", "tcp", "nccl", "cuda-ipc"],
+        help="how prefill workers push KV to decode workers (default: by placement: nccl between"
+        " GPUs, cuda-ipc on a shared GPU, tcp on CPUs)",
+    )
+    sub.set_defaults(run=run_serve, config_parser=sub)
 
 
-def start_cluster(spec: ClusterSpec) -> Cluster:
-    """Start workers then the router; raise RuntimeError (after cleaning up) on failure."""
-    cluster = Cluster()
-    roles = [
-        ("prefill", "prefill_service", [], spec.prefill),
-        ("decode", "decode_service", ["--role", "decode"], spec.decode),
-        ("colocated", "decode_service", ["--role", "colocated"], spec.colocated),
-    ]
-    num_gpus = _visible_gpus(spec)
-    check_kv_transport(spec.kv_transport, num_gpus)
-    prefill_gpus = {gpu_for_worker(i, num_gpus) for i in range(spec.prefill)}
+def _add_api_server_args(sub: argparse.ArgumentParser) -> None:
+    api = sub.add_argument_group("API server", "the routers' OpenAI HTTP and gRPC fronts")
+    api.add_argument(
+        "--host", default="127.0.0.1", help="address of every process (default: %(default)s)"
+    )
+    api.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        metavar="PORT",
+        help="OpenAI HTTP port (default: %(default)s)",
+    )
+    api.add_argument(
+        "--grpc-port",
+        type=int,
+        default=50051,
+        metavar="PORT",
+        help="public gRPC port (default: %(default)s)",
+    )
+    api.add_argument("--api-key", default=None, metavar="KEY",
+                     help="require `Authorization: Bearer KEY` on /v1/* and gRPC Generate "
+                     f"(default: ${API_KEY_ENV}, else none)")  # fmt: skip
+    api.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                     help="the chat template: a file, or the Jinja template itself "
+                     "(default: the tokenizer's)")  # fmt: skip
+
+
+def _add_cluster_args(sub: argparse.ArgumentParser) -> None:
+    cluster = sub.add_argument_group("cluster", "the processes and how requests are routed")
+    pair_help = "default 1, or 0 with --colocated"
+    cluster.add_argument("--prefill-workers", type=int, default=None, metavar="N", help=pair_help)
+    cluster.add_argument("--decode-workers", type=int, default=None, metavar="N", help=pair_help)
+    cluster.add_argument(
+        "--colocated",
+        type=int,
+        default=0,
+        metavar="N",
+        help="colocated workers (both roles; default: 0)",
+    )
+    cluster.add_argument(
+        "--policy",
+        default="",
+        choices=["", "round_robin", "least_loaded", "prefix_aware"],
+        help="routing (default: prefix_aware)",
+    )
+    cluster.add_argument(
+        "--routers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="routers on consecutive ports (default: 1; more need --redis-url)",
+    )
+    cluster.add_argument(
+        "--redis-url",
+        default="",
+        metavar="URL",
+        help="the prefix index in Redis, redis://... (default: in-process, in each router)",
+    )
+    cluster.add_argument(
+        "--cluster-name",
+        default="default",
+        metavar="NAME",
+        help="Redis key namespace part (default: %(default)s)",
+    )
+
+
+def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
+    """The ClusterSpec the parsed `baton serve` flags describe; UsageError for a bad one."""
+    default_pair = 0 if args.colocated else 1
+    prefill = default_pair if args.prefill_workers is None else args.prefill_workers
+    decode = default_pair if args.decode_workers is None else args.decode_workers
+    if (prefill == 0) != (decode == 0):
+        raise UsageError("--prefill-workers and --decode-workers must both be 0 or both >= 1")
+    if prefill + decode + args.colocated == 0:
+        raise UsageError("no workers: give --prefill-workers/--decode-workers or --colocated")
+    if args.routers < 1 or (args.routers > 1 and not args.redis_url):
+        raise UsageError("--routers must be >= 1, and more than one router needs --redis-url")
     try:
-        for role, module, extra, count in roles:
-            for _ in range(count):
-                gpu = gpu_for_worker(len(cluster.workers), num_gpus)
-                args = [*extra, *kv_transport_args(role, gpu, prefill_gpus, spec.kv_transport)]
-                if role == "prefill":
-                    args += spec.prefill_args
-                cluster.workers.append(start_worker(role, module, spec, args, gpu))
-        for port, grpc_port in spec.router_ports():
-            cluster.routers.append(_start_router(spec, cluster, port, grpc_port))
-        for router, (port, _) in zip(cluster.routers, spec.router_ports(), strict=True):
-            _wait_healthy(spec.host, port, router)
-    except BaseException:
-        cluster.stop(grace_s=5)
-        raise
-    return cluster
+        load_chat_template(args.chat_template)  # a bad one fails here, before any process starts
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return ClusterSpec(
+        model=resolve_model_dir(args.model),
+        prefill=prefill,
+        decode=decode,
+        colocated=args.colocated,
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        policy=args.policy,
+        routers=args.routers,
+        redis_url=args.redis_url,
+        cluster_name=args.cluster_name,
+        worker_args=engine_cli_args(args),
+        router_args=router_cli_args(args),
+        kv_transport=args.kv_transport,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV, ""),
+    )
 
 
-def _start_router(
-    spec: ClusterSpec, cluster: Cluster, port: int, grpc_port: int
-) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "router", "--model", str(spec.model), "--host", spec.host]
-    cmd += ["--port", str(port), "--grpc-port", str(grpc_port)]
-    if spec.policy:
-        cmd += ["--policy", spec.policy]
-    if spec.redis_url:
-        cmd += ["--redis-url", spec.redis_url, "--cluster-name", spec.cluster_name]
-    cmd += spec.router_args
-    for role in ("prefill", "decode", "colocated"):
-        addresses = [w.address for w in cluster.workers if w.role == role]
-        if addresses:
-            cmd += [f"--{role}", *addresses]
-    return subprocess.Popen(cmd, env=_env())
+def router_cli_args(args: argparse.Namespace) -> list[str]:
+    """The router-side flags the user set, as the router's command-line words."""
+    words: list[str] = []
+    for name in ("served_model_name", "max_model_len", "chat_template"):
+        value = getattr(args, name)
+        if value is not None:
+            words += ["--" + name.replace("_", "-"), str(value)]
+    return words
 
 
-def _wait_healthy(host: str, port: int, router: subprocess.Popen) -> None:
-    url = f"http://{host}:{port}/health"
-    deadline = time.time() + ROUTER_READY_TIMEOUT_S
-    while time.time() < deadline:
-        if router.poll() is not None:
-            raise RuntimeError(f"the router exited with status {router.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the router did not become healthy at {url}")
-
-
-def _env() -> dict[str, str]:
-    """Children import the repository's packages even when Baton is not installed."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
+def run_serve(args: argparse.Namespace) -> int:
+    """`baton serve`: start the cluster and serve until a signal."""
+    spec = cluster_spec(args)
+    try:
+        return serve_forever(spec)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def serve_forever(spec: ClusterSpec) -> int:
-    """`baton serve`: start, print the endpoints, wait for a signal, stop. Exit status."""
+    """Start the cluster `spec` describes, print the endpoints, wait for a signal, stop."""
     cluster = start_cluster(spec)
     print(f"Baton is serving {spec.model.name}:")
     for port, grpc_port in spec.router_ports():

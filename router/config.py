@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from router.policies import POLICIES
+
+API_KEY_ENV = "BATON_API_KEY"  # the API key, when --api-key is not given
 
 
 @dataclass(slots=True)
@@ -44,6 +47,8 @@ class RouterConfig:
     lease_s: float = 30.0  # how long a decode worker holds a reservation waiting for KV
     max_logprobs: int = 20  # the most top logprobs a request may ask for (vLLM's default)
     max_model_len: int | None = None  # None: the workers' (smallest) max_model_len
+    chat_template: str | None = None  # Jinja text replacing the tokenizer's (None: keep it)
+    api_key: str = ""  # required as `Bearer KEY` on /v1/* and gRPC Generate ("": open)
     drain_grace_s: float = 30.0  # SIGTERM: time in-flight requests get to finish
     deadlines: Deadlines = field(default_factory=Deadlines)
 
@@ -60,6 +65,23 @@ class RouterConfig:
             raise ValueError("prefix_index=redis needs redis_url")
         if not self.policy:
             self.policy = "least_loaded" if self.prefix_index == "none" else "prefix_aware"
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """A chat template given as vLLM's --chat-template takes it: the path of a file holding
+    the template, or the template itself (with backslash escapes such as \\n decoded).
+    ValueError for a value that looks like a path (no braces, no newline) but is no file."""
+    if value is None:
+        return None
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte, never in a path
+        if not any(c in value for c in "{}\n"):
+            raise ValueError(
+                f"chat_template {value!r} looks like a file path, but cannot be read: {error}"
+            ) from error
+    # Backslash escapes decoded, any other character kept (escaped to survive the decoding).
+    return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
 def parse_args(argv: list[str] | None = None) -> RouterConfig:
@@ -96,12 +118,26 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--lease", type=float, default=30.0, help="reservation lease in seconds")
     p.add_argument("--max-model-len", type=int, default=None, help="override the workers' value")
     p.add_argument("--max-logprobs", type=int, default=20)
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="the chat template: a file, or the Jinja template itself (default: the tokenizer's)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV, ""),
+        help=f"require `Authorization: Bearer KEY` on /v1/* and gRPC (default: ${API_KEY_ENV})",
+    )
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds to finish on SIGTERM")
     a = p.parse_args(argv)
     if not (a.prefill or a.decode or a.colocated):
         p.error("give at least one worker: --prefill and --decode, or --colocated")
     if bool(a.prefill) != bool(a.decode):
         p.error("--prefill and --decode go together (a pair is needed for disaggregation)")
+    try:
+        chat_template = load_chat_template(a.chat_template)
+    except ValueError as error:
+        p.error(str(error))
     return RouterConfig(
         model=a.model,
         served_model_name=a.served_model_name,
@@ -121,4 +157,6 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         max_model_len=a.max_model_len,
         max_logprobs=a.max_logprobs,
         drain_grace_s=a.drain_grace,
+        chat_template=chat_template,
+        api_key=a.api_key,
     )

@@ -54,6 +54,8 @@ class RouterServices:
         Must run inside the event loop that will serve (the channels bind to it).
         """
         tokenizer = load_tokenizer(config.model)
+        if config.chat_template is not None:  # --chat-template replaces the tokenizer's
+            tokenizer.chat_template = config.chat_template
         name = config.served_model_name
         registry = WorkerRegistry(
             {

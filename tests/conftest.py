@@ -33,7 +33,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
     def make(arch: str, seed: int = 0) -> Path:
         key = (arch, seed)
         if key not in built:
-            from launcher.tiny_model import make_tiny_model
+            from engine.models.tiny import make_tiny_model
 
             target = tmp_path_factory.mktemp(f"tiny-{arch}-{seed}")
             built[key] = make_tiny_model(target, arch, seed)

@@ -1,5 +1,5 @@
 """`baton bench` end to end on CPU: run (HTTP and gRPC), sweep and compare against clusters of
-the tiny model started with the launcher; the result JSON's fields and the PNG plots."""
+the tiny model started with `cluster.start_cluster`; the result JSON's fields and the PNG plots."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from cluster import ClusterSpec, free_port, start_cluster
 from launcher import cli
-from launcher.serve import ClusterSpec, free_port, start_cluster
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL_LOAD = ["--num-requests", "4", "--concurrency", "2", "--no-progress", "--warmup", "1"]

@@ -47,7 +47,7 @@ def test_concurrent_steps_are_the_engines(tmp_path):
     """The steps the engine runs (tiny model, CPU) for the same shape scaled down: rows and
     sampled rows of each prompt step, the contexts of each decode-only step."""
     from engine import LLM, SamplingParams
-    from launcher.tiny_model import make_tiny_model
+    from engine.models.tiny import make_tiny_model
 
     requests, prompt_tokens, new_tokens, chunk = 12, 8, 6, 32
     llm = LLM(str(make_tiny_model(tmp_path, "llama")), device="cpu", max_num_seqs=requests,

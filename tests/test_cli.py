@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from launcher import cli
+from worker_common.engine_args import parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,12 +40,12 @@ def test_generate_with_a_missing_model_dir_exits_2(tmp_path: Path) -> None:
 
 
 def test_parse_bytes_accepts_units() -> None:
-    assert cli.parse_bytes("4096") == 4096
-    assert cli.parse_bytes("512MiB") == 512 * 2**20
-    assert cli.parse_bytes("2G") == 2 * 10**9
-    assert cli.parse_bytes("1.5GiB") == 3 * 2**29
+    assert parse_bytes("4096") == 4096
+    assert parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("2G") == 2 * 10**9
+    assert parse_bytes("1.5GiB") == 3 * 2**29
     with pytest.raises(Exception, match="not a byte count"):
-        cli.parse_bytes("lots")
+        parse_bytes("lots")
 
 
 def _greedy_text(model: Path, prompt: str, chat: bool, max_tokens: int) -> str:
@@ -129,3 +130,110 @@ def test_serve_refuses_a_gpu_kv_transport_without_gpus(
     model = tiny_model("llama")
     assert cli.main(["serve", "--model", str(model), "--kv-transport", "cuda-ipc"]) == 2
     assert "kv_transport 'cuda-ipc' needs GPU workers" in capsys.readouterr().err
+
+
+# --- baton serve: flags, --config, the API key -------------------------------------------------
+
+
+def _model_dir(tmp_path: Path) -> Path:
+    """A directory `resolve_model_dir` accepts (only config.json is looked for)."""
+    (tmp_path / "config.json").write_text("{}")
+    return tmp_path
+
+
+def _flags(words: list[str]) -> dict[str, str | None]:
+    """`--name value` and bare `--name` words as {name: value or None}."""
+    flags: dict[str, str | None] = {}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            following = words[i + 1] if i + 1 < len(words) else "--"
+            flags[word] = None if following.startswith("--") else following
+    return flags
+
+
+def test_serve_takes_flags_from_a_config_file_and_the_command_line_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from launcher.serve import cluster_spec
+
+    monkeypatch.delenv("BATON_API_KEY", raising=False)
+    config = tmp_path / "baton.yaml"
+    config.write_text(
+        f"model: {_model_dir(tmp_path)}\nmax-model-len: 512\nblock_size: 8\ndtype: float16\n"
+        "enable_prefix_caching: false\nenforce-eager: true\nscheduling_policy: priority\n"
+        "served_model_name: from-file\nchat_template: '{{ messages }}'\nkv_transport: tcp\n"
+        "api_key: file-key\nport: 9100\n"
+    )
+    args = cli.parse_args(["serve", "--max-model-len", "256", "--config", str(config),
+                           "--scheduling-policy", "fair", "--port", "9200"])  # fmt: skip
+    spec = cluster_spec(args)
+    assert _flags(spec.worker_args) == {
+        "--served-model-name": "from-file", "--dtype": "float16", "--max-model-len": "256",
+        "--enforce-eager": None, "--block-size": "8", "--no-enable-prefix-caching": None,
+        "--scheduling-policy": "fair",
+    }  # fmt: skip
+    assert _flags(spec.router_args) == {
+        "--served-model-name": "from-file", "--max-model-len": "256",
+        "--chat-template": "{{ messages }}",
+    }  # fmt: skip
+    assert (spec.port, spec.kv_transport, spec.api_key) == (9200, "tcp", "file-key")
+
+
+def test_serve_config_file_errors_name_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "baton.yaml"
+    for text, message in [
+        ("max_model_length: 512\n", "unknown key 'max_model_length'"),
+        ("no_enable_prefix_caching: true\n", "write enable-prefix-caching: false"),
+        ("enforce_eager: sometimes\n", "enforce_eager: expected true or false"),
+        ("- a list\n", "expected a mapping"),
+    ]:
+        config.write_text(text)
+        assert cli.main(["serve", "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert f"baton serve: error: --config {config}: " in err and message in err, err
+    config.write_text("max_num_seqs: many\n")  # typed by argparse, as on the command line
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--config", str(config)])
+    assert exit_info.value.code == 2
+    assert "argument --max-num-seqs: invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_serve_api_key_from_the_environment_unless_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from launcher.serve import cluster_spec
+
+    model = ["serve", "--model", str(_model_dir(tmp_path))]
+    monkeypatch.setenv("BATON_API_KEY", "env-key")
+    assert cluster_spec(cli.parse_args(model)).api_key == "env-key"
+    assert cluster_spec(cli.parse_args([*model, "--api-key", "flag-key"])).api_key == "flag-key"
+    monkeypatch.delenv("BATON_API_KEY")
+    assert cluster_spec(cli.parse_args(model)).api_key == ""
+
+
+def test_serve_refuses_a_chat_template_path_that_does_not_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "template.jinja"
+    status = cli.main(["serve", "--model", str(_model_dir(tmp_path)), "--chat-template",
+                       str(missing)])  # fmt: skip
+    assert status == 2
+    assert "looks like a file path" in capsys.readouterr().err
+
+
+def test_generate_takes_the_same_engine_flags() -> None:
+    from worker_common.engine_args import engine_kwargs
+
+    args = cli.parse_args(["generate", "--dtype", "float16", "--max-model-len", "128",
+                           "--seed", "3", "--block-size", "8", "--no-enable-prefix-caching",
+                           "--scheduling-policy", "priority", "--gpu-memory-utilization",
+                           "0.5", "--enforce-eager", "--max-num-seqs", "2", "hi"])  # fmt: skip
+    assert engine_kwargs(args) == {
+        "dtype": "float16", "max_model_len": 128, "seed": 3, "enforce_eager": True,
+        "block_size": 8, "gpu_memory_utilization": 0.5, "kv_cache_memory_bytes": None,
+        "num_kv_blocks": None, "enable_prefix_caching": False, "max_num_seqs": 2,
+        "max_num_batched_tokens": 2048, "max_num_waiting": None,
+        "scheduling_policy": "priority", "async_scheduling": None,
+    }  # fmt: skip

@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
+from cluster import free_port
 from engine import LLM, SamplingParams
-from launcher.serve import free_port
 from tests.workers import ROOT
 
 NUM_REQUESTS = 32
@@ -106,7 +106,7 @@ def test_sigterm_drains_and_stops_everything(cluster):
 
 
 def test_workers_are_spread_over_gpus():
-    from launcher.serve import gpu_for_worker
+    from cluster import gpu_for_worker
 
     assert [gpu_for_worker(i, 2) for i in range(2)] == [0, 1]  # prefill, decode: distinct
     assert [gpu_for_worker(i, 2) for i in range(4)] == [0, 1, 0, 1]
@@ -115,7 +115,7 @@ def test_workers_are_spread_over_gpus():
 
 
 def test_decode_workers_pick_their_kv_transport_by_placement():
-    from launcher.serve import kv_transport_args
+    from cluster import kv_transport_args
 
     assert kv_transport_args("decode", 1, {0}) == ["--kv-transport", "nccl"]  # own GPU
     assert kv_transport_args("decode", 0, {0}) == ["--kv-transport", "cuda-ipc"]  # shared GPU
@@ -128,7 +128,7 @@ def test_decode_workers_pick_their_kv_transport_by_placement():
 
 
 def test_a_forced_kv_transport_that_cannot_work_is_refused_before_any_worker_starts(tiny_model):
-    from launcher.serve import ClusterSpec, start_cluster
+    from cluster import ClusterSpec, start_cluster
 
     model = tiny_model("llama")
     for transport, match in (("cuda-ipc", "needs GPU workers"), ("rdma", "must be one of")):
@@ -140,7 +140,7 @@ def test_a_forced_kv_transport_that_cannot_work_is_refused_before_any_worker_sta
 def test_prefill_args_reach_only_prefill_workers(tiny_model):
     """`ClusterSpec.prefill_args` (here --layerwise-push) go to prefill workers, which the
     decode worker would refuse; the served output equals the offline engine's."""
-    from launcher.serve import ClusterSpec, start_cluster
+    from cluster import ClusterSpec, start_cluster
 
     model_dir = tiny_model("qwen2")
     spec = ClusterSpec(model_dir, port=free_port(), grpc_port=free_port(), num_gpus=0,

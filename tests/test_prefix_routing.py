@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
+from cluster import ClusterSpec, free_port, start_cluster
 from engine import LLM, SamplingParams
-from launcher.serve import ClusterSpec, free_port, start_cluster
 
 FLAGS = ["--num-kv-blocks", "128", "--max-num-batched-tokens", "64"]
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from launcher.tiny_model import TINY_MODEL_ARCHS, make_tiny_model
+from engine.models.tiny import TINY_MODEL_ARCHS, make_tiny_model
 
 TOOLS = [
     {

@@ -1,6 +1,6 @@
 """Briefly trained tiny models: confident next-token predictions without a model hub.
 
-The random-weight tiny models (launcher/tiny_model.py) have near-tied logits at many
+The random-weight tiny models (engine/models/tiny.py) have near-tied logits at many
 positions, so comparisons across float formats flip on rounding alone. `train_tiny_model`
 trains one for a few hundred steps on a synthetic language whose next token follows from
 context, arithmetic progressions modulo MODULUS:

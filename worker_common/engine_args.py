@@ -1,53 +1,166 @@
-"""Command-line arguments that build a worker's engine."""
+"""The engine's command-line flags, named as vLLM's, defined once (`ENGINE_FLAGS`).
+
+Every worker parses them (`add_worker_args`), `baton serve` takes them and forwards the ones
+the user set to its workers (`engine_cli_args`), and `baton generate` builds its `LLM` from them
+(`engine_kwargs`: the names are `LLMEngine.from_args`'s). torch is imported only to build an
+engine, so the `baton` CLI can import this module and stay fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    from engine.core import EngineCore
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from engine.core import EngineCore
+MODEL, CACHE, SCHEDULER = "model", "KV cache", "scheduler"
+GROUP_HELP = {
+    MODEL: "the model, its context and numerics",
+    CACHE: "the paged KV cache and its prefix cache",
+    SCHEDULER: "continuous batching: per-step limits and admission",
+}
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+SCHEDULING_POLICIES = ("fcfs", "priority", "fair")
+_BYTE_UNITS = {
+    "": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+    "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4,
+}  # fmt: skip
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """The engine flags every worker takes (names follow vLLM's)."""
-    parser.add_argument("--model", required=True, help="local Hugging Face model directory")
-    parser.add_argument("--served-model-name", default=None)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument(
-        "--kv-cache-memory-bytes",
-        type=int,
-        default=None,
-        help="default: 1 GiB on CPU, --gpu-memory-utilization on a GPU",
-    )
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--max-num-waiting", type=int, default=None)
-    parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "fair"])
-    parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode batches"
-    )
-    parser.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="launch a greedy decode step before reading the previous one's tokens "
-        "(default: on with CUDA graphs)",
-    )
+def parse_bytes(text: str) -> int:
+    """Parse a byte count such as `1073741824`, `512MiB`, `2G` or `1.5GB` into bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (try 512MiB or 2G)")
+    number, unit = match.groups()
+    return int(float(number) * _BYTE_UNITS[unit or ""])
+
+
+@dataclass(frozen=True, slots=True)
+class EngineFlag:
+    """One engine flag, `--NAME` with NAME's `_` as `-`; `type` None is a boolean, spelled
+    `--NAME` / `--no-NAME` (argparse's BooleanOptionalAction, as vLLM's)."""
+
+    name: str
+    group: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def cli_args(self, value: Any) -> list[str]:
+        """The command-line words that set this flag to `value`."""
+        if self.type is None:
+            return [self.option if value else "--no-" + self.option[2:]]
+        return [self.option, str(value)]
+
+
+ENGINE_FLAGS = (
+    EngineFlag("served_model_name", MODEL, None,
+               "the model's name in the API and in block hashes (default: the directory's name)",
+               str, metavar="NAME"),
+    EngineFlag("dtype", MODEL, "auto", "weight and activation dtype; auto: the model config's",
+               str, DTYPES),
+    EngineFlag("max_model_len", MODEL, None,
+               "context length in tokens (default: the model config's)", int, metavar="TOKENS"),
+    EngineFlag("seed", MODEL, 0, "seed of the engine's random sampling", int, metavar="N"),
+    EngineFlag("enforce_eager", MODEL, False, "GPU: run every step eagerly, no CUDA graphs"),
+    EngineFlag("block_size", CACHE, 16, "tokens per KV cache block", int, metavar="TOKENS"),
+    EngineFlag("gpu_memory_utilization", CACHE, 0.9,
+               "GPU: the share of its memory the weights and KV cache may take", float,
+               metavar="FRACTION"),
+    EngineFlag("kv_cache_memory_bytes", CACHE, None,
+               "KV cache size, e.g. 512MiB or 2G (default: 1 GiB on CPU, "
+               "--gpu-memory-utilization on a GPU)", parse_bytes, metavar="BYTES"),
+    EngineFlag("num_kv_blocks", CACHE, None,
+               "KV cache size in blocks (overrides the size in bytes)", int, metavar="N"),
+    EngineFlag("enable_prefix_caching", CACHE, True, "reuse the KV of cached prompt prefixes"),
+    EngineFlag("max_num_seqs", SCHEDULER, 64, "most sequences in one batch", int, metavar="N"),
+    EngineFlag("max_num_batched_tokens", SCHEDULER, 2048,
+               "most tokens in one forward pass (the chunked-prefill budget)", int, metavar="N"),
+    EngineFlag("max_num_waiting", SCHEDULER, None,
+               "refuse new requests beyond N waiting ones (default: no limit)", int, metavar="N"),
+    EngineFlag("scheduling_policy", SCHEDULER, "fcfs",
+               "admission order: first come first served, by request priority, or fair "
+               "between tenants", str, SCHEDULING_POLICIES),
+    EngineFlag("async_scheduling", SCHEDULER, None,
+               "launch a greedy decode step before reading the previous one's tokens "
+               "(default: on with CUDA graphs)"),
+)  # fmt: skip
+
+
+def add_engine_args(
+    parser: argparse.ArgumentParser,
+    groups: dict[str, Any] | None = None,
+    skip: Collection[str] = (),
+) -> dict[str, Any]:
+    """Add `ENGINE_FLAGS` (except those named in `skip`) in their help groups; `groups` may
+    hold groups made already (e.g. a "model" group with --model). Returns every group."""
+    groups = dict(groups or {})
+    for flag in ENGINE_FLAGS:
+        if flag.name in skip:
+            continue
+        if flag.group not in groups:
+            groups[flag.group] = parser.add_argument_group(flag.group, GROUP_HELP[flag.group])
+        kwargs: dict[str, Any] = {"default": flag.default, "help": _help(flag)}
+        if flag.type is None:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=flag.type, choices=flag.choices, metavar=flag.metavar)
+        groups[flag.group].add_argument(flag.option, **kwargs)
+    return groups
+
+
+def _help(flag: EngineFlag) -> str:
+    if flag.default is None or "default:" in flag.help:
+        return flag.help
+    if flag.type is None:
+        return f"{flag.help} (default: {'on' if flag.default else 'off'})"
+    return f"{flag.help} (default: %(default)s)"
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed engine flags as `LLM(...)` / `LLMEngine.from_args` keyword arguments."""
+    return {f.name: getattr(args, f.name) for f in ENGINE_FLAGS if hasattr(args, f.name)}
+
+
+def engine_cli_args(args: argparse.Namespace) -> list[str]:
+    """The engine flags the user set (those not at their default), as worker command-line
+    words; the others keep the worker's own defaults, which are the same."""
+    words: list[str] = []
+    for flag in ENGINE_FLAGS:
+        value = getattr(args, flag.name, flag.default)
+        if value != flag.default:
+            words += flag.cli_args(value)
+    return words
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every worker takes: the model, `ENGINE_FLAGS`, and its placement."""
+    model = parser.add_argument_group(MODEL, GROUP_HELP[MODEL])
+    model.add_argument("--model", required=True, help="local Hugging Face model directory")
+    groups = add_engine_args(parser, {MODEL: model})
+    # The pre-vLLM spelling, still written by `baton bench compare`'s cluster configurations.
+    groups[CACHE].add_argument(
+        "--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+        help=argparse.SUPPRESS,
+    )  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N (default: %(default)s)")
     parser.add_argument(
         "--num-threads",
         type=int,
         default=None,
         help="torch CPU threads (default: torch's, one per core)",
     )
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def add_index_args(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +182,12 @@ def publishes_kv_events(args: argparse.Namespace) -> bool:
 
 
 def build_engine_core(args: argparse.Namespace) -> EngineCore:
-    """An EngineCore from parsed `add_engine_args` flags (KV events on: the index reads them)."""
+    """An EngineCore from parsed `add_worker_args` flags (KV events on: the index reads them)."""
+    import torch
+
+    from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from engine.core import EngineCore
+
     torch.manual_seed(args.seed)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -82,7 +200,7 @@ def build_engine_core(args: argparse.Namespace) -> EngineCore:
             kv_cache_memory_bytes=args.kv_cache_memory_bytes,
             gpu_memory_utilization=args.gpu_memory_utilization,
             num_blocks=args.num_kv_blocks,
-            enable_prefix_caching=not args.no_prefix_caching,
+            enable_prefix_caching=args.enable_prefix_caching,
             enable_kv_events=publishes_kv_events(args),
         ),
         scheduler=SchedulerConfig(

@@ -12,8 +12,8 @@ from engine.async_core import AsyncEngineCore
 from prefix_index.base import IndexWriter
 from prefix_index.publisher import KVEventPublisher, RouterIndexWriter
 from worker_common.engine_args import (
-    add_engine_args,
     add_index_args,
+    add_worker_args,
     build_engine_core,
     publishes_kv_events,
 )
@@ -27,7 +27,7 @@ Setup = Callable[
 
 def worker_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    add_engine_args(parser)
+    add_worker_args(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0: a free one)")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics")
@@ -48,7 +48,8 @@ def index_writer(args: argparse.Namespace, model_name: str) -> IndexWriter:
 def run_worker(args: argparse.Namespace, role: str, setup: Setup) -> None:
     """Build the engine, let `setup` create the servicers, serve until SIGTERM.
 
-    Prints `READY <role> <host>:<port>` on stdout once serving (the launcher waits for it).
+    Prints `READY <role> <host>:<port>` on stdout once serving (`cluster.start_worker` waits
+    for it).
     """
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
     try:
@@ -59,6 +60,7 @@ def run_worker(args: argparse.Namespace, role: str, setup: Setup) -> None:
     engine = AsyncEngineCore(core)
     metrics = WorkerMetrics(role, core.config.model.served_model_name)
     metrics.attach(engine)
+    metrics.export_config(core)
     engine.start()
 
     tasks: list[asyncio.Task] = []

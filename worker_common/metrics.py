@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from engine.async_core import AsyncEngineCore
+from engine.core import EngineCore
 from engine.outputs import EngineCoreOutput
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -43,6 +44,38 @@ class WorkerMetrics:
         self.kv_transfer_seconds = histogram("kv_transfer_seconds", "Time of one KV transfer.")
         self.kv_transfer_failures = counter("kv_transfer_failures", "KV pushes that failed.")
         self._queries = self._hits = 0
+        self._labels, self._registry = labels, registry
+
+    def export_config(self, core: EngineCore) -> None:
+        """The configuration the engine runs with, as info gauges (value 1, settings as labels),
+        as vLLM's `vllm:cache_config_info`: `baton:cache_config_info` (num_gpu_blocks is the
+        number of KV blocks allocated, on any device) and `baton:engine_config_info`."""
+        config = core.config
+        cache = {
+            "block_size": config.cache.block_size,
+            "gpu_memory_utilization": config.cache.gpu_memory_utilization,
+            "enable_prefix_caching": config.cache.enable_prefix_caching,
+            "kv_cache_memory_bytes": config.cache.kv_cache_memory_bytes,
+            "num_gpu_blocks": core.runner.num_blocks,
+        }
+        engine = {
+            "served_model_name": config.model.served_model_name,
+            "dtype": str(config.model.dtype).removeprefix("torch."),
+            "max_model_len": config.model.max_model_len,
+            "seed": config.seed,
+            "enforce_eager": config.enforce_eager,
+            "device": config.device,
+            "max_num_seqs": config.scheduler.max_num_seqs,
+            "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
+            "max_num_waiting": config.scheduler.max_num_waiting,
+            "scheduling_policy": config.scheduler.policy,
+            "async_scheduling": core.async_scheduling,
+        }
+        for name, info in (("cache_config_info", cache), ("engine_config_info", engine)):
+            labels = {**self._labels, **{key: str(value) for key, value in info.items()}}
+            doc = f"The worker's {name.split('_')[0]} configuration (labels; value 1)."
+            info_gauge = Gauge(f"baton:{name}", doc, list(labels), registry=self._registry)
+            info_gauge.labels(**labels).set(1)
 
     def attach(self, engine: AsyncEngineCore) -> None:
         """Refresh from the engine after every step (called on the engine thread)."""

@@ -1,29 +1,53 @@
-"""The FastAPI application: routes of the OpenAI-compatible API, health and metrics."""
+"""The FastAPI application: routes of the OpenAI-compatible API, (de)tokenization, health,
+version and metrics; with an API key, /v1/* requires it (router.auth)."""
 
 from __future__ import annotations
 
 import time
+from importlib import metadata
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Body, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from router.auth import APIKeyMiddleware
 from router.errors import NoWorkerError
 from router.openai.chat import create_chat_completion
 from router.openai.completions import create_completion
 from router.openai.errors import install_error_handlers, router_error_response
 from router.openai.protocol import ChatCompletionRequest, CompletionRequest
 from router.openai.serving import unless_disconnected
+from router.openai.tokenization import (
+    DetokenizeRequest,
+    detokenize,
+    parse_tokenize_request,
+    tokenize,
+    validate,
+)
 from router.services import RouterServices
+
+
+def baton_version() -> str:
+    """The installed distribution's version, or 'unknown' when running from a bare checkout."""
+    try:
+        return metadata.version("baton")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_app(services: RouterServices) -> FastAPI:
     """The HTTP API over `services` (started and closed by whoever runs the server)."""
-    app = FastAPI(title="Baton router", version="0.1.0")
+    app = FastAPI(title="Baton router", version=baton_version())
     app.state.services = services
     created = int(time.time())
     install_error_handlers(app, services.metrics.request_failed)
+    if services.config.api_key:
+        app.add_middleware(
+            APIKeyMiddleware,
+            api_key=services.config.api_key,
+            on_reject=services.metrics.request_failed,
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -49,6 +73,21 @@ def build_app(services: RouterServices) -> FastAPI:
             "max_model_len": config.max_model_len or services.registry.max_model_len,
         }
         return {"object": "list", "data": [card]}
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+        """vLLM's /tokenize: a prompt or a conversation to token ids."""
+        return tokenize(parse_tokenize_request(body), services.preprocessor)
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+        """vLLM's /detokenize: token ids to text."""
+        return detokenize(validate(DetokenizeRequest, body), services.preprocessor)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        """The router's version."""
+        return {"version": app.version}
 
     @app.get("/health")
     async def health() -> Response:

@@ -24,8 +24,8 @@ pytestmark = [
 def test_disaggregated_on_gpus_equals_offline(tiny_model, num_gpus, forced, transport):
     if torch.cuda.device_count() < num_gpus:
         pytest.skip(f"needs {num_gpus} GPUs")
+    from cluster import ClusterSpec, free_port, start_cluster
     from engine import LLM, SamplingParams
-    from launcher.serve import ClusterSpec, free_port, start_cluster
 
     model = tiny_model("qwen2")
     spec = ClusterSpec(model, prefill=1, decode=1, port=free_port(), grpc_port=free_port(),
