@@ -22,7 +22,9 @@ Module map::
     metrics.py       Prometheus metrics (baton:*)
     services.py      RouterServices: the parts above wired together once
     openai/          the HTTP API (FastAPI): protocol.py (request models), completions.py,
-                     chat.py, responses.py (response shapes), errors.py, serving.py, app.py
+                     chat.py, responses.py (response shapes), errors.py, serving.py,
+                     tokenization.py (/tokenize, /detokenize), app.py
+    auth.py          --api-key: Bearer check on /v1/* and the gRPC Router service
     grpc_service.py  baton.v1.Router/Generate, health, reflection
     server.py        HTTP and gRPC in one asyncio process, graceful drain on SIGTERM
     testing.py       RouterThread: a router on free ports in a background thread (tests)
