@@ -83,7 +83,9 @@ class SamplingParams:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.logit_bias is not None:
-            # JSON gives string keys; clamp as the OpenAI API does.
+            # JSON gives string keys; clamp as the OpenAI API does (NaN has no meaning).
+            if any(math.isnan(float(bias)) for bias in self.logit_bias.values()):
+                raise ValueError("logit_bias values must be numbers, got NaN")
             self.logit_bias = {
                 int(tok): min(MAX_LOGIT_BIAS, max(-MAX_LOGIT_BIAS, float(bias)))
                 for tok, bias in self.logit_bias.items()

@@ -7,6 +7,9 @@ from typing import Any
 from engine.sampling_params import SamplingParams
 from proto.baton.v1 import common_pb2
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 _OPTIONAL_FIELDS = (
     "temperature",
     "top_p",
@@ -27,6 +30,30 @@ _PLAIN_FIELDS = (
     "frequency_penalty",
     "include_stop_str_in_output",
 )
+
+
+_INT32_FIELDS = ("top_k", "max_tokens", "min_tokens", "logprobs", "n")
+_TOKEN_ID_FIELDS = ("stop_token_ids", "allowed_token_ids", "logit_bias")
+
+
+def check_wire_ranges(params: SamplingParams) -> None:
+    """Raise ValueError (naming the field) for a value that `common.proto`'s SamplingParams
+    cannot carry: int32 counts and token ids, an int64 seed. Completion i of n samples with
+    seed + i, so all n seeds must fit. (Doubles need no check: SamplingParams refuses
+    non-finite ones.)"""
+    for name in _INT32_FIELDS:
+        _check_int(name, getattr(params, name), INT32_MIN, INT32_MAX)
+    for name in _TOKEN_ID_FIELDS:
+        for token_id in getattr(params, name) or ():
+            _check_int(name, token_id, INT32_MIN, INT32_MAX)
+    if params.seed is not None:
+        why = f" (with n={params.n}, seeds seed..seed+{params.n - 1})" if params.n > 1 else ""
+        _check_int("seed", params.seed, INT64_MIN, INT64_MAX - (params.n - 1), why)
+
+
+def _check_int(name: str, value: int | None, low: int, high: int, why: str = "") -> None:
+    if value is not None and not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}]{why}, got {value}")
 
 
 def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:

@@ -13,7 +13,8 @@ import grpc
 class RouterError(Exception):
     """A request failed in a way the client should hear about.
 
-    `param` names the offending request field (OpenAI's `param`), when there is one.
+    `param` names the offending request field (OpenAI's `param`), when there is one; `code`
+    (OpenAI's machine-readable `code`, e.g. "unknown_parameter") overrides the class's.
     """
 
     http_status = 500
@@ -21,10 +22,12 @@ class RouterError(Exception):
     code: str | None = None
     grpc_code = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if code is not None:
+            self.code = code
 
 
 class InvalidRequestError(RouterError):

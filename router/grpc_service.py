@@ -2,17 +2,23 @@
 preprocessing and generation as the HTTP API, plus grpc.health.v1 and reflection.
 
 Errors abort the call with the RouterError's code: INVALID_ARGUMENT, NOT_FOUND,
-RESOURCE_EXHAUSTED, UNAVAILABLE (DEADLINE_EXCEEDED, INTERNAL). A client that cancels the call
-aborts the request on every worker.
+RESOURCE_EXHAUSTED, UNAVAILABLE (DEADLINE_EXCEEDED; INTERNAL for a bug only). Bad input is
+always INVALID_ARGUMENT naming the field: bytes that do not parse (a string that is not UTF-8),
+fields the schema lacks (proto3 parsers keep them as unknown fields: a newer client's, or a
+wrong number), values out of the engine's ranges. A client that cancels the call aborts the
+request on every worker.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import grpc
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,6 +35,41 @@ from router.preprocess import GenerationRequest, params_error
 from router.services import RouterServices
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedRequest:
+    """Bytes that do not parse as a GenerateRequest; `reason` is the parser's."""
+
+    reason: str
+
+
+def parse_request(data: bytes) -> router_pb2.GenerateRequest | MalformedRequest:
+    """The request deserializer: never raises (grpc answers INTERNAL when one does)."""
+    try:
+        return router_pb2.GenerateRequest.FromString(data)
+    except DecodeError as error:
+        return MalformedRequest(str(error))
+
+
+def unknown_field(message: Message, path: str = "") -> str | None:
+    """The first field unknown to the schema in `message` or a message inside it, as "field
+    number 42 in params" (`path` names `message`), None when there is none."""
+    unknown = UnknownFieldSet(message)  # type: ignore[no-untyped-call]
+    if len(unknown):
+        where = f" in {path}" if path else ""
+        return f"field number {unknown[0].field_number}{where}"
+    for field, value in message.ListFields():
+        if field.type != field.TYPE_MESSAGE or field.message_type.GetOptions().map_entry:
+            continue
+        inner = f"{path}.{field.name}" if path else field.name
+        items = enumerate(value) if field.is_repeated else [(None, value)]
+        for index, item in items:
+            found = unknown_field(item, inner if index is None else f"{inner}.{index}")
+            if found:
+                return found
+    return None
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -39,7 +80,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._active: set[str] = set()  # request ids in flight (ids must be unique)
 
     async def Generate(  # noqa: N802 - the gRPC method's name
-        self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: router_pb2.GenerateRequest | MalformedRequest,
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         """Stream the request's completions; abort the call with the error's status code."""
         try:
@@ -47,6 +90,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         except RouterError as error:
             self.services.metrics.request_failed(error.http_status)
             await context.abort(error.grpc_code, error.message)
+            return
+        except Exception as error:  # a bug: say so rather than grpc's bare UNKNOWN
+            log.exception("building a gRPC request failed")
+            self.services.metrics.request_failed(500)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error!r}")
             return
         request_id = gen_request.request_id
         self._active.add(request_id)
@@ -69,7 +117,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 _add_usage(message, generation)
             yield message
 
-    def _build(self, request: router_pb2.GenerateRequest) -> GenerationRequest:
+    def _build(self, request: router_pb2.GenerateRequest | MalformedRequest) -> GenerationRequest:
+        if isinstance(request, MalformedRequest):
+            raise InvalidRequestError(f"the request does not parse: {request.reason}")
+        unknown = unknown_field(request)
+        if unknown is not None:
+            message = f"unknown {unknown}: this server's baton.v1.GenerateRequest lacks it"
+            raise InvalidRequestError(message, code="unknown_parameter")
         pre = self.services.preprocessor
         pre.check_model(request.model)
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
@@ -135,7 +189,7 @@ def build_grpc_server(
     it (not started), its health servicer and the bound port."""
     # No SO_REUSEPORT: a port another process (or router) holds must be an error, not shared.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(services), server)
+    _add_router_servicer(RouterServicer(services), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names: tuple[str, ...] = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -145,6 +199,19 @@ def build_grpc_server(
     reflection.enable_server_reflection(names, server)
     port = server.add_insecure_port(address)
     return server, health_servicer, port
+
+
+def _add_router_servicer(servicer: RouterServicer, server: grpc.aio.Server) -> None:
+    """The generated add_RouterServicer_to_server, with `parse_request` as the deserializer."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=parse_request,
+            response_serializer=router_pb2.GenerateResponse.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:

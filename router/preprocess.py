@@ -19,9 +19,11 @@ from typing import Any
 from transformers import PreTrainedTokenizerFast
 
 from engine.sampling_params import SamplingParams
+from proto.convert import check_wire_ranges
 from router.errors import InvalidRequestError, ModelNotFoundError, NoWorkerError
 
 Message = dict[str, Any]
+MAX_N = 128  # completions per prompt one request may ask for (OpenAI's limit)
 
 
 @dataclass(slots=True)
@@ -72,10 +74,11 @@ class Preprocessor:
                 param="model",
             )
 
-    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
-        """Token ids of a text prompt (special tokens added, as `LLM.generate`) or a copy."""
+    def tokenize(self, prompt: str | Sequence[int], add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt (special tokens added by default, as `LLM.generate`) or
+        a copy of the given ids."""
         if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+            return list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         return [int(t) for t in prompt]
 
     def render_chat(
@@ -84,9 +87,10 @@ class Preprocessor:
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        add_special_tokens: bool = False,
     ) -> tuple[str, list[int]]:
-        """The chat template's text for `messages` and its token ids (no special tokens added,
-        as `LLM.chat` does: the template writes them)."""
+        """The chat template's text for `messages` and its token ids (by default no special
+        tokens added, as `LLM.chat` does: the template writes them)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("this model's tokenizer has no chat template", "messages")
         kwargs = dict(chat_template_kwargs or {})
@@ -102,7 +106,7 @@ class Preprocessor:
             message = f"cannot apply the chat template: {error}"
             raise InvalidRequestError(message, "messages") from error
         assert isinstance(text, str)
-        return text, list(self.tokenizer.encode(text, add_special_tokens=False))
+        return text, list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def build(
         self,
@@ -121,7 +125,10 @@ class Preprocessor:
         self.check_params(params)
         room = context - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        params = replace(params, max_tokens=max_tokens)
+        try:
+            params = replace(params, max_tokens=max_tokens)  # min_tokens may not fit now
+        except ValueError as error:
+            raise params_error(error) from error
         return GenerationRequest(
             request_id, prompt_token_ids, params, prompt_text, priority, tenant, cache_salt
         )
@@ -151,11 +158,15 @@ class Preprocessor:
             )
 
     def check_params(self, params: SamplingParams) -> None:
-        """InvalidRequestError for token ids outside the vocabulary or too many logprobs."""
+        """InvalidRequestError for token ids outside the vocabulary, values the workers' wire
+        format cannot carry, more than MAX_N completions or too many logprobs."""
+        if params.n > MAX_N:
+            raise InvalidRequestError(f"n must be at most {MAX_N}, got {params.n}", "n")
         try:
             params.verify_token_ids(self.vocab_size)
+            check_wire_ranges(params)
         except ValueError as error:
-            raise InvalidRequestError(str(error), str(error).split(" ", 1)[0]) from error
+            raise params_error(error) from error
         num, limit = params.logprobs, self.max_logprobs  # -1: the whole vocabulary
         if num is not None and limit != -1 and (num == -1 or num > limit):
             raise InvalidRequestError(

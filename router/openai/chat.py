@@ -70,9 +70,10 @@ def start_job(body: ChatCompletionRequest, services: RouterServices) -> ChatJob:
     params = body.to_sampling_params()
     text, token_ids = pre.render_chat(
         body.template_messages(),
-        body.tools,
-        body.add_generation_prompt,
-        body.chat_template_kwargs,
+        body.tools or None,
+        add_generation_prompt=body.add_generation_prompt,
+        chat_template_kwargs=body.chat_template_kwargs,
+        add_special_tokens=body.add_special_tokens,
     )
     request_id = random_id("chatcmpl")
     request = pre.build(

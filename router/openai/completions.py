@@ -71,18 +71,16 @@ def start_job(body: CompletionRequest, services: RouterServices) -> CompletionJo
     prompts = body.prompts()
     requests, echo_texts = [], []
     for p, prompt in enumerate(prompts):
-        token_ids = pre.tokenize(prompt)
-        if isinstance(prompt, str):
-            text: str | None = prompt
-        else:  # decoding a long prompt costs milliseconds: only for echo
-            text = str(services.tokenizer.decode(token_ids)) if body.echo else None
-        echo_texts.append((text or "") if body.echo else "")
+        token_ids = pre.tokenize(prompt, body.add_special_tokens)
+        text = prompt if isinstance(prompt, str) else None
         sub_id = request_id if len(prompts) == 1 else f"{request_id}-{p}"
-        requests.append(
-            pre.build(
-                sub_id, token_ids, params, text, body.priority, body.user or "", body.cache_salt
-            )
+        request = pre.build(
+            sub_id, token_ids, params, text, body.priority, body.user or "", body.cache_salt
         )
+        if body.echo and text is None:  # decoding costs milliseconds: only for echo, once valid
+            request.prompt_text = text = str(services.tokenizer.decode(token_ids))
+        echo_texts.append((text or "") if body.echo else "")
+        requests.append(request)
     generations = [services.generator.start(r) for r in requests]
     name = services.config.served_model_name
     return CompletionJob(body, request_id, int(time.time()), name, generations, echo_texts)

@@ -1,7 +1,8 @@
 """Errors in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}.
 
 FastAPI's own failures are folded in: a body that is not JSON or fails validation is a 400
-naming the field (not FastAPI's 422), an unknown path a 404, a wrong method a 405.
+naming the field (not FastAPI's 422), an unknown path a 404, a wrong method a 405. A bug is a
+500 in the same shape that leaves the connection open (see `CatchAll`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router.errors import OverloadedError, RouterError
 
@@ -52,6 +54,9 @@ def validation_message(error: RequestValidationError) -> tuple[str, str | None]:
         detail = first.get("ctx", {}).get("error", "")
         return f"the request body is not valid JSON: {detail}".rstrip(": "), None
     loc = _loc(first)
+    if first.get("type") == "extra_forbidden":
+        param = ".".join(loc)
+        return f"unknown field {param!r}", param
     if not loc:
         return "the request body must be a JSON object (Content-Type: application/json)", None
     # A union reports each branch it tried (e.g. prompt.str, prompt.list[int]): name them all.
@@ -77,6 +82,39 @@ def _is_type_name(part: str) -> bool:
     )
 
 
+class CatchAll:
+    """ASGI middleware: an unexpected exception before the response started becomes OpenAI's
+    500 body, and stops there. (Starlette's own last-resort handler answers, then re-raises,
+    and uvicorn then closes the connection: the client's next request on that keep-alive
+    connection is reset.) `on_error(500)` is told of each."""
+
+    def __init__(self, app: ASGIApp, on_error: Any = None) -> None:
+        self.app = app
+        self.on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as error:
+            if started:
+                raise  # half a response: closing the connection is all that is left
+            log.exception("unexpected error")
+            if self.on_error is not None:
+                self.on_error(500)
+            body = error_body(f"internal error: {error!r}", "server_error")
+            await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
     """Render every error in OpenAI's shape; `on_error(status)` is told each one's status."""
 
@@ -93,17 +131,26 @@ def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
     async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
         report(400)
         message, param = validation_message(error)
-        body = error_body(message, "invalid_request_error", param, "invalid_value")
+        code = "unknown_parameter" if message.startswith("unknown field") else "invalid_value"
+        body = error_body(message, "invalid_request_error", param, code)
         return JSONResponse(body, status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
-        body = error_body(str(error.detail), _TYPES.get(error.status_code, "server_error"))
+        message = _body_error_message(error) or str(error.detail)
+        body = error_body(message, _TYPES.get(error.status_code, "server_error"))
         return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        report(500)
-        body = error_body(f"internal error: {error!r}", "server_error")
-        return JSONResponse(body, status_code=500)
+    app.add_middleware(CatchAll, on_error=on_error)
+
+
+def _body_error_message(error: HTTPException) -> str | None:
+    """What FastAPI's "There was an error parsing the body" (a 400) was about."""
+    cause = error.__cause__
+    if error.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8: {cause.reason} at byte {cause.start}"
+    if isinstance(cause, RecursionError):
+        return "the request body is not valid JSON: nested too deeply"
+    return f"the request body is not valid JSON: {str(cause).split(':')[0]}"

@@ -1,28 +1,36 @@
 """Request bodies of the OpenAI-compatible API (pydantic), with vLLM's extra sampling fields.
 
 Types are strict (a string is not a number, a bool is not an int) and ranges are checked here,
-so a bad field is a 400 that names it. Unknown fields are accepted and ignored, as OpenAI's
-and vLLM's servers do. `to_sampling_params` builds the engine's `SamplingParams`; `max_tokens`
-left unset means "up to the end of the context" (the router resolves it per prompt).
+so a bad field is a 400 that names it. Integers must fit the wire type the workers receive
+(int32 counts and ids, an int64 seed). Fields that are not honoured here are sorted by
+`router.openai.fields`: refused (unknown, or not supported yet) or accepted as no-ops.
+`to_sampling_params` builds the engine's `SamplingParams`; `max_tokens` left unset means "up
+to the end of the context" (the router resolves it per prompt).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.sampling_params import SamplingParams
+from proto.convert import INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN
 from router.errors import InvalidRequestError
-from router.preprocess import params_error
+from router.openai.fields import check_body, unknown_field
+from router.preprocess import MAX_N, params_error
 
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs range, as OpenAI's API
+MAX_COMPLETIONS = 2048  # completions (prompts x n) one /v1/completions request may ask for
+
+Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]
+Count = Annotated[int, Field(ge=1, le=INT32_MAX)]  # a number of tokens
 
 
 class StrictModel(BaseModel):
-    """Strict types, extra fields ignored."""
+    """Strict types, finite numbers; a field the model lacks is refused."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(StrictModel):
@@ -30,42 +38,84 @@ class StreamOptions(StrictModel):
     continuous_usage_stats: bool = False
 
 
+class ResponseFormat(BaseModel):
+    """Only {"type": "text"} is honoured; the other types (and their fields, e.g.
+    json_schema) are known and refused until structured outputs land."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+
+
 class SamplingFields(StrictModel):
     """The sampling fields both endpoints share (OpenAI's, then vLLM's extras)."""
 
     model: str | None = None
-    n: int = Field(default=1, ge=1, le=128)
-    max_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    best_of: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_tokens: Count | None = None
     temperature: float | None = Field(default=None, ge=0.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extra parameters
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    allowed_token_ids: list[int] | None = None
+    stop_token_ids: list[Int32] | None = None
+    allowed_token_ids: list[Int32] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    priority: int = 0
+    priority: Int32 = 0
     cache_salt: str | None = Field(default=None, min_length=1)
 
-    def check_stream_options(self) -> None:
-        """stream_options only make sense with stream=true (vLLM's rule)."""
+    @model_validator(mode="before")
+    @classmethod
+    def _sort_fields(cls, data: Any) -> Any:
+        """Refuse unknown and not-yet-supported fields, drop no-ops (router.openai.fields)."""
+        return check_body(data, cls.model_fields)
+
+    def check_options(self) -> None:
+        """InvalidRequestError for options that are known but not honoured, or that need
+        another option (vLLM's rules)."""
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError(
                 "stream_options can only be given when stream is true", "stream_options"
             )
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise InvalidRequestError(
+                "'stream_options.continuous_usage_stats' is not supported yet",
+                "stream_options.continuous_usage_stats",
+                "unsupported_parameter",
+            )
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError(
+                "'best_of' other than n is not supported yet", "best_of", "unsupported_parameter"
+            )
+        self._check_response_format()
+
+    def _check_response_format(self) -> None:
+        fmt = self.response_format
+        if fmt is None:
+            return
+        if fmt.type != "text":
+            raise InvalidRequestError(
+                f"'response_format' of type {fmt.type!r} is not supported yet (structured outputs)",
+                "response_format",
+                "unsupported_parameter",
+            )
+        if fmt.model_extra:
+            raise unknown_field(f"response_format.{next(iter(fmt.model_extra))}", ["type"])
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The engine's SamplingParams; ValueError from it becomes a 400 naming the field."""
@@ -108,25 +158,24 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions. `prompt`: a string, token ids, or a list of either."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's and vLLM's default for completions
-    logprobs: int | None = Field(default=None, ge=0)
+    max_tokens: Count | None = 16  # OpenAI's and vLLM's default for completions
+    logprobs: int | None = Field(default=None, ge=0, le=INT32_MAX)
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1)
+    add_special_tokens: bool = True
 
     def to_sampling_params(self) -> SamplingParams:
         """The request's SamplingParams (InvalidRequestError for what is not supported)."""
-        self.check_stream_options()
-        if self.suffix:
-            raise InvalidRequestError("suffix is not supported", "suffix")
-        if self.best_of is not None and self.best_of != self.n:
-            raise InvalidRequestError("best_of is not supported (use n)", "best_of")
+        self.check_options()
         if self.echo and self.logprobs is not None:
-            raise InvalidRequestError("echo with logprobs needs prompt logprobs", "echo")
+            raise InvalidRequestError(
+                "'echo' with 'logprobs' is not supported yet (prompt logprobs)",
+                "echo",
+                "unsupported_parameter",
+            )
         return self.sampling_params(self.max_tokens, self.logprobs)
 
     def prompts(self) -> list[str | list[int]]:
-        """The prompt(s), one entry per prompt."""
+        """The prompt(s), one entry per prompt (at most MAX_COMPLETIONS / n of them)."""
         prompt = self.prompt
         if isinstance(prompt, str):
             return [prompt]
@@ -134,6 +183,12 @@ class CompletionRequest(SamplingFields):
             raise InvalidRequestError("prompt must not be empty", "prompt")
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]  # type: ignore[arg-type]
+        if len(prompt) * self.n > MAX_COMPLETIONS:
+            raise InvalidRequestError(
+                f"prompt: at most {MAX_COMPLETIONS} completions (prompts x n) per request, "
+                f"got {len(prompt)} prompts x n={self.n}",
+                "prompt",
+            )
         return list(prompt)  # type: ignore[arg-type]
 
 
@@ -146,32 +201,31 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ResponseFormat(StrictModel):
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Count | None = None
+    # Tools are rendered by the chat template and the answer is text, as with tool_choice
+    # "none" (the only tool_choice accepted until tool parsers land, issue 26).
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         """The request's SamplingParams: max_completion_tokens wins over max_tokens."""
-        self.check_stream_options()
+        self.check_options()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true", "top_logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
+        if self.tools and self.parallel_tool_calls:
             raise InvalidRequestError(
-                "response_format other than text is not supported yet", "response_format"
+                "'parallel_tool_calls' is not supported yet (tool calling)",
+                "parallel_tool_calls",
+                "unsupported_parameter",
             )
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens or self.max_tokens
@@ -190,8 +244,10 @@ def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
         for part in content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise InvalidRequestError(
-                    f"only text content parts are supported, got {part.get('type')!r}",
+                    f"content parts of type {part.get('type')!r} are not supported yet (only "
+                    "text parts, with a string 'text')",
                     f"messages.{index}.content",
+                    "unsupported_parameter",
                 )
             texts.append(part["text"])
         out["content"] = "\n".join(texts)
