@@ -28,6 +28,7 @@ from prefix_index.service import SERVICE_NAME as INDEX_SERVICE_NAME
 from prefix_index.service import PrefixIndexServicer
 from proto.baton.v1 import router_pb2, router_pb2_grpc
 from proto.convert import params_from_proto
+from router.auth import APIKeyInterceptor
 from router.completion import CompletionDelta
 from router.errors import InvalidRequestError, RouterError
 from router.generation import Generation
@@ -185,10 +186,15 @@ def _add_usage(message: router_pb2.GenerateResponse, generation: Generation) -> 
 def build_grpc_server(
     services: RouterServices, address: str
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """A grpc.aio server on `address` with the Router service, health and reflection; returns
-    it (not started), its health servicer and the bound port."""
+    """A grpc.aio server on `address` with the Router service (behind the API key, when one is
+    set), health, reflection, and the prefix-index service when the index is in-process;
+    returns it (not started), its health servicer and the bound port."""
+    interceptors = []
+    if services.config.api_key:
+        on_reject = services.metrics.request_failed
+        interceptors.append(APIKeyInterceptor(services.config.api_key, [SERVICE_NAME], on_reject))
     # No SO_REUSEPORT: a port another process (or router) holds must be an error, not shared.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     _add_router_servicer(RouterServicer(services), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -15,17 +15,10 @@ from dataclasses import dataclass
 
 import grpc
 import uvicorn
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
-from prefix_index.memory import InProcessPrefixIndex
-from prefix_index.service import ADD_TO_SERVER as add_index_servicer
-from prefix_index.service import SERVICE_NAME as INDEX_SERVICE_NAME
-from prefix_index.service import PrefixIndexServicer
-from proto.baton.v1 import router_pb2_grpc
-from router.auth import APIKeyInterceptor
 from router.config import RouterConfig
-from router.grpc_service import SERVICE_NAME, RouterServicer, set_serving
+from router.grpc_service import build_grpc_server, set_serving
 from router.openai.app import build_app
 from router.services import RouterServices
 
@@ -94,33 +87,6 @@ class RouterServer:
         stops.append(http_task)
         await asyncio.gather(*stops, return_exceptions=True)
         await self.services.close()
-
-
-def build_grpc_server(
-    services: RouterServices, address: str
-) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """A grpc.aio server on `address` with the Router service (behind the API key, when one is
-    set), health, reflection, and the prefix-index service when the index is in-process;
-    returns it (not started), its health servicer and the bound port.
-
-    It is `router.grpc_service.build_grpc_server` plus the API-key interceptor, which grpc.aio
-    takes only when a server is made: once that function takes `interceptors`, this one goes.
-    """
-    interceptors = []
-    if services.config.api_key:
-        on_reject = services.metrics.request_failed
-        interceptors.append(APIKeyInterceptor(services.config.api_key, [SERVICE_NAME], on_reject))
-    # No SO_REUSEPORT: a port another process (or router) holds must be an error, not shared.
-    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(services), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names: tuple[str, ...] = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    if isinstance(services.index, InProcessPrefixIndex):  # workers publish KV events here
-        add_index_servicer(PrefixIndexServicer(services.index), server)
-        names += (INDEX_SERVICE_NAME,)
-    reflection.enable_server_reflection(names, server)
-    return server, health_servicer, server.add_insecure_port(address)
 
 
 async def run(config: RouterConfig) -> None:

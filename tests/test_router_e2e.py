@@ -156,7 +156,7 @@ def test_chat_matches_offline(router, llm):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
     expected = llm.chat(CHAT, params, use_tqdm=False, tools=tools)[0]
     out = client.chat.completions.create(
-        model=model, messages=CHAT, max_tokens=24, temperature=0, tools=tools
+        model=model, messages=CHAT, max_tokens=24, temperature=0, tools=tools, tool_choice="none"
     )
     assert out.usage.prompt_tokens == len(expected.prompt_token_ids)
     assert out.choices[0].message.content == expected.outputs[0].text

@@ -36,12 +36,15 @@ def baton_version() -> str:
         return "unknown"
 
 
+MAX_BODY_BYTES = 32 * 2**20  # a larger request body is a 413 (a 128k-token prompt is ~1 MiB)
+
+
 def build_app(services: RouterServices) -> FastAPI:
     """The HTTP API over `services` (started and closed by whoever runs the server)."""
     app = FastAPI(title="Baton router", version=baton_version())
     app.state.services = services
     created = int(time.time())
-    install_error_handlers(app, services.metrics.request_failed)
+    install_error_handlers(app, services.metrics.request_failed, MAX_BODY_BYTES)
     if services.config.api_key:
         app.add_middleware(
             APIKeyMiddleware,

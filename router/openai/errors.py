@@ -21,7 +21,12 @@ from router.errors import OverloadedError, RouterError
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+}
 
 
 def error_body(
@@ -115,8 +120,51 @@ class CatchAll:
             await JSONResponse(body, status_code=500)(scope, receive, send)
 
 
-def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
-    """Render every error in OpenAI's shape; `on_error(status)` is told each one's status."""
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is OpenAI's 413. A declared
+    Content-Length is checked before anything reads the body; a body sent without one is
+    counted as it is read, and its 413 goes through the app's HTTPException handler.
+    `on_error(413)` is told of the first kind (the handler reports the second)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, on_error: Any = None) -> None:
+        self.app, self.max_bytes, self.on_error = app, max_bytes, on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = HTTPException(413, f"the request body is over {self.max_bytes} bytes")
+        if _content_length(scope) > self.max_bytes:
+            if self.on_error is not None:
+                self.on_error(413)
+            body = error_body(str(too_large.detail), "invalid_request_error")
+            await JSONResponse(body, 413)(scope, receive, send)
+            return
+        read = 0
+
+        async def counted() -> Message:
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.max_bytes:
+                raise too_large
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _content_length(scope: Scope) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+def install_error_handlers(
+    app: FastAPI, on_error: Any = None, max_body_bytes: int | None = None
+) -> None:
+    """Render every error in OpenAI's shape; `on_error(status)` is told each one's status.
+    Bodies over `max_body_bytes` (None: no limit) are 413s."""
 
     def report(status: int) -> None:
         if on_error is not None:
@@ -137,11 +185,14 @@ def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
+        report(error.status_code)
         message = _body_error_message(error) or str(error.detail)
         body = error_body(message, _TYPES.get(error.status_code, "server_error"))
         return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
     app.add_middleware(CatchAll, on_error=on_error)
+    if max_body_bytes is not None:
+        app.add_middleware(BodyLimit, max_bytes=max_body_bytes, on_error=on_error)
 
 
 def _body_error_message(error: HTTPException) -> str | None:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from engine.sampling_params import SamplingParams
 from proto.convert import INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN
 from router.errors import InvalidRequestError
-from router.openai.fields import check_body, unknown_field
+from router.openai.fields import check_body, check_supported, unknown_field
 from router.preprocess import MAX_N, params_error
 
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs range, as OpenAI's API
@@ -208,9 +208,11 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: Count | None = None
-    # Tools are rendered by the chat template and the answer is text, as with tool_choice
-    # "none" (the only tool_choice accepted until tool parsers land, issue 26).
+    # Until tool parsers land (issue 26), tools are taken only with tool_choice "none": the
+    # chat template renders them and the answer is text. OpenAI's default with tools is "auto",
+    # which would ask for calls, so tools without tool_choice are refused too.
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
@@ -221,6 +223,15 @@ class ChatCompletionRequest(SamplingFields):
         self.check_options()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true", "top_logprobs")
+        check_supported("tool_choice", self.tool_choice)
+        if self.tools and self.tool_choice is None:
+            raise InvalidRequestError(
+                "'tools' without tool_choice 'none' ask for tool calls (OpenAI's default "
+                "tool_choice with tools is 'auto'), which are not supported yet (tool calling); "
+                "send tool_choice 'none' to have the template render the tools",
+                "tools",
+                "unsupported_parameter",
+            )
         if self.tools and self.parallel_tool_calls:
             raise InvalidRequestError(
                 "'parallel_tool_calls' is not supported yet (tool calling)",
@@ -233,10 +244,11 @@ class ChatCompletionRequest(SamplingFields):
 
     def template_messages(self) -> list[dict[str, Any]]:
         """Messages as the chat template reads them: text parts joined into one string."""
-        return [_template_message(m, i) for i, m in enumerate(self.messages)]
+        return [template_message(m, i) for i, m in enumerate(self.messages)]
 
 
-def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
+def template_message(message: ChatMessage, index: int) -> dict[str, Any]:
+    """One message as the chat template reads it (`index`: its place, for error messages)."""
     out = message.model_dump(exclude_none=True)
     content = message.content
     if isinstance(content, list):

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import Field, ValidationError
 
 from router.errors import InvalidRequestError
-from router.openai.protocol import ChatMessage, StrictModel, _template_message
+from router.openai.protocol import ChatMessage, StrictModel, template_message
 from router.preprocess import Preprocessor
 
 
@@ -99,7 +99,7 @@ def _chat_token_ids(request: TokenizeChatRequest, pre: Preprocessor) -> list[int
     kwargs = dict(request.chat_template_kwargs or {})
     if request.continue_final_message:
         kwargs["continue_final_message"] = True
-    messages = [_template_message(m, i) for i, m in enumerate(request.messages)]
+    messages = [template_message(m, i) for i, m in enumerate(request.messages)]
     text, token_ids = pre.render_chat(
         messages, request.tools, request.add_generation_prompt, kwargs
     )
