@@ -1,7 +1,8 @@
 """Engine configuration: small dataclasses, one per concern.
 
 `ModelConfig` is parsed from a local Hugging Face directory's `config.json`; `CacheConfig` sizes
-the paged KV cache; `SchedulerConfig` bounds each step's batch. `EngineConfig` bundles them.
+the paged KV cache; `SchedulerConfig` bounds each step's batch; `KernelConfig` picks the layers'
+kernels and the GPU path's fusions. `EngineConfig` bundles them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -179,6 +181,44 @@ class SchedulerConfig:
 
 
 @dataclass(slots=True)
+class KernelConfig:
+    """The kernels the model's layers run, chosen once when the engine is built
+    (`engine.layers.Kernels.choose`). The fusions and PDL are on by default: each switch is there
+    to measure what it gains on the same machine, and applies on the Triton path only.
+
+    `backend`: "triton" (`baton_kernels`, CUDA only), "torch" (the reference, e.g. to compare on a
+    GPU) or "auto" (Triton on CUDA when triton is installed, else torch).
+    `fuse_gate_up`: a one-row step's gate/up projection and SwiGLU activation in one kernel
+    (`baton_kernels.gemv.gemv_gate_up_silu`); off: cuBLAS, then `silu_mul`.
+    `fold_norms`: in half precision, the RMSNorm weights are folded into the q/k/v and gate/up
+    projections at load, so a one-row step runs its norms and residual adds inside the GEMVs
+    (`LlamaDecoderLayer.forward_folded`); off: a norm kernel and an add per norm.
+    `pdl`: programmatic dependent launch on Hopper and later (`baton_kernels.pdl`).
+    """
+
+    backend: str = "auto"
+    fuse_gate_up: bool = True
+    fold_norms: bool = True
+    pdl: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in KERNEL_BACKENDS:
+            raise ValueError(
+                f"kernel backend must be one of {', '.join(KERNEL_BACKENDS)}, got {self.backend!r}"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """The switches as asked for, for a benchmark's result file (`Kernels.describe` has what
+        they resolved to on a device)."""
+        return {
+            "kernel_backend": self.backend,
+            "fuse_gate_up": self.fuse_gate_up,
+            "fold_norms": self.fold_norms,
+            "pdl": self.pdl,
+        }
+
+
+@dataclass(slots=True)
 class EngineConfig:
     """Everything one engine instance runs with."""
 
@@ -192,6 +232,8 @@ class EngineConfig:
     # Launch a plain-greedy decode step before the previous one's tokens are read (EngineCore
     # .step). None: on when decode steps replay CUDA graphs (on the CPU it gains nothing).
     async_scheduling: bool | None = None
+    # The layers' kernels (Triton or the torch reference) and the Triton path's fusions.
+    kernels: KernelConfig = field(default_factory=KernelConfig)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
