@@ -23,6 +23,8 @@ scale rsqrt(mean(x^2) + eps) is one multiply of the float32 sums, the sum of squ
 the x tiles every program loads anyway. An earlier fusion that re-read the residual and the
 norm weight in every program (as many L2 bytes as its own weights) ran slower than the
 separate kernels, and so did fusing the SwiGLU activation before the down projection.
+Which of these the engine uses is its choice (`engine.config.KernelConfig`: `fuse_gate_up`,
+`fold_norms`), made once in its layers (`engine.layers`); these functions read no switch.
 
 Measured and dropped (bench.gpu_gemv, H200): for more than one row cuBLAS's tiles were faster
 than this kernel's tensor-core variant, and for matrices over 32 MiB cuBLAS is as fast
@@ -32,7 +34,6 @@ a layer against 20.1 for cuBLAS's GEMM and `silu_mul` on an H200).
 
 from __future__ import annotations
 
-import os
 from typing import Any, NamedTuple
 
 import torch
@@ -42,8 +43,6 @@ import triton.language as tl
 from baton_kernels.pdl import use_pdl
 
 MAX_WEIGHT_ELEMENTS = 1 << 24  # larger matrices (over 32 MiB in bf16) stay with cuBLAS
-GATE_UP_FUSED = os.environ.get("BATON_GEMV_GATE_UP", "1") != "0"  # read once, at import
-NORM_FUSED = os.environ.get("BATON_GEMV_NORM", "1") != "0"  # see fold_norm_weight
 
 
 class GemvConfig(NamedTuple):
@@ -403,12 +402,6 @@ def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `gemv` should run a linear layer on `x` in place of cuBLAS: one row on CUDA in
     half precision, and a weight of at most MAX_WEIGHT_ELEMENTS with contiguous rows."""
     return one_row(x, weight) and weight.numel() <= MAX_WEIGHT_ELEMENTS
-
-
-def takes_gate_up(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `gemv_gate_up_silu` should run a gate/up projection and its activation on `x`:
-    one half-precision row on CUDA, any size (`BATON_GEMV_GATE_UP=0`: cuBLAS and silu_mul)."""
-    return GATE_UP_FUSED and one_row(x, weight)
 
 
 def one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:

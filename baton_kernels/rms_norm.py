@@ -1,10 +1,10 @@
-"""Fused residual add + RMSNorm (Zhang & Sennrich 2019), with the numerics of engine.models.llama.
+"""Fused residual add + RMSNorm (Zhang & Sennrich 2019), with the numerics of engine.layers.norm.
 
     new_residual = x + residual                         (rounded to x's dtype, as the model adds)
     out = weight * (new_residual * rsqrt(mean(new_residual^2) + eps)).to(x.dtype)
 
 The norm is computed in float32 and cast back before the weight multiply, exactly as
-`engine.models.llama.RMSNorm` (and transformers' LlamaRMSNorm) order the operations.
+`engine.layers.norm.RMSNorm` (and transformers' LlamaRMSNorm) order the operations.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def rms_norm_ref(
     eps: float,
     residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch oracle of `rms_norm`, op for op as engine.models.llama.RMSNorm."""
+    """Plain-torch oracle of `rms_norm`, op for op as engine.layers.norm.add_norm_ref."""
     if residual is not None:
         x = x + residual
     h = x.to(torch.float32)

@@ -1,6 +1,6 @@
 """Rotary position embedding applied in place to q and k (RoFormer, Su et al. 2021).
 
-The rotate_half convention of engine.models.rotary: the head dimension splits into two halves
+The rotate_half convention of engine.layers.rotary: the head dimension splits into two halves
 x1, x2 that rotate together, `out = x * cos + cat(-x2, x1) * sin`. The cos/sin cache is
 `RotaryEmbedding.cos_sin`, `(max_positions, 2, D)` with [:, 0] = cos and [:, 1] = sin; any
 frequency scaling (linear, llama3) is already folded into it, so the kernel only looks it up.
@@ -217,7 +217,7 @@ def rotary_ref(
     positions: torch.Tensor,
     cos_sin_cache: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch oracle of `rotary` (in place too), as engine.models.rotary.apply_rotary."""
+    """Plain-torch oracle of `rotary` (in place too), as engine.layers.rotary.apply_rotary."""
     cos_sin = cos_sin_cache[positions].unsqueeze(2)  # (T, 2, 1, D)
     cos, sin = cos_sin[:, 0], cos_sin[:, 1]  # (T, 1, D) each
     for x in (q, k):

@@ -53,6 +53,6 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:  # (T, 2I) -> (T, I)
 
 
 def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:
-    """Plain-torch oracle of `silu_mul`, as engine.models.llama.LlamaMLP computes it."""
+    """Plain-torch oracle of `silu_mul`, as engine.layers.activation.silu_mul_ref computes it."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -11,13 +11,13 @@ KV cache of one layer (the layout the model runner allocates and kv_transfer mov
     slot = block_id * block_size + offset_in_block
 
 This file holds the torch implementation used on CPU (and as the GPU kernels' oracle) and the
-Triton backend over `baton_kernels/`, both behind the same `AttentionBackend` interface.
+Triton backend over `baton_kernels/`, both behind the same `AttentionBackend` interface; a
+model's `engine.layers.Attention` picks one when it is built.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -122,7 +122,7 @@ def _row_counts(query_start_loc: list[int]) -> dict[str, Any]:
 
 
 class Rotation(Protocol):
-    """The rotary position embedding of one step's tokens (`engine.models.llama.Rope`)."""
+    """The rotary position embedding of one step's tokens (`engine.layers.rotary.Rope`)."""
 
     positions: torch.Tensor  # (T,) token positions
     cos_sin_cache: torch.Tensor  # (max_positions, 2, head_dim): [:, 0] cos, [:, 1] sin
@@ -322,22 +322,3 @@ class TritonPagedAttention(AttentionBackend):
             sliding_window, max_seqlen_q=batch["max_seqlen_q"], out=out,
         )  # fmt: skip
         return out
-
-
-def get_attention_backend(device: torch.device) -> AttentionBackend:
-    """Triton kernels on CUDA (when triton is installed), the torch reference elsewhere.
-
-    `BATON_ATTENTION_BACKEND=torch` forces the reference (e.g. to compare on a GPU).
-    """
-    choice = os.environ.get("BATON_ATTENTION_BACKEND", "auto")
-    if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"BATON_ATTENTION_BACKEND must be auto, torch or triton, got {choice!r}")
-    if choice == "triton" or (choice == "auto" and device.type == "cuda" and _has_triton()):
-        return TritonPagedAttention()
-    return TorchPagedAttention()
-
-
-def _has_triton() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None

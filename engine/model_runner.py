@@ -25,6 +25,7 @@ from engine.cuda_graphs import (
     graph_rows,
 )
 from engine.kv_export import LayerwiseExport
+from engine.layers import Kernels
 from engine.models.loader import load_model
 from engine.sampling.logprobs import LogprobsTensors, compute_prompt_logprobs
 from engine.sampling.metadata import SamplingMetadata, SamplingRow
@@ -109,7 +110,10 @@ class ModelRunner:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)  # Triton launches on the current device
         self.block_size = config.cache.block_size
-        self.model = load_model(config.model, self.device)
+        # Triton or torch, and which fusions, for every layer: chosen once, here.
+        self.kernels = Kernels.choose(config.kernels, self.device, config.model.dtype)
+        self.kernels.configure_launches()
+        self.model = load_model(config.model, self.device, self.kernels)
         self.sampler = Sampler()
         self.num_blocks = self._num_blocks()
         m = config.model
@@ -119,7 +123,7 @@ class ModelRunner:
         ]
         self.graphs: DecodeGraphs | None = None
         self.graph_prompt_steps = 0  # steps whose prompt chunks ran in a decode graph
-        if self.model.model.use_kernels and not config.enforce_eager:  # the Triton backend
+        if self.kernels.triton and not config.enforce_eager:
             self.graphs = DecodeGraphs(
                 self._decode_forward,
                 self.device,

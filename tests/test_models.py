@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
+from engine.layers.rotary import rope_inv_freq
 from engine.models import LlamaForCausalLM, load_model, load_tokenizer
-from engine.models.rotary import rope_inv_freq
 
 TinyModelFactory = Callable[..., Path]
 VARIANTS = ("llama", "llama-linear", "qwen2", "qwen3", "mistral")

@@ -22,8 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from engine.attention import AttentionBackend, get_attention_backend
-from engine.config import ModelConfig
+from engine.config import KernelConfig, ModelConfig
+from engine.layers import Kernels
 from engine.models.llama import LlamaForCausalLM
 
 WEIGHTS_FILE = "model.safetensors"
@@ -41,21 +41,22 @@ class TensorTarget:
 
 
 def load_model(
-    config: ModelConfig, device: torch.device, attn_backend: AttentionBackend | None = None
+    config: ModelConfig, device: torch.device, kernels: Kernels | None = None
 ) -> LlamaForCausalLM:
     """Build the model for `config` on `device` and fill it from `config.model`'s safetensors.
 
-    `attn_backend` defaults to `engine.attention.get_attention_backend(device)`.
+    `kernels` defaults to what a default `KernelConfig` resolves to on `device`.
     """
     files = weight_files(Path(config.model))
-    backend = attn_backend or get_attention_backend(device)
+    if kernels is None:
+        kernels = Kernels.choose(KernelConfig(), device, config.dtype)
     with torch.device(device):
-        model = LlamaForCausalLM(config, backend)
+        model = LlamaForCausalLM(config, kernels)
     targets = checkpoint_targets(model, config)
     with torch.no_grad():
         loaded = _copy_tensors(files, targets)
     _check_complete(targets, loaded, config)
-    model.fold_norm_weights()  # GPU, half precision: RMSNorms applied inside one-row GEMVs
+    model.fold_norm_weights()  # kernels.fold_norms: RMSNorms applied inside one-row GEMVs
     return model.requires_grad_(False).eval()
 
 

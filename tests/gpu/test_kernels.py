@@ -38,7 +38,7 @@ from baton_kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
 from baton_kernels.rotary import rotary, rotary_ref  # noqa: E402
 from baton_kernels.write_kv import write_kv, write_kv_ref  # noqa: E402
 from engine.attention import AttentionMetadata, attend, attend_decode  # noqa: E402
-from engine.models.rotary import RotaryEmbedding  # noqa: E402
+from engine.layers.rotary import RotaryEmbedding  # noqa: E402
 
 CUDA = torch.device("cuda")
 BLOCK_SIZE = 16
@@ -77,9 +77,9 @@ def test_rms_norm_matches_reference(dtype, shape, with_residual):
 
 
 def test_rms_norm_matches_the_model_module():
-    from engine.models.llama import RMSNorm
+    from engine.layers import TORCH, RMSNorm
 
-    norm = RMSNorm(2048, 1e-5, torch.bfloat16, use_kernels=False).to(CUDA)
+    norm = RMSNorm(2048, 1e-5, torch.bfloat16, TORCH).to(CUDA)  # the torch reference
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.1)
     x = torch.randn(17, 2048, dtype=torch.bfloat16, device=CUDA)
@@ -150,7 +150,7 @@ def test_rotary_write_kv_matches_rotary_then_write_kv(dtype, head_dim, num_heads
 
 
 def test_rotary_reference_matches_the_model():
-    from engine.models.rotary import apply_rotary
+    from engine.layers.rotary import apply_rotary
 
     emb = RotaryEmbedding(64, 4096, 10000.0, None, torch.bfloat16).to(CUDA)
     positions = torch.randint(0, 4096, (50,), device=CUDA)
@@ -672,7 +672,7 @@ def test_stage_inputs_matches_reference(batch, num_rows, on_device):
     assert slots[num_rows:batch].eq(-1).all() and slots[batch:].eq(7).all()
 
 
-def test_a_decode_layer_chain_is_the_same_with_and_without_pdl(monkeypatch):
+def test_a_decode_layer_chain_is_the_same_with_and_without_pdl():
     """The PDL-launched kernels back to back (norm, fused projection, attention, GEMV,
     activation, argmax; then the folded layer's GEMVs that normalise and add) in a CUDA graph
     give what the same chain gives launched plainly."""
@@ -681,7 +681,7 @@ def test_a_decode_layer_chain_is_the_same_with_and_without_pdl(monkeypatch):
     from baton_kernels.gemv import gemv, gemv_gate_up_silu, gemv_qkv_rope
     from baton_kernels.silu_mul import silu_mul
 
-    if not pdl.use_pdl(torch.empty(1, device=CUDA)):
+    if not pdl.supported(CUDA):
         pytest.skip("PDL needs sm_90 or later")
     dtype, hidden, heads, kv_heads, dim = torch.bfloat16, 2048, 32, 8, 64
     cos_sin = RotaryEmbedding(dim, 4096, 500000.0, None, dtype).to(CUDA).cos_sin
@@ -713,10 +713,9 @@ def test_a_decode_layer_chain_is_the_same_with_and_without_pdl(monkeypatch):
             h = gemv(gemv_gate_up_silu(h, w_up, norm_eps=1e-5), w_down, residual=h)
         return h, argmax(h)
 
-    results = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("BATON_PDL", flag)
-        pdl._enabled.cache_clear()
+    def replayed(enabled: bool) -> tuple[torch.Tensor, ...]:
+        pdl.set_enabled(enabled)  # the engine's switch (KernelConfig.pdl)
+        assert pdl.use_pdl(x) == enabled
         cache = cache0.clone()
         chain(cache)  # compile outside the capture
         cache = cache0.clone()
@@ -726,7 +725,12 @@ def test_a_decode_layer_chain_is_the_same_with_and_without_pdl(monkeypatch):
         for _ in range(3):
             graph.replay()
         torch.cuda.synchronize()
-        results.append((out[0].clone(), out[1].clone(), cache.clone()))
-    pdl._enabled.cache_clear()
+        return out[0].clone(), out[1].clone(), cache.clone()
+
+    previous = pdl.set_enabled(True)
+    try:
+        results = [replayed(False), replayed(True)]
+    finally:
+        pdl.set_enabled(previous)
     (h0, i0, c0), (h1, i1, c1) = results
     assert torch.equal(h0, h1) and torch.equal(i0, i1) and torch.equal(c0, c1)

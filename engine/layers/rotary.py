@@ -4,6 +4,9 @@ Follows transformers' Llama convention: the head dimension is split in two halve
 together (`rotate_half`), not interleaved pairs. Supported frequency scalings: none ("default"),
 "linear" (position interpolation) and "llama3" (Llama 3.1's wavelength-dependent smoothing).
 The cache is computed once for every position up to `max_positions`, so a step only indexes it.
+`RotaryEmbedding.at` gives a step's rotation (`Rope`), shared by every layer: on the Triton path
+a kernel rotates q and k in place (`baton_kernels.rotary`), else the step's cos/sin rows are
+looked up once and applied with torch ops.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from engine.layers.kernels import TORCH, Kernels
 
 
 def rope_inv_freq(
@@ -64,8 +69,10 @@ class RotaryEmbedding(nn.Module):
         theta: float,
         scaling: dict[str, Any] | None,
         dtype: torch.dtype,
+        kernels: Kernels = TORCH,
     ) -> None:
         super().__init__()
+        self._rope: type[Rope] = TritonRope if kernels.triton else TorchRope
         inv_freq = rope_inv_freq(head_dim, theta, scaling)  # (D/2,)
         positions = torch.arange(max_positions, dtype=torch.int64).to(torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # (P, D/2)
@@ -77,6 +84,43 @@ class RotaryEmbedding(nn.Module):
     def lookup(self, positions: torch.Tensor) -> torch.Tensor:
         """(T,) int64 positions -> (T, 2, 1, D) cos/sin, broadcastable over heads."""
         return self.cos_sin[positions].unsqueeze(2)
+
+    def at(self, positions: torch.Tensor) -> Rope:
+        """The rotation of one step's (T,) int64 positions, shared by every layer."""
+        return self._rope(self, positions)
+
+
+class Rope:
+    """One step's rotation (an `engine.attention.Rotation`): its positions and the cos/sin
+    cache, applied to q and k by the subclass the `RotaryEmbedding` chose."""
+
+    def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor) -> None:
+        self.cos_sin_cache = rotary.cos_sin  # (max_positions, 2, D)
+        self.positions = positions  # (T,)
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (T, H, D), k (T, Hkv, D) -> rotated (in place on the Triton path)."""
+        raise NotImplementedError
+
+
+class TorchRope(Rope):
+    """The torch reference: the step's cos/sin rows looked up once, applied with torch ops."""
+
+    def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor) -> None:
+        super().__init__(rotary, positions)
+        self.cos_sin = rotary.lookup(positions)  # (T, 2, 1, D)
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rotary(q, self.cos_sin), apply_rotary(k, self.cos_sin)
+
+
+class TritonRope(Rope):
+    """The Triton path: `baton_kernels.rotary` rotates q and k in place from the cos/sin cache."""
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from baton_kernels.rotary import rotary
+
+        return rotary(q, k, self.positions, self.cos_sin_cache)
 
 
 def apply_rotary(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
