@@ -49,6 +49,8 @@ CONFIG = {  # the YAML file: `-` and `_` spellings both
     "kv_cache_memory_bytes": "64MiB",
     "chat_template": TEMPLATE,
     "kv_transport": "tcp",
+    "kernel-backend": "torch",
+    "pdl": False,
 }
 OVERRIDES = ["--max-model-len", "384", "--num-kv-blocks", "120", "--scheduling-policy", "fair"]
 CACHE_INFO = {
@@ -68,6 +70,10 @@ ENGINE_INFO = {
     "max_num_batched_tokens": "300",
     "max_num_waiting": "50",
     "scheduling_policy": "fair",
+    "kernel_backend": "torch",  # what runs: on this CPU every switch of the GPU path is off
+    "fuse_gate_up": "False",
+    "fold_norms": "False",
+    "pdl": "False",
 }
 
 

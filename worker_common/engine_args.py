@@ -15,16 +15,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from engine.config import EngineConfig
     from engine.core import EngineCore
 
-MODEL, CACHE, SCHEDULER = "model", "KV cache", "scheduler"
+MODEL, CACHE, SCHEDULER, KERNELS = "model", "KV cache", "scheduler", "kernels"
 GROUP_HELP = {
     MODEL: "the model, its context and numerics",
     CACHE: "the paged KV cache and its prefix cache",
     SCHEDULER: "continuous batching: per-step limits and admission",
+    KERNELS: "the layers' kernels (engine.config.KernelConfig); the fusions are on by default "
+    "and there to measure",
 }
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair")
+KERNEL_BACKENDS = ("auto", "triton", "torch")  # engine.config's, without importing torch
+KERNEL_FLAGS = ("kernel_backend", "fuse_gate_up", "fold_norms", "pdl")
 _BYTE_UNITS = {
     "": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
     "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4,
@@ -95,6 +100,17 @@ ENGINE_FLAGS = (
     EngineFlag("async_scheduling", SCHEDULER, None,
                "launch a greedy decode step before reading the previous one's tokens "
                "(default: on with CUDA graphs)"),
+    EngineFlag("kernel_backend", KERNELS, "auto",
+               "Triton kernels (GPU) or the torch reference; auto: Triton on CUDA when triton "
+               "is installed", str, KERNEL_BACKENDS),
+    EngineFlag("fuse_gate_up", KERNELS, True,
+               "Triton: a one-token step's gate/up projection and SwiGLU activation in one "
+               "kernel"),
+    EngineFlag("fold_norms", KERNELS, True,
+               "Triton, half precision: RMSNorm weights folded into the projections, so a "
+               "one-token step runs its norms and residual adds inside the GEMVs"),
+    EngineFlag("pdl", KERNELS, True,
+               "Triton on Hopper or later: programmatic dependent launch"),
 )  # fmt: skip
 
 
@@ -129,8 +145,14 @@ def _help(flag: EngineFlag) -> str:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The parsed engine flags as `LLM(...)` / `LLMEngine.from_args` keyword arguments."""
-    return {f.name: getattr(args, f.name) for f in ENGINE_FLAGS if hasattr(args, f.name)}
+    """The parsed engine flags as `LLM(...)` / `LLMEngine.from_args` keyword arguments; the
+    kernel flags only where set away from their defaults (`from_args`'s defaults are the same)."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in ENGINE_FLAGS
+        if hasattr(args, f.name)
+        and (f.name not in KERNEL_FLAGS or getattr(args, f.name) != f.default)
+    }
 
 
 def engine_cli_args(args: argparse.Namespace) -> list[str]:
@@ -185,13 +207,27 @@ def build_engine_core(args: argparse.Namespace) -> EngineCore:
     """An EngineCore from parsed `add_worker_args` flags (KV events on: the index reads them)."""
     import torch
 
-    from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from engine.core import EngineCore
 
     torch.manual_seed(args.seed)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    config = EngineConfig(
+    return EngineCore(engine_config(args))
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig that parsed `add_worker_args` flags describe."""
+    import torch
+
+    from engine.config import (
+        CacheConfig,
+        EngineConfig,
+        KernelConfig,
+        ModelConfig,
+        SchedulerConfig,
+    )
+
+    return EngineConfig(
         model=ModelConfig.from_pretrained(
             args.model, args.dtype, args.max_model_len, args.served_model_name
         ),
@@ -213,5 +249,5 @@ def build_engine_core(args: argparse.Namespace) -> EngineCore:
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
+        kernels=KernelConfig(args.kernel_backend, args.fuse_gate_up, args.fold_norms, args.pdl),
     )
-    return EngineCore(config)

@@ -49,7 +49,8 @@ class WorkerMetrics:
     def export_config(self, core: EngineCore) -> None:
         """The configuration the engine runs with, as info gauges (value 1, settings as labels),
         as vLLM's `vllm:cache_config_info`: `baton:cache_config_info` (num_gpu_blocks is the
-        number of KV blocks allocated, on any device) and `baton:engine_config_info`."""
+        number of KV blocks allocated, on any device) and `baton:engine_config_info` (with the
+        kernels that run: `engine.layers.Kernels.describe`)."""
         config = core.config
         cache = {
             "block_size": config.cache.block_size,
@@ -70,6 +71,7 @@ class WorkerMetrics:
             "max_num_waiting": config.scheduler.max_num_waiting,
             "scheduling_policy": config.scheduler.policy,
             "async_scheduling": core.async_scheduling,
+            **core.runner.kernels.describe(),
         }
         for name, info in (("cache_config_info", cache), ("engine_config_info", engine)):
             labels = {**self._labels, **{key: str(value) for key, value in info.items()}}

@@ -39,10 +39,31 @@ def generated_logits(model, prompt: list[int], out: list[int]) -> torch.Tensor:
     return logits[len(prompt) - 1 : len(prompt) - 1 + len(out)]  # row t predicts token t + 1
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-@pytest.mark.parametrize("batched", [True, False])  # False: one request at a time, batch-1
-# decode steps through the one-row GEMVs that apply the folded RMSNorms themselves
-def test_bf16_greedy_agrees_with_transformers_teacher_forced(tiny_model, tmp_path, arch, batched):
+# The Triton path's fusions and PDL off (KernelConfig): gate/up by cuBLAS and silu_mul, norms
+# and adds as kernels of their own, plain launches.
+UNFUSED = {"fuse_gate_up": False, "fold_norms": False, "pdl": False}
+
+
+@pytest.fixture()
+def pdl_setting():
+    """An engine sets PDL for the whole process: give later tests back the setting."""
+    from baton_kernels import pdl
+
+    previous = pdl.set_enabled(True)
+    yield
+    pdl.set_enabled(previous)
+
+
+@pytest.mark.parametrize(
+    "arch,batched,switches",
+    [(arch, batched, {}) for arch in ("llama", "qwen3") for batched in (True, False)]
+    + [("llama", False, UNFUSED), ("qwen3", False, UNFUSED)],
+)  # batched False: one request at a time, batch-1 decode steps through the one-row GEMVs
+# that apply the folded RMSNorms themselves (or, UNFUSED, the separate kernels)
+@pytest.mark.usefixtures("pdl_setting")
+def test_bf16_greedy_agrees_with_transformers_teacher_forced(
+    tiny_model, tmp_path, arch, batched, switches
+):
     from transformers import AutoModelForCausalLM
 
     from engine import LLM, SamplingParams
@@ -51,10 +72,15 @@ def test_bf16_greedy_agrees_with_transformers_teacher_forced(tiny_model, tmp_pat
     model_dir = tiny_model(arch)
     model_dir = train_tiny_model(model_dir, tmp_path / "trained", device="cuda", losses=losses)
     prompts = synthetic_prompts(8, seed=0)
-    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", kv_cache_memory_bytes=1 << 28)
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", kv_cache_memory_bytes=1 << 28,
+              **switches)  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    layers = llm.engine.core.runner.model.model.layers
-    assert all(layer.norms_folded for layer in layers)  # bf16 on the GPU: folded at load
+    runner = llm.engine.core.runner
+    assert runner.kernels.describe() == {"kernel_backend": "triton", "fuse_gate_up": True,
+                                         "fold_norms": True, "pdl": runner.kernels.pdl,
+                                         **switches}  # fmt: skip
+    folded = [layer.norms_folded for layer in runner.model.model.layers]
+    assert all(folded) == switches.get("fold_norms", True)  # bf16 on the GPU: folded at load
     if batched:
         results = llm.generate(prompts, params, use_tqdm=False)
     else:
@@ -86,7 +112,7 @@ def test_bf16_greedy_agrees_with_transformers_teacher_forced(tiny_model, tmp_pat
 
     agreement = agree / total
     summary = (
-        f"{arch}, {'batched' if batched else 'one at a time'}: "
+        f"{arch}, {'batched' if batched else 'one at a time'}{', unfused' if switches else ''}: "
         f"bf16 agreement with transformers-bf16 {agreement:.4f} ({agree}/{total}); "
         f"{near_ties} of {total - agree} disagreements are near-ties (gap < {NEAR_TIE} "
         f"relative); against transformers-fp32 argmax: Baton {baton_fp32}/{total}, "

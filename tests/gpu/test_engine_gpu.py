@@ -15,9 +15,8 @@ pytestmark = [
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-def test_greedy_float32_on_gpu_matches_transformers(tiny_model, arch, backend, monkeypatch):
+def test_greedy_float32_on_gpu_matches_transformers(tiny_model, arch, backend):
     """Mixed prefill chunks and decodes, a prompt beyond the step budget, mistral's window."""
-    monkeypatch.setenv("BATON_ATTENTION_BACKEND", backend)
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from engine import LLM, SamplingParams
@@ -25,10 +24,11 @@ def test_greedy_float32_on_gpu_matches_transformers(tiny_model, arch, backend, m
     model_dir = tiny_model(arch)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (1, 7, 33, 70, 150)]
-    llm = LLM(
-        str(model_dir), device="cuda", max_num_batched_tokens=64, kv_cache_memory_bytes=1 << 28
-    )
-    attention = llm.engine.core.runner.model.model.layers[0].self_attn.attn_backend
+    llm = LLM(str(model_dir), device="cuda", max_num_batched_tokens=64,
+              kv_cache_memory_bytes=1 << 28, kernel_backend=backend)  # fmt: skip
+    runner = llm.engine.core.runner
+    assert runner.kernels.describe()["kernel_backend"] == backend
+    attention = runner.model.model.layers[0].self_attn.attn.backend
     assert type(attention).__name__.lower().startswith(backend)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
