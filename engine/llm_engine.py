@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig, SchedulerConfig
 from engine.core import EngineCore
 from engine.detokenizer import IncrementalDetokenizer
 from engine.models.loader import load_tokenizer
@@ -58,6 +58,10 @@ class LLMEngine:
         device: str = "cpu",
         enforce_eager: bool = False,
         async_scheduling: bool | None = None,
+        kernel_backend: str = "auto",
+        fuse_gate_up: bool = True,
+        fold_norms: bool = True,
+        pdl: bool = True,
     ) -> LLMEngine:
         """Build the configs from flat arguments (the `LLM` and CLI spelling)."""
         config = EngineConfig(
@@ -81,6 +85,7 @@ class LLMEngine:
             seed=seed,
             enforce_eager=enforce_eager,
             async_scheduling=async_scheduling,
+            kernels=KernelConfig(kernel_backend, fuse_gate_up, fold_norms, pdl),
         )
         torch.manual_seed(seed)
         return cls(config)

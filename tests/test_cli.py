@@ -236,4 +236,5 @@ def test_generate_takes_the_same_engine_flags() -> None:
         "num_kv_blocks": None, "enable_prefix_caching": False, "max_num_seqs": 2,
         "max_num_batched_tokens": 2048, "max_num_waiting": None,
         "scheduling_policy": "priority", "async_scheduling": None,
+        "kernel_backend": "auto", "fuse_gate_up": True, "fold_norms": True, "pdl": True,
     }  # fmt: skip

@@ -124,7 +124,17 @@ def test_generate_passes_the_kernel_flags_it_was_given() -> None:
     args = cli.parse_args(["generate", "--kernel-backend", "torch", "--no-fold-norms", "hi"])
     kwargs = engine_kwargs(args)
     assert (kwargs["kernel_backend"], kwargs["fold_norms"]) == ("torch", False)
-    assert "pdl" not in kwargs and "fuse_gate_up" not in kwargs  # at their defaults
+    assert (kwargs["pdl"], kwargs["fuse_gate_up"]) == (True, True)  # their defaults
+
+
+def test_the_offline_llm_takes_the_kernel_switches(tiny_model) -> None:
+    from engine import LLM
+
+    llm = LLM(str(tiny_model("llama")), kernel_backend="torch", fuse_gate_up=False, pdl=False)
+    kernels = llm.engine.core.config.kernels
+    assert (kernels.backend, kernels.fuse_gate_up, kernels.fold_norms, kernels.pdl) == (
+        "torch", False, True, False,
+    )  # fmt: skip
 
 
 def _env_reads(path: Path) -> set[str]:

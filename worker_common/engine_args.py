@@ -29,7 +29,6 @@ GROUP_HELP = {
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair")
 KERNEL_BACKENDS = ("auto", "triton", "torch")  # engine.config's, without importing torch
-KERNEL_FLAGS = ("kernel_backend", "fuse_gate_up", "fold_norms", "pdl")
 _BYTE_UNITS = {
     "": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
     "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4,
@@ -145,14 +144,8 @@ def _help(flag: EngineFlag) -> str:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The parsed engine flags as `LLM(...)` / `LLMEngine.from_args` keyword arguments; the
-    kernel flags only where set away from their defaults (`from_args`'s defaults are the same)."""
-    return {
-        f.name: getattr(args, f.name)
-        for f in ENGINE_FLAGS
-        if hasattr(args, f.name)
-        and (f.name not in KERNEL_FLAGS or getattr(args, f.name) != f.default)
-    }
+    """The parsed engine flags as `LLM(...)` / `LLMEngine.from_args` keyword arguments."""
+    return {f.name: getattr(args, f.name) for f in ENGINE_FLAGS if hasattr(args, f.name)}
 
 
 def engine_cli_args(args: argparse.Namespace) -> list[str]:
