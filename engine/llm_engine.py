@@ -14,13 +14,13 @@ from dataclasses import replace
 
 import torch
 
+from common.detokenizer import IncrementalDetokenizer
+from common.sampling_params import SamplingParams
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.core import EngineCore
-from engine.detokenizer import IncrementalDetokenizer
 from engine.models.loader import load_tokenizer
 from engine.output_processor import CompletionState, OutputProcessor, RequestState
 from engine.request import Request
-from engine.sampling_params import SamplingParams
 from engine.validation import validate_prompt
 
 Prompt = str | Sequence[int]

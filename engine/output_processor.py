@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.detokenizer import IncrementalDetokenizer
+from common.detokenizer import IncrementalDetokenizer
+from common.logprobs import to_logprob_dict
 from engine.outputs import (
     CompletionOutput,
     EngineCoreOutput,
@@ -19,7 +20,7 @@ from engine.outputs import (
     StreamOutput,
 )
 from engine.request import Request
-from engine.sampling.logprobs import LogprobsTensors, to_logprob_dict
+from engine.sampling.logprobs import LogprobsTensors
 
 
 @dataclass(eq=False)

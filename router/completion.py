@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerFast
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling.logprobs import Logprob, to_logprob_dict
-from engine.sampling_params import SamplingParams
+from common.detokenizer import IncrementalDetokenizer
+from common.logprobs import Logprob, to_logprob_dict
+from common.sampling_params import SamplingParams
 from proto.baton.v1 import common_pb2
 
 TokenLogprobDict = dict[int, Logprob]

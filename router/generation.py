@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerFast
 
-from engine.kv_cache.hashing import request_extra_keys
-from engine.sampling_params import SamplingParams
+from common.block_hash import request_extra_keys
+from common.sampling_params import SamplingParams
 from proto.baton.v1 import worker_pb2
 from proto.convert import params_to_proto
 from router.backend import Backend

@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
-from engine.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from proto.convert import check_wire_ranges
 from router.errors import InvalidRequestError, ModelNotFoundError, NoWorkerError
 

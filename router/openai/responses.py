@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.sampling.logprobs import Logprob
+from common.logprobs import Logprob
 from router.completion import CompletionDelta, TokenLogprobDict
 from router.generation import Usage
 

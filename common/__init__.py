@@ -1,0 +1,11 @@
+"""Torch-free pieces that the router and the engine share, each written once.
+
+Module map::
+
+    sampling_params.py  SamplingParams (vLLM's fields and validation), SamplingType
+    block_hash.py       the chained 64-bit block hash of prompts (prefix caches and routing)
+    detokenizer.py      IncrementalDetokenizer (text and stop strings)
+    logprobs.py         Logprob and the per-token logprob dicts, to_logprob_dict
+
+Imports point down: `common` imports neither `engine` nor `router`, nor torch (tests check).
+"""
