@@ -4,6 +4,7 @@ Module map::
 
     sampling_params.py  SamplingParams (vLLM's fields and validation), SamplingType
     block_hash.py       the chained 64-bit block hash of prompts (prefix caches and routing)
+    tokenizer.py        load_tokenizer: a model directory's fast tokenizer, without torch
     detokenizer.py      IncrementalDetokenizer (text and stop strings)
     logprobs.py         Logprob and the per-token logprob dicts, to_logprob_dict
 

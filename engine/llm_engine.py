@@ -16,9 +16,9 @@ import torch
 
 from common.detokenizer import IncrementalDetokenizer
 from common.sampling_params import SamplingParams
+from common.tokenizer import load_tokenizer
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.core import EngineCore
-from engine.models.loader import load_tokenizer
 from engine.output_processor import CompletionState, OutputProcessor, RequestState
 from engine.request import Request
 from engine.validation import validate_prompt
