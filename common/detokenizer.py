@@ -2,7 +2,8 @@
 
 Text comes from the `tokenizers` library's `DecodeStream`, which buffers tokens until they
 form valid UTF-8 and handles byte-level / metaspace decoders. Stop strings are searched only in
-the newly added text plus the (longest stop - 1) characters before it.
+the newly added text plus the (longest stop - 1) characters before it. `TokenTexts` decodes
+single tokens (the text shown beside logprobs).
 """
 
 from __future__ import annotations
@@ -184,3 +185,18 @@ class IncrementalDetokenizer:
             logger.warning("Resetting decode stream after: %s", error)
             self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
             return self._stream.step(self._tokenizer, token_id)
+
+
+class TokenTexts:
+    """Each token id's text on its own (as shown beside logprobs), decoded once and cached."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        self._tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        """The text of `token_id` decoded alone (special tokens included)."""
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = str(self._tokenizer.decode([token_id]))
+        return text
