@@ -9,6 +9,7 @@ Module map::
     logprobs.py         Logprob and the per-token logprob dicts, to_logprob_dict
     completion.py       CompletionTracker: one completion's tokens -> text, logprobs, finish
     fan_out.py          n completions as child requests (ids, seeds) and gathered back: FanOut
+    validation.py       prompt and token-id checks against the model; max_tokens resolution
 
 Imports point down: `common` imports neither `engine` nor `router`, nor torch (tests check).
 """
