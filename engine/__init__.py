@@ -8,15 +8,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from common.sampling_params import SamplingParams
     from engine.llm import LLM
     from engine.outputs import CompletionOutput, RequestOutput
-    from engine.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 _LAZY = {
     "LLM": "engine.llm",
-    "SamplingParams": "engine.sampling_params",
+    "SamplingParams": "common.sampling_params",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
 }

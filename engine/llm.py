@@ -7,9 +7,9 @@ from typing import Any, cast
 
 from tqdm.auto import tqdm
 
+from common.sampling_params import SamplingParams
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput, StreamOutput
-from engine.sampling_params import SamplingParams
 
 Message = dict[str, Any]
 

@@ -10,17 +10,21 @@ import array
 import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 
+<<<<<<< HEAD
 from engine.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig, SchedulerConfig
+=======
+from common.completion import CompletionTracker
+from common.fan_out import FanOut
+from common.sampling_params import SamplingParams
+from common.tokenizer import load_tokenizer
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+>>>>>>> wt-common
 from engine.core import EngineCore
-from engine.detokenizer import IncrementalDetokenizer
-from engine.models.loader import load_tokenizer
-from engine.output_processor import CompletionState, OutputProcessor, RequestState
+from engine.output_processor import OutputProcessor, RequestState
 from engine.request import Request
-from engine.sampling_params import SamplingParams
 from engine.validation import validate_prompt
 
 Prompt = str | Sequence[int]
@@ -121,16 +125,18 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         token_ids = self.tokenize(prompt, add_special_tokens)
         max_tokens = validate_prompt(token_ids, params, self.config.model)
+        fan_out = FanOut(
+            request_id,
+            params,
+            lambda index, child: CompletionTracker(index, self.tokenizer, child, token_ids),
+        )
         arrival = arrival_time or time.time()
         eos = tuple(self.config.model.eos_token_ids)
-        children: dict[str, CompletionState] = {}
-        for index in range(params.n):
-            child_id = request_id if params.n == 1 else f"{index}_{request_id}"
-            child_params = _child_params(params, index)
-            request = Request(
+        requests = [
+            Request(
                 child_id,
                 token_ids,
-                child_params,
+                tracker.params,
                 max_tokens,
                 eos,
                 arrival,
@@ -138,18 +144,18 @@ class LLMEngine:
                 tenant=tenant,
                 cache_salt=cache_salt,
             )
-            detok = IncrementalDetokenizer(self.tokenizer, child_params, token_ids)
-            children[child_id] = CompletionState(index, request, detok)
+            for child_id, tracker in fan_out.completions.items()
+        ]
         added: list[str] = []
         try:
-            for child_id, completion in children.items():
-                self.core.add_request(completion.request)
-                added.append(child_id)
+            for request in requests:
+                self.core.add_request(request)
+                added.append(request.request_id)
         except Exception:
             self.core.abort_requests(added)
             raise
         text = prompt if isinstance(prompt, str) else None
-        self.output_processor.add(RequestState(request_id, text, token_ids, children))
+        self.output_processor.add(RequestState(request_id, text, token_ids, fan_out, requests[0]))
 
     def abort_request(self, request_ids: Sequence[str]) -> None:
         """Abort user requests (all their completions) and free their blocks."""
@@ -168,11 +174,3 @@ class LLMEngine:
 
     def check_integrity(self, expect_all_free: bool = False) -> None:
         self.core.check_integrity(expect_all_free=expect_all_free)
-
-
-def _child_params(params: SamplingParams, index: int) -> SamplingParams:
-    """vLLM's fan-out: each child samples once; seeded children get seed + index."""
-    if params.n == 1:
-        return params
-    seed = None if params.seed is None else params.seed + index
-    return replace(params, n=1, seed=seed)

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.sampling.logprobs import Logprob, LogprobsTensors
-
-# One dict per position: token id -> Logprob (the sampled/target token plus the top-k).
-SampleLogprobs = list[dict[int, Logprob]]
-PromptLogprobs = list[dict[int, Logprob] | None]
+from common.logprobs import PromptLogprobs, SampleLogprobs
+from engine.sampling.logprobs import LogprobsTensors
 
 
 @dataclass(slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from proto.baton.v1 import common_pb2
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1

@@ -2,7 +2,8 @@
 
 It tokenizes (chat templates included), picks workers, drives one request through a
 prefill/decode pair (or a colocated worker), detokenizes and applies stop strings exactly as the
-offline `engine.llm.LLM` does, and exports Prometheus metrics.
+offline `engine.llm.LLM` does (with the same code: `common`), and exports Prometheus metrics.
+It imports no torch and nothing of `engine` (tests/test_layering.py checks both).
 
 Module map::
 
@@ -16,8 +17,9 @@ Module map::
     disaggregated.py Reserve on D, Prefill on P (retried once), Decode on D
     colocated.py     Generate on a colocated worker
     preprocess.py    Preprocessor: prompt -> token ids, validation, resolved max_tokens
-    completion.py    CompletionTracker: tokens -> text, logprobs, stop strings (one completion)
-    generation.py    Generator: fans a request out into n completions, merges their deltas
+    completion.py    apply_chunk: a worker's TokenChunk through common's CompletionTracker
+    generation.py    Generator: fans a request out into n completions (common.fan_out), merges
+                     their deltas
     streams.py       merge_streams: several async streams as one, cancelled together
     metrics.py       Prometheus metrics (baton:*)
     services.py      RouterServices: the parts above wired together once

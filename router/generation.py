@@ -1,10 +1,10 @@
 """One API request, fanned out into its `n` completions and merged back into one stream.
 
 `Generator.start(request)` returns a `Generation`; iterating it yields each completion's
-`CompletionDelta`s as they come (the first token at once). Completion i runs as worker request
-`request_id` (n = 1) or `f"{i}_{request_id}"` with seed + i when seeded, exactly as the
-engine's `LLMEngine` fans out. Leaving the iteration early (client gone) cancels every
-completion, which aborts it on every worker involved.
+`CompletionDelta`s as they come (the first token at once). The fan-out is `common.fan_out`'s,
+the engine's own: completion i runs as worker request `request_id` (n = 1) or
+`f"{i}_{request_id}"`, with seed + i when seeded. Leaving the iteration early (client gone)
+cancels every completion, which aborts it on every worker involved.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerFast
-
-from engine.kv_cache.hashing import request_extra_keys
-from engine.sampling_params import SamplingParams
+from common.block_hash import request_extra_keys
+from common.completion import CompletionTracker
+from common.detokenizer import TokenTexts
+from common.fan_out import FanOut
 from proto.baton.v1 import worker_pb2
 from proto.convert import params_to_proto
 from router.backend import Backend
-from router.completion import CompletionDelta, CompletionTracker
+from router.completion import CompletionDelta, apply_chunk
 from router.errors import NoWorkerError, RouterError
 from router.metrics import RouterMetrics
 from router.policies import RequestContext
@@ -29,6 +30,9 @@ from router.prefix_lookup import PrefixLookup
 from router.preprocess import GenerationRequest
 from router.registry import WorkerRegistry
 from router.streams import merge_streams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 
 @dataclass(slots=True)
@@ -53,36 +57,38 @@ class Generation:
         self.request = request
         self._generator = generator
         self._backend = backend
-        params = request.params
-        self.trackers = [
-            CompletionTracker(
-                i,
-                generator.tokenizer,
-                child_params(params, i),
-                request.prompt_token_ids,
-                generator.decode_token,
-            )
-            for i in range(params.n)
-        ]
+        self.fan_out = FanOut(
+            request.request_id,
+            request.params,
+            lambda index, child: CompletionTracker(
+                index, generator.tokenizer, child, request.prompt_token_ids
+            ),
+        )
         self.first_token_time: float | None = None
+        self.num_cached_tokens: int | None = None  # completion 0's, from its first chunk
         self._context = generator.context(request)
 
     def __aiter__(self) -> AsyncGenerator[CompletionDelta, None]:
         return self._merge()
 
+    @property
+    def finished(self) -> bool:
+        """Every completion has its finish reason."""
+        return self.fan_out.finished
+
     def usage(self) -> Usage:
         """Token counts so far (final once iteration has ended)."""
         return Usage(
             prompt_tokens=len(self.request.prompt_token_ids),
-            completion_tokens=sum(len(t.token_ids) for t in self.trackers),
-            cached_tokens=self.trackers[0].num_cached_tokens or 0,
+            completion_tokens=self.fan_out.num_output_tokens,
+            cached_tokens=self.num_cached_tokens or 0,
         )
 
     async def _merge(self) -> AsyncGenerator[CompletionDelta, None]:
         metrics = self._generator.metrics
         metrics.request_arrived(len(self.request.prompt_token_ids))
         self._generator.num_inflight += 1
-        merged = merge_streams([self._completion(t) for t in self.trackers])
+        merged = merge_streams([self._completion(child) for child in self.fan_out.completions])
         try:
             if self._generator.prefix_lookup is not None:  # one lookup for all n completions
                 await self._generator.prefix_lookup.annotate(self._context)
@@ -91,16 +97,14 @@ class Generation:
                     yield delta
         finally:
             self._generator.num_inflight -= 1
-            finished = all(t.finished for t in self.trackers)
-            e2e = time.time() - self.request.arrival_time if finished else None
+            e2e = time.time() - self.request.arrival_time if self.finished else None
             metrics.request_ended(self.first_token_time is not None, e2e)
 
-    async def _completion(
-        self, tracker: CompletionTracker
-    ) -> AsyncGenerator[CompletionDelta, None]:
+    async def _completion(self, child_id: str) -> AsyncGenerator[CompletionDelta, None]:
         """One completion's deltas, from its worker request's token chunks."""
-        request = self._generator.worker_request(self.request, tracker)
-        ctx = replace(self._context, request_id=request.request_id)
+        tracker = self.fan_out.completions[child_id]
+        request = self._generator.worker_request(self.request, child_id, tracker)
+        ctx = replace(self._context, request_id=child_id)
         metrics = self._generator.metrics
         last_time: float | None = None
         chunks = self._backend.stream(request, ctx)
@@ -110,9 +114,11 @@ class Generation:
                 if self.first_token_time is None and chunk.token_ids:
                     self.first_token_time = now
                     metrics.first_token(now - self.request.arrival_time)
+                if tracker.index == 0 and self.num_cached_tokens is None:
+                    self.num_cached_tokens = chunk.num_cached_tokens
                 metrics.tokens(len(chunk.token_ids), None if last_time is None else now - last_time)
                 last_time = now
-                delta = tracker.add(chunk)
+                delta = apply_chunk(self.fan_out, child_id, chunk, self._generator.decode_token)
                 if delta is not None:
                     yield delta
                 if tracker.finished:
@@ -141,7 +147,7 @@ class Generator:
         self.num_inflight = 0  # requests being generated
         self.draining = False
         self.prefix_lookup: PrefixLookup | None = None  # None: route by load only
-        self._token_text: dict[int, str] = {}
+        self.decode_token = TokenTexts(tokenizer)  # one token's text on its own (logprobs)
 
     def start(self, request: GenerationRequest) -> Generation:
         """A Generation for `request` on the first backend with healthy workers (else 503)."""
@@ -152,22 +158,13 @@ class Generator:
             raise NoWorkerError(self._unavailable_message())
         return Generation(self, request, backend)
 
-    def decode_token(self, token_id: int) -> str:
-        """One token's text on its own (for logprobs), cached."""
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self._token_text[token_id] = str(self.tokenizer.decode([token_id]))
-        return text
-
     def worker_request(
-        self, request: GenerationRequest, tracker: CompletionTracker
+        self, request: GenerationRequest, child_id: str, tracker: CompletionTracker
     ) -> worker_pb2.WorkerRequest:
-        """Completion `tracker.index`'s request as a worker gets it (n = 1, no stop strings:
-        the router applies those)."""
-        n = request.params.n
-        request_id = request.request_id if n == 1 else f"{tracker.index}_{request.request_id}"
+        """Completion `child_id`'s request as a worker gets it (its own params, so n = 1; no
+        stop strings: the router applies those)."""
         return worker_pb2.WorkerRequest(
-            request_id=request_id,
+            request_id=child_id,
             prompt_token_ids=request.prompt_token_ids,
             params=params_to_proto(replace(tracker.params, stop=[])),
             priority=request.priority,
@@ -193,12 +190,3 @@ class Generator:
             for w in self.registry.workers
         )
         return f"no healthy worker can serve the request ({states or 'none configured'})"
-
-
-def child_params(params: SamplingParams, index: int) -> SamplingParams:
-    """vLLM's fan-out (as `engine.llm_engine`): each child samples once; seeded ones get
-    seed + index."""
-    if params.n == 1:
-        return params
-    seed = None if params.seed is None else params.seed + index
-    return replace(params, n=1, seed=seed)

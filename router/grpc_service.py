@@ -114,7 +114,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         generation = self.services.generator.start(request)
         async for delta in generation:
             message = _response(request.request_id, delta)
-            if all(t.finished for t in generation.trackers):
+            if generation.finished:
                 _add_usage(message, generation)
             yield message
 

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from engine.kv_cache.hashing import BlockHash, ExtraKeys, hash_prompt_blocks
+from common.block_hash import BlockHash, ExtraKeys, hash_prompt_blocks
 from router.workers import Role, WorkerInfo
 
 

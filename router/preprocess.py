@@ -2,9 +2,11 @@
 
 Does what `engine.llm_engine.LLMEngine` does before queueing a request, so outputs match the
 offline `LLM`: text prompts are tokenized with special tokens, chat prompts are rendered with
-the tokenizer's chat template and tokenized without them, the prompt must be non-empty, inside
-the vocabulary and shorter than the context, and `max_tokens` is resolved against the room
-left in the context (None = all of it).
+the tokenizer's chat template and tokenized without them, and the prompt and parameters pass
+`common.validation`'s checks (the engine's own): non-empty, inside the vocabulary, shorter than
+the context, with `max_tokens` resolved against the room left in it (None = all of it). On top
+of those come the API's own limits: at most MAX_N completions, max_logprobs, and values the
+workers' wire format can carry.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PreTrainedTokenizerFast
-
-from engine.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
+from common.validation import InvalidPromptError, check_prompt, validate_request
 from proto.convert import check_wire_ranges
 from router.errors import InvalidRequestError, ModelNotFoundError, NoWorkerError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 Message = dict[str, Any]
 MAX_N = 128  # completions per prompt one request may ask for (OpenAI's limit)
@@ -120,11 +124,15 @@ class Preprocessor:
         param: str = "prompt",
     ) -> GenerationRequest:
         """Validate the prompt and params; resolve max_tokens. `param` names the prompt field."""
-        context = self.context_length()
-        self.check_prompt(prompt_token_ids, context, param)
+        try:
+            max_tokens = validate_request(
+                prompt_token_ids, params, self.vocab_size, self.context_length(), param
+            )
+        except InvalidPromptError as error:
+            raise InvalidRequestError(str(error), error.param) from error
+        except ValueError as error:
+            raise params_error(error) from error
         self.check_params(params)
-        room = context - len(prompt_token_ids)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         try:
             params = replace(params, max_tokens=max_tokens)  # min_tokens may not fit now
         except ValueError as error:
@@ -142,28 +150,18 @@ class Preprocessor:
 
     def check_prompt(self, token_ids: list[int], context: int, param: str = "prompt") -> None:
         """InvalidRequestError for an empty, out-of-vocabulary or too long prompt."""
-        if not token_ids:
-            raise InvalidRequestError(f"{param} must not be empty", param)
-        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequestError(
-                f"{param}: token ids must be in [0, {self.vocab_size}) (the vocabulary), got {bad}",
-                param,
-            )
-        if len(token_ids) >= context:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {context} tokens. However, your "
-                f"prompt is {len(token_ids)} tokens: the prompt must be shorter than the context.",
-                param,
-            )
+        try:
+            check_prompt(token_ids, self.vocab_size, context, param)
+        except InvalidPromptError as error:
+            raise InvalidRequestError(str(error), error.param) from error
 
     def check_params(self, params: SamplingParams) -> None:
-        """InvalidRequestError for token ids outside the vocabulary, values the workers' wire
-        format cannot carry, more than MAX_N completions or too many logprobs."""
+        """InvalidRequestError for more than MAX_N completions, values the workers' wire format
+        cannot carry, or more logprobs than max_logprobs (the API's limits; the token ids were
+        checked against the vocabulary with the prompt)."""
         if params.n > MAX_N:
             raise InvalidRequestError(f"n must be at most {MAX_N}, got {params.n}", "n")
         try:
-            params.verify_token_ids(self.vocab_size)
             check_wire_ranges(params)
         except ValueError as error:
             raise params_error(error) from error

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerFast
-
-from engine.models.loader import load_tokenizer
+from common.tokenizer import load_tokenizer
 from prefix_index.base import PrefixIndex
 from prefix_index.memory import InProcessPrefixIndex
 from router.aborts import AbortSender
@@ -20,6 +19,9 @@ from router.prefix_lookup import PrefixLookup
 from router.preprocess import Preprocessor, model_vocab_size
 from router.registry import WorkerRegistry
 from router.workers import Role
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 
 def build_index(config: RouterConfig) -> PrefixIndex | None:

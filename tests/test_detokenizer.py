@@ -1,4 +1,5 @@
-"""IncrementalDetokenizer: incremental text equals a full decode; stop strings; streaming."""
+"""IncrementalDetokenizer (common.detokenizer): incremental text equals a full decode; stop
+strings; streaming."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling_params import SamplingParams
+from common.detokenizer import IncrementalDetokenizer
+from common.sampling_params import SamplingParams
 
 EOS = "<|im_end|>"
 CORPUS = [

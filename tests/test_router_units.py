@@ -1,5 +1,6 @@
-"""The router's parts on their own: routing policies and block hashes, the completion tracker
-(detokenization and stop strings as the engine does them), stream merging, error mapping."""
+"""The router's parts on their own: routing policies and block hashes, worker chunks through the
+completion tracker (detokenization and stop strings as the engine does them), stream merging,
+error mapping."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import asyncio
 import grpc
 import pytest
 
-from engine.kv_cache.hashing import hash_prompt_blocks, request_extra_keys
-from engine.models.loader import load_tokenizer
-from engine.sampling_params import SamplingParams
+from common.block_hash import hash_prompt_blocks, request_extra_keys
+from common.completion import CompletionTracker
+from common.fan_out import FanOut
+from common.sampling_params import SamplingParams
+from common.tokenizer import load_tokenizer
 from proto.baton.v1 import common_pb2
-from router.completion import CompletionTracker
+from router.completion import CompletionDelta, apply_chunk
 from router.config import parse_args
 from router.errors import (
     InvalidRequestError,
@@ -21,7 +24,6 @@ from router.errors import (
     RouterError,
     from_rpc_error,
 )
-from router.generation import child_params
 from router.policies import LeastLoadedPolicy, RequestContext, RoundRobinPolicy, make_policy
 from router.streams import merge_streams
 from router.workers import Role, WorkerInfo
@@ -72,52 +74,73 @@ def tokenizer(tiny_model):
     return load_tokenizer(tiny_model("qwen2"))
 
 
-def _tracker(tokenizer, prompt: list[int], **params) -> CompletionTracker:
-    return CompletionTracker(0, tokenizer, SamplingParams(**params), prompt, str)
+class _Completion:
+    """One completion of a request, fed worker chunks the way `Generation` feeds them."""
+
+    def __init__(self, tokenizer, prompt: list[int], **params) -> None:
+        self.fan_out = FanOut(
+            "r", SamplingParams(**params), lambda i, p: CompletionTracker(i, tokenizer, p, prompt)
+        )
+        self.tracker = self.fan_out.first
+
+    def add(self, chunk: common_pb2.TokenChunk) -> CompletionDelta | None:
+        return apply_chunk(self.fan_out, "r", chunk, str)
 
 
 def test_stop_string_inside_a_chunk_ends_at_its_token(tokenizer):
     prompt = tokenizer.encode("Once upon a time")
     text_ids = tokenizer.encode(" there was a little town by the sea")
-    tracker = _tracker(tokenizer, prompt, stop=["little"])
-    delta = tracker.add(common_pb2.TokenChunk(token_ids=text_ids))
+    completion = _Completion(tokenizer, prompt, stop=["little"])
+    delta = completion.add(common_pb2.TokenChunk(token_ids=text_ids))
     assert delta is not None and delta.finish_reason == "stop" and delta.stop_reason == "little"
+    tracker = completion.tracker
     assert tracker.finished_here  # the worker is still going: the caller aborts it
-    assert tracker.text == " there was a "
+    assert tracker.text == " there was a " == delta.text
     assert len(tracker.token_ids) < len(text_ids)  # tokens after the stop string are dropped
+    assert delta.token_ids == tracker.token_ids
     assert tokenizer.decode(tracker.token_ids).endswith("little")
+    assert completion.fan_out.finished
 
 
 def test_eos_text_is_hidden_and_finish_comes_from_the_worker(tokenizer):
     eos = 2  # <|im_end|>
     ids = tokenizer.encode(" hello")
-    tracker = _tracker(tokenizer, [5, 6, 7], skip_special_tokens=False)
-    tracker.add(common_pb2.TokenChunk(token_ids=ids))
-    delta = tracker.add(common_pb2.TokenChunk(token_ids=[eos], finish_reason="stop"))
+    completion = _Completion(tokenizer, [5, 6, 7], skip_special_tokens=False)
+    completion.add(common_pb2.TokenChunk(token_ids=ids))
+    delta = completion.add(common_pb2.TokenChunk(token_ids=[eos], finish_reason="stop"))
     assert delta is not None and delta.finish_reason == "stop" and delta.stop_reason is None
+    tracker = completion.tracker
     assert tracker.text == " hello" and tracker.token_ids == [*ids, eos]
     assert not tracker.finished_here
-    stopped = _tracker(tokenizer, [5], stop_token_ids=[9])
+    stopped = _Completion(tokenizer, [5], stop_token_ids=[9])
     chunk = common_pb2.TokenChunk(token_ids=[9], finish_reason="stop", stop_token_id=9)
     assert stopped.add(chunk).stop_reason == 9  # type: ignore[union-attr]
 
 
 def test_text_that_may_start_a_stop_string_is_held_back(tokenizer):
-    tracker = _tracker(tokenizer, [5], stop=["town by"])
+    completion = _Completion(tokenizer, [5], stop=["town by"])
     parts = []
     for token in tokenizer.encode(" a little town here"):
-        delta = tracker.add(common_pb2.TokenChunk(token_ids=[token]))
+        delta = completion.add(common_pb2.TokenChunk(token_ids=[token]))
         parts.append(delta.text if delta else "")
     assert "".join(parts) == " a little town here"[: len("".join(parts))]
     assert len("".join(parts)) <= len(" a little town here") - len("town b")
 
 
-def test_child_params_fan_out_like_the_engine():
-    params = SamplingParams(n=3, temperature=0.8, seed=10)
-    assert [child_params(params, i).seed for i in range(3)] == [10, 11, 12]
-    assert all(child_params(params, i).n == 1 for i in range(3))
-    unseeded = SamplingParams(n=2, temperature=0.8)
-    assert child_params(unseeded, 1).seed is None
+def test_worker_logprobs_become_dicts_beside_the_raw_messages(tokenizer):
+    completion = _Completion(tokenizer, [5], logprobs=1)
+    entries = [
+        common_pb2.TokenLogprobs(token_id=t, logprob=-0.5 * t, rank=2, top_token_ids=[7],
+                                 top_logprobs=[-0.1])
+        for t in (11, 12)
+    ]  # fmt: skip
+    chunk = common_pb2.TokenChunk(token_ids=[11, 12], logprobs=entries)
+    delta = completion.add(chunk)
+    assert delta is not None and delta.raw_logprobs == entries
+    assert [list(d) for d in delta.logprobs or []] == [[11, 7], [12, 7]]
+    first = (delta.logprobs or [])[0]
+    assert first[11].rank == 2 and first[7].rank == 1 and first[7].decoded_token == "7"
+    assert completion.tracker.cumulative_logprob == pytest.approx(-0.5 * 11 - 0.5 * 12)
 
 
 def test_merge_streams_interleaves_and_cancels_on_error():

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from engine.sampling_params import SamplingParams, SamplingType
+from common.sampling_params import SamplingParams, SamplingType
 
 
 def test_defaults_match_vllm() -> None:

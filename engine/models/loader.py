@@ -1,4 +1,5 @@
-"""Build a `LlamaForCausalLM` from a local Hugging Face directory, and load its tokenizer.
+"""Build a `LlamaForCausalLM` from a local Hugging Face directory (its tokenizer loads with
+`common.tokenizer.load_tokenizer`, re-exported here).
 
 Weights are read one tensor at a time with `safetensors` (`model.safetensors`, or the shards
 listed in `model.safetensors.index.json`) and copied, cast to `config.dtype`, into the model's
@@ -20,15 +21,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from common.tokenizer import load_tokenizer as load_tokenizer  # re-exported: its old home
 from engine.config import KernelConfig, ModelConfig
 from engine.layers import Kernels
 from engine.models.llama import LlamaForCausalLM
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,19 +148,3 @@ def _check_complete(
         f"model: tensor {name} with shape {list(targets[name].shape)} is missing from "
         f"{config.model}{hint}{more}"
     )
-
-
-def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerFast:
-    """Load the fast tokenizer (and its chat template) of a local model directory."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise ValueError(f"tokenizer: directory {path} does not exist")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"tokenizer: {path} has no {' or '.join(TOKENIZER_FILES)}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"tokenizer: cannot load the tokenizer in {path}: {e}") from e
-    if not isinstance(tokenizer, PreTrainedTokenizerFast):
-        raise ValueError(f"tokenizer: {path} has no fast tokenizer (tokenizer.json)")
-    return tokenizer

@@ -1,4 +1,5 @@
-"""Logprobs of sampled and prompt tokens, and their user-facing form.
+"""Logprobs of sampled and prompt tokens, as tensors (their user-facing form is
+`common.logprobs`: `Logprob`, `to_logprob_dict`, re-exported here).
 
 Logprobs are "raw", as vLLM's default: log_softmax of the model's logits before any penalty,
 bias, temperature or truncation.
@@ -6,11 +7,19 @@ bias, temperature or truncation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+
+from common.logprobs import Logprob, to_logprob_dict
+
+__all__ = [
+    "Logprob",
+    "LogprobsTensors",
+    "compute_prompt_logprobs",
+    "gather_logprobs",
+    "to_logprob_dict",
+]
 
 
 @dataclass(slots=True)
@@ -23,15 +32,6 @@ class LogprobsTensors:
     token_ids: torch.Tensor  # (N, 1 + k) int64, column 0 = sampled/target token
     logprobs: torch.Tensor  # (N, 1 + k) float32
     ranks: torch.Tensor  # (N,) int64, rank of the sampled/target token (1 = most likely)
-
-
-@dataclass(slots=True)
-class Logprob:
-    """One token's logprob as returned to the user (vLLM's `Logprob`)."""
-
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
 
 
 def gather_logprobs(
@@ -59,31 +59,3 @@ def compute_prompt_logprobs(
     (L,) the prompt token that follows each position, `num_top` top entries (-1 = all V)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     return gather_logprobs(logprobs, target_token_ids, num_top)
-
-
-def to_logprob_dict(
-    token_ids_row: torch.Tensor | Sequence[int],
-    logprobs_row: torch.Tensor | Sequence[float],
-    sampled_rank: int,
-    num_requested: int,
-    decode: Callable[[int], str] | None,
-) -> dict[int, Logprob]:
-    """One `LogprobsTensors` row as vLLM's {token_id: Logprob}: the sampled/target token (with
-    `sampled_rank`) first, then the top `num_requested` (-1 = all columns) ranked 1, 2, ...
-
-    If the sampled token is also in the top entries, its top-k entry wins, as in vLLM.
-    """
-    ids = _as_list(token_ids_row)
-    values = _as_list(logprobs_row)
-    count = len(ids) if num_requested == -1 else min(1 + num_requested, len(ids))
-    ranks = [sampled_rank, *range(1, count)]
-    return {
-        int(tok): Logprob(
-            logprob=float(lp), rank=rank, decoded_token=decode(int(tok)) if decode else None
-        )
-        for tok, lp, rank in zip(ids[:count], values[:count], ranks, strict=True)
-    }
-
-
-def _as_list(values: torch.Tensor | Sequence[int] | Sequence[float]) -> list[Any]:
-    return values.tolist() if isinstance(values, torch.Tensor) else list(values)

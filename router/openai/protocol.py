@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from proto.convert import INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN
 from router.errors import InvalidRequestError
 from router.openai.fields import check_body, check_supported, unknown_field

@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.sampling.logprobs import Logprob
-from router.completion import CompletionDelta, TokenLogprobDict
+from common.logprobs import Logprob, TokenLogprobDict
+from router.completion import CompletionDelta
 from router.generation import Usage
 
 MIN_LOGPROB = -9999.0  # what OpenAI sends instead of -inf (JSON has no infinities)
