@@ -13,15 +13,11 @@ from collections.abc import Sequence
 
 import torch
 
-<<<<<<< HEAD
-from engine.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig, SchedulerConfig
-=======
 from common.completion import CompletionTracker
 from common.fan_out import FanOut
 from common.sampling_params import SamplingParams
 from common.tokenizer import load_tokenizer
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
->>>>>>> wt-common
+from engine.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig, SchedulerConfig
 from engine.core import EngineCore
 from engine.output_processor import OutputProcessor, RequestState
 from engine.request import Request
