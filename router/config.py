@@ -84,8 +84,8 @@ def load_chat_template(value: str | None) -> str | None:
     return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
-def parse_args(argv: list[str] | None = None) -> RouterConfig:
-    """Build a RouterConfig from `python -m router` arguments."""
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m router` command line."""
     p = argparse.ArgumentParser(
         prog="python -m router", description="Baton router: OpenAI HTTP and gRPC front."
     )
@@ -129,6 +129,12 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         help=f"require `Authorization: Bearer KEY` on /v1/* and gRPC (default: ${API_KEY_ENV})",
     )
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds to finish on SIGTERM")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> RouterConfig:
+    """Build a RouterConfig from `python -m router` arguments."""
+    p = build_parser()
     a = p.parse_args(argv)
     if not (a.prefill or a.decode or a.colocated):
         p.error("give at least one worker: --prefill and --decode, or --colocated")

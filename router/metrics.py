@@ -26,27 +26,15 @@ class RouterMetrics:
         self.registry = r = CollectorRegistry()
         self.model_name = model_name
         model = ["model_name"]
-        self.ttft = Histogram(
-            "baton:time_to_first_token_seconds",
-            "Arrival to first token",
-            model,
-            buckets=TTFT_BUCKETS,
-            registry=r,
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"baton:{name}", doc, model, buckets=buckets, registry=r)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token", TTFT_BUCKETS)
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Time between a completion's chunks", ITL_BUCKETS
         )
-        self.itl = Histogram(
-            "baton:inter_token_latency_seconds",
-            "Time between a completion's chunks",
-            model,
-            buckets=ITL_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "baton:e2e_request_latency_seconds",
-            "Arrival to last token",
-            model,
-            buckets=E2E_BUCKETS,
-            registry=r,
-        )
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token", E2E_BUCKETS)
         self.local_prefills = Counter(
             "baton:local_prefills",
             "Requests a decode worker prefilled itself (conditional disaggregation)",
@@ -69,23 +57,17 @@ class RouterMetrics:
             "baton:generation_tokens", "Tokens generated", model, registry=r
         )
         self.success = Counter(
-            "baton:request_success",
-            "Completions finished, by reason",
-            ["model_name", "finished_reason"],
-            registry=r,
-        )
+            "baton:request_success", "Completions finished, by reason",
+            ["model_name", "finished_reason"], registry=r,
+        )  # fmt: skip
         self.failures = Counter(
-            "baton:request_failure",
-            "Requests failed, by HTTP status",
-            ["model_name", "status"],
-            registry=r,
-        )
+            "baton:request_failure", "Requests failed, by HTTP status",
+            ["model_name", "status"], registry=r,
+        )  # fmt: skip
         self.worker_healthy = Gauge(
-            "baton:worker_healthy",
-            "1 if the worker answered its last poll",
-            ["role", "address"],
-            registry=r,
-        )
+            "baton:worker_healthy", "1 if the worker answered its last poll",
+            ["role", "address"], registry=r,
+        )  # fmt: skip
 
     def render(self, workers: list[WorkerInfo]) -> bytes:
         """The text exposition of every metric, worker health refreshed first."""

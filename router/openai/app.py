@@ -43,7 +43,6 @@ def build_app(services: RouterServices) -> FastAPI:
     """The HTTP API over `services` (started and closed by whoever runs the server)."""
     app = FastAPI(title="Baton router", version=baton_version())
     app.state.services = services
-    created = int(time.time())
     install_error_handlers(app, services.metrics.request_failed, MAX_BODY_BYTES)
     if services.config.api_key:
         app.add_middleware(
@@ -51,6 +50,14 @@ def build_app(services: RouterServices) -> FastAPI:
             api_key=services.config.api_key,
             on_reject=services.metrics.request_failed,
         )
+    _add_openai_routes(app, services)
+    _add_service_routes(app, services)
+    return app
+
+
+def _add_openai_routes(app: FastAPI, services: RouterServices) -> None:
+    """/v1/*: completions, chat completions, models."""
+    created = int(time.time())
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -76,6 +83,11 @@ def build_app(services: RouterServices) -> FastAPI:
             "max_model_len": config.max_model_len or services.registry.max_model_len,
         }
         return {"object": "list", "data": [card]}
+
+
+def _add_service_routes(app: FastAPI, services: RouterServices) -> None:
+    """What vLLM serves beside /v1 (open with an API key too): tokenize, detokenize, version,
+    health, metrics."""
 
     @app.post("/tokenize")
     async def tokenize_route(body: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
@@ -105,5 +117,3 @@ def build_app(services: RouterServices) -> FastAPI:
         """Prometheus text exposition."""
         body = services.metrics.render(services.registry.workers)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
-
-    return app
