@@ -211,22 +211,9 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,  # (S, H, D) like q, last dim contiguous; None = a new one
 ) -> torch.Tensor:  # (S, H, D) in q's dtype: `out`
     """Attention of each sequence's one query token over its paged context (see module doc)."""
+    _check_inputs(q, kv_cache, block_tables, seq_lens, sliding_window)
     num_seqs, num_heads, head_dim = q.shape
-    _, _, block_size, num_kv_heads, cache_dim = kv_cache.shape
-    if cache_dim != head_dim or num_heads % num_kv_heads:
-        raise ValueError("q (S, H, D) needs the cache's D and H a multiple of its Hkv")
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"q is {q.dtype} but kv_cache is {kv_cache.dtype}")
-    if (
-        block_tables.dim() != 2
-        or block_tables.shape[0] != num_seqs
-        or seq_lens.shape != (num_seqs,)
-    ):
-        raise ValueError("block_tables must be (S, max_blocks) and seq_lens (S,)")
-    if q.stride(-1) != 1 or kv_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
-        raise ValueError("q, kv_cache and block_tables need a contiguous last dimension")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError("sliding_window must be >= 1 (or None)")
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
     out = output_for(out, q)
     if num_seqs == 0:
         return out
@@ -275,6 +262,32 @@ def paged_decode_attention(
             launch_pdl=pdl,
         )  # fmt: skip
     return out
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sliding_window: int | None,
+) -> None:
+    """ValueError unless the arguments have the shapes, dtypes and layouts the kernels read."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, _, _, num_kv_heads, cache_dim = kv_cache.shape
+    if cache_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError("q (S, H, D) needs the cache's D and H a multiple of its Hkv")
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"q is {q.dtype} but kv_cache is {kv_cache.dtype}")
+    if (
+        block_tables.dim() != 2
+        or block_tables.shape[0] != num_seqs
+        or seq_lens.shape != (num_seqs,)
+    ):
+        raise ValueError("block_tables must be (S, max_blocks) and seq_lens (S,)")
+    if q.stride(-1) != 1 or kv_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("q, kv_cache and block_tables need a contiguous last dimension")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError("sliding_window must be >= 1 (or None)")
 
 
 def _split_kernel_config(q: torch.Tensor, num_programs: int) -> tuple[int, int]:
