@@ -130,6 +130,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         rid, first = msg.request_id, msg.first_token_id
         try:
             extras = await lease.kv_arrived
+        except asyncio.CancelledError:
+            await self._release(rid)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this call was cancelled
+            raise KeyError(f"reservation {rid!r} was aborted before its KV arrived") from None
         except BaseException:
             await self._release(rid)
             raise
@@ -149,10 +155,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         ids = list(request.request_ids)
         for rid in ids:
             lease = self.leases.pop(rid, None)
-            if lease is not None:
-                if lease.expiry is not None:
-                    lease.expiry.cancel()
-                await self.receiver.release(rid)
+            if lease is not None and lease.expiry is not None:
+                lease.expiry.cancel()
+            # Also a transfer a Decode call waits for (its lease is taken): no write may land
+            # in the blocks once they are freed (a no-op for a transfer already done).
+            await self.receiver.release(rid)
         return common_pb2.AbortResponse(num_aborted=await self.engine.abort(ids))
 
     async def GetLoad(self, request, context):  # noqa: N802
