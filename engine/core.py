@@ -58,7 +58,8 @@ class EngineCore:
     def set_kv_connector(self, connector: KVConnector | None) -> None:
         """Install `connector` (None: remove it); it registers the KV caches. Only while the
         engine holds no request and no step is under way (ValueError otherwise)."""
-        if self.scheduler.requests or self._launched is not None or self._deferred is not None:
+        busy = self._launched is not None or self._deferred is not None
+        if busy or self.scheduler.holds_blocks():
             raise ValueError("a KV connector is installed only while the engine is empty")
         if connector is not None:
             connector.worker.register_kv_caches(self.runner.kv_caches)
@@ -122,9 +123,10 @@ class EngineCore:
             return
         vocab_size = self.config.model.vocab_size
         for request in self.scheduler.update_from_connector(finished):
-            if request.params.sampling_type == SamplingType.RANDOM_SEED and request.generator:
+            generator = request.generator
+            if request.params.sampling_type == SamplingType.RANDOM_SEED and generator is not None:
                 for _ in range(request.num_output_tokens):
-                    advance_generator(request.generator, vocab_size)
+                    advance_generator(generator, vocab_size)
 
     def drain_kv_events(self) -> list[KVEvent]:
         """KV events since the last drain (empty unless `enable_kv_events`)."""

@@ -171,6 +171,8 @@ def test_blocks_of_a_delayed_save_are_freed_when_it_finishes(tiny_model):
     assert core.kv.num_free_blocks() < core.kv.pool.num_blocks
     with pytest.raises(ValueError, match="already running"):
         core.add_request(_request("r0", [5, 6, 7]))  # its blocks are still held under its id
+    with pytest.raises(ValueError, match="only while the engine is empty"):
+        core.set_kv_connector(None)  # the connector still reads the blocks
     connector.hooks.done = ["r0", "r1", "r2"]
     assert not core.has_work()  # polls get_finished: the blocks go
     core.check_integrity(expect_all_free=True)

@@ -79,6 +79,11 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def holds_blocks(self) -> bool:
+        """True while a request holds blocks: unfinished, or finished with its blocks kept for
+        the connector's save."""
+        return bool(self.requests) or bool(self._saving)
+
     def has_work(self) -> bool:
         """True when a step would compute something (requests waiting for KV need no step)."""
         return bool(self.waiting) or bool(self.running)
