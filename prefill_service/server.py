@@ -129,7 +129,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             return response
         # The save was announced on the loop before this output was delivered (both come from
         # the engine thread, in that order, by call_soon_threadsafe).
-        save, early = self._saves.pop(rid)
+        entry = self._saves.pop(rid, None)
+        if entry is None:
+            raise RuntimeError(f"request {rid!r} was handed off without a KV save")
+        save, early = entry
         try:
             _check_fit(await _wait_target(target), save.layers)
         except BaseException:
