@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from decode_service.server import (
     COLOCATED_SERVICE_NAME,
     DECODE_SERVICE_NAME,
@@ -12,6 +14,7 @@ from decode_service.server import (
     DecodeServicer,
 )
 from engine.async_core import AsyncEngineCore
+from kv_transfer.base import KVReceiver
 from kv_transfer.dispatch import TRANSPORTS, make_receiver
 from proto.baton.v1 import worker_pb2_grpc
 from worker_common.main import run_worker, worker_parser
@@ -26,11 +29,12 @@ async def setup(
         servicer = ColocatedServicer(engine, metrics)
         add = worker_pb2_grpc.add_ColocatedWorkerServicer_to_server
         return [(add, servicer, COLOCATED_SERVICE_NAME)]
-    receiver = make_receiver(
-        args.kv_transport, engine.core.runner.kv_caches, args.host, args.kv_port
-    )
-    await receiver.start()
+
+    def receiver(kv_caches: list[torch.Tensor]) -> KVReceiver:
+        return make_receiver(args.kv_transport, kv_caches, args.host, args.kv_port)
+
     decode = DecodeServicer(engine, receiver, metrics)
+    await decode.start()
     add_decode = worker_pb2_grpc.add_DecodeWorkerServicer_to_server
     return [(add_decode, decode, DECODE_SERVICE_NAME)]
 

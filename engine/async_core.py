@@ -1,9 +1,10 @@
 """`AsyncEngineCore`: an `EngineCore` on its own thread, driven from asyncio.
 
 The core is not thread-safe, so one thread owns it: it runs the commands that callers submit
-(add, abort, reserve, start decode, ...) between steps, steps while there is work, and hands
-each step's outputs to the asyncio queue of the request they belong to. The worker services
-(prefill, decode, colocated) are thin gRPC layers over this.
+(`call`: add, abort, a KV connector's reserve, ...) between steps, steps while there is work,
+and hands each step's outputs to the asyncio queue of the request they belong to. Callers on
+other threads reach the core only through commands; `config` and `load` are safe to read. The
+worker services (prefill, decode, colocated) are thin gRPC layers over this.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class AsyncEngineCore:
     """Thread-owned engine core with an asyncio API; `start()` before use, `shutdown()` after."""
 
     def __init__(self, core: EngineCore, idle_wait_s: float = 0.05) -> None:
-        self.core = core
+        self.core = core  # the engine thread's: reach it by `call`
+        self.config = core.config  # never changes
         self.load = LoadSnapshot()
         self._idle_wait_s = idle_wait_s
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -78,30 +80,29 @@ class AsyncEngineCore:
         self._commands.put(command)
         return await asyncio.wrap_future(future)
 
-    async def generate(self, request: Request) -> AsyncIterator[EngineCoreOutput]:
+    def generate(self, request: Request) -> AsyncIterator[EngineCoreOutput]:
         """Add `request` and yield its outputs until it is done here. Leaving the loop early
         (client gone, task cancelled) aborts the request and frees its blocks."""
-        outputs = self._open_stream(request.request_id)
-        try:
-            await self.call(lambda core: core.add_request(request))
-            async for out in self._read(outputs):
-                yield out
-        finally:
-            await self._close_stream(request.request_id)
+        return self.stream(request.request_id, lambda core: core.add_request(request))
 
-    def _done_streaming(self, request_id: str) -> None:
-        """The request ended in the engine (its last output said so): nothing to abort."""
-        self._streams.pop(request_id, None)
-
-    async def decode(self, request_id: str, first_token: int) -> AsyncIterator[EngineCoreOutput]:
-        """Decode role: start a reserved request after `first_token`; yield its outputs."""
+    async def stream(
+        self, request_id: str, start: Callable[[EngineCore], object]
+    ) -> AsyncIterator[EngineCoreOutput]:
+        """Yield `request_id`'s outputs until it is done here, once `start(core)` ran on the
+        engine thread: the command that makes it produce them (add it; or, for a request that
+        waits for KV from elsewhere, report its KV arrived to the KV connector). Leaving the
+        loop early aborts the request."""
         outputs = self._open_stream(request_id)
         try:
-            await self.call(lambda core: core.start_decode(request_id, first_token))
+            await self.call(start)
             async for out in self._read(outputs):
                 yield out
         finally:
             await self._close_stream(request_id)
+
+    def _done_streaming(self, request_id: str) -> None:
+        """The request ended in the engine (its last output said so): nothing to abort."""
+        self._streams.pop(request_id, None)
 
     async def abort(self, request_ids: list[str]) -> int:
         """Abort requests (queued, running or reserved); returns how many existed."""
@@ -185,7 +186,7 @@ class AsyncEngineCore:
         self.load = LoadSnapshot(
             num_waiting=core.scheduler.num_waiting(),
             num_running=core.scheduler.num_running(),
-            num_reserved=len(core.scheduler.reserved),
+            num_reserved=core.scheduler.num_waiting_for_kv(),
             num_free_blocks=kv.num_free_blocks(),
             num_total_blocks=kv.pool.num_blocks,
             kv_usage=kv.usage(),

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-import torch
-
 from engine.config import EngineConfig
 from engine.kv_cache.events import KVEvent, KVEventLog
 from engine.kv_cache.manager import KVCacheManager, PrefixCacheStats, cdiv
-from engine.kv_export import LayerwiseExport
-from engine.model_runner import LaunchedStep, ModelRunner
+from engine.kv_connector.base import KVConnector, KVConnectorMetadata, KVConnectorWorker
+from engine.model_runner import LaunchedStep, ModelRunner, ModelRunnerOutput
 from engine.outputs import EngineCoreOutput
 from engine.request import Request, RequestStatus
 from engine.sampling.topk_topp import advance_generator
@@ -24,9 +22,12 @@ from engine.scheduler.scheduler import Scheduler
 
 
 class EngineCore:
-    """One model, one KV cache, one scheduler; `step()` runs one batch."""
+    """One model, one KV cache, one scheduler; `step()` runs one batch.
 
-    def __init__(self, config: EngineConfig) -> None:
+    With a KV connector (engine.kv_connector), some requests' KV comes from another engine or
+    goes to one; the core only calls the connector's hooks and knows no role."""
+
+    def __init__(self, config: EngineConfig, kv_connector: KVConnector | None = None) -> None:
         self.config = config
         self.runner = ModelRunner(config)
         self.events = KVEventLog(enabled=config.cache.enable_kv_events)
@@ -38,18 +39,7 @@ class EngineCore:
             events=self.events,
         )
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
-        self.scheduler.kv_export = self._export
-        # Prefill role: KV of handed-off requests, by request id, for the host to send.
-        self.exports: dict[str, list[torch.Tensor]] = {}
-        # Prefill role, layer-wise export (engine.kv_export): when on, the step that computes a
-        # request's last prompt chunk, for a request with a KVHandoff, fills a LayerwiseExport as
-        # each layer finishes, announced to `on_kv_export(request_id, export)` (on the engine
-        # thread) before the forward pass starts; `exports` then gets nothing for it. The export
-        # completes even if the first token finishes the request (no handoff then): whoever
-        # started sending it lets the transfer end (the decode side refuses or drops it).
-        self.layerwise_export = False
-        self.on_kv_export: Callable[[str, LayerwiseExport], None] | None = None
-        self._step_exports: dict[str, LayerwiseExport] = {}
+        self.kv_connector: KVConnector | None = None
         # Asynchronous scheduling (see `step`): on with CUDA graphs unless the config says.
         self.async_scheduling = (
             config.async_scheduling
@@ -62,11 +52,37 @@ class EngineCore:
         # (it samples otherwise than greedily, or asks for logprobs): the next `step()` runs it.
         self._deferred: SchedulerOutput | None = None
         self.num_deferred_steps = 0
+        if kv_connector is not None:
+            self.set_kv_connector(kv_connector)
+
+    def set_kv_connector(self, connector: KVConnector | None) -> None:
+        """Install `connector` (None: remove it); it registers the KV caches. Only while the
+        engine holds no request and no step is under way (ValueError otherwise)."""
+        busy = self._launched is not None or self._deferred is not None
+        if busy or self.scheduler.holds_blocks():
+            raise ValueError("a KV connector is installed only while the engine is empty")
+        if connector is not None:
+            connector.worker.register_kv_caches(self.runner.kv_caches)
+        self.kv_connector = connector
+        self.scheduler.connector = None if connector is None else connector.scheduler
 
     def add_request(self, request: Request) -> None:
-        """Queue a validated request. Raises ValueError if it could never fit the KV cache."""
+        """Queue a validated request. Raises ValueError if it could never fit the KV cache.
+
+        A request whose KV the connector says comes from elsewhere gets its blocks now and
+        waits for it (EngineOverloadedError if the blocks are not free)."""
         self._check_fits(request)
+        self._update_from_connector()  # blocks of arrived KV are in the prefix cache for it
         self.scheduler.add_request(request)
+        if request.status == RequestStatus.WAITING_FOR_KV:
+            self._wait_for_launched()
+
+    def _wait_for_launched(self) -> None:
+        # Blocks just given out are written by another stream (a KV receiver's); a launched
+        # step may still write the slots of blocks freed under it (a request it decodes was
+        # aborted or stopped): let it finish first.
+        if self._launched is not None and self._launched[1].ready is not None:
+            self._launched[1].ready.synchronize()
 
     def _check_fits(self, request: Request) -> None:
         longest = min(
@@ -91,63 +107,26 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def has_work(self) -> bool:
-        """True when `step()` would compute something (or read a launched step)."""
+        """True when `step()` would compute something (or read a launched step). Applies the
+        KV connector's finished transfers first, so a request whose KV arrived counts."""
+        self._update_from_connector()
         return self._launched is not None or self._deferred is not None or self.scheduler.has_work()
 
-    # --- disaggregation: the prefill and decode roles ------------------------------------
-
-    def reserve(self, request: Request, reuse_prefix: bool = True) -> tuple[list[int], int]:
-        """Decode role: hold KV blocks for `request`'s prompt (see Scheduler.reserve).
-
-        Returns the block ids another engine must fill, and the prompt tokens cached here.
-        """
-        self._check_fits(request)
-        if self._launched is not None and self._launched[1].ready is not None:
-            # Blocks given out here are written by another stream (the KV receiver); a launched
-            # step may still write the slots of blocks freed under it (a request it decodes
-            # was aborted or stopped): let it finish first.
-            self._launched[1].ready.synchronize()
-        return self.scheduler.reserve(request, reuse_prefix)
-
-    def start_decode(self, request_id: str, first_token: int) -> None:
-        """Decode role: the reserved KV is in place; decode on from `first_token`."""
-        request = self.scheduler.start_decode(request_id, first_token)
-        seeded = request.params.sampling_type == SamplingType.RANDOM_SEED
-        if seeded and request.generator is not None:  # the prefill engine drew the first token
-            advance_generator(request.generator, self.config.model.vocab_size)
-
-    def copy_blocks(self, block_ids: list[int]) -> list[torch.Tensor]:
-        """Prefill role: a copy of the given blocks' KV, one (2, n, block_size, Hkv, D) tensor
-        per layer, taken before the blocks can be reused."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.config.device)
-        return [cache.index_select(1, index) for cache in self.runner.kv_caches]
-
-    def _export(self, request: Request, block_ids: list[int]) -> None:
-        assert request.kv_transfer is not None
-        if request.request_id in self._step_exports:
-            return  # exported layer by layer during the step
-        first = request.kv_transfer.num_cached_tokens // self.config.cache.block_size
-        self.exports[request.request_id] = self.copy_blocks(block_ids[first:])
-
-    def _start_exports(self, scheduled: SchedulerOutput) -> dict[str, LayerwiseExport]:
-        """Layer-wise exports for the handed-off requests whose last prompt chunk runs now."""
-        exports = {}
-        for item in scheduled.scheduled:
-            request, handoff = item.request, item.request.kv_transfer
-            if handoff is None or item.start + item.num_tokens != request.num_prompt_tokens:
-                continue
-            first = handoff.num_cached_tokens // self.config.cache.block_size
-            export = LayerwiseExport(self.runner.kv_caches, item.block_ids[first:])
-            exports[request.request_id] = export
-            if self.on_kv_export is not None:
-                self.on_kv_export(request.request_id, export)
-        return exports
-
-    def write_blocks(self, block_ids: list[int], layers: list[torch.Tensor]) -> None:
-        """Decode role: write KV (as `copy_blocks` returns it) into reserved blocks."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.config.device)
-        for cache, data in zip(self.runner.kv_caches, layers, strict=True):
-            cache.index_copy_(1, index, data.to(cache.device, cache.dtype))
+    def _update_from_connector(self) -> None:
+        """Hand the connector's finished transfers to the scheduler. A request resumed after
+        KV from elsewhere has only output tokens sampled elsewhere (the prefill engine's): a
+        seeded generator skips the draws they took."""
+        if self.kv_connector is None:
+            return
+        finished = self.kv_connector.worker.get_finished()
+        if not finished:
+            return
+        vocab_size = self.config.model.vocab_size
+        for request in self.scheduler.update_from_connector(finished):
+            generator = request.generator
+            if request.params.sampling_type == SamplingType.RANDOM_SEED and generator is not None:
+                for _ in range(request.num_output_tokens):
+                    advance_generator(generator, vocab_size)
 
     def drain_kv_events(self) -> list[KVEvent]:
         """KV events since the last drain (empty unless `enable_kv_events`)."""
@@ -169,13 +148,12 @@ class EngineCore:
         the one after it (`Scheduler.schedule_next`), fed by those tokens on the device, and
         only then reads them. The GPU so runs step k+1 while the host turns step k's tokens
         into outputs and prepares step k+2. Outputs are those of the step read."""
+        self._update_from_connector()
         if self._launched is not None:
             return self._read_launched()
         scheduled, self._deferred = self._deferred, None
         if scheduled is not None:  # requests finished since it was scheduled drop out of it
-            scheduled.scheduled = [
-                it for it in scheduled.scheduled if it.request.status == RequestStatus.RUNNING
-            ]
+            self.scheduler.prune(scheduled)
         if scheduled is None or scheduled.is_empty:
             scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
@@ -186,23 +164,58 @@ class EngineCore:
         return self._execute(scheduled)
 
     def _may_launch(self, scheduled: SchedulerOutput) -> bool:
-        """Asynchronous scheduling applies: every request is `Request.launchable`."""
-        return self.async_scheduling and all(it.request.launchable for it in scheduled.scheduled)
+        """Asynchronous scheduling applies: every request is `Request.launchable`, and the KV
+        connector has nothing to do in the step."""
+        return (
+            self.async_scheduling
+            and scheduled.kv_connector_metadata is None
+            and all(it.request.launchable for it in scheduled.scheduled)
+        )
 
     def _execute(self, scheduled: SchedulerOutput) -> list[EngineCoreOutput]:
-        """Run `scheduled` and wait for its results."""
-        exports = self._start_exports(scheduled) if self.layerwise_export else {}
-        self._step_exports = exports
+        """Run `scheduled` and wait for its results; the KV connector loads and saves what its
+        metadata for the step says around the forward pass."""
+        meta = scheduled.kv_connector_metadata
+        worker = None if meta is None or self.kv_connector is None else self.kv_connector.worker
         try:
-            result = self.runner.execute(scheduled, list(exports.values()))
+            layer_hook = None
+            if worker is not None:
+                assert meta is not None
+                worker.start_load_kv(meta)
+                layer_hook = self._layer_hook(worker, meta)
+            result = self.runner.execute(scheduled, layer_hook)
+            if worker is not None:
+                worker.wait_for_save()
             self._advance_prompt_logprobs(scheduled)
             outputs = self.scheduler.update_from_output(scheduled, result.sampled)
         except BaseException:
-            for export in exports.values():
-                export.cancel()
+            if worker is not None:
+                worker.step_failed()
             raise
-        finally:
-            self._step_exports = {}
+        return self._with_logprobs(outputs, result)
+
+    def _layer_hook(
+        self, worker: KVConnectorWorker, meta: KVConnectorMetadata
+    ) -> Callable[[int], None] | None:
+        """For a per-layer step: wait for layer 0's load now, and return what runs after each
+        layer i (save it, wait for layer i + 1's load). None for other steps."""
+        if not meta.per_layer:
+            return None
+        kv_caches = self.runner.kv_caches
+        worker.wait_for_layer_load(0)
+
+        def after_layer(i: int) -> None:
+            worker.save_kv_layer(i, kv_caches[i])
+            if i + 1 < len(kv_caches):
+                worker.wait_for_layer_load(i + 1)
+
+        return after_layer
+
+    @staticmethod
+    def _with_logprobs(
+        outputs: list[EngineCoreOutput], result: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """`outputs` with the step's prompt logprobs and sample logprobs attached."""
         by_id = {o.request_id: o for o in outputs}
         for request_id, rows in result.prompt_logprobs.items():
             out = by_id.get(request_id)

@@ -9,7 +9,7 @@ for), and samples.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +24,6 @@ from engine.cuda_graphs import (
     fill_rows,
     graph_rows,
 )
-from engine.kv_export import LayerwiseExport
 from engine.layers import Kernels
 from engine.models.loader import load_model
 from engine.sampling.logprobs import LogprobsTensors, compute_prompt_logprobs
@@ -167,27 +166,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, scheduled: SchedulerOutput, exports: Sequence[LayerwiseExport] = ()
+        self, scheduled: SchedulerOutput, layer_hook: Callable[[int], None] | None = None
     ) -> ModelRunnerOutput:
         """Run one step's forward pass and sample for the requests that reached their end.
 
-        `exports` are filled layer by layer during the forward pass (see engine.kv_export)."""
+        `layer_hook(i)`, if given, runs right after layer i's forward pass (the KV connector's
+        per-layer saves and loads, engine.kv_connector); the step then runs eagerly."""
         if self.device.type == "cuda":
             with torch.cuda.device(self.device):  # the engine may step on another thread
-                return self._execute(scheduled, exports)
-        return self._execute(scheduled, exports)
+                return self._execute(scheduled, layer_hook)
+        return self._execute(scheduled, layer_hook)
 
     def _execute(
-        self, scheduled: SchedulerOutput, exports: Sequence[LayerwiseExport]
+        self, scheduled: SchedulerOutput, layer_hook: Callable[[int], None] | None
     ) -> ModelRunnerOutput:
         out = ModelRunnerOutput()
-        if exports:  # the eager forward pass, with each layer's blocks copied out after it
-
-            def copy_out(i: int) -> None:
-                for export in exports:
-                    export.capture(i, self.kv_caches[i])
-
-            self.model.model.layer_hook = copy_out
+        if layer_hook is not None:  # the eager forward pass, with the hook after each layer
+            self.model.model.layer_hook = layer_hook
             try:
                 return self._execute_eager(scheduled, out)
             finally:

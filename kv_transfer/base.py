@@ -9,8 +9,8 @@ decode worker reserved for it::
 
 Data moves one layer at a time: `KVLayerSource.layer(i)` is pulled only when layer `i` is due, and
 a source may make senders wait for each layer (`layer_ready`, `layer_event`), so a sender can ship
-layer L while layer L+1 is still being computed (engine.kv_export). Every layer tensor has the
-cache layout of `engine.attention`, restricted to the sent blocks::
+layer L while layer L+1 is still being computed (engine.kv_connector.layerwise). Every layer
+tensor has the cache layout of `engine.attention`, restricted to the sent blocks::
 
     layer: (2, num_blocks_sent, block_size, num_kv_heads, head_dim)   0 = keys, 1 = values
 
@@ -82,7 +82,8 @@ class KVLayerSource(Protocol):
 
 async def layer_ready(layers: KVLayerSource, i: int) -> None:
     """Wait until layer `i` of `layers` may be read. A source filled while the prefill runs
-    (engine.kv_export.LayerwiseExport) has an async `ready(i)`; others are ready at once."""
+    (engine.kv_connector.layerwise.LayerwiseExport) has an async `ready(i)`; others are ready at
+    once."""
     ready = getattr(layers, "ready", None)
     if ready is not None:
         await ready(i)

@@ -18,9 +18,9 @@ queues all of its GPU work at once, ordered by CUDA events (receive chunk k, sca
 its buffer for chunk k + 2), so the host steps in only at the end. The data never leaves the
 GPUs. Transfers of one pair run one at a time (a communicator's point-to-point operations match
 in issue order); different pairs are independent. Sends run on a dedicated stream and first wait
-for their data: the CUDA event of each layer of a layer-wise export (engine.kv_export), so a
-layer goes while later ones are computed; otherwise the work queued on the sender's current
-stream. Receives and scatters run on the receiver's own streams.
+for their data: the CUDA event of each layer of a layer-wise export
+(engine.kv_connector.layerwise), so a layer goes while later ones are computed; otherwise the
+work queued on the sender's current stream. Receives and scatters run on the receiver's own streams.
 
 Refusals and failures: the receiver still receives the layers of a transfer it refuses (unknown,
 cancelled, mismatched), into staging only, and answers `error`, so the communicator stays in

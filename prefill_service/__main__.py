@@ -16,7 +16,7 @@ from worker_common.server import Registration
 async def setup(
     args: argparse.Namespace, engine: AsyncEngineCore, metrics: WorkerMetrics
 ) -> list[Registration]:
-    sender = EndpointSender(engine.core.runner.device)
+    sender = EndpointSender(await engine.call(lambda core: core.runner.device))
     servicer = PrefillServicer(
         engine,
         sender,
@@ -24,6 +24,7 @@ async def setup(
         reply_before_push=not args.reply_after_push,
         layerwise=args.layerwise_push,
     )
+    await servicer.start()
     return [(ADD_TO_SERVER, servicer, SERVICE_NAME)]
 
 

@@ -1,10 +1,11 @@
 """`baton.v1.PrefillWorker`: prefill a prompt, push its KV to the decode worker, return the
 first token.
 
-The engine runs the request with a `KVHandoff`: after its first token the request ends here and
-the engine copies the KV of the blocks the decode worker does not hold yet (before those blocks
-can be reused); this service then sends that copy through the KV sender. With prefix caching, a
-later prompt sharing the prefix reuses the blocks.
+The engine runs the request with a `KVHandoff` and the "push" KV connector
+(engine.kv_connector.push): after its first token the request ends here, and the step that
+computed its prompt saved a copy of the KV of the blocks the decode worker does not hold yet;
+this service sends that copy through the KV sender. With prefix caching, a later prompt sharing
+the prefix reuses the blocks.
 
 The first token does not depend on the transfer, so by default the answer goes back as soon as
 the push has started (`reply_before_push`): the transfer overlaps the router's first-token
@@ -15,8 +16,9 @@ counted in `baton:kv_transfer_failures`). `kv_seconds` in the answer is 0 in tha
 answer waits for the push (and a failed push fails the Prefill call).
 
 With `layerwise` (`--layerwise-push`), the push starts before the prefill step runs and each
-layer's KV goes as soon as the engine has computed it (engine.kv_export), so the transfer
-overlaps the prefill's compute; the decode side receives the KV in the same layout either way.
+layer's KV goes as soon as the engine has computed it (engine.kv_connector.layerwise), so the
+transfer overlaps the prefill's compute; the decode side receives the KV in the same layout either
+way. Extra tensors the connector saves with the KV (`KVSave.extras`) travel after it.
 
 With `target_follows`, the router reserves the decode side while this prompt computes (a
 `fresh_blocks` reservation: every block is sent) and passes the target by `SetTarget`, which may
@@ -29,10 +31,9 @@ import asyncio
 import logging
 import time
 
-import torch
-
 from engine.async_core import AsyncEngineCore
-from engine.kv_export import LayerwiseExport
+from engine.kv_connector import KVConnectorConfig, make_kv_connector
+from engine.kv_connector.push import CopiedLayers, KVSave
 from engine.outputs import EngineCoreOutput
 from engine.request import KVHandoff, Request
 from kv_transfer.base import KVLayerSource, KVSender, KVTransferError, TransferSpec
@@ -46,26 +47,16 @@ log = logging.getLogger(__name__)
 TARGET_WAIT_S = 30.0  # how long a target_follows Prefill waits for its SetTarget
 
 
-class CopiedLayers:
-    """A `KVLayerSource` over per-layer tensors the engine already copied out."""
-
-    def __init__(self, layers: list[torch.Tensor]) -> None:
-        self._layers = layers
-
-    @property
-    def num_layers(self) -> int:
-        return len(self._layers)
-
-    def layer(self, i: int) -> torch.Tensor:
-        return self._layers[i]
+__all__ = ["CopiedLayers", "PrefillServicer"]  # CopiedLayers: bench imports it from here
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
-    """Serves Prefill, Abort and GetLoad over one engine.
+    """Serves Prefill, SetTarget, Abort and GetLoad over one engine.
 
-    Construct it on the event loop that serves it. With `layerwise`, the push of a prompt's KV
-    starts before its prefill step runs and ships each layer as soon as the engine has computed
-    it (engine.kv_export); otherwise the KV is copied after the step and pushed then.
+    Construct it on the event loop that serves it, then `await start()` (it installs the push
+    KV connector in the engine). With `layerwise`, the push of a prompt's KV starts before its
+    prefill step runs and ships each layer as soon as the engine has computed it; otherwise the
+    KV is copied after the step and pushed once the first token says the request is handed off.
     """
 
     def __init__(
@@ -80,19 +71,21 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         self.sender = sender
         self.metrics = metrics
         self.reply_before_push = reply_before_push
-        self.model = engine.core.config.model
-        self.block_size = engine.core.config.cache.block_size
+        self.model = engine.config.model
+        self.block_size = engine.config.cache.block_size
+        self._loop = asyncio.get_running_loop()
         self._pushes: set[asyncio.Task[tuple[int, float]]] = set()  # running background pushes
         # request id -> its target (resolved at once, or by SetTarget), while prefilling
         self._targets: dict[str, asyncio.Future[TransferSpec]] = {}
-        # Layer-wise pushes by request id: the export, and its push unless the target is wrong.
-        self._early: dict[str, tuple[LayerwiseExport, asyncio.Task[tuple[int, float]] | None]]
-        self._early = {}
+        # Saves the engine announced, by request id, with their push if it started already.
+        self._saves: dict[str, tuple[KVSave, asyncio.Task[tuple[int, float]] | None]] = {}
         self.layerwise = layerwise
-        if layerwise:
-            self._loop = asyncio.get_running_loop()
-            engine.core.on_kv_export = self._on_export  # read on the engine thread
-            engine.core.layerwise_export = True
+        options = {"layerwise": layerwise, "on_save": self._on_save}
+        self.connector = make_kv_connector(KVConnectorConfig("push", options), engine.config)
+
+    async def start(self) -> None:
+        """Install the push connector in the engine (on its thread, as every engine call)."""
+        await self.engine.call(lambda core: core.set_kv_connector(self.connector))
 
     async def Prefill(self, request, context):  # noqa: N802 - gRPC method name
         return await unary(context, lambda: self._prefill(request))
@@ -117,6 +110,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         finally:  # after the push took the target: a SetTarget may come after the first token
             if self._targets.get(rid) is target:
                 del self._targets[rid]
+            self._drop_save(rid)  # the call ended before it took its save (cancelled)
 
     async def _run(
         self, request: Request, target: asyncio.Future[TransferSpec]
@@ -126,30 +120,29 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         async for out in self.engine.generate(request):
             if out.new_token_ids:
                 first = out
-        export, early = self._early.pop(rid, (None, None))
-        if early is not None and (first is None or not first.handed_off):
-            self._background(early, quiet=True)  # nothing waits for it: the decode side drops it
+        if first is None or not first.handed_off:
+            self._drop_save(rid)  # the first token finished it (or it was aborted): no push
         if first is None:
             return worker_pb2.PrefillResponse(first=_aborted(rid))
         response = worker_pb2.PrefillResponse(first=chunk_from_output(first, request))
         if not first.handed_off:
             return response
-        if export is None:
-            # Put there on the engine thread before this output was delivered; a dict pop is
-            # atomic, so no round trip to the engine thread is needed to take it.
-            layers: KVLayerSource = CopiedLayers(self.engine.core.exports.pop(rid))
-        else:
-            layers = export
+        # The save was announced on the loop before this output was delivered (both come from
+        # the engine thread, in that order, by call_soon_threadsafe).
+        entry = self._saves.pop(rid, None)
+        if entry is None:
+            raise RuntimeError(f"request {rid!r} was handed off without a KV save")
+        save, early = entry
         try:
-            _check_fit(await _wait_target(target), layers)
+            _check_fit(await _wait_target(target), save.layers)
         except BaseException:
             if early is not None:
                 self._background(early, quiet=True)  # it fails the same way
             raise
-        push = early or asyncio.create_task(self._push(target, layers))
+        push = early or asyncio.create_task(self._push(target, save))
         if self.reply_before_push:
             self._background(push)
-            response.kv_bytes = _nbytes(layers)
+            response.kv_bytes = _nbytes(save.layers)
         else:
             try:
                 response.kv_bytes, response.kv_seconds = await push
@@ -157,6 +150,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                 self.metrics.kv_transfer_failures.inc()
                 raise
         return response
+
+    def _drop_save(self, request_id: str) -> None:
+        """Forget the request's save; a push of it already under way ends on its own (the
+        decode side refuses or drops it), quietly: nothing waits for it."""
+        _, early = self._saves.pop(request_id, (None, None))
+        if early is not None:
+            self._background(early, quiet=True)
 
     async def SetTarget(self, request, context):  # noqa: N802 - gRPC method name
         return await unary(context, lambda: self._set_target(request))
@@ -184,25 +184,26 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         if not target.done():
             target.cancel()
 
-    def _on_export(self, request_id: str, export: LayerwiseExport) -> None:
-        """Engine thread, before the step that computes the KV: start its push on the loop."""
-        self._loop.call_soon_threadsafe(self._start_push, request_id, export)
+    def _on_save(self, save: KVSave) -> None:
+        """Engine thread, during the step that takes the save: hand it to the loop."""
+        self._loop.call_soon_threadsafe(self._saved, save)
 
-    def _start_push(self, request_id: str, export: LayerwiseExport) -> None:
-        target = self._targets.get(request_id)
+    def _saved(self, save: KVSave) -> None:
+        """Keep the save for the Prefill call; a layer-wise one starts its push now, so that it
+        overlaps the step computing the KV."""
+        target = self._targets.get(save.request_id)
         if target is None:
             return  # the Prefill call is gone (cancelled): nobody to send it for
-        self._early[request_id] = (export, asyncio.create_task(self._push(target, export)))
+        early = asyncio.create_task(self._push(target, save)) if self.layerwise else None
+        self._saves[save.request_id] = (save, early)
 
-    async def _push(
-        self, target: asyncio.Future[TransferSpec], layers: KVLayerSource
-    ) -> tuple[int, float]:
+    async def _push(self, target: asyncio.Future[TransferSpec], save: KVSave) -> tuple[int, float]:
         spec = await _wait_target(target)
-        _check_fit(spec, layers)
+        _check_fit(spec, save.layers)
         start = time.perf_counter()
-        await self.sender.send(spec, layers)
+        await self.sender.send(spec, save.layers, save.extras)
         seconds = time.perf_counter() - start
-        num_bytes = _nbytes(layers)
+        num_bytes = _nbytes(save.layers)
         self.metrics.kv_transfer_bytes.inc(num_bytes)
         self.metrics.kv_transfer_seconds.observe(seconds)
         return num_bytes, seconds

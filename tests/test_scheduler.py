@@ -166,14 +166,20 @@ def test_schedule_next_may_preempt_a_request_whose_token_is_unread():
 
 
 def test_schedule_next_leaves_handed_off_requests_to_a_synchronous_step():
+    from engine.kv_connector.push import PushMetadata, PushScheduler
     from engine.request import KVHandoff
 
     sched = _scheduler()
+    sched.connector = PushScheduler(block_size=4)
     request = _request("p", 5)
     request.kv_transfer = KVHandoff(num_cached_tokens=0)
     sched.add_request(request)
     first = sched.schedule()
+    assert isinstance(first.kv_connector_metadata, PushMetadata)  # the prompt's last chunk
     assert sched.schedule_next(first) is None and request.num_computed_tokens == 0
+    (out,) = sched.update_from_output(first, {"p": 9})
+    assert out.handed_off and request.status == RequestStatus.HANDED_OFF
+    sched.kv.check_integrity(expect_all_free=True)
 
 
 def test_schedule_next_after_a_preemption_schedules_each_request_once():

@@ -142,6 +142,23 @@ def test_abort_releases_a_reservation(workers):
     assert _all_free(workers["decode"])
 
 
+def test_abort_while_decode_waits_for_the_kv(workers):
+    """An Abort that comes while Decode waits for the KV ends that call at once (NOT_FOUND) and
+    drops the transfer before the blocks are freed."""
+    req = _request("waiting", PROMPTS[1], PARAMS[0])
+    workers["decode"].Reserve(worker_pb2.ReserveRequest(request=req, lease_seconds=30))
+    decode = worker_pb2.DecodeRequest(request_id="waiting", first_token_id=5)
+    call = workers["decode"].Decode(decode, timeout=30)
+    time.sleep(0.3)  # the call waits for the KV
+    started = time.time()
+    workers["decode"].Abort(common_pb2.AbortRequest(request_ids=["waiting"]))
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "aborted" in err.value.details()
+    assert time.time() - started < 5
+    assert _all_free(workers["decode"])
+
+
 def test_first_token_that_finishes_needs_no_transfer(workers):
     params = SamplingParams(temperature=0, max_tokens=1)
     chunks, first = _disaggregated(workers, "one", PROMPTS[0], params)

@@ -67,7 +67,7 @@ def run_worker(args: argparse.Namespace, role: str, setup: Setup) -> None:
 
     def ready(port: int) -> None:
         if publishes_kv_events(args):
-            model = core.config.model.served_model_name
+            model = engine.config.model.served_model_name
             worker_id = args.worker_id or f"{args.host}:{port}"
             publisher = KVEventPublisher(engine, index_writer(args, model), worker_id, role)
             tasks.append(asyncio.get_running_loop().create_task(publisher.run()))

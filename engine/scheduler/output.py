@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.kv_connector.base import KVConnectorMetadata
 from engine.request import Request
 
 
@@ -38,10 +39,12 @@ class ScheduledRequest:
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    """What one engine step computes: requests in batch order, with their token counts."""
+    """What one engine step computes: requests in batch order, with their token counts, and
+    what the KV connector's worker side loads or saves during it (None: nothing)."""
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    kv_connector_metadata: KVConnectorMetadata | None = None
 
     @property
     def num_batched_tokens(self) -> int:

@@ -11,12 +11,14 @@ running list is preempted: its blocks are freed and it waits to be recomputed fr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 
 from engine.config import SchedulerConfig
 from engine.errors import EngineOverloadedError
+from engine.kv_cache.block_pool import KVCacheBlock
 from engine.kv_cache.manager import KVCacheManager
+from engine.kv_connector.base import FinishedTransfers, KVConnectorScheduler
 from engine.outputs import EngineCoreOutput
 from engine.request import Request, RequestStatus
 from engine.scheduler.output import ScheduledRequest, SchedulerOutput
@@ -25,7 +27,11 @@ from engine.scheduler.queues import RequestQueue
 
 
 class Scheduler:
-    """Decides each step's batch and applies the step's sampled tokens."""
+    """Decides each step's batch and applies the step's sampled tokens.
+
+    A KV connector (engine.kv_connector), if any, decides which requests' KV comes from another
+    engine (they wait, blocks allocated, until it has arrived), which ones hand off to another
+    engine after their first token, and what each step saves or loads."""
 
     def __init__(
         self,
@@ -33,77 +39,118 @@ class Scheduler:
         kv: KVCacheManager,
         max_model_len: int,
         policy: SchedulingPolicy | None = None,
+        connector: KVConnectorScheduler | None = None,
     ) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
         self.policy = policy or make_policy(config.policy, config.aging_seconds)
+        self.connector = connector
         self.waiting: RequestQueue = self.policy.new_queue()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # since start, for metrics and tests
         self.num_steps = 0
-        self.reserved: dict[str, Request] = {}  # decode role: waiting for their KV
-        # Prefill role: called with a handed-off request and its block ids before they are freed.
-        self.kv_export: Callable[[Request, list[int]], None] | None = None
+        self.waiting_for_kv: dict[str, Request] = {}  # blocks allocated, KV from elsewhere
+        self._hand_offs: set[str] = set()  # end after their first token (`hands_off`)
+        self._saving: dict[str, Request] = {}  # finished; blocks held for the connector's save
 
     def add_request(self, request: Request) -> None:
-        """Queue a new request; EngineOverloadedError if `max_num_waiting` are already waiting."""
-        if request.request_id in self.requests:
-            raise ValueError(f"request_id {request.request_id!r} is already running")
+        """Queue a new request; EngineOverloadedError if `max_num_waiting` are already waiting.
+
+        If the connector says its prompt's KV comes from elsewhere, its blocks are allocated
+        now (EngineOverloadedError if they are not free) and it waits for that KV instead."""
+        rid = request.request_id
+        if rid in self.requests or rid in self._saving:
+            raise ValueError(f"request_id {rid!r} is already running")
+        if self.connector is not None:
+            hits, num_external = self._external_tokens(request)
+            if num_external:
+                self._wait_for_kv(request, hits, num_external)
+                return
         limit = self.config.max_num_waiting
         if limit is not None and len(self.waiting) >= limit:
             raise EngineOverloadedError(len(self.waiting), limit)
-        self.requests[request.request_id] = request
+        if self.connector is not None and self.connector.hands_off(request):
+            self._hand_offs.add(rid)
+        self.requests[rid] = request
         self.waiting.add(request)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def holds_blocks(self) -> bool:
+        """True while a request holds blocks: unfinished, or finished with its blocks kept for
+        the connector's save."""
+        return bool(self.requests) or bool(self._saving)
+
     def has_work(self) -> bool:
-        """True when a step would compute something (reservations alone need no step)."""
+        """True when a step would compute something (requests waiting for KV need no step)."""
         return bool(self.waiting) or bool(self.running)
 
-    def reserve(self, request: Request, reuse_prefix: bool = True) -> tuple[list[int], int]:
-        """Decode role: hold blocks for a prompt whose KV another engine will push.
+    def _external_tokens(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        """The prefix-cache hits to keep, and how many prompt tokens' KV comes from elsewhere
+        (`KVConnectorScheduler.get_num_new_matched_tokens`)."""
+        assert self.connector is not None
+        hits = self.kv.get_computed_blocks(request)
+        bs, prompt = self.kv.block_size, request.num_prompt_tokens
+        num_external = self.connector.get_num_new_matched_tokens(request, len(hits) * bs)
+        local = prompt - num_external
+        if num_external and (num_external < 0 or local < 0 or local % bs or local > len(hits) * bs):
+            raise RuntimeError(
+                f"KV connector: {num_external} external tokens do not complete prompt "
+                f"{request.request_id!r} ({prompt} tokens, {len(hits) * bs} cached, block "
+                f"size {bs})"
+            )
+        return hits[: local // bs] if num_external else hits, num_external
 
-        Reuses this engine's own prefix cache (unless not `reuse_prefix`: the pusher sends every
-        block); returns the block ids to fill (those after the cached ones) and the number of
-        cached prompt tokens. Raises EngineOverloadedError when the blocks are not free now.
-        """
-        if request.request_id in self.requests:
-            raise ValueError(f"request_id {request.request_id!r} is already running")
-        hits = self.kv.get_computed_blocks(request) if reuse_prefix else []
+    def _wait_for_kv(self, request: Request, hits: list[KVCacheBlock], num_external: int) -> None:
+        """Allocate every block of the prompt now; the request waits for its KV."""
+        assert self.connector is not None
+        if not self.kv.allocate_slots(request, num_external, hits):
+            raise EngineOverloadedError(len(self.waiting_for_kv), self.kv.num_free_blocks())
         num_cached = len(hits) * self.kv.block_size
-        if not self.kv.allocate_slots(request, request.num_tokens - num_cached, hits):
-            raise EngineOverloadedError(len(self.reserved), self.kv.num_free_blocks())
         self.kv.stats.queries += request.num_tokens
         self.kv.stats.hits += num_cached
         request.status = RequestStatus.WAITING_FOR_KV
         request.num_cached_tokens = num_cached
         self.requests[request.request_id] = request
-        self.reserved[request.request_id] = request
-        return self.kv.block_ids(request.request_id)[len(hits) :], num_cached
+        self.waiting_for_kv[request.request_id] = request
+        block_ids = self.kv.block_ids(request.request_id)
+        self.connector.update_state_after_alloc(request, list(block_ids), num_external)
 
-    def start_decode(self, request_id: str, first_token: int) -> Request:
-        """Decode role: the reserved KV has arrived; queue the request to decode after
-        `first_token` (sampled by the prefill engine), ahead of new arrivals."""
-        request = self.reserved.pop(request_id, None)
-        if request is None:
-            raise KeyError(f"no reservation {request_id!r} (expired or aborted)")
-        request.num_computed_tokens = request.num_prompt_tokens
-        request.times.first_scheduled = time.time()
-        self.kv.cache_blocks(request)
-        request.append_output_token(first_token)
-        request.status = RequestStatus.WAITING
-        self.waiting.prepend(request)
-        return request
+    def update_from_connector(self, finished: FinishedTransfers) -> list[Request]:
+        """Apply the connector's finished transfers: free the blocks of finished saves; queue
+        the requests whose KV arrived to decode on after the tokens sampled elsewhere, ahead of
+        new arrivals. Returns those requests (arrivals of requests finished since are dropped).
+        """
+        for request_id in finished.saved:
+            request = self._saving.pop(request_id, None)
+            if request is not None:
+                self.kv.free(request)
+        resumed = []
+        for request_id, output_token_ids in finished.loaded:
+            request = self.waiting_for_kv.pop(request_id, None)
+            if request is None:
+                continue
+            request.num_computed_tokens = request.num_prompt_tokens
+            request.times.first_scheduled = time.time()
+            self.kv.cache_blocks(request)
+            for token in output_token_ids:
+                request.append_output_token(token)
+            request.status = RequestStatus.WAITING
+            self.waiting.prepend(request)
+            resumed.append(request)
+        return resumed
 
     def num_waiting(self) -> int:
         return len(self.waiting)
 
     def num_running(self) -> int:
         return len(self.running)
+
+    def num_waiting_for_kv(self) -> int:
+        return len(self.waiting_for_kv)
 
     def schedule(self) -> SchedulerOutput:
         return self._schedule(pending=frozenset(), skip=frozenset())
@@ -121,9 +168,11 @@ class Scheduler:
         waiting requests are admitted, a full cache preempts (a victim's unread token is
         dropped, and computed again when it resumes). `launched` then counts as computed
         (`advance`); the step may be empty. None (and `launched` not advanced) when `launched`
-        hands a request off (the prefill role: its first token ends it here).
+        holds a request that hands off (`KVConnectorScheduler.hands_off`: its first token ends
+        it here).
         """
-        if any(it.request.kv_transfer is not None for it in launched.scheduled):
+        hand_offs = self._hand_offs
+        if hand_offs and any(it.request.request_id in hand_offs for it in launched.scheduled):
             return None
         pending, ending = set(), set()
         for request in self.advance(launched):
@@ -173,7 +222,18 @@ class Scheduler:
             )
         if not out.preempted:
             self._admit_waiting(out, budget)
+        if self.connector is not None:
+            out.kv_connector_metadata = self.connector.build_connector_meta(out)
         return out
+
+    def prune(self, scheduled: SchedulerOutput) -> None:
+        """Drop from `scheduled`, a step decided earlier and not run yet, the requests that
+        finished since (aborted, or stopped when a step's tokens were read); its connector
+        metadata is decided again."""
+        running = RequestStatus.RUNNING
+        scheduled.scheduled = [it for it in scheduled.scheduled if it.request.status == running]
+        if self.connector is not None:
+            scheduled.kv_connector_metadata = self.connector.build_connector_meta(scheduled)
 
     def advance(self, scheduled: SchedulerOutput) -> list[Request]:
         """Count the step's tokens as computed (its forward pass is queued) and index the
@@ -235,7 +295,7 @@ class Scheduler:
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
             elif request.status == RequestStatus.WAITING_FOR_KV:
-                del self.reserved[request_id]
+                del self.waiting_for_kv[request_id]
             else:
                 self.waiting.remove(request)
             self._free(request, status)
@@ -301,8 +361,8 @@ class Scheduler:
                 status, by_token = RequestStatus.FINISHED_STOPPED, True
             elif params.stop_token_ids and token in params.stop_token_ids:
                 status, stop_reason, by_token = RequestStatus.FINISHED_STOPPED, token, True
-        if status is None and request.kv_transfer is not None:
-            status = RequestStatus.HANDED_OFF  # prefill role: decoding goes on elsewhere
+        if status is None and self._hand_offs and request.request_id in self._hand_offs:
+            status = RequestStatus.HANDED_OFF  # decoding goes on in another engine
         if status is not None:
             self.running.remove(request)
             self._free(request, status)
@@ -318,9 +378,16 @@ class Scheduler:
         )
 
     def _free(self, request: Request, status: RequestStatus) -> None:
+        """Finish `request`; its blocks are freed now, or once the connector's save of them is
+        done (`KVConnectorScheduler.request_finished` said so)."""
+        rid = request.request_id
         request.status = status
         request.times.finished = time.time()
-        if status == RequestStatus.HANDED_OFF and self.kv_export is not None:
-            self.kv_export(request, self.kv.block_ids(request.request_id))
+        del self.requests[rid]
+        self._hand_offs.discard(rid)
+        if self.connector is not None and self.connector.request_finished(
+            request, self.kv.block_ids(rid)
+        ):
+            self._saving[rid] = request
+            return
         self.kv.free(request)
-        del self.requests[request.request_id]

@@ -1,8 +1,9 @@
-"""Exporting a prompt's KV layer by layer while the prefill computes it (prefill role).
+"""Exporting a prompt's KV layer by layer while the prefill computes it (the push connector).
 
-With layer-wise export on, the step that runs a handed-off request's last prompt chunk copies
-each layer's blocks into a buffer of the export right after that layer's forward pass, so a KV
-sender can ship layer L while layer L+1 is computed::
+With layer-wise saves on (engine.kv_connector.push), the step that runs a handed-off request's
+last prompt chunk copies each layer's blocks into a buffer of the export right after that layer's
+forward pass (`KVConnectorWorker.save_kv_layer`), so a KV sender can ship layer L while layer L+1
+is computed::
 
     engine thread:  layer 0 fwd -> capture(0) -> layer 1 fwd -> capture(1) -> ... -> sample
     sender (loop):          await ready(0) -> send layer 0 -> await ready(1) -> send layer 1 ...
@@ -11,7 +12,8 @@ sender can ship layer L while layer L+1 is computed::
 running: `event(i)` is a CUDA event recorded after it, which a sender's stream waits on (a CPU
 copy is done when enqueued, and `event(i)` is None). `layer(i)` may be called any time: its
 buffer is allocated up front, so the sender learns shapes before the data exists. If the forward
-pass fails, the engine `cancel()`s the export and waiters fail with `ExportCancelled`.
+pass fails, the connector `cancel()`s the export (`step_failed`) and waiters fail with
+`ExportCancelled`.
 
 The object is a `kv_transfer.KVLayerSource` with the optional `ready`/`event` extras.
 """
