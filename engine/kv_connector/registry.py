@@ -21,9 +21,10 @@ from engine.kv_connector.base import KVConnector
 KVConnectorFactory = Callable[..., KVConnector]
 
 
-# PROPOSED CONFIG FIELD: `EngineConfig.kv_connector: KVConnectorConfig | None = None` (vLLM's
-# `kv_transfer_config`). engine/config.py is not this package's to edit; until the field exists,
-# whoever builds the engine makes the connector with `make_kv_connector` and passes it in.
+# Unlike vLLM's `kv_transfer_config`, this is not a field of EngineConfig: a connector is bound to
+# its service's transport and event loop (the push connector announces saves to the prefill
+# service's loop), so whoever runs the engine makes it with `make_kv_connector` and installs it
+# (`EngineCore(config, connector)`, or `core.set_kv_connector` as an engine command).
 @dataclass(frozen=True, slots=True)
 class KVConnectorConfig:
     """Which KV connector an engine runs with: a registered `name`, and its own `options`
