@@ -213,7 +213,7 @@ def concurrent_kernel_bound(
     count nothing. Below it no schedule of these kernels can go: what is left to gain lies in
     the kernels themselves."""
     from baton_kernels.paged_decode_attention import paged_decode_attention
-    from bench.gpu_gemv import graph_seconds, weight_copies
+    from bench.graph_timing import graph_seconds, weight_copies
 
     hidden, inter = shape["hidden_size"], shape["intermediate_size"]
     layers, heads = shape["num_hidden_layers"], shape["num_attention_heads"]
@@ -435,10 +435,6 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
         SHAPE, CONCURRENT_REQUESTS, CONCURRENT_PROMPT_TOKENS, CONCURRENT_NEW_TOKENS, CHUNK_TOKENS
     )
     free_gpu()
-    from bench.gpu_decode_profile import host_step
-
-    host = host_step(CONCURRENT_REQUESTS, CONCURRENT_NEW_TOKENS)
-    free_gpu()
     aim = AIMS["concurrent_baton_over_transformers"]
     return {
         "requests": CONCURRENT_REQUESTS,
@@ -472,10 +468,6 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
         # else: the most this engine could reach over transformers without faster kernels.
         "kernel_bound": kernels,
         "kernel_bound_over_transformers": hf["transformers_seconds"] / kernels["seconds"],
-        # This host's time per step of 128 decodes (`bench.gpu_decode_profile.host_step`, a tiny
-        # model): above the GPU's time per step (about 1.8 ms here), the decode phase waits
-        # for the host.
-        "host_ms_per_decode_step": host["ms_per_decode_step"],
     }
 
 
