@@ -4,7 +4,10 @@ Workload (issue 2): 16 concurrent requests on the demo model, prompt lengths dra
 from 64 to 512 tokens (seeded), 64 output tokens each (eos ignored), greedy. Two baselines on
 the same prompts: transformers' `generate` on all 16 as one left-padded batch (its fastest way
 to serve them: the baseline that counts), and `generate` one request at a time (a server
-without batching). All run in float32 on the same torch threads. Writes a JSON result.
+without batching). All run in float32 on the same torch threads. Before anything is timed, each
+of the three gets a warm-up on two prompts unrelated to the measured ones (another seed, the
+same length range; 2 new tokens each), so no timed run pays a one-time cost (first allocations,
+first kernels at these shapes); Baton's prefix cache is reset after it. Writes a JSON result.
 
     python -m bench.engine_throughput [--out bench/results/engine_throughput_cpu.json]
 """
@@ -14,13 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.machine import describe_machine
+from bench.machine import describe_machine, git_commit
 
 
 def make_prompts(vocab_size: int, num: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -37,12 +42,19 @@ def _ttft(output) -> float:
     return m.first_token_time - m.arrival_time
 
 
-def run_baton(model_dir: Path, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
+WARMUP_NEW_TOKENS = 2
+
+
+def run_baton(
+    model_dir: Path, prompts: list[list[int]], output_len: int, warmup: list[list[int]]
+) -> dict[str, Any]:
     from engine import LLM, SamplingParams
 
     llm = LLM(str(model_dir), max_num_seqs=len(prompts), max_num_batched_tokens=2048)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    llm.generate(warmup, SamplingParams(temperature=0, max_tokens=WARMUP_NEW_TOKENS),
+                 use_tqdm=False)  # fmt: skip
+    assert llm.reset_prefix_cache(), "requests still hold blocks"
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -68,17 +80,29 @@ def _generation_config(output_len: int):
     )
 
 
-def run_transformers_batched(model, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
-    """All prompts as one left-padded batch through `generate`."""
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (len(prompts), longest): left padding, as `generate` expects
+    for a decoder-only model."""
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding, as generate expects for decoder-only
+    for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def run_transformers_batched(
+    model, prompts: list[list[int]], output_len: int, warmup: list[list[int]]
+) -> dict[str, Any]:
+    """All prompts as one left-padded batch through `generate`."""
+    width = max(len(p) for p in prompts)
+    ids, mask = left_padded(prompts)
+    warm_ids, warm_mask = left_padded(warmup)
     config = _generation_config(output_len)
     with torch.inference_mode():
-        model.generate(ids[:2, -8:], attention_mask=mask[:2, -8:], max_new_tokens=2)  # warm-up
+        model.generate(warm_ids, attention_mask=warm_mask,
+                       generation_config=_generation_config(WARMUP_NEW_TOKENS))  # fmt: skip
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=mask, generation_config=config)
         elapsed = time.perf_counter() - start
@@ -89,11 +113,17 @@ def run_transformers_batched(model, prompts: list[list[int]], output_len: int) -
     }
 
 
-def run_transformers_sequential(model, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
+def run_transformers_sequential(
+    model, prompts: list[list[int]], output_len: int, warmup: list[list[int]]
+) -> dict[str, Any]:
     """One `generate` call per prompt, unpadded."""
     config = _generation_config(output_len)
     tokens = []
     with torch.inference_mode():
+        for p in warmup:
+            ids = torch.tensor([p])
+            model.generate(ids, attention_mask=torch.ones_like(ids),
+                           generation_config=_generation_config(WARMUP_NEW_TOKENS))  # fmt: skip
         start = time.perf_counter()
         for p in prompts:
             ids = torch.tensor([p])
@@ -121,12 +151,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.model = ensure_demo_model()
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(vocab, args.num_requests, args.min_prompt, args.max_prompt, args.seed)
-    baton = run_baton(args.model, prompts, args.output_len)
+    # unrelated to the measured prompts (another seed), in the same length range
+    warmup = make_prompts(vocab, 2, args.min_prompt, args.max_prompt, args.seed + 1000)
+    baton = run_baton(args.model, prompts, args.output_len, warmup)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    hf = run_transformers_batched(model, prompts, args.output_len)
-    hf_seq = run_transformers_sequential(model, prompts, args.output_len)
+    hf = run_transformers_batched(model, prompts, args.output_len, warmup)
+    hf_seq = run_transformers_sequential(model, prompts, args.output_len, warmup)
     reference = hf_seq.pop("tokens")
     same = sum(a == b for a, b in zip(baton.pop("tokens"), reference, strict=True))
     same_hf = sum(a == b for a, b in zip(hf.pop("tokens"), reference, strict=True))
@@ -143,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "model": args.model.name,
             "dtype": "float32",
             "greedy": True,
+            "warmup": "2 unrelated prompts, 2 new tokens each, before each timed configuration",
         },
         "baton": baton,
         "transformers_generate_batched": hf,
@@ -153,7 +186,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "identical_greedy_outputs": f"{same}/{len(prompts)}",
         "identical_greedy_outputs_batched_transformers": f"{same_hf}/{len(prompts)}",
         "machine": describe_machine(),
-        "command": "python -m bench.engine_throughput",
+        "code": git_commit(),
+        "command": shlex.join(
+            ["python", "-m", "bench.engine_throughput", *(sys.argv[1:] if argv is None else argv)]
+        ),
     }
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
