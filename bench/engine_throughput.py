@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench.machine import describe_machine, git_commit
+from bench.machine import describe_machine, git_commit, load_average
 
 
 def make_prompts(vocab_size: int, num: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--out", type=Path, default=Path("bench/results/engine_throughput_cpu.json")
     )
     args = parser.parse_args(argv)
+    load_at_start = load_average()
     if args.model is None:
         from engine.models.demo import ensure_demo_model
 
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # greedy outputs equal to transformers' unpadded, one-at-a-time generate
         "identical_greedy_outputs": f"{same}/{len(prompts)}",
         "identical_greedy_outputs_batched_transformers": f"{same_hf}/{len(prompts)}",
-        "machine": describe_machine(),
+        "machine": {**describe_machine(), "load_average_at_start": load_at_start},
         "code": git_commit(),
         "command": shlex.join(
             ["python", "-m", "bench.engine_throughput", *(sys.argv[1:] if argv is None else argv)]

@@ -21,13 +21,18 @@ def describe_machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "memory_gib": _memory_gib(),
-        # 1-, 5- and 15-minute load averages when the result is written: above the core count,
-        # other processes competed with the benchmark for the CPUs
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        # when the result is written: above the core count, other processes competed with the
+        # benchmark for the CPUs
+        "load_average": load_average(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def load_average() -> list[float]:
+    """The 1-, 5- and 15-minute load averages (runnable processes, all cores together)."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _cpu_model() -> str:

@@ -9,18 +9,20 @@ unrelated prompts of the measured prompts' length in one `generate` (a full step
 budget, then a decode step), so the first timed request pays no one-time cost (first
 allocations, first kernels at these shapes); then its cache is reset.
 
-1. TTFT: on the caching engine, C cold samples (--cold-samples, default 3), each request i < C
-   alone on a reset cache; then requests C..C+K-1, one at a time, warm (they reuse the system
-   prompt that the last cold request left in the cache; K = num_requests - C, or
-   --warm-samples). On the caching-off engine, the same C requests, every one cold. TTFT =
-   first_token_time - arrival_time, in seconds, with max_tokens=1. Cold is the median of its
-   samples. Aim: warm mean TTFT at most a fifth of cold.
+1. TTFT (--ttft-pairs P, default num_requests // 2): P cold/warm pairs, each measured within
+   seconds, so that other load on the machine weighs on both alike. Pair k: on a reset cache,
+   request 2k alone (cold), then request 2k + 1 alone (warm: it reuses the system prompt that
+   2k left cached); then request 2k on the caching-off engine (cold again). TTFT =
+   first_token_time - arrival_time, in seconds, with max_tokens=1. Ratios are taken per pair,
+   then their median. Aim: warm TTFT at most a fifth of cold.
 2. Throughput: all requests in one `generate` call, --output-len tokens each (greedy, eos
-   ignored), on each engine (the caching-on one after a cache reset). Reports seconds, output and
-   total (prompt + output) tokens per second, the prefix cache hit rate (tokens, this phase only),
-   the speedup on/off, and whether greedy outputs match between the two engines. A request
-   admitted in the same step as request 0 misses the cache (request 0's blocks are indexed only
-   once computed): with the default 2,048-token step budget, requests 0 and 1 both miss.
+   ignored), on each engine (the caching-on one after a cache reset), --throughput-runs times
+   each, alternating; each engine's fastest run is reported (the one least slowed by other load).
+   Reports seconds, output and total (prompt + output) tokens per second, the prefix cache hit
+   rate (tokens, that run only), the speedup on/off, and whether greedy outputs match between
+   the two engines. A request admitted in the same step as request 0 misses the cache (request
+   0's blocks are indexed only once computed): with the default 2,048-token step budget,
+   requests 0 and 1 both miss.
 
 The KV cache is sized to hold every request at once without sharing, so neither engine preempts.
 Float32 on CPU threads. Writes a JSON result and prints it.
@@ -40,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.machine import describe_machine, git_commit
+from bench.machine import describe_machine, git_commit, load_average
 from engine import LLM, SamplingParams
 from engine.kv_cache.manager import cdiv
 from engine.outputs import RequestOutput
@@ -110,37 +112,36 @@ def first_token_s(llm: LLM, prompt: list[int]) -> tuple[float, int]:
     return ttft_s(output[0]), output[0].num_cached_tokens
 
 
-def measure_ttft(
-    llm: LLM, no_cache: LLM, prompts: list[list[int]], cold_samples: int, warm_samples: int
-) -> dict[str, Any]:
-    """Cold TTFTs of prompts[:cold_samples], each on a fresh cache, then warm TTFTs of the next
-    `warm_samples` prompts one by one; the same cold prompts on the caching-off engine."""
-    cold, cold_cached = [], []
-    for prompt in prompts[:cold_samples]:
+def measure_ttft(llm: LLM, no_cache: LLM, prompts: list[list[int]], pairs: int) -> dict[str, Any]:
+    """`pairs` cold/warm pairs, each measured within seconds of each other (so that other load on
+    the machine weighs on both alike): on a fresh cache, prompt 2k cold, then prompt 2k + 1 warm
+    (it reuses the system prompt that 2k left cached); then prompt 2k cold on the caching-off
+    engine. Ratios are per pair, then the median."""
+    cold, warm, no_cache_cold, cached = [], [], [], []
+    for k in range(pairs):
         assert llm.reset_prefix_cache(), "requests still hold blocks"
-        seconds, cached = first_token_s(llm, prompt)
+        seconds, cold_hits = first_token_s(llm, prompts[2 * k])
         cold.append(seconds)
-        cold_cached.append(cached)
-    warm = [first_token_s(llm, p) for p in prompts[cold_samples : cold_samples + warm_samples]]
-    no_cache_cold = [first_token_s(no_cache, p)[0] for p in prompts[:cold_samples]]
-    warm_s = [seconds for seconds, _ in warm]
-    mean, cold_median = statistics.mean(warm_s), statistics.median(cold)
+        seconds, warm_hits = first_token_s(llm, prompts[2 * k + 1])
+        warm.append(seconds)
+        no_cache_cold.append(first_token_s(no_cache, prompts[2 * k])[0])
+        cached.append((cold_hits, warm_hits))
+    ratio = statistics.median(w / c for w, c in zip(warm, cold, strict=True))
     return {
-        "cold_samples": len(cold),
-        "cold_ttft_s": cold_median,
-        "cold_ttft_samples_s": cold,
+        "pairs": pairs,
+        "cold_ttft_s": statistics.median(cold),
+        "warm_ttft_s": statistics.median(warm),
         "cold_ttft_no_cache_s": statistics.median(no_cache_cold),
+        "warm_over_cold": ratio,
+        "warm_over_cold_no_cache": statistics.median(
+            w / c for w, c in zip(warm, no_cache_cold, strict=True)
+        ),
+        "meets_aim": ratio <= AIM_WARM_OVER_COLD,
+        "cold_ttft_samples_s": cold,
+        "warm_ttft_samples_s": warm,
         "cold_ttft_no_cache_samples_s": no_cache_cold,
-        "warm_samples": len(warm_s),
-        "warm_ttft_mean_s": mean,
-        "warm_ttft_p50_s": statistics.median(warm_s),
-        "warm_ttft_max_s": max(warm_s),
-        "warm_ttft_s": warm_s,
-        "warm_over_cold": mean / cold_median,
-        "warm_over_cold_no_cache": mean / statistics.median(no_cache_cold),
-        "meets_aim": mean <= AIM_WARM_OVER_COLD * cold_median,
-        "cold_cached_tokens": cold_cached,
-        "warm_cached_tokens": [cached for _, cached in warm],
+        "cold_cached_tokens": [c for c, _ in cached],
+        "warm_cached_tokens": [w for _, w in cached],
     }
 
 
@@ -170,6 +171,32 @@ def measure_throughput(llm: LLM, prompts: list[list[int]], output_len: int) -> d
     }
 
 
+def compare_throughput(
+    on: LLM, off: LLM, prompts: list[list[int]], output_len: int, runs: int
+) -> dict[str, Any]:
+    """`runs` throughput runs of each engine, alternating (on, off, on, off, ...); each engine's
+    fastest run (the one least slowed by other load on the machine) is reported, with the
+    seconds of every run, and the speedup of the fastest runs."""
+    samples: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    for _ in range(runs):
+        samples["on"].append(measure_throughput(on, prompts, output_len))
+        samples["off"].append(measure_throughput(off, prompts, output_len))
+    best = {}
+    for name, results in samples.items():
+        best[name] = min(results, key=lambda r: r["seconds"])
+        best[name]["seconds_samples"] = [r["seconds"] for r in results]
+    same = sum(a == b for a, b in zip(best["on"].pop("tokens"), best["off"].pop("tokens"),
+                                      strict=True))  # fmt: skip
+    return {
+        "runs": runs,
+        "throughput_caching_on": best["on"],
+        "throughput_caching_off": best["off"],
+        "speedup_on_vs_off": best["off"]["seconds"] / best["on"]["seconds"],
+        # greedy outputs equal with and without prefix caching
+        "identical_outputs": f"{same}/{len(prompts)}",
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="model dir (default: demo model)")
@@ -177,28 +204,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--system-prompt-tokens", type=int, default=1024)
     parser.add_argument("--question-tokens", type=int, default=24)
     parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--cold-samples", type=int, default=3, help="cold TTFT samples")
     parser.add_argument(
-        "--warm-samples", type=int, default=None,
-        help="warm TTFT samples (default: all requests but the cold ones)",
+        "--ttft-pairs", type=int, default=None,
+        help="cold/warm TTFT pairs (default: num_requests // 2; each pair takes two prompts)",
     )
+    parser.add_argument("--throughput-runs", type=int, default=2,
+                        help="throughput runs of each engine, alternating (default: 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=Path("bench/results/prefix_cache_cpu.json"))
     args = parser.parse_args(argv)
-    if args.cold_samples < 1 or args.num_requests <= args.cold_samples:
-        parser.error("--cold-samples must be at least 1 and below --num-requests (one warm)")
+    if args.num_requests < 2:
+        parser.error("--num-requests must be at least 2 (one cold, one warm)")
     if args.question_tokens < 1 or args.system_prompt_tokens < 1:
         parser.error("--question-tokens and --system-prompt-tokens must be at least 1")
-    cap = args.num_requests - args.cold_samples
-    args.warm_samples = cap if args.warm_samples is None else min(args.warm_samples, cap)
-    if args.warm_samples < 1:
-        parser.error("--warm-samples must be at least 1")
+    cap = args.num_requests // 2
+    args.ttft_pairs = cap if args.ttft_pairs is None else min(args.ttft_pairs, cap)
+    if args.ttft_pairs < 1 or args.throughput_runs < 1:
+        parser.error("--ttft-pairs and --throughput-runs must be at least 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    load_at_start = load_average()
     if args.model is None:
         from engine.models.demo import ensure_demo_model
 
@@ -213,10 +242,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warmup = [rng.choices(pool, k=length) for _ in range(2)]
     cached = load_engine(args.model, True, args, warmup)
     uncached = load_engine(args.model, False, args, warmup)
-    ttft = measure_ttft(cached, uncached, prompts, args.cold_samples, args.warm_samples)
-    on = measure_throughput(cached, prompts, args.output_len)
-    off = measure_throughput(uncached, prompts, args.output_len)
-    same = sum(a == b for a, b in zip(on.pop("tokens"), off.pop("tokens"), strict=True))
+    ttft = measure_ttft(cached, uncached, prompts, args.ttft_pairs)
+    throughput = compare_throughput(cached, uncached, prompts, args.output_len,
+                                    args.throughput_runs)  # fmt: skip
     result = {
         "benchmark": "prefix_cache",
         "workload": {
@@ -225,8 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "question_tokens": args.question_tokens,
             "prompt_tokens": sum(len(p) for p in prompts),
             "output_len": args.output_len,
-            "cold_samples": args.cold_samples,
-            "warm_samples": args.warm_samples,
+            "ttft_pairs": args.ttft_pairs,
+            "throughput_runs": args.throughput_runs,
             "warmup": "2 unrelated prompts of the same length, 2 tokens each, per engine",
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "block_size": BLOCK_SIZE,
@@ -235,15 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "dtype": str(cached.engine.config.model.dtype).removeprefix("torch."),
             "greedy": True,
         },
-        "results": {
-            "ttft": ttft,
-            "throughput_caching_on": on,
-            "throughput_caching_off": off,
-            "speedup_on_vs_off": off["seconds"] / on["seconds"],
-            # greedy outputs equal with and without prefix caching
-            "identical_outputs": f"{same}/{len(prompts)}",
-        },
-        "machine": describe_machine(),
+        "results": {"ttft": ttft, **throughput},
+        "machine": {**describe_machine(), "load_average_at_start": load_at_start},
         "code": git_commit(),
         "command": shlex.join(
             ["python", "-m", "bench.prefix_cache", *(sys.argv[1:] if argv is None else argv)]

@@ -36,7 +36,7 @@ from typing import Any, cast
 import httpx
 
 from bench.local_redis import RedisServer
-from bench.machine import describe_machine, git_commit
+from bench.machine import describe_machine, git_commit, load_average
 from bench.shared_prefix import SharedPrefix
 from engine.kv_cache.hashing import hash_prompt_blocks, request_extra_keys
 from launcher.serve import ClusterSpec, free_port, start_cluster
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/prefix_routing_cpu.json"))
     args = parser.parse_args(argv)
+    load_at_start = load_average()
     if args.model is None:
         from launcher.tiny_model import make_tiny_model
 
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "oracle_hit_rate": oracle,
         "policies": policies,
         "decision_latency_redis_8192_tokens": latency,
-        "machine": describe_machine(),
+        "machine": {**describe_machine(), "load_average_at_start": load_at_start},
         "code": git_commit(),
         "command": shlex.join(
             ["python", "-m", "bench.prefix_routing", *(sys.argv[1:] if argv is None else argv)]
