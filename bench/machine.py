@@ -55,12 +55,15 @@ def _memory_gib() -> float | None:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout the benchmark ran from ('+dirty' if it had changes), or None."""
+    """HEAD of the checkout the benchmark ran from ('+dirty' if its code had uncommitted
+    changes), or None."""
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # results written since the last commit are not code: they leave the tree clean
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)bench/results"],
                                cwd=root, capture_output=True, text=True, check=True,
                                timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
