@@ -11,13 +11,13 @@ from bench.engine_throughput import main, make_prompts
 
 def test_tiny_run_against_transformers(tiny_model, tmp_path: Path, monkeypatch) -> None:
     warmups: list[list[list[int]]] = []
-    real = engine_throughput.run_baton
+    real = engine_throughput.load_baton
 
-    def spy(model_dir, prompts, output_len, warmup):
+    def spy(model_dir, num_requests, warmup):
         warmups.append(warmup)
-        return real(model_dir, prompts, output_len, warmup)
+        return real(model_dir, num_requests, warmup)
 
-    monkeypatch.setattr(engine_throughput, "run_baton", spy)
+    monkeypatch.setattr(engine_throughput, "load_baton", spy)
     out = tmp_path / "throughput.json"
     argv = ["--model", str(tiny_model("llama")), "--num-requests", "3", "--min-prompt", "8"]
     argv += ["--max-prompt", "24", "--output-len", "4", "--out", str(out)]
@@ -28,6 +28,9 @@ def test_tiny_run_against_transformers(tiny_model, tmp_path: Path, monkeypatch) 
     assert result["transformers_generate_batched"]["output_tokens"] == 3 * 4
     assert result["identical_greedy_outputs"] == "3/3"
     assert result["speedup_vs_batched"] > 0 and result["speedup_vs_sequential"] > 0
+    for name in ("baton", "transformers_generate_batched", "transformers_generate_sequential"):
+        samples = result[name]["seconds_samples"]
+        assert len(samples) == 2 and result[name]["seconds"] == min(samples)
     assert result["command"].startswith("python -m bench.engine_throughput --model")
     # the warm-up prompts are not the measured ones (another seed)
     vocab = json.loads((tiny_model("llama") / "config.json").read_text())["vocab_size"]
