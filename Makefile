@@ -22,7 +22,9 @@ help:
 	@echo "make lock    re-resolve $(LOCK) from pyproject.toml (newest versions allowed)"
 	@echo "make proto   regenerate the gRPC stubs from proto/baton/v1/*.proto"
 	@echo "make lint    ruff check"
-	@echo "make bench   engine throughput benchmark"
+	@echo "make bench   CPU benchmarks, a few minutes: bench.engine_throughput (engine against"
+	@echo "             transformers generate) and bench.prefix_cache (TTFT warm vs cold, caching"
+	@echo "             on vs off), results in bench/results/; GPU ones: docs/performance.md"
 	@echo "make clean   remove build and cache files (keeps $(VENV))"
 
 setup: $(STAMP)
@@ -65,6 +67,7 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.engine_throughput
+	$(PY) -m bench.prefix_cache
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -6,7 +6,7 @@ SM. For the smaller matrices of a 1B model (8-32 MiB: q/k/v, o and down projecti
 picks tiles that give each program too much of the matrix and reaches 1.4-2.4 TB/s on an H200;
 this kernel gives each program two to four output columns, streams their weight rows along K in
 long steps into a float32 accumulator of (BLOCK_N, BLOCK_K) partial products, and reduces once
-at the end (`bench.gpu_gemv` measures both).
+at the end (`experiments.gpu_gemv` measures both).
 
     y = x @ weight.T (+ bias)          x: (1, K)   weight: (N, K)   y: (1, N)
 
@@ -26,7 +26,7 @@ separate kernels, and so did fusing the SwiGLU activation before the down projec
 Which of these the engine uses is its choice (`engine.config.KernelConfig`: `fuse_gate_up`,
 `fold_norms`), made once in its layers (`engine.layers`); these functions read no switch.
 
-Measured and dropped (bench.gpu_gemv, H200): for more than one row cuBLAS's tiles were faster
+Measured and dropped (experiments.gpu_gemv, H200): for more than one row cuBLAS's tiles were faster
 than this kernel's tensor-core variant, and for matrices over 32 MiB cuBLAS is as fast
 (lm_head; the gate/up projection goes through `gemv_gate_up_silu`, with its activation: 16.7 us
 a layer against 20.1 for cuBLAS's GEMM and `silu_mul` on an H200).
@@ -250,7 +250,7 @@ def _gemv_gate_up_silu_kernel(
 
 
 def default_config(n: int, k: int) -> GemvConfig:
-    """The launch configuration for an (N, K) weight, from `bench.gpu_gemv --sweep` (H200):
+    """The launch configuration for an (N, K) weight, from `experiments.gpu_gemv --sweep` (H200):
     two output columns per program for up to 8k columns, four beyond (one to four thousand
     programs), K in steps of 1,024."""
     return GemvConfig(2 if n <= 8192 else 4, min(1024, triton.next_power_of_2(k)), 4, 3)
@@ -388,7 +388,7 @@ def gemv_gate_up_silu(
     n, k = _check_row(x, weight, bias)
     if n % 2:
         raise ValueError(f"weight must have an even number of rows (2 * I), got {n}")
-    # bench.gpu_gemv, H200: one column (two rows) per program and K in one step of up to 2,048
+    # experiments.gpu_gemv, H200: one column (two rows) per program and K in one step of up to 2,048
     cap = GATE_UP_MAX_REGISTERS if norm_eps is not None else 0  # without the norm it spills
     cfg = config or GemvConfig(2, min(2048, triton.next_power_of_2(k)), 4, 3, cap)
     pairs, inter = max(1, cfg.block_n // 2), n // 2

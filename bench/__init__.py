@@ -14,6 +14,14 @@
     report.py, plots.py, result.py  the terminal table, the PNGs, result.json
     cli.py, commands.py, command_line.py   `baton bench` (also `python -m bench`)
 
-Older single-purpose benchmarks: engine_throughput.py, prefix_cache.py, cluster_compare.py (now
-a wrapper of `baton bench compare`).
+Single-purpose benchmarks, each against its baseline in the same run (`python -m bench.X`):
+    engine_throughput.py   the offline engine against transformers `generate` (CPU)
+    prefix_cache.py        TTFT warm against cold, throughput with prefix caching on and off
+    prefix_routing.py      cluster prefix hit rate per routing policy; Redis routing latency
+    gpu_engine.py          decode, 128 concurrent requests and prefill against transformers (GPU)
+    gpu_kv_transfer.py     KV transfer against raw NCCL or a device copy; P/D TTFT (GPUs)
+    kv_transfer_pair.py, graph_timing.py, local_redis.py, machine.py   what they share
+
+One-off GPU probes live in the unshipped experiments/ folder; results the docs cite, in
+bench/results/ (README.md there indexes them).
 """

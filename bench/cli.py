@@ -96,7 +96,8 @@ def _add_common(sub: argparse.ArgumentParser) -> None:
     out.add_argument("--out", default=None, metavar="DIR",
                      help="result directory (default: bench/results/MODE-WORKLOAD-TIME)")
     out.add_argument("--warmup", type=int, default=1, metavar="N",
-                     help="short requests sent before measuring (default: %(default)s)")
+                     help="short requests sent at once before measuring (default: %(default)s;"
+                     " compare: at least one per worker of each configuration)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

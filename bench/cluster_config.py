@@ -52,6 +52,10 @@ class ClusterConfig:
             worker_args=list(self.worker_args),
         )
 
+    def workers_per_role(self) -> int:
+        """The most workers of one role: requests sent at once that can reach every worker."""
+        return max(self.prefill, self.decode, self.colocated)
+
     def describe(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -176,7 +176,10 @@ def _compare(args: argparse.Namespace) -> int:
     result = base_result("compare", settings, _command(args))
     result["target"] = {**template.describe(), "url": None, "grpc": None}
     result["model"] = str(model_dir)
-    result["configurations"] = [c.describe() for c in configs]
+    result["configurations"] = [
+        {**c.describe(), "warmup_requests": max(settings.warmup, c.workers_per_role())}
+        for c in configs
+    ]
     comparison = compare(configs, model_dir, template, settings, args.rates or ())
     path = write_result(result, _out_dir(args), comparison.runs, comparison.sweeps, settings)
     _report(comparison.runs, comparison.sweeps, path, result["plots"])

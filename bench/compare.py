@@ -36,7 +36,9 @@ def bench_config(
     config: ClusterConfig, model: Path, template: Target, settings: BenchSettings,
     rates: Sequence[float] = (),
 ) -> tuple[RunResult | None, SweepResult | None]:
-    """Start `config`, bench it through a client like `template` (its own ports), stop it."""
+    """Start `config`, bench it through a client like `template` (its own ports), stop it.
+    The warm-up sends at least one request per worker of the configuration, all at once."""
+    settings = replace(settings, warmup=max(settings.warmup, config.workers_per_role()))
     spec = config.spec(model, free_port(), free_port())
     print(f"[bench] starting {config.label} ({_workers(config)})", file=sys.stderr, flush=True)
     cluster = start_cluster(spec)

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from bench.machine import describe_machine
+from bench.machine import describe_machine, git_commit
 
 SHAPE: dict[str, Any] = {
     "hidden_size": 2048,
@@ -213,7 +213,7 @@ def concurrent_kernel_bound(
     count nothing. Below it no schedule of these kernels can go: what is left to gain lies in
     the kernels themselves."""
     from baton_kernels.paged_decode_attention import paged_decode_attention
-    from bench.gpu_gemv import graph_seconds, weight_copies
+    from bench.graph_timing import graph_seconds, weight_copies
 
     hidden, inter = shape["hidden_size"], shape["intermediate_size"]
     layers, heads = shape["num_hidden_layers"], shape["num_attention_heads"]
@@ -364,15 +364,17 @@ def bench_decode(model_dir: Path) -> dict[str, Any]:
 
 
 def _baton_decode(model_dir: Path) -> tuple[list[float], int, list[float], list[float]]:
-    """Seconds of BATON_REPEATS timed batch-1 generates after two warm-ups, the tokens each
-    generated, the seconds of as many with synchronous scheduling (runs alternate), and the
-    seconds of five one-token generates."""
+    """Seconds of BATON_REPEATS timed batch-1 generates after two warm-ups (and one with
+    synchronous scheduling), the tokens each generated, the seconds of as many with synchronous
+    scheduling (runs alternate), and the seconds of five one-token generates."""
     from engine import SamplingParams
 
     llm = baton_llm(model_dir, kv_cache_memory_bytes=8 << 30)
+    warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     for _ in range(2):
-        warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         llm.generate([DECODE_PROMPT], warm, use_tqdm=False)
+    # the synchronous runs' path too, so that neither kind's first timed run pays a first call
+    _synchronous_seconds(llm, lambda: llm.generate([DECODE_PROMPT], warm, use_tqdm=False))
     params = SamplingParams(temperature=0, max_tokens=DECODE_NEW_TOKENS, ignore_eos=True)
     runs, sync_runs, tokens = [], [], 0
     for _ in range(BATON_REPEATS):
@@ -435,10 +437,6 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
         SHAPE, CONCURRENT_REQUESTS, CONCURRENT_PROMPT_TOKENS, CONCURRENT_NEW_TOKENS, CHUNK_TOKENS
     )
     free_gpu()
-    from bench.gpu_decode_profile import host_step
-
-    host = host_step(CONCURRENT_REQUESTS, CONCURRENT_NEW_TOKENS)
-    free_gpu()
     aim = AIMS["concurrent_baton_over_transformers"]
     return {
         "requests": CONCURRENT_REQUESTS,
@@ -472,10 +470,6 @@ def bench_concurrent(model_dir: Path) -> dict[str, Any]:
         # else: the most this engine could reach over transformers without faster kernels.
         "kernel_bound": kernels,
         "kernel_bound_over_transformers": hf["transformers_seconds"] / kernels["seconds"],
-        # This host's time per step of 128 decodes (`bench.gpu_decode_profile.host_step`, a tiny
-        # model): above the GPU's time per step (about 1.8 ms here), the decode phase waits
-        # for the host.
-        "host_ms_per_decode_step": host["ms_per_decode_step"],
     }
 
 
@@ -483,8 +477,8 @@ def _baton_concurrent(
     model_dir: Path, prompts: list[list[int]]
 ) -> tuple[list[float], int, list[float]]:
     """Seconds of BATON_REPEATS timed `generate`s of all the requests (the first over
-    `prompts`) after a same-shape warm-up, the output tokens of one, and the seconds of as many
-    with synchronous scheduling (runs alternate)."""
+    `prompts`) after a same-shape warm-up (and one with synchronous scheduling), the output
+    tokens of one, and the seconds of as many with synchronous scheduling (runs alternate)."""
     from engine import SamplingParams
 
     llm = baton_llm(
@@ -499,6 +493,8 @@ def _baton_concurrent(
     warm_prompts = random_prompts(CONCURRENT_REQUESTS, CONCURRENT_PROMPT_TOKENS, seed=1)
     warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     llm.generate(warm_prompts, warm, use_tqdm=False)
+    sync_warm = random_prompts(CONCURRENT_REQUESTS, CONCURRENT_PROMPT_TOKENS, seed=2)
+    _synchronous_seconds(llm, partial(llm.generate, sync_warm, warm, use_tqdm=False))
     params = SamplingParams(temperature=0, max_tokens=CONCURRENT_NEW_TOKENS, ignore_eos=True)
     runs, sync_runs, tokens = [], [], 0
     for i in range(BATON_REPEATS):  # each run with prompts of its own: no prefix-cache hits
@@ -666,6 +662,7 @@ def main(argv: list[str] | None = None) -> None:
             "model": {"shape": SHAPE, "dtype": "bfloat16", "weight_bytes": weight_bytes(model_dir)},
             "gpu": torch.cuda.get_device_name(),
             "machine": describe_machine(),
+            "code": git_commit(),
             "command": " ".join(["python -m bench.gpu_engine", *words]),
         }
         for name in args.only:

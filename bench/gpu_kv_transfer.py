@@ -47,7 +47,7 @@ from typing import Any, cast
 
 import torch
 
-from bench.machine import describe_machine
+from bench.machine import describe_machine, git_commit
 
 SHAPES = {
     "llama-3.2-1b": {"num_layers": 16, "num_kv_heads": 8, "head_dim": 64},
@@ -414,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {
         "benchmark": "gpu_kv_transfer",
         "machine": describe_machine(),
+        "code": git_commit(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "command": "python -m bench.gpu_kv_transfer " + " ".join(argv or sys.argv[1:]),
     }

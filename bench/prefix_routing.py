@@ -8,8 +8,13 @@ decision's latency with the Redis index.
    report them in `usage`) / prompt tokens. The oracle replays the trace into one infinite
    cache: each request hits the longest block-aligned prefix (at most prompt - 1 tokens) that
    any earlier request computed.
+   Before the workload, each cluster serves one warm-up request per prefill worker, sent at
+   once so that every policy spreads them, on prompts that share no block with the workload's:
+   no worker pays its first request's one-time costs inside the measured run, where a slower
+   first answer would change which requests overlap and so which ones find a prefix cached.
 2. Decision latency: a Redis index holding 4 workers' blocks for 32 prompts of 8,192 tokens;
-   one decision = hash the prompt, one Redis match, the policy's choice. p50/p99 in ms.
+   one decision = hash the prompt, one Redis match, the policy's choice. p50/p99 in ms, after
+   one untimed decision per prompt (the first connection, the first hashing).
 Conditional disaggregation is off here, so every prompt is prefilled on a prefill worker.
 
     python -m bench.prefix_routing [--out bench/results/prefix_routing_cpu.json]
@@ -20,7 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -28,13 +36,14 @@ from typing import Any, cast
 import httpx
 
 from bench.local_redis import RedisServer
-from bench.machine import describe_machine
+from bench.machine import describe_machine, git_commit, load_average
 from bench.shared_prefix import SharedPrefix
 from cluster import ClusterSpec, free_port, start_cluster
 from engine.kv_cache.hashing import hash_prompt_blocks, request_extra_keys
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 BLOCK_SIZE = 16
+PREFILL_WORKERS = 4
 
 
 def oracle_hit_rate(prompts: list[list[int]], model: str) -> float:
@@ -69,14 +78,20 @@ async def _send_all(base: str, model: str, prompts, max_tokens, concurrency: int
         return await asyncio.gather(*(one(p, m) for p, m in zip(prompts, max_tokens, strict=True)))
 
 
-def measure_policy(policy: str, model_dir: Path, workload, concurrency: int) -> dict[str, Any]:
+def measure_policy(
+    policy: str, model_dir: Path, workload, concurrency: int, warmup: list[list[int]]
+) -> dict[str, Any]:
+    """Hit rate of `workload` on a fresh 4 + 1 cluster routed by `policy`, after `warmup`
+    (prompts unrelated to the workload's) was served, all at once."""
     # No conditional disaggregation: the one decode worker holds every prefix, and prefilling
     # there would hide how well the policy spreads prompts over the prefill workers.
-    spec = ClusterSpec(model_dir, prefill=4, decode=1, port=free_port(), grpc_port=free_port(),
-                       policy=policy, router_args=["--local-prefill-threshold", "0"])  # fmt: skip
+    spec = ClusterSpec(model_dir, prefill=PREFILL_WORKERS, decode=1, port=free_port(),
+                       grpc_port=free_port(), policy=policy,
+                       router_args=["--local-prefill-threshold", "0"])  # fmt: skip
     cluster = start_cluster(spec)
     try:
         base = f"http://127.0.0.1:{spec.port}"
+        asyncio.run(_send_all(base, model_dir.name, warmup, [2] * len(warmup), len(warmup)))
         prompts = [r.prompt for r in workload]
         start = time.perf_counter()
         cached = asyncio.run(
@@ -92,8 +107,6 @@ def measure_policy(policy: str, model_dir: Path, workload, concurrency: int) -> 
 
 async def decision_latency(prompt_len: int, num_prompts: int, decisions: int) -> dict[str, float]:
     """ms per routing decision (hash + Redis match + choose) on a populated Redis index."""
-    import random
-
     from prefix_index.redis_store import RedisIndexWriter, RedisPrefixIndex, connect, namespace
     from proto.baton.v1 import kv_events_pb2
     from router.policies import PrefixAwarePolicy, RequestContext
@@ -117,7 +130,7 @@ async def decision_latency(prompt_len: int, num_prompts: int, decisions: int) ->
                                                ttl_seconds=600, snapshot_hashes=mine)  # fmt: skip
             await writer.apply(batch)
         policy, totals, matches = PrefixAwarePolicy(), [], []
-        for i in range(decisions):
+        for i in range(-num_prompts, decisions):  # the first num_prompts are not timed
             prompt = prompts[i % num_prompts]
             start = time.perf_counter()
             ctx = RequestContext.build(str(i), prompt, extra, BLOCK_SIZE)
@@ -125,8 +138,9 @@ async def decision_latency(prompt_len: int, num_prompts: int, decisions: int) ->
             ctx.prefix_matches = await index.match(ctx.block_hashes)
             after_match = time.perf_counter()
             chosen = policy.choose(workers, ctx)
-            totals.append(time.perf_counter() - start)
-            matches.append(after_match - before_match)
+            if i >= 0:
+                totals.append(time.perf_counter() - start)
+                matches.append(after_match - before_match)
             assert chosen is workers[i % num_prompts % 4]  # the holder wins
         await writer.close()
         await index.close()
@@ -156,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/prefix_routing_cpu.json"))
     args = parser.parse_args(argv)
+    load_at_start = load_average()
     if args.model is None:
         from engine.models.tiny import make_tiny_model
 
@@ -164,7 +179,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shape = SharedPrefix(args.num_prefixes, args.prefix_len, args.question_len, args.output_len)
     workload = shape.generate(args.num_requests, args.seed, vocab)
     oracle = oracle_hit_rate([cast(list[int], r.prompt) for r in workload], args.model.name)
-    policies = {p: measure_policy(p, args.model, workload, args.concurrency) for p in POLICIES}
+    # another seed's prompts of the workload's length: no block in common with the workload
+    rng = random.Random(args.seed + 1000)
+    length = args.prefix_len + args.question_len
+    warmup = [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(PREFILL_WORKERS)]
+    policies = {
+        p: measure_policy(p, args.model, workload, args.concurrency, warmup) for p in POLICIES
+    }
     for result in policies.values():
         result["fraction_of_oracle"] = result["hit_rate"] / oracle
     latency = asyncio.run(decision_latency(8192, 32, args.decisions))
@@ -181,12 +202,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "concurrency": args.concurrency,
             "seed": args.seed,
             "cluster": "4 prefill + 1 decode, tiny qwen2",
+            "warmup": "4 unrelated prompts at once per cluster; 32 untimed decisions",
         },  # fmt: skip
         "oracle_hit_rate": oracle,
         "policies": policies,
         "decision_latency_redis_8192_tokens": latency,
-        "machine": describe_machine(),
-        "command": "python -m bench.prefix_routing",
+        "machine": {**describe_machine(), "load_average_at_start": load_at_start},
+        "code": git_commit(),
+        "command": shlex.join(
+            ["python", "-m", "bench.prefix_routing", *(sys.argv[1:] if argv is None else argv)]
+        ),
     }
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.machine import describe_machine
+from bench.machine import describe_machine, git_commit
 from bench.plots import plot_comparison, plot_goodput_vs_rate, plot_latency_cdfs
 from bench.runs import RunResult
 from bench.settings import BenchSettings
@@ -35,7 +34,7 @@ def base_result(mode: str, settings: BenchSettings, command: str) -> dict[str, A
         "command": command,
         "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "seed": settings.seed,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "machine": describe_machine(),
         **settings.describe(),
     }
@@ -67,17 +66,3 @@ def write_result(
     path = out_dir / RESULT_FILE
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
-
-
-def _git_commit() -> str | None:
-    """HEAD of the checkout the benchmark ran from ('+dirty' if it had changes), or None."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, check=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+dirty" if dirty else "")

@@ -23,7 +23,7 @@ from bench.client import BenchClient
 from bench.records import RequestRecord
 from bench.workload import BenchRequest, Prompt, prompt_kind
 
-WARMUP_PROMPT = "Warm-up request: say hello."
+WARMUP_PROMPT = "Warm-up request {}: say hello."
 WARMUP_MAX_TOKENS = 4
 
 
@@ -121,10 +121,14 @@ class LoadGenerator:
         return records
 
     async def warmup(self, count: int) -> None:
-        """Send `count` short requests one by one; RuntimeError if one fails."""
-        for i in range(count):
-            request = BenchRequest(-1 - i, WARMUP_PROMPT, WARMUP_MAX_TOKENS)
-            record = await self.client.send(request)
+        """Send `count` short requests, distinct and all at once (so that a router spreads them
+        over its workers: each pays its first request's one-time costs before anything is
+        measured); RuntimeError if one fails."""
+        requests = [
+            BenchRequest(-1 - i, WARMUP_PROMPT.format(i), WARMUP_MAX_TOKENS) for i in range(count)
+        ]
+        records = await asyncio.gather(*(self.client.send(r) for r in requests))
+        for record in records:
             if not record.success:
                 raise RuntimeError(f"warm-up request failed: {record.error}")
 

@@ -156,16 +156,3 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys) -> None:
     assert "--model-dir DIR" in capsys.readouterr().err
     assert cli.main(["bench", "compare", "pd:1", "--model", str(tmp_path)]) == 2
     assert "pd:PxD" in capsys.readouterr().err
-
-
-def test_the_old_cluster_compare_command_maps_onto_bench_compare() -> None:
-    from bench.cluster_compare import DEFAULT_OUT, bench_argv, main  # noqa: F401
-
-    class Args:
-        model, num_requests, concurrency, seed, out = None, 32, 8, 0, DEFAULT_OUT
-        max_num_batched_tokens = 2048
-
-    argv = bench_argv(Args())  # type: ignore[arg-type]
-    assert argv[:3] == ["compare", "pd:1x1:max-num-batched-tokens=2048",
-                        "colocated:2:max-num-batched-tokens=2048"]
-    assert "--max-input-len" in argv and argv[argv.index("--out") + 1] == DEFAULT_OUT

@@ -93,6 +93,8 @@ def test_cluster_configurations_parse() -> None:
     assert (co.colocated, co.label, co.worker_args) == (2, "nocache", ["--no-prefix-caching"])
     spec = co.spec(Path("m"), port=1, grpc_port=2)
     assert (spec.colocated, spec.port, spec.grpc_port) == (2, 1, 2)
+    # compare's warm-up sends at least this many requests at once, to reach every worker
+    assert (pd.workers_per_role(), co.workers_per_role()) == (2, 2)
     for bad in ("pd:1", "pd:0x1", "colocated:x", "ray:2", "pd:1x1:frobnicate=1", "pd:1x1:policy"):
         with pytest.raises(ValueError):
             parse_cluster_config(bad)

@@ -99,3 +99,13 @@ def test_warmup_raises_when_the_server_fails() -> None:
     generator = LoadGenerator(FakeClient(fail=frozenset({-1})), progress=False)
     with pytest.raises(RuntimeError, match="warm-up"):
         asyncio.run(generator.warmup(1))
+
+
+def test_warmup_sends_distinct_requests_at_once() -> None:
+    """All at once, so that a router spreads them over its workers; distinct prompts, so that
+    no prefix-aware policy sends them all where the first one went."""
+    client = FakeClient()
+    asyncio.run(LoadGenerator(client, progress=False).warmup(3))
+    assert client.max_in_flight == 3
+    assert len({r.prompt for r in client.sent}) == 3
+    assert all(r.index < 0 for r in client.sent)  # never confused with a measured request

@@ -10,7 +10,7 @@ CUDA graph and replayed. `--sweep` also times every launch configuration of a gr
 
 `--batches` times cuBLAS at those row counts in two weight layouts and with either library.
 
-    python -m bench.gpu_gemv [--sweep] [--batches 32,128,8192] [--out PATH.json]
+    python -m experiments.gpu_gemv [--sweep] [--batches 32,128,8192] [--out PATH.json]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import argparse
 import itertools
 import json
 import sys
-from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.graph_timing import DTYPE, LAYERS, graph_seconds, weight_copies
 from bench.machine import describe_machine
 
 SHAPES = {  # projection: (N, K)
@@ -36,41 +36,8 @@ SHAPES = {  # projection: (N, K)
     "down_proj": (2048, 8192),
     "lm_head": (128256, 2048),
 }
-LAYERS = 16
-REPLAYS = 20
 SWEEP = {"block_n": (1, 2, 4, 8), "block_k": (512, 1024, 2048), "num_warps": (4, 8),
          "num_stages": (1, 3)}  # fmt: skip
-DTYPE = torch.bfloat16
-
-
-def graph_seconds(calls: Sequence[Callable[[], Any]]) -> float:
-    """Seconds per call of `calls`, captured back to back in one CUDA graph and replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:  # warm-up: compiles and allocates outside the capture
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1000 / REPLAYS / len(calls)
-
-
-def weight_copies(n: int, k: int) -> list[torch.Tensor]:
-    """(N, K) bfloat16 weights, one per layer (two for a matrix that alone outgrows the L2),
-    so that calls over them read the weights from memory as a model's layers do."""
-    copies = LAYERS if n * k * 2 <= (256 << 20) else 2  # lm_head alone outgrows the L2
-    return [torch.randn(n, k, dtype=DTYPE, device="cuda") * k**-0.5 for _ in range(copies)]
 
 
 def _row(op: str, n: int, k: int, cublas_s: float, gemv_s: float) -> dict[str, Any]:
@@ -209,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_gemv.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench.gpu_gemv needs a CUDA GPU")
+        raise SystemExit("experiments.gpu_gemv needs a CUDA GPU")
     torch.manual_seed(0)
     result: dict[str, Any] = {
         "benchmark": "gpu_gemv",
@@ -223,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.batches:
         result["batched"] = batched(args.batches)
     result["machine"] = describe_machine()
-    result["command"] = " ".join(["python -m bench.gpu_gemv", *(argv or sys.argv[1:])])
+    result["command"] = " ".join(["python -m experiments.gpu_gemv", *(argv or sys.argv[1:])])
     text = json.dumps(result, indent=2) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -1,9 +1,9 @@
-"""bench.gpu_decode_attention's block layouts (the timing itself runs on a GPU)."""
+"""experiments.gpu_decode_attention's block layouts (the timing itself runs on a GPU)."""
 
 import pytest
 import torch
 
-from bench.gpu_decode_attention import BLOCK_SIZE, MAX_CONTEXT, block_tables
+from experiments.gpu_decode_attention import BLOCK_SIZE, MAX_CONTEXT, block_tables
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "shuffled"])

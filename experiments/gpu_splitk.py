@@ -1,14 +1,14 @@
 """A split-K Triton GEMM against cuBLAS at decode row counts: a probe, not engine code.
 
-Why the engine keeps cuBLAS for batched decode GEMMs (README, "why not 4x"): at M = 128 the
-projections of a Llama-3.2-1B-shaped layer sit near the H200's ridge point, and this kernel (each
-program a (BLOCK_M, BLOCK_N) output tile over one of SPLIT slices of K, float32 partials summed by
-a second kernel; plain pointer loads or TMA descriptors) is swept over tiles, splits, stages and
-load kinds for each projection and row count. Each configuration is checked against `F.linear`
-first; timings are per call in CUDA graphs over 16 weight copies (`bench.gpu_gemv.graph_seconds`),
-without and with the reduction.
+Why the engine keeps cuBLAS for batched decode GEMMs (docs/performance.md, "Where the time
+goes"): at M = 128 the projections of a Llama-3.2-1B-shaped layer sit near the H200's ridge
+point, and this kernel (each program a (BLOCK_M, BLOCK_N) output tile over one of SPLIT slices of
+K, float32 partials summed by a second kernel; plain pointer loads or TMA descriptors) is swept
+over tiles, splits, stages and load kinds for each projection and row count. Each
+configuration is checked against `F.linear` first; timings are per call in CUDA graphs over 16
+weight copies (`bench.graph_timing.graph_seconds`), without and with the reduction.
 
-    python -m bench.gpu_splitk [--rows 32,64,128] [--out bench/results/gpu_splitk.json]
+    python -m experiments.gpu_splitk [--rows 32,64,128] [--out bench/results/gpu_splitk.json]
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from bench.gpu_gemv import SHAPES as PROJECTIONS
-from bench.gpu_gemv import graph_seconds, weight_copies
+from bench.graph_timing import graph_seconds, weight_copies
 from bench.machine import describe_machine
+from experiments.gpu_gemv import SHAPES as PROJECTIONS
 
 DTYPE = torch.bfloat16
 
@@ -181,12 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_splitk.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench.gpu_splitk needs a CUDA GPU")
+        raise SystemExit("experiments.gpu_splitk needs a CUDA GPU")
     result = {
         "benchmark": "gpu_splitk",
         "rows": sweep(args.rows),
         "machine": describe_machine(),
-        "command": " ".join(["python -m bench.gpu_splitk", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python -m experiments.gpu_splitk", *(argv or sys.argv[1:])]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

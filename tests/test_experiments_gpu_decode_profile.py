@@ -1,6 +1,6 @@
-"""bench.gpu_decode_profile's kernel grouping (the profile itself runs on a GPU)."""
+"""experiments.gpu_decode_profile's kernel grouping (the profile itself runs on a GPU)."""
 
-from bench.gpu_decode_profile import kind_of, step_timeline
+from experiments.gpu_decode_profile import kind_of, step_timeline
 
 
 def test_decode_profile_sorts_kernels_by_kind():
@@ -38,7 +38,7 @@ def test_step_timeline_measures_each_step_from_one_graph_start_to_the_next():
 
 def test_host_step_reports_the_time_per_decode_step():
     """Runs here on the CPU (where the tiny model's own compute is in the figure too)."""
-    from bench.gpu_decode_profile import host_step
+    from experiments.gpu_decode_profile import host_step
 
     result = host_step(requests=3, new_tokens=4, device="cpu")
     assert result["requests"] == 3 and result["new_tokens"] == 4

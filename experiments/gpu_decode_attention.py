@@ -8,7 +8,7 @@ sequence's blocks are either consecutive ids (`contiguous`: what a fresh engine 
 random permutation (`shuffled`: the pool after many requests have come and gone), which changes
 how the kernel's reads fall on the memory.
 
-    python -m bench.gpu_decode_attention [--out PATH.json]
+    python -m experiments.gpu_decode_attention [--out PATH.json]
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
-from bench.gpu_gemv import graph_seconds
+from bench.graph_timing import graph_seconds
 from bench.machine import describe_machine
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 64, 16
 MAX_CONTEXT = 131072  # the block table's width, as the graphs size it from max_model_len
 CASES = ((1, 575), (1, 2048), (1, 8192), (1, 32768), (8, 4096), (128, 575), (128, 2048))
 SPLITS = (1, 4, 16, 64)
-CALLS = 16  # back to back in the graph (bench.gpu_gemv.graph_seconds replays it)
+CALLS = 16  # back to back in the graph (bench.graph_timing.graph_seconds replays it)
 
 
 def block_tables(
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench.gpu_decode_attention needs a CUDA GPU")
+        raise SystemExit("experiments.gpu_decode_attention needs a CUDA GPU")
     rows = []
     for batch, context in CASES:
         for layout in ("contiguous", "shuffled"):
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                   "block_size": BLOCK_SIZE, "dtype": "bfloat16", "table_context": MAX_CONTEXT},
         "cases": rows,
         "machine": describe_machine(),
-        "command": "python -m bench.gpu_decode_attention",
+        "command": "python -m experiments.gpu_decode_attention",
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

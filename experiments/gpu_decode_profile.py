@@ -20,7 +20,7 @@ tokens) is then split into its phases: the wall time of the prompts alone (one n
 against the whole run, and the kernel time of the whole run by kind and by kernel (their sum
 against the wall time: how long the GPU idled).
 
-    python -m bench.gpu_decode_profile [--out PATH.json]
+    python -m experiments.gpu_decode_profile [--out PATH.json]
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         "concurrent": concurrent_phases(llm),
         "host_step": host_step(),
         "machine": describe_machine(),
-        "command": " ".join(["python -m bench.gpu_decode_profile", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python -m experiments.gpu_decode_profile", *(argv or sys.argv[1:])]),
     }
     host = result["host_step"]
     host["over_1b_graph_replay"] = (
