@@ -10,10 +10,10 @@ OPTION is `key=value` (or a bare flag):
     name=LABEL                 the label in tables and plots (default: the string itself)
     max-num-seqs=N, max-num-batched-tokens=N, num-kv-blocks=N, kv-cache-memory-bytes=N,
     block-size=N, max-model-len=N, max-num-waiting=N, scheduling-policy=NAME, dtype=NAME,
-    seed=N, no-prefix-caching   passed to every worker as --KEY [VALUE]
+    seed=N, no-enable-prefix-caching   passed to every worker as --KEY [VALUE]
 
 Examples: `pd:1x1`, `colocated:2`, `pd:1x1:policy=round_robin`,
-`colocated:2:no-prefix-caching:name=colocated-nocache`.
+`colocated:2:no-enable-prefix-caching:name=colocated-nocache`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ WORKER_OPTIONS = frozenset({
     "max-num-seqs", "max-num-batched-tokens", "num-kv-blocks", "kv-cache-memory-bytes",
     "block-size", "max-model-len", "max-num-waiting", "scheduling-policy", "dtype", "seed",
 })
-WORKER_FLAGS = frozenset({"no-prefix-caching"})
-DEFAULT_POLICY = ""  # the router's own default (launcher.serve.ClusterSpec's convention)
+WORKER_FLAGS = frozenset({"no-enable-prefix-caching"})
+DEFAULT_POLICY = ""  # the router's own default (cluster.ClusterSpec's convention)
 
 
 @dataclass(slots=True)
@@ -45,7 +45,7 @@ class ClusterConfig:
     worker_args: list[str] = field(default_factory=list)
 
     def spec(self, model: Path, port: int, grpc_port: int) -> ClusterSpec:
-        """The launcher's ClusterSpec on 127.0.0.1 at the given ports."""
+        """The ClusterSpec on 127.0.0.1 at the given ports."""
         return ClusterSpec(
             model=model, prefill=self.prefill, decode=self.decode, colocated=self.colocated,
             port=port, grpc_port=grpc_port, policy=self.policy,

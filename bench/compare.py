@@ -1,9 +1,9 @@
 """`baton bench compare`: start each cluster configuration in turn, bench it, stop it.
 
-Every configuration is started on this machine with the launcher (`launcher.serve`), on free
-ports, and gets exactly the same requests on the same arrival schedule (same seed); the results
-are then reported side by side. Only one cluster runs at a time, so they do not compete for
-the machine.
+Every configuration is started on this machine by the local cluster runner
+(`cluster.start_cluster`), on free ports, and gets exactly the same requests on the same arrival
+schedule (same seed); the results are then reported side by side. Only one cluster runs at a
+time, so they do not compete for the machine.
 """
 
 from __future__ import annotations

@@ -89,8 +89,9 @@ def test_cluster_configurations_parse() -> None:
     pd = parse_cluster_config(text)
     assert (pd.prefill, pd.decode, pd.colocated, pd.policy) == (2, 1, 0, "round_robin")
     assert pd.worker_args == ["--max-num-seqs", "8"] and pd.label == text
-    co = parse_cluster_config("colocated:2:no-prefix-caching:name=nocache")
-    assert (co.colocated, co.label, co.worker_args) == (2, "nocache", ["--no-prefix-caching"])
+    co = parse_cluster_config("colocated:2:no-enable-prefix-caching:name=nocache")
+    assert (co.colocated, co.label) == (2, "nocache")
+    assert co.worker_args == ["--no-enable-prefix-caching"]
     spec = co.spec(Path("m"), port=1, grpc_port=2)
     assert (spec.colocated, spec.port, spec.grpc_port) == (2, 1, 2)
     # compare's warm-up sends at least this many requests at once, to reach every worker

@@ -163,12 +163,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     """The flags every worker takes: the model, `ENGINE_FLAGS`, and its placement."""
     model = parser.add_argument_group(MODEL, GROUP_HELP[MODEL])
     model.add_argument("--model", required=True, help="local Hugging Face model directory")
-    groups = add_engine_args(parser, {MODEL: model})
-    # The pre-vLLM spelling, still written by `baton bench compare`'s cluster configurations.
-    groups[CACHE].add_argument(
-        "--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-        help=argparse.SUPPRESS,
-    )  # fmt: skip
+    add_engine_args(parser, {MODEL: model})
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N (default: %(default)s)")
     parser.add_argument(
         "--num-threads",
