@@ -60,9 +60,8 @@ def test_concurrent_steps_are_the_engines(tmp_path):
         contexts = [it.start + it.num_tokens for it in items]
         seen.append((rows, sum(it.samples for it in items), contexts))
 
-    launch, execute = runner.launch, runner.execute
-    runner.launch = lambda items, *a, **k: (record(items), launch(items, *a, **k))[1]
-    runner.execute = lambda out, *a, **k: (record(out.scheduled), execute(out, *a, **k))[1]
+    run = runner.run
+    runner.run = lambda out, *a, **k: (record(out.scheduled), run(out, *a, **k))[1]
     prompts = [[3 + (7 * i + j) % 400 for j in range(prompt_tokens)] for i in range(requests)]
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)

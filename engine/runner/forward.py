@@ -1,0 +1,154 @@
+"""The forward pass as a strategy, chosen per step by `ModelRunner`.
+
+    GraphForward   replays a captured decode graph (engine.cuda_graphs): decode steps and
+                   short prompt chunks, as `graph_rows` lays them out
+    EagerForward   the model op by op on the GPU: any step, a KV connector's layer hook
+    CpuForward     the same on the CPU, where nothing runs ahead of the host
+
+Each runs a step to completion (`complete`: sampled, tokens read) or launches it ahead
+(`launch`, asynchronous scheduling: plain greedy, its argmax left on the device and copied to
+pinned host memory without waiting).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from engine.cuda_graphs import DecodeGraphs, GraphRows, argmax_rows, graph_rows
+from engine.models.llama import LlamaForCausalLM
+from engine.runner.handle import LaunchedStep, ModelRunnerOutput
+from engine.runner.inputs import prepare_batch
+from engine.runner.sample import StepSampler
+from engine.sampling.logprobs import compute_prompt_logprobs
+from engine.scheduler.output import ScheduledRequest
+
+
+class GraphForward:
+    """Steps run as rows of a captured decode graph; `rows` says whether a step qualifies."""
+
+    def __init__(self, graphs: DecodeGraphs, sampling: StepSampler) -> None:
+        self.graphs = graphs
+        self.sampling = sampling
+        self.prompt_steps = 0  # steps whose prompt chunks ran in a decode graph
+
+    def rows(
+        self, items: list[ScheduledRequest], picks: Sequence[int | None] | None = None
+    ) -> GraphRows | None:
+        """The step as graph rows, or None when it runs eagerly (`graph_rows`)."""
+        return graph_rows(items, self.graphs.sizes, picks)
+
+    def _replay(
+        self, items: list[ScheduledRequest], rows: GraphRows
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (S, vocab) logits, (S,) argmax ids
+        if len(rows.ids) > len(items):
+            self.prompt_steps += 1
+        return self.graphs.run(rows.positions, rows.tables, rows.ids)
+
+    def complete(self, items: list[ScheduledRequest], rows: GraphRows) -> ModelRunnerOutput:
+        """Replay, then sample the rows that sample (plain greedy: the graph's argmax)."""
+        out = ModelRunnerOutput()
+        logits, greedy = self._replay(items, rows)
+        samplers = [it for it in items if it.samples]
+        sample_rows = rows.sample_rows
+        if len(sample_rows) == len(rows.ids):  # every row samples: a pure decode step
+            self.sampling.sample(logits, samplers, out, greedy)
+        elif all(it.request.plain_greedy for it in samplers):
+            picked = greedy.tolist()  # (rows,): cheaper read whole than indexed on the device
+            for item, row in zip(samplers, sample_rows, strict=True):
+                out.sampled[item.request.request_id] = picked[row]
+        elif samplers:
+            rows_at = torch.tensor(sample_rows, device=logits.device)
+            self.sampling.sample(logits[rows_at], samplers, out)
+        return out
+
+    def launch(
+        self, items: list[ScheduledRequest], rows: GraphRows, previous: LaunchedStep | None
+    ) -> LaunchedStep:
+        """Replay without reading the tokens; the argmax goes to pinned host memory."""
+        if previous is not None and not previous.in_graph:
+            self.graphs.adopt_greedy(previous.tokens)  # ran eagerly: not the graphs' ids
+        _, greedy = self._replay(items, rows)
+        host, ready = self.graphs.greedy_to_host(greedy)
+        sample_rows = rows.sample_rows
+        # as many sampled rows as items: every item samples (a decode step)
+        every = len(sample_rows) == len(items)
+        samplers = items if every else [it for it in items if it.samples]
+        return LaunchedStep(samplers, sample_rows, greedy, host, ready, in_graph=True)
+
+
+class EagerForward:
+    """The model's forward pass op by op, over a ragged batch (engine.runner.inputs)."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[torch.Tensor],
+        sampling: StepSampler,
+        block_size: int,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.sampling = sampling
+        self.block_size = block_size
+
+    def complete(
+        self, items: list[ScheduledRequest], layer_hook: Callable[[int], None] | None = None
+    ) -> ModelRunnerOutput:
+        """Run and sample; `layer_hook(i)`, if given, runs right after layer i."""
+        if layer_hook is None:
+            return self._complete(items)
+        self.model.model.layer_hook = layer_hook
+        try:
+            return self._complete(items)
+        finally:
+            self.model.model.layer_hook = None
+
+    def _complete(self, items: list[ScheduledRequest]) -> ModelRunnerOutput:
+        out = ModelRunnerOutput()
+        sampling = self.sampling
+        batch = prepare_batch(items, self.block_size, sampling.vocab_size, sampling.device)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_meta)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])  # (R, vocab) float32
+        if batch.sample_rows:
+            sampling.sample(logits[: len(batch.sample_rows)], batch.sample_rows, out)
+        for piece in batch.prompt_slices:
+            targets = torch.tensor(piece.targets, device=sampling.device)
+            out.prompt_logprobs[piece.request_id] = compute_prompt_logprobs(
+                logits[piece.rows], targets, piece.num_top
+            )
+        return out
+
+    def launch(
+        self,
+        items: list[ScheduledRequest],
+        previous: LaunchedStep | None,
+        picks: Sequence[int | None] | None,
+    ) -> LaunchedStep:
+        """Run without reading the tokens: one argmax row per sampling item, in batch order.
+        `picks[i]`, where not None, is the row of `previous.tokens` holding item i's input."""
+        sampling = self.sampling
+        batch = prepare_batch(
+            items, self.block_size, sampling.vocab_size, sampling.device,
+            picks, None if previous is None else previous.tokens,
+        )  # fmt: skip
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_meta)
+        logits = self.model.compute_logits(hidden[batch.logits_indices], float32=False)
+        greedy = argmax_rows(logits)  # (R,) one row per sampling item, in sample_rows order
+        return self._launched(batch.sample_rows, greedy)
+
+    def _launched(self, samplers: list[ScheduledRequest], greedy: torch.Tensor) -> LaunchedStep:
+        """The launched step: its ids copied to pinned host memory, an event when there."""
+        host = torch.empty(greedy.shape, dtype=greedy.dtype, pin_memory=True)
+        host.copy_(greedy, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return LaunchedStep(samplers, list(range(len(samplers))), greedy, host, ready)
+
+
+class CpuForward(EagerForward):
+    """`EagerForward` on the CPU: a launched step has run by the time `launch` returns."""
+
+    def _launched(self, samplers: list[ScheduledRequest], greedy: torch.Tensor) -> LaunchedStep:
+        return LaunchedStep(samplers, list(range(len(samplers))), greedy, greedy, None)
