@@ -395,11 +395,12 @@ def _synchronous_seconds(llm: Any, run: Callable[[], Any]) -> float:
     """`run` with asynchronous scheduling off (every step's tokens read before the next step is
     launched), on the same engine: what the overlap gains."""
     core = llm.engine.core
-    core.async_scheduling, was = False, core.async_scheduling
+    was = core.async_scheduling
+    core.set_async_scheduling(False)
     try:
         return timed(run)[0]
     finally:
-        core.async_scheduling = was
+        core.set_async_scheduling(was)
 
 
 def _hf_decode(model_dir: Path) -> float:

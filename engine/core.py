@@ -41,15 +41,28 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
         self.kv_connector: KVConnector | None = None
         # Asynchronous scheduling (engine.step.ahead): on with CUDA graphs unless the config says.
-        self.async_scheduling = (
-            config.async_scheduling
-            if config.async_scheduling is not None
-            else self.runner.graphs is not None
-        )
-        stepper = AsyncStepper if self.async_scheduling else SyncStepper
-        self.stepper: Stepper = stepper(self.scheduler, self.runner)
+        on = config.async_scheduling
+        self.stepper: Stepper = SyncStepper(self.scheduler, self.runner)
+        self.set_async_scheduling(self.runner.graphs is not None if on is None else on)
         if kv_connector is not None:
             self.set_kv_connector(kv_connector)
+
+    @property
+    def async_scheduling(self) -> bool:
+        """Whether steps are launched before the previous one's tokens are read."""
+        return isinstance(self.stepper, AsyncStepper)
+
+    def set_async_scheduling(self, on: bool) -> None:
+        """Step asynchronously (`on`) or synchronously from the next step on, e.g. to measure
+        what the overlap gains on one engine. Only between steps (ValueError while a step is
+        launched or scheduled ahead); the step counters carry over."""
+        if self.stepper.busy():
+            raise ValueError("async scheduling is switched only between steps")
+        old = self.stepper
+        self.stepper = (AsyncStepper if on else SyncStepper)(self.scheduler, self.runner)
+        self.stepper.kv_connector = old.kv_connector
+        self.stepper.num_chained_steps = old.num_chained_steps
+        self.stepper.num_deferred_steps = old.num_deferred_steps
 
     def set_kv_connector(self, connector: KVConnector | None) -> None:
         """Install `connector` (None: remove it); it registers the KV caches. Only while the

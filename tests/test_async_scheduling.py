@@ -232,3 +232,27 @@ def test_shared_prefixes_equal_sync(model_dir, num_kv_blocks):
     chained, core = _random_run(model_dir, True, 1, num_kv_blocks, shared=True)
     assert chained == sync
     assert core.num_chained_steps > 0 and core.kv.stats.hits > 0
+
+
+def test_stepping_switches_between_steps_only(model_dir):
+    """set_async_scheduling swaps the stepper on an idle engine (outputs unchanged, counters
+    kept) and refuses while a step is launched ahead."""
+    llm = _llm(model_dir, True)
+    core = llm.engine.core
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    ahead = _run(llm, _prompts(3), params)
+    chained = core.num_chained_steps
+    assert core.async_scheduling and chained > 0
+    core.set_async_scheduling(False)
+    assert not core.async_scheduling and core.num_chained_steps == chained
+    assert _run(llm, _prompts(3), params) == ahead
+    assert core.num_chained_steps == chained  # nothing launched ahead while synchronous
+    core.set_async_scheduling(True)
+    llm.engine.add_request("r", _prompts(1)[0], params)
+    while not core.stepper.busy():
+        core.step()
+    with pytest.raises(ValueError, match="between steps"):
+        core.set_async_scheduling(False)
+    while core.has_unfinished_requests():
+        core.step()
+    core.check_integrity(expect_all_free=False)
