@@ -124,8 +124,8 @@ class Request:
     def launchable(self) -> bool:
         """Its steps may be launched before the previous step's tokens are read (asynchronous
         scheduling, `ModelRunner.run(..., ahead=True)`): plain greedy, so its token need not
-        reach the host first; no prompt logprobs; not handed off (the prefill role reads its first token at
-        once). Asked every step: computed once (neither changes)."""
+        reach the host first; no prompt logprobs; not handed off (the prefill role reads its
+        first token at once). Asked every step: computed once (neither changes)."""
         params = self.params
         return self.plain_greedy and params.prompt_logprobs is None and self.kv_transfer is None
 
