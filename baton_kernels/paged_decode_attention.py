@@ -250,18 +250,32 @@ def paged_decode_attention(
         launch_pdl=pdl,
     )  # fmt: skip
     if not one_split:
-        _decode_reduce_kernel[(num_seqs, num_heads)](
-            out, acc, ml, seq_lens, out.stride(0), out.stride(1), num_heads, num_splits,
-            sliding_window or 0,
-            HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-            BLOCK_N=block_n,
-            USE_WINDOW=sliding_window is not None,
-            USE_PDL=pdl,
-            num_warps=4,
-            launch_pdl=pdl,
-        )  # fmt: skip
+        _reduce_splits(out, acc, ml, seq_lens, sliding_window, block_n, pdl)
     return out
+
+
+def _reduce_splits(
+    out: torch.Tensor,  # (S, H, D)
+    acc: torch.Tensor,  # (S, H, splits, D) float32: each split's weighted sums
+    ml: torch.Tensor,  # (S, H, splits, 2) float32: each split's running max and sum
+    seq_lens: torch.Tensor,  # (S,)
+    sliding_window: int | None,
+    block_n: int,
+    pdl: bool,
+) -> None:
+    """Combine the splits' partial results into `out` (the second kernel of a split run)."""
+    num_seqs, num_heads, num_splits, head_dim = acc.shape
+    _decode_reduce_kernel[(num_seqs, num_heads)](
+        out, acc, ml, seq_lens, out.stride(0), out.stride(1), num_heads, num_splits,
+        sliding_window or 0,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+        BLOCK_N=block_n,
+        USE_WINDOW=sliding_window is not None,
+        USE_PDL=pdl,
+        num_warps=4,
+        launch_pdl=pdl,
+    )  # fmt: skip
 
 
 def _check_inputs(

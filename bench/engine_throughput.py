@@ -172,7 +172,8 @@ def measure(
     return fastest(samples["baton"]), fastest(samples["batched"]), fastest(samples["sequential"])
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module's docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="model dir (default: demo model)")
     parser.add_argument("--num-requests", type=int, default=16)
@@ -185,7 +186,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--out", type=Path, default=Path("bench/results/engine_throughput_cpu.json")
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     load_at_start = load_average()
     if args.model is None:
         from engine.models.demo import ensure_demo_model

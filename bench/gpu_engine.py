@@ -212,7 +212,6 @@ def concurrent_kernel_bound(
     (CUDA graphs). Norms, activations, rotary, the prompts' attention, sampling and the host
     count nothing. Below it no schedule of these kernels can go: what is left to gain lies in
     the kernels themselves."""
-    from baton_kernels.paged_decode_attention import paged_decode_attention
     from bench.graph_timing import graph_seconds, weight_copies
 
     hidden, inter = shape["hidden_size"], shape["intermediate_size"]
@@ -245,9 +244,30 @@ def concurrent_kernel_bound(
     prompt_gemm = sum(layer_s[rows] + head_s[sampled] for rows, sampled in prompt_steps)
     decode_gemm = sum(layer_s[len(c)] + head_s[len(c)] for c in decode_steps)
 
-    block_size = 16
+    attention = decode_attention_seconds(shape, requests, prompt_tokens + new_tokens, decode_steps)
+    return {
+        "prompt_steps": len(prompt_steps),
+        "decode_only_steps": len(decode_steps),
+        "prompt_gemm_seconds": prompt_gemm,
+        "decode_gemm_seconds": decode_gemm,
+        "decode_attention_seconds": attention,
+        "seconds": prompt_gemm + decode_gemm + attention,
+    }
+
+
+def decode_attention_seconds(
+    shape: dict[str, Any], requests: int, longest_tokens: int, decode_steps: list[list[int]]
+) -> float:
+    """Seconds of the decode attention kernel in every layer of the decode-only steps (each
+    step: its sequences' context lengths, in tokens), each timed alone in a CUDA graph."""
+    from baton_kernels.paged_decode_attention import paged_decode_attention
+    from bench.graph_timing import graph_seconds
+
+    layers, heads = shape["num_hidden_layers"], shape["num_attention_heads"]
+    kv_heads, head_dim = shape["num_key_value_heads"], shape["hidden_size"] // heads
+    dtype, block_size = torch.bfloat16, 16
     width = -(-shape["max_position_embeddings"] // block_size)  # the engine's table width
-    longest = -(-(prompt_tokens + new_tokens) // block_size)
+    longest = -(-longest_tokens // block_size)
     cache = torch.randn(2, requests * longest + 1, block_size, kv_heads, head_dim, dtype=dtype,
                         device="cuda")  # fmt: skip
     tables = torch.zeros(requests, width, dtype=torch.int32, device="cuda")
@@ -261,14 +281,7 @@ def concurrent_kernel_bound(
         call = partial(paged_decode_attention, q[:n], cache, tables[:n], lens, head_dim**-0.5,
                        out=out[:n])  # fmt: skip
         attention += graph_seconds([call]) * layers
-    return {
-        "prompt_steps": len(prompt_steps),
-        "decode_only_steps": len(decode_steps),
-        "prompt_gemm_seconds": prompt_gemm,
-        "decode_gemm_seconds": decode_gemm,
-        "decode_attention_seconds": attention,
-        "seconds": prompt_gemm + decode_gemm + attention,
-    }
+    return attention
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

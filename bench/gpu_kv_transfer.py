@@ -43,7 +43,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -329,11 +329,8 @@ def ttft(
     if only:
         configs = [c for c in configs if c[0] in {"colocated", *only.split(",")}]
     from bench.gpu_engine import make_model
-    from cluster import ClusterSpec, free_port, start_cluster
 
-    rows: list[dict[str, Any]] = []
-    pushes: dict[str, dict[str, float]] = {}  # P/D label -> the prefill worker's KV pushes
-    transports: dict[str, str] = {}
+    runs: dict[str, _TTFTRun] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(Path(tmp))
         worker_args = ["--dtype", "bfloat16", "--max-num-batched-tokens", "8192",
@@ -342,53 +339,81 @@ def ttft(
         rng = random.Random(0)
         prompts = {n: [[rng.randrange(3, 30000) for _ in range(n)]
                        for _ in range(WARMUP + REPEATS)] for n in PROMPT_TOKENS}  # fmt: skip
-        results: dict[str, dict[int, list[float]]] = {}
-        second: dict[str, dict[int, list[float]]] = {label: {} for label, _ in configs}
         for shift, (label, fields) in enumerate(configs):
-            spec = ClusterSpec(model, port=free_port(), grpc_port=free_port(),
-                               worker_args=worker_args, **fields)  # fmt: skip
-            cluster = start_cluster(spec)
-            try:
-                for worker in cluster.workers:
-                    if worker.role == "decode":
-                        args = [str(a) for a in cast(list[str], worker.proc.args)]
-                        flag = "--kv-transport"
-                        transports[label] = args[args.index(flag) + 1] if flag in args else "tcp"
-                url = f"http://127.0.0.1:{spec.port}"
-                results[label] = {}
-                for n in PROMPT_TOKENS:
-                    # fresh prompts every run and config: the prefix cache never hits
-                    fresh = [[(t + 7 * k + 11 * shift) % 30000 + 3 for t in p]
-                             for k, p in enumerate(prompts[n])]  # fmt: skip
-                    timed = _ttft_run(url, model.name, fresh)[WARMUP:]
-                    results[label][n] = [first for first, _ in timed]
-                    second[label][n] = [s for _, s in timed]
-                for worker in cluster.workers:
-                    if worker.role == "prefill":
-                        pushes[label] = _scrape(worker.metrics_url, "baton:kv_transfer_seconds")
-            finally:
-                cluster.stop()
-        # every push of the P/D runs (warm-up requests and the first Triton launches included)
-        rows.append({"prefill_worker_kv_pushes": pushes, "kv_transports": transports})
-        for n in PROMPT_TOKENS:
-            co = statistics.median(results["colocated"][n])
-            row: dict[str, Any] = {
-                "shape": "llama-3.2-1b",
-                "prompt_tokens": n,
-                "colocated_ttft_s": co,
-                "colocated_ttft_samples_s": results["colocated"][n],
-            }
-            for label in results:
-                if label != "colocated":
-                    median = statistics.median(results[label][n])
-                    row[f"{label}_ttft_s"] = median
-                    row[f"{label}_ttft_samples_s"] = results[label][n]
-                    row[f"{label}_added_fraction"] = median / co - 1
-                row[f"{label}_second_token_s"] = statistics.median(second[label][n])
-            row["aim_added_at_most"] = 0.05
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            runs[label] = _ttft_config(model, fields, worker_args, prompts, shift)
+    # every push of the P/D runs (warm-up requests and the first Triton launches included)
+    pushes = {label: run.pushes for label, run in runs.items() if run.pushes is not None}
+    transports = {label: run.transport for label, run in runs.items() if run.transport}
+    rows: list[dict[str, Any]] = [{"prefill_worker_kv_pushes": pushes, "kv_transports": transports}]
+    for n in PROMPT_TOKENS:
+        rows.append(_ttft_row(runs, n))
+        print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+class _TTFTRun(NamedTuple):
+    """One config's samples per prompt length (first and second token, seconds), its decode
+    workers' KV transport and its prefill worker's push histogram (None without one)."""
+
+    first: dict[int, list[float]]
+    second: dict[int, list[float]]
+    transport: str
+    pushes: dict[str, float] | None
+
+
+def _ttft_config(
+    model: Path, fields: dict[str, Any], worker_args: list[str],
+    prompts: dict[int, list[list[int]]], shift: int,
+) -> _TTFTRun:  # fmt: skip
+    """Start one config's cluster, time its requests (fresh prompts: no prefix-cache hit),
+    stop it."""
+    from cluster import ClusterSpec, free_port, start_cluster
+
+    spec = ClusterSpec(model, port=free_port(), grpc_port=free_port(),
+                       worker_args=worker_args, **fields)  # fmt: skip
+    cluster = start_cluster(spec)
+    first: dict[int, list[float]] = {}
+    second: dict[int, list[float]] = {}
+    try:
+        transport, pushes = "", None
+        for worker in cluster.workers:
+            if worker.role == "decode":
+                args = [str(a) for a in cast(list[str], worker.proc.args)]
+                flag = "--kv-transport"
+                transport = args[args.index(flag) + 1] if flag in args else "tcp"
+        url = f"http://127.0.0.1:{spec.port}"
+        for n in PROMPT_TOKENS:
+            fresh = [[(t + 7 * k + 11 * shift) % 30000 + 3 for t in p]
+                     for k, p in enumerate(prompts[n])]  # fmt: skip
+            timed = _ttft_run(url, model.name, fresh)[WARMUP:]
+            first[n] = [f for f, _ in timed]
+            second[n] = [s for _, s in timed]
+        for worker in cluster.workers:
+            if worker.role == "prefill":
+                pushes = _scrape(worker.metrics_url, "baton:kv_transfer_seconds")
+    finally:
+        cluster.stop()
+    return _TTFTRun(first, second, transport, pushes)
+
+
+def _ttft_row(runs: dict[str, _TTFTRun], n: int) -> dict[str, Any]:
+    """The medians for prompts of `n` tokens, each config against the colocated one."""
+    co = statistics.median(runs["colocated"].first[n])
+    row: dict[str, Any] = {
+        "shape": "llama-3.2-1b",
+        "prompt_tokens": n,
+        "colocated_ttft_s": co,
+        "colocated_ttft_samples_s": runs["colocated"].first[n],
+    }
+    for label, run in runs.items():
+        if label != "colocated":
+            median = statistics.median(run.first[n])
+            row[f"{label}_ttft_s"] = median
+            row[f"{label}_ttft_samples_s"] = run.first[n]
+            row[f"{label}_added_fraction"] = median / co - 1
+        row[f"{label}_second_token_s"] = statistics.median(run.second[n])
+    row["aim_added_at_most"] = 0.05
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -157,7 +157,8 @@ def _pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))] * 1000
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module's docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="default: a tiny qwen2 model")
     parser.add_argument("--num-requests", type=int, default=96)
@@ -169,7 +170,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--decisions", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/prefix_routing_cpu.json"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     load_at_start = load_average()
     if args.model is None:
         from engine.models.tiny import make_tiny_model

@@ -44,6 +44,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -412,6 +413,39 @@ class NcclKVReceiver(ListeningReceiver):
         await writer.drain()
         return True
 
+    def _post_receives(
+        self,
+        header: TransferHeader,
+        res: Reservation | None,
+        comm: _Comm,
+        per_chunk: int,
+        queued: list[torch.cuda.Event],
+    ) -> None:
+        """On the pair's thread: queue each chunk of `per_chunk` layers' receive into a staging
+        buffer (two alternate) and, for an admitted transfer, its scatter into the reserved
+        blocks; append an event after each chunk to `queued`; wait for the last."""
+        meta = header.layer
+        comm.check_live()
+        buffers = self._staging(comm, (per_chunk, *meta.shape), meta.dtype)
+        index = None
+        if res is not None:
+            with torch.cuda.stream(comm.scatter_stream):
+                index = res.block_ids.to(self.device)
+        for k, lo in enumerate(range(0, header.num_layers, per_chunk)):
+            n = min(per_chunk, header.num_layers - lo)
+            staged = buffers[k % 2][:n]
+            if k >= 2:  # the buffer's previous chunk must be scattered first
+                comm.stream.wait_event(queued[k - 2])
+            comm.scatter_stream.wait_event(comm.enqueue(list(staged), 0, False))
+            comm.check_live()  # an abort may have released the receive: queue no scatter
+            if index is not None:
+                with torch.cuda.stream(comm.scatter_stream):
+                    self._scatter(lo, index, staged)
+            done = torch.cuda.Event()
+            done.record(comm.scatter_stream)
+            queued.append(done)
+        queued[-1].synchronize()  # in the same hop: cudaEventSynchronize drops the GIL
+
     async def _receive(
         self,
         header: TransferHeader,
@@ -435,29 +469,7 @@ class NcclKVReceiver(ListeningReceiver):
         deadline = res.deadline if res is not None else time.time() + self._header_timeout_s
         grace = max(deadline, time.time()) + 5.0  # drain a dying transfer a little longer
         queued: list[torch.cuda.Event] = []  # after each chunk's scatter (or receive)
-
-        def post() -> None:  # on the pair's thread
-            comm.check_live()
-            buffers = self._staging(comm, (per_chunk, *meta.shape), meta.dtype)
-            index = None
-            if res is not None:
-                with torch.cuda.stream(comm.scatter_stream):
-                    index = res.block_ids.to(self.device)
-            for k, lo in enumerate(range(0, header.num_layers, per_chunk)):
-                n = min(per_chunk, header.num_layers - lo)
-                staged = buffers[k % 2][:n]
-                if k >= 2:  # the buffer's previous chunk must be scattered first
-                    comm.stream.wait_event(queued[k - 2])
-                comm.scatter_stream.wait_event(comm.enqueue(list(staged), 0, False))
-                comm.check_live()  # an abort may have released the receive: queue no scatter
-                if index is not None:
-                    with torch.cuda.stream(comm.scatter_stream):
-                        self._scatter(lo, index, staged)
-                done = torch.cuda.Event()
-                done.record(comm.scatter_stream)
-                queued.append(done)
-            queued[-1].synchronize()  # in the same hop: cudaEventSynchronize drops the GIL
-
+        post = partial(self._post_receives, header, res, comm, per_chunk, queued)
         posting = asyncio.ensure_future(comm.run(post))
         try:
             # NCCL may block connecting to the peer; then the GPU runs what was queued.
