@@ -19,7 +19,7 @@ help:
 	@echo "make test    set up $(VENV) if needed, then ruff and pytest"
 	@echo "make serve   set up, then serve the demo model: router + 1 prefill + 1 decode worker"
 	@echo "make generate  answer PROMPT with the demo model, in-process"
-	@echo "make lock    re-resolve $(LOCK) from pyproject.toml (newest versions allowed)"
+	@echo "make lock    update $(LOCK) to pyproject.toml (pins kept; UPGRADE=1: newest allowed)"
 	@echo "make proto   regenerate the gRPC stubs from proto/baton/v1/*.proto"
 	@echo "make lint    ruff check"
 	@echo "make bench   CPU benchmarks, a few minutes: bench.engine_throughput (engine against"
@@ -42,13 +42,14 @@ $(STAMP): pyproject.toml $(LOCK) | $(PY)
 	touch $@
 
 # torch is held to the CPU wheel on this project's machines by constraints.txt; pip-compile sees
-# it (and pip's find-links) like any pip install.
+# it (and pip's find-links) like any pip install. Pins already in the lock are kept unless
+# UPGRADE=1 (then every package moves to the newest version pyproject.toml allows).
 lock:
 	test -x $(LOCK_VENV)/bin/pip-compile || \
 		($(PYTHON_BASE) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q $(PIP_TOOLS))
 	$(LOCK_VENV)/bin/pip-compile -q --extra dev --strip-extras --allow-unsafe \
 		--constraint constraints.txt --no-emit-find-links --no-emit-index-url \
-		--upgrade --output-file $(LOCK) pyproject.toml
+		$(if $(UPGRADE),--upgrade) --output-file $(LOCK) pyproject.toml
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
