@@ -11,6 +11,8 @@ import enum
 import math
 from dataclasses import dataclass
 
+from common.structured_outputs import StructuredOutputsParams
+
 # Temperatures below this sample greedily (argmax), as in vLLM.
 SAMPLING_EPS = 1e-5
 # OpenAI clamps each logit_bias value to this magnitude.
@@ -35,8 +37,9 @@ class SamplingParams:
     After construction `stop` and `stop_token_ids` are always lists, `logit_bias` has int keys
     and values clamped to [-100, 100], and greedy requests have top_k/top_p/min_p disabled.
 
-    New kinds of constraint (e.g. structured outputs) are added as further fields here, validated
-    in their own `_validate_*` method called from `__post_init__`.
+    `structured_outputs` constrains the output to a format (`StructuredOutputsParams`; a dict of
+    its fields is accepted too). New kinds of constraint are added as further fields here,
+    validated in their own `_validate_*` method called from `__post_init__`.
     """
 
     n: int = 1
@@ -61,6 +64,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -69,6 +73,7 @@ class SamplingParams:
         self._validate_sampling()
         self._validate_stops()
         self._validate_token_lists()
+        self._validate_structured_outputs()
         if self.temperature < SAMPLING_EPS:
             self._make_greedy()
 
@@ -139,6 +144,18 @@ class SamplingParams:
     def _validate_token_lists(self) -> None:
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise ValueError("allowed_token_ids must not be empty (use None for no restriction)")
+
+    def _validate_structured_outputs(self) -> None:
+        so = self.structured_outputs
+        if isinstance(so, dict):  # the JSON spelling (an API body)
+            try:
+                self.structured_outputs = StructuredOutputsParams(**so)
+            except TypeError as e:
+                raise ValueError(f"structured_outputs: {e}") from None
+        elif so is not None and not isinstance(so, StructuredOutputsParams):
+            raise ValueError(
+                f"structured_outputs must be a StructuredOutputsParams, got {type(so).__name__}"
+            )
 
     def _make_greedy(self) -> None:
         if self.n > 1:

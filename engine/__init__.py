@@ -9,14 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from common.sampling_params import SamplingParams
+    from common.structured_outputs import StructuredOutputsParams
     from engine.llm import LLM
     from engine.outputs import CompletionOutput, RequestOutput
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]
 
 _LAZY = {
     "LLM": "engine.llm",
     "SamplingParams": "common.sampling_params",
+    "StructuredOutputsParams": "common.structured_outputs",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
 }

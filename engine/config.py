@@ -219,6 +219,28 @@ class KernelConfig:
 
 
 @dataclass(slots=True)
+class StructuredOutputsConfig:
+    """Grammar backends (engine.structured): `backend` is a registered name or "auto"
+    (xgrammar, then what it cannot compile to guidance); compiles run on `compile_workers`
+    threads and the `cache_size` most recently used grammars are kept."""
+
+    backend: str = "auto"
+    compile_workers: int = 2
+    cache_size: int = 256
+
+    def __post_init__(self) -> None:
+        from engine.structured.registry import backend_names
+
+        if self.backend not in backend_names():
+            raise ValueError(
+                f"structured_outputs_backend must be one of {', '.join(backend_names())}, "
+                f"got {self.backend!r}"
+            )
+        if self.compile_workers < 1 or self.cache_size < 1:
+            raise ValueError("structured outputs: compile_workers and cache_size must be >= 1")
+
+
+@dataclass(slots=True)
 class EngineConfig:
     """Everything one engine instance runs with."""
 
@@ -234,6 +256,7 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # The layers' kernels (Triton or the torch reference) and the Triton path's fusions.
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

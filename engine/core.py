@@ -6,6 +6,7 @@ detokenization for the offline API.
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Iterable
 
 from engine.config import EngineConfig
@@ -19,6 +20,10 @@ from engine.sampling.topk_topp import advance_generator
 from engine.sampling_params import SamplingType
 from engine.scheduler.scheduler import Scheduler
 from engine.step import AsyncStepper, Stepper, SyncStepper
+from engine.structured.manager import StructuredOutputManager
+
+# With nothing else to run, how long a step waits for a grammar compile (seconds).
+GRAMMAR_WAIT_S = 0.05
 
 
 class EngineCore:
@@ -39,6 +44,7 @@ class EngineCore:
             events=self.events,
         )
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
+        self.structured = StructuredOutputManager(config.structured_outputs, config.model)
         self.kv_connector: KVConnector | None = None
         # Asynchronous scheduling (engine.step.ahead): on with CUDA graphs unless the config says.
         on = config.async_scheduling
@@ -80,6 +86,7 @@ class EngineCore:
         A request whose KV the connector says comes from elsewhere gets its blocks now and
         waits for it (EngineOverloadedError if the blocks are not free)."""
         self._check_fits(request)
+        self.structured.attach(request)  # its grammar compiles off the step
         self._update_from_connector()  # blocks of arrived KV are in the prefix cache for it
         self.scheduler.add_request(request)
         if request.status == RequestStatus.WAITING_FOR_KV:
@@ -114,7 +121,8 @@ class EngineCore:
         """True when `step()` would compute something (or read a launched step). Applies the
         KV connector's finished transfers first, so a request whose KV arrived counts."""
         self._update_from_connector()
-        return self.stepper.busy() or self.scheduler.has_work()
+        scheduler = self.scheduler
+        return self.stepper.busy() or scheduler.has_work() or bool(scheduler.waiting_for_grammar)
 
     def _update_from_connector(self) -> None:
         """Hand the connector's finished transfers to the scheduler. A request resumed after
@@ -159,7 +167,25 @@ class EngineCore:
         (engine.step.sync), or with asynchronous scheduling (engine.step.ahead), where the
         outputs are those of the step launched one call earlier."""
         self._update_from_connector()
-        return self.stepper.step()
+        failed = self._update_from_grammars()
+        return self.stepper.step() + failed
+
+    def _update_from_grammars(self) -> list[EngineCoreOutput]:
+        """Queue the requests whose grammar compiled; an output (aborted, with the error) for
+        each whose compile failed. With nothing else to run, wait a moment for a compile."""
+        scheduler = self.scheduler
+        compiling = scheduler.waiting_for_grammar
+        if not compiling:
+            return []
+        if not (self.stepper.busy() or scheduler.has_work()):
+            futures = [r.grammar.future for r in compiling.values() if r.grammar is not None]
+            concurrent.futures.wait(
+                futures, timeout=GRAMMAR_WAIT_S, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+        return [
+            EngineCoreOutput(request.request_id, [], finish_reason="abort", error=str(error))
+            for request, error in scheduler.update_from_grammars()
+        ]
 
     def check_integrity(self, expect_all_free: bool = False) -> None:
         """The block pool's accounting check; with `expect_all_free`, also that nothing leaked."""

@@ -17,7 +17,14 @@ from common.completion import CompletionTracker
 from common.fan_out import FanOut
 from common.sampling_params import SamplingParams
 from common.tokenizer import load_tokenizer
-from engine.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig, SchedulerConfig
+from engine.config import (
+    CacheConfig,
+    EngineConfig,
+    KernelConfig,
+    ModelConfig,
+    SchedulerConfig,
+    StructuredOutputsConfig,
+)
 from engine.core import EngineCore
 from engine.output_processor import OutputProcessor, RequestState
 from engine.request import Request
@@ -62,6 +69,7 @@ class LLMEngine:
         fuse_gate_up: bool = True,
         fold_norms: bool = True,
         pdl: bool = True,
+        structured_outputs_backend: str = "auto",
     ) -> LLMEngine:
         """Build the configs from flat arguments (the `LLM` and CLI spelling)."""
         config = EngineConfig(
@@ -86,6 +94,7 @@ class LLMEngine:
             enforce_eager=enforce_eager,
             async_scheduling=async_scheduling,
             kernels=KernelConfig(kernel_backend, fuse_gate_up, fold_norms, pdl),
+            structured_outputs=StructuredOutputsConfig(structured_outputs_backend),
         )
         torch.manual_seed(seed)
         return cls(config)
@@ -162,10 +171,20 @@ class LLMEngine:
         return self.core.has_unfinished_requests()
 
     def step(self) -> list[RequestState]:
-        """Run one batch; return the states of the requests it advanced."""
-        states, stopped = self.output_processor.process(self.core.step())
+        """Run one batch; return the states of the requests it advanced.
+
+        A request that failed before running (its structured-outputs grammar did not compile)
+        is aborted with all its completions, and ValueError (naming the field) is raised once
+        the step's other outputs are applied; the other requests go on at the next step."""
+        outputs = self.core.step()
+        errors = [out for out in outputs if out.error is not None]
+        states, stopped = self.output_processor.process(outputs)
         if stopped:
             self.core.stop_requests(stopped)
+        if errors:
+            parents = {self.output_processor.parent_of(out.request_id) for out in errors}
+            self.abort_request([p for p in parents if p is not None])
+            raise ValueError(errors[0].error)
         return states
 
     def check_integrity(self, expect_all_free: bool = False) -> None:

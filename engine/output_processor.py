@@ -103,6 +103,10 @@ class OutputProcessor:
         for child_id in state.completions:
             self._parent_of[child_id] = state.request_id
 
+    def parent_of(self, child_id: str) -> str | None:
+        """The user request a completion (child) id belongs to; None if unknown."""
+        return self._parent_of.get(child_id)
+
     def remove(self, request_id: str) -> list[str]:
         """Forget a request; returns its child ids (for aborting them in the core)."""
         state = self.requests.pop(request_id, None)

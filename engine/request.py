@@ -12,6 +12,7 @@ import torch
 
 from engine.kv_cache.hashing import BlockHash
 from engine.sampling_params import SamplingParams, SamplingType
+from engine.structured.matcher_state import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -21,6 +22,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
+    WAITING_FOR_GRAMMAR = enum.auto()  # structured outputs: its grammar is compiling
     WAITING_FOR_KV = enum.auto()  # decode role: blocks reserved, KV pushed by a prefill worker
     HANDED_OFF = enum.auto()  # prefill role: first token sampled, KV exported, decoding elsewhere
 
@@ -96,6 +98,8 @@ class Request:
     # Prefill role: where this request's KV goes. Set, the request ends here after its first
     # token (unless that token finishes it) and its KV is exported before its blocks are freed.
     kv_transfer: KVHandoff | None = None
+    # Structured outputs: the grammar's compile, then the matcher of its output tokens.
+    grammar: RequestGrammar | None = None
     times: RequestTimes = field(init=False)
 
     def __post_init__(self) -> None:
@@ -118,6 +122,7 @@ class Request:
             and params.presence_penalty == 0
             and params.frequency_penalty == 0
             and params.repetition_penalty == 1
+            and params.structured_outputs is None
         )
 
     @functools.cached_property

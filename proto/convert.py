@@ -57,7 +57,12 @@ def _check_int(name: str, value: int | None, low: int, high: int, why: str = "")
 
 
 def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
-    """Every field the engine uses, so the worker rebuilds the same SamplingParams."""
+    """Every field the engine uses, so the worker rebuilds the same SamplingParams.
+
+    `structured_outputs` has no field in the message yet: a SamplingParams with it set is
+    refused (ValueError naming it) rather than sent without its constraint."""
+    if params.structured_outputs is not None:
+        raise ValueError("structured_outputs cannot be sent to a worker yet (not in the proto)")
     msg = common_pb2.SamplingParams(
         stop=list(params.stop or []),
         stop_token_ids=list(params.stop_token_ids or []),

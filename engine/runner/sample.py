@@ -9,14 +9,16 @@ from engine.sampling.logprobs import LogprobsTensors
 from engine.sampling.metadata import SamplingMetadata, SamplingRow
 from engine.sampling.sampler import Sampler
 from engine.scheduler.output import ScheduledRequest
+from engine.structured.bitmask import allocate_bitmask, apply_token_bitmask
 
 
 class StepSampler:
     """Samples one token per logits row of a step, row i for `items[i]`.
 
-    Structured outputs (next) restrict rows by a per-row allowed-token bitmask, (N, cdiv(V, 32))
-    int32 with bit t of row i set when token t may follow: applied to `logits` in `sample`,
-    before both the plain-greedy argmax and the sampler, in `items` order. Speculative decoding
+    Structured outputs restrict the rows of requests with a grammar by an allowed-token bitmask,
+    (M, cdiv(V, 32)) int32 with bit t of row j set when token t may follow (engine.structured):
+    applied to a copy of `logits` in `sample`, before the sampler, so the logprobs returned are
+    those of the masked distribution. Such requests are never plain greedy. Speculative decoding
     (next) gives a request k + 1 consecutive rows (its verified positions), each its own
     `SamplingRow` (see engine.sampling.metadata)."""
 
@@ -39,6 +41,7 @@ class StepSampler:
             for item, token in zip(items, greedy.tolist(), strict=True):
                 out.sampled[item.request.request_id] = token
             return
+        logits = _apply_grammars(logits, items, self.vocab_size)
         rows = [
             SamplingRow(
                 params=s.request.params,
@@ -57,6 +60,24 @@ class StepSampler:
             out.sampled[request_id] = tokens[i]
             if result.logprobs is not None and item.request.params.logprobs is not None:
                 out.logprobs[request_id] = _row(result.logprobs, i)
+
+
+def _apply_grammars(
+    logits: torch.Tensor, items: list[ScheduledRequest], vocab_size: int
+) -> torch.Tensor:
+    """`logits` (N, V) with the grammars' disallowed tokens at -inf (a float32 copy), or
+    `logits` itself when no item has a grammar."""
+    structured = [i for i, s in enumerate(items) if s.request.grammar is not None]
+    if not structured:
+        return logits
+    bitmask = allocate_bitmask(len(structured), vocab_size)  # (M, cdiv(V, 32))
+    for j, i in enumerate(structured):
+        request = items[i].request
+        assert request.grammar is not None
+        request.grammar.fill_bitmask(request.output_token_ids, request.eos_token_ids, bitmask, j)
+    logits = logits.to(torch.float32, copy=True)
+    apply_token_bitmask(logits, bitmask, torch.tensor(structured, dtype=torch.long))
+    return logits
 
 
 def _row(t: LogprobsTensors, i: int) -> LogprobsTensors:

@@ -52,6 +52,7 @@ class Scheduler:
         self.num_preemptions = 0  # since start, for metrics and tests
         self.num_steps = 0
         self.waiting_for_kv: dict[str, Request] = {}  # blocks allocated, KV from elsewhere
+        self.waiting_for_grammar: dict[str, Request] = {}  # structured outputs: compiling
         self._hand_offs: set[str] = set()  # end after their first token (`hands_off`)
         self._saving: dict[str, Request] = {}  # finished; blocks held for the connector's save
 
@@ -74,7 +75,27 @@ class Scheduler:
         if self.connector is not None and self.connector.hands_off(request):
             self._hand_offs.add(rid)
         self.requests[rid] = request
+        if request.grammar is not None and not request.grammar.ready:
+            request.status = RequestStatus.WAITING_FOR_GRAMMAR  # not scheduled until compiled
+            self.waiting_for_grammar[rid] = request
+            return
         self.waiting.add(request)
+
+    def update_from_grammars(self) -> list[tuple[Request, BaseException]]:
+        """Queue the requests whose grammar finished compiling; finish (aborted) those whose
+        compile failed and return them with the error."""
+        failed = []
+        waiting = self.waiting_for_grammar
+        for rid in [rid for rid, r in waiting.items() if r.grammar is None or r.grammar.ready]:
+            request = waiting.pop(rid)
+            error = None if request.grammar is None else request.grammar.error()
+            if error is not None:
+                self._free(request, RequestStatus.FINISHED_ABORTED)
+                failed.append((request, error))
+                continue
+            request.status = RequestStatus.WAITING
+            self.waiting.add(request)
+        return failed
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -296,6 +317,8 @@ class Scheduler:
                 self.running.remove(request)
             elif request.status == RequestStatus.WAITING_FOR_KV:
                 del self.waiting_for_kv[request_id]
+            elif request.status == RequestStatus.WAITING_FOR_GRAMMAR:
+                del self.waiting_for_grammar[request_id]
             else:
                 self.waiting.remove(request)
             self._free(request, status)

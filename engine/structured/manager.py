@@ -1,0 +1,50 @@
+"""The engine's structured-outputs entry point: a request in, its grammar compiling."""
+
+from __future__ import annotations
+
+from engine.config import ModelConfig, StructuredOutputsConfig
+from engine.request import Request
+from engine.structured.backend import TokenizerData
+from engine.structured.compiler import GrammarCompiler
+from engine.structured.matcher_state import RequestGrammar
+from engine.structured.registry import Backends
+
+
+class StructuredOutputManager:
+    """Compiles the grammars of an engine's structured requests. The model's tokenizer is
+    loaded, and the backends built, on the first structured request."""
+
+    def __init__(self, config: StructuredOutputsConfig, model: ModelConfig) -> None:
+        self.config = config
+        self.model = model
+        self._compiler: GrammarCompiler | None = None
+
+    @property
+    def compiler(self) -> GrammarCompiler:
+        if self._compiler is None:
+            from common.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(self.model.model)
+            data = TokenizerData(
+                tokenizer,
+                vocab_size=self.model.vocab_size,  # the logits' width
+                eos_token_ids=tuple(self.model.eos_token_ids),
+            )
+            self._compiler = GrammarCompiler(
+                Backends(data),
+                self.config.backend,
+                cache_size=self.config.cache_size,
+                max_workers=self.config.compile_workers,
+            )
+        return self._compiler
+
+    def attach(self, request: Request) -> None:
+        """Start compiling `request`'s grammar (a cache hit is ready at once); a request
+        without structured outputs, or with its grammar already attached, is left alone."""
+        spec = request.params.structured_outputs
+        if spec is not None and request.grammar is None:
+            request.grammar = RequestGrammar(self.compiler.submit(spec))
+
+    def shutdown(self) -> None:
+        if self._compiler is not None:
+            self._compiler.shutdown()

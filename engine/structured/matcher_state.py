@@ -1,0 +1,73 @@
+"""One request's grammar: its compile future, then a matcher that follows its output tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+import torch
+
+from engine.structured.backend import CompiledGrammar, GrammarMatcher
+
+
+class RequestGrammar:
+    """The grammar state of one request.
+
+    The matcher follows `output_token_ids` lazily: `sync` accepts the tokens it has not seen
+    and, where the request has fewer tokens than it accepted (a dropped token), rolls back or
+    resets and replays. So a recompute after preemption, or a request resumed elsewhere with
+    tokens sampled by another engine, finds its matcher where its tokens say.
+    """
+
+    def __init__(self, future: Future[CompiledGrammar]) -> None:
+        self.future = future
+        self._matcher: GrammarMatcher | None = None
+        self._num_accepted = 0
+
+    @property
+    def ready(self) -> bool:
+        """The compile is over (done or failed)."""
+        return self.future.done()
+
+    def error(self) -> BaseException | None:
+        """Why the compile failed; None while compiling or once compiled."""
+        return self.future.exception() if self.future.done() else None
+
+    @property
+    def matcher(self) -> GrammarMatcher:
+        if self._matcher is None:
+            self._matcher = self.future.result().matcher()
+        return self._matcher
+
+    def sync(self, output_token_ids: Sequence[int]) -> None:
+        """Make the matcher have accepted exactly `output_token_ids`."""
+        matcher, seen = self.matcher, self._num_accepted
+        if len(output_token_ids) < seen:
+            if not matcher.rollback(seen - len(output_token_ids)):
+                matcher.reset()
+                seen = 0
+            else:
+                seen = len(output_token_ids)
+        for token in output_token_ids[seen:]:
+            if not matcher.accept_token(token):
+                raise RuntimeError(f"the grammar refused token {token}, which its mask allowed")
+            seen += 1
+        self._num_accepted = seen
+
+    def fill_bitmask(
+        self,
+        output_token_ids: Sequence[int],
+        eos_token_ids: Sequence[int],
+        bitmask: torch.Tensor,  # (N, cdiv(V, 32)) int32, CPU
+        row: int,
+    ) -> None:
+        """Sync to `output_token_ids`, then write the tokens allowed next into `bitmask[row]`.
+        A terminated grammar (EOS accepted, `ignore_eos` going on) allows only EOS."""
+        self.sync(output_token_ids)
+        if self.matcher.is_terminated():
+            bitmask[row] = 0
+            for eos in eos_token_ids:
+                word, bit = divmod(eos, 32)
+                bitmask[row, word] |= -(1 << 31) if bit == 31 else 1 << bit
+            return
+        self.matcher.fill_bitmask(bitmask, row)

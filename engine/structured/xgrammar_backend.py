@@ -1,0 +1,145 @@
+"""The xgrammar backend (the default): JSON schema, regex, choice, EBNF grammar, structural tag.
+
+JSON-schema keywords xgrammar's documentation does not list as supported are refused here
+rather than compiled and silently not enforced, so `auto` sends such schemas to guidance.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from common.structured_outputs import StructuredOutputsParams
+from engine.structured.backend import (
+    CompiledGrammar,
+    GrammarCompileError,
+    GrammarMatcher,
+    StructuredOutputBackend,
+    TokenizerData,
+    choice_as_ebnf,
+)
+
+# Keywords that constrain values but that xgrammar would not enforce.
+UNSUPPORTED_JSON_KEYWORDS = frozenset(
+    {
+        "multipleOf",
+        "uniqueItems",
+        "contains",
+        "minContains",
+        "maxContains",
+        "propertyNames",
+        "not",
+        "if",
+        "then",
+        "else",
+        "dependentRequired",
+        "dependentSchemas",
+        "unevaluatedProperties",
+        "unevaluatedItems",
+    }
+)
+
+
+class XgrammarMatcher(GrammarMatcher):
+    def __init__(self, matcher: xgr.GrammarMatcher) -> None:
+        self._matcher = matcher
+
+    def accept_token(self, token_id: int) -> bool:
+        return bool(self._matcher.accept_token(token_id))
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def is_terminated(self) -> bool:
+        return bool(self._matcher.is_terminated())
+
+    def rollback(self, num_tokens: int) -> bool:
+        self._matcher.rollback(num_tokens)
+        return True
+
+    def reset(self) -> None:
+        self._matcher.reset()
+
+
+class XgrammarGrammar(CompiledGrammar):
+    backend = "xgrammar"
+
+    def __init__(self, compiled: xgr.CompiledGrammar) -> None:
+        self._compiled = compiled
+
+    def matcher(self) -> GrammarMatcher:
+        return XgrammarMatcher(xgr.GrammarMatcher(self._compiled))
+
+
+class XgrammarBackend(StructuredOutputBackend):
+    """xgrammar's GrammarCompiler over the model's tokenizer (its own cache off: ours is the
+    engine's, keyed by backend and spec)."""
+
+    name = "xgrammar"
+
+    def __init__(self, tokenizer: TokenizerData) -> None:
+        super().__init__(tokenizer)
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer.tokenizer,
+            vocab_size=tokenizer.vocab_size,
+            stop_token_ids=list(tokenizer.eos_token_ids),
+        )
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+
+    def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
+        try:
+            return XgrammarGrammar(self._compile(params))
+        except GrammarCompileError:
+            raise
+        except Exception as e:  # xgrammar raises RuntimeError and its own error types
+            raise GrammarCompileError(params, self.name, _first_line(e)) from None
+
+    def _compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        kind, compiler = params.kind, self._compiler
+        whitespace = not params.disable_any_whitespace
+        if kind == "json":
+            schema = params.json if isinstance(params.json, dict) else json.loads(str(params.json))
+            bad = sorted(unsupported_keywords(schema))
+            if bad:
+                raise GrammarCompileError(params, self.name, f"unsupported keywords {bad}")
+            return compiler.compile_json_schema(json.dumps(schema), any_whitespace=whitespace)
+        if kind == "json_object":
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=whitespace)
+        if kind == "regex":
+            return compiler.compile_regex(str(params.regex))
+        if kind == "choice":
+            return compiler.compile_grammar(choice_as_ebnf(params.choice or []))
+        if kind == "grammar":
+            return compiler.compile_grammar(str(params.grammar))
+        assert kind == "structural_tag"
+        tag = params.structural_tag
+        return compiler.compile_structural_tag(tag if isinstance(tag, str) else json.dumps(tag))
+
+
+def unsupported_keywords(schema: Any) -> set[str]:
+    """The keywords of `UNSUPPORTED_JSON_KEYWORDS` used anywhere in `schema` (as keywords, not
+    as property names)."""
+    found: set[str] = set()
+    if isinstance(schema, list):
+        for item in schema:
+            found |= unsupported_keywords(item)
+    elif isinstance(schema, dict):
+        for key, value in schema.items():
+            if key in UNSUPPORTED_JSON_KEYWORDS:
+                found.add(key)
+            if key in ("properties", "$defs", "definitions", "patternProperties"):
+                for sub in value.values() if isinstance(value, dict) else ():
+                    found |= unsupported_keywords(sub)
+            elif key not in ("enum", "const", "default", "examples"):
+                found |= unsupported_keywords(value)
+    return found
+
+
+def _first_line(e: Exception) -> str:
+    """The error's first line without xgrammar's "[time] file.cc:line: " prefix."""
+    text = str(e).strip() or type(e).__name__
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text.splitlines()[0])[:300]
