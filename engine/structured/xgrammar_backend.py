@@ -2,6 +2,11 @@
 
 JSON-schema keywords xgrammar's documentation does not list as supported are refused here
 rather than compiled and silently not enforced, so `auto` sends such schemas to guidance.
+
+xgrammar 0.2.9 compiles a string with minLength/maxLength to `[^"\\\r\n]{m,n}`, which lets raw
+control characters through (invalid JSON, found by the temperature-1 tests): such strings
+(without a pattern or format of their own) are given the equivalent pattern of JSON string
+characters instead.
 """
 
 from __future__ import annotations
@@ -106,6 +111,7 @@ class XgrammarBackend(StructuredOutputBackend):
             bad = sorted(unsupported_keywords(schema))
             if bad:
                 raise GrammarCompileError(params, self.name, f"unsupported keywords {bad}")
+            schema = bounded_strings_as_patterns(schema)
             return compiler.compile_json_schema(json.dumps(schema), any_whitespace=whitespace)
         if kind == "json_object":
             return compiler.compile_json_schema('{"type": "object"}', any_whitespace=whitespace)
@@ -131,12 +137,42 @@ def unsupported_keywords(schema: Any) -> set[str]:
         for key, value in schema.items():
             if key in UNSUPPORTED_JSON_KEYWORDS:
                 found.add(key)
-            if key in ("properties", "$defs", "definitions", "patternProperties"):
+            if key in _SCHEMA_MAPS:
                 for sub in value.values() if isinstance(value, dict) else ():
                     found |= unsupported_keywords(sub)
-            elif key not in ("enum", "const", "default", "examples"):
+            elif key not in _VALUE_KEYWORDS:
                 found |= unsupported_keywords(value)
     return found
+
+
+# A character a JSON string may hold unescaped: not a control character, '"' or '\\'.
+JSON_STRING_CHAR = "[ !#-\\[\\]-\\U0010ffff]"
+_VALUE_KEYWORDS = ("enum", "const", "default", "examples")  # hold values, not schemas
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")  # name -> schema
+
+
+def bounded_strings_as_patterns(schema: Any) -> Any:
+    """A copy of `schema` whose strings with minLength/maxLength (and no pattern or format)
+    have the pattern of as many `JSON_STRING_CHAR`s instead."""
+    if isinstance(schema, list):
+        return [bounded_strings_as_patterns(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _subschemas(k, v) for k, v in schema.items()}
+    bounded = "minLength" in schema or "maxLength" in schema
+    if schema.get("type") == "string" and bounded and not {"pattern", "format"} & schema.keys():
+        low = int(out.pop("minLength", 0))
+        high = out.pop("maxLength", None)
+        out["pattern"] = f"^{JSON_STRING_CHAR}{{{low},{'' if high is None else int(high)}}}$"
+    return out
+
+
+def _subschemas(keyword: str, value: Any) -> Any:
+    if keyword in _VALUE_KEYWORDS:
+        return value
+    if keyword in _SCHEMA_MAPS and isinstance(value, dict):
+        return {name: bounded_strings_as_patterns(sub) for name, sub in value.items()}
+    return bounded_strings_as_patterns(value)
 
 
 def _first_line(e: Exception) -> str:

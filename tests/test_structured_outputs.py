@@ -1,0 +1,333 @@
+"""Structured outputs through the offline API on a random-weight tiny model (it knows nothing of
+JSON, so every valid output is the grammar's doing): JSON schemas, regex, choice, grammars,
+json_object, the auto fallback, refusals, n > 1, stop strings, logprobs, preemption."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+
+import jsonschema
+import pytest
+
+from engine import LLM, SamplingParams, StructuredOutputsParams
+
+BACKENDS = ["xgrammar", "guidance"]
+MAX_TOKENS = 200
+SAMPLES = 6  # completions per spec at temperature 1
+
+INT = {"type": "integer", "minimum": -20, "maximum": 20}
+POINT = {
+    "type": "object",
+    "properties": {"x": INT, "y": INT},
+    "required": ["x", "y"],
+    "additionalProperties": False,
+}
+SCHEMAS = {
+    "nested_object": {
+        "type": "object",
+        "properties": {
+            "user": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer", "minimum": 1, "maximum": 999},
+                    "name": {"type": "string", "maxLength": 6},
+                },
+                "required": ["id", "name"],
+                "additionalProperties": False,
+            },
+            "active": {"type": "boolean"},
+        },
+        "required": ["user", "active"],
+        "additionalProperties": False,
+    },
+    "bounded_array": {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": INT, "minItems": 1, "maxItems": 3}},
+        "required": ["tags"],
+        "additionalProperties": False,
+    },
+    "enum": {"type": "string", "enum": ["red", "green", "blue"]},
+    "any_of": {"anyOf": [INT, {"type": "boolean"}, {"type": "null"}]},
+    "ref_defs": {
+        "$defs": {"point": POINT},
+        "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/point"}, "b": {"$ref": "#/$defs/point"}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    },
+    "integer_range": {"type": "integer", "minimum": 100, "maximum": 120},
+    "string_pattern": {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{3}$"}},
+        "required": ["code"],
+        "additionalProperties": False,
+    },
+    "optional_fields": {
+        "type": "object",
+        "properties": {
+            "a": {"type": "boolean"},
+            "b": INT,
+            "c": {"type": "string", "minLength": 1, "maxLength": 3},
+        },
+        "required": ["a"],
+        "additionalProperties": False,
+    },
+    "top_level_array": {"type": "array", "items": POINT, "minItems": 2, "maxItems": 3},
+}
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def llm(request, tiny_model) -> LLM:
+    return LLM(
+        str(tiny_model("qwen2")), num_kv_blocks=256, structured_outputs_backend=request.param
+    )
+
+
+@pytest.fixture(scope="module")
+def auto_llm(tiny_model) -> LLM:
+    return LLM(str(tiny_model("qwen2")), num_kv_blocks=256)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks(request):
+    yield
+    for name in ("llm", "auto_llm"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).check_integrity()
+
+
+def _generate(llm: LLM, so: StructuredOutputsParams, temperature: float, num: int, **kw):
+    kw.setdefault("max_tokens", MAX_TOKENS)
+    params = [
+        SamplingParams(
+            temperature=temperature,
+            seed=None if temperature == 0 else i,
+            structured_outputs=so,
+            **kw,
+        )
+        for i in range(num)
+    ]
+    outputs = llm.generate([[11, 12, 13 + i] for i in range(num)], params, use_tqdm=False)
+    return [c for out in outputs for c in out.outputs]
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_json_schema_outputs_validate(llm, name):
+    schema = SCHEMAS[name]
+    so = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    for temperature, num in ((0.0, 1), (1.0, SAMPLES)):
+        for completion in _generate(llm, so, temperature, num):
+            assert completion.finish_reason == "stop", completion.text
+            jsonschema.validate(json.loads(completion.text), schema)  # strict: no raw controls
+
+
+def test_json_schema_as_string_with_whitespace(llm):
+    schema = SCHEMAS["integer_range"]
+    so = StructuredOutputsParams(json=json.dumps(schema))
+    for completion in _generate(llm, so, 1.0, 4):
+        jsonschema.validate(json.loads(completion.text), schema)
+
+
+def test_regex_full_match(llm):
+    pattern = r"[a-c]{2,5}-[0-9]{1,3}(\.[xy])?"
+    so = StructuredOutputsParams(regex=pattern)
+    for temperature, num in ((0.0, 1), (1.0, SAMPLES)):
+        for completion in _generate(llm, so, temperature, num):
+            assert completion.finish_reason == "stop"
+            assert re.fullmatch(pattern, completion.text), completion.text
+
+
+def test_choice_is_exact(llm):
+    choices = ["positive", "negative", "neutral {x}", 'say "hi"']
+    so = StructuredOutputsParams(choice=choices)
+    texts = [c.text for c in _generate(llm, so, 1.0, 12)]
+    assert set(texts) <= set(choices)
+    assert _generate(llm, so, 0.0, 1)[0].text in choices
+
+
+def test_ebnf_grammar_outputs_parse(llm):
+    grammar = 'root ::= num (op num){0,3}\nop ::= "+" | "*"\nnum ::= [1-9] [0-9]{0,2}'
+    so = StructuredOutputsParams(grammar=grammar)
+    for completion in _generate(llm, so, 1.0, SAMPLES):
+        assert completion.finish_reason == "stop"
+        tree = ast.parse(completion.text, mode="eval")  # an arithmetic expression
+        assert all(isinstance(n.value, int) for n in ast.walk(tree) if isinstance(n, ast.Constant))
+        assert re.fullmatch(r"[1-9][0-9]{0,2}([+*][1-9][0-9]{0,2}){0,3}", completion.text)
+
+
+def test_json_object_is_an_object(llm):
+    """Any JSON object is unbounded: a random model does not always close it in `limit` tokens;
+    the ones that end (a good part of them) are objects, the rest ran to the limit."""
+    so = StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+    limit = 400
+    completions = _generate(llm, so, 1.0, 12, max_tokens=limit)
+    finished = [c for c in completions if c.finish_reason == "stop"]
+    assert len(finished) >= 4
+    for completion in finished:
+        assert isinstance(json.loads(completion.text), dict)
+    for completion in completions:
+        if completion.finish_reason != "stop":
+            assert len(completion.token_ids) == limit
+            assert completion.text.startswith("{")
+
+
+def test_n_greater_than_one(llm):
+    schema = SCHEMAS["ref_defs"]
+    so = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    params = SamplingParams(temperature=1.0, n=5, max_tokens=MAX_TOKENS, structured_outputs=so)
+    (out,) = llm.generate([[5, 6, 7]], params, use_tqdm=False)
+    assert len(out.outputs) == 5
+    for completion in out.outputs:
+        jsonschema.validate(json.loads(completion.text), schema)
+
+
+def test_stop_string_at_the_end_of_the_object(llm):
+    """A stop string the grammar emits only as its last character leaves valid JSON."""
+    schema = {
+        "type": "object",
+        "properties": {"a": INT, "b": {"type": "boolean"}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    }
+    so = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    completions = _generate(llm, so, 1.0, 4, stop=["}"], include_stop_str_in_output=True)
+    for completion in completions:
+        assert completion.stop_reason == "}"
+        jsonschema.validate(json.loads(completion.text), schema)
+
+
+def test_logprobs_are_of_the_masked_distribution(llm):
+    """Every token with a finite logprob is one the grammar allowed there (digits, or EOS once
+    four digits are out); the allowed tokens' probabilities sum to at most 1."""
+    so = StructuredOutputsParams(regex="[0-9]{4}")
+    tokenizer = llm.get_tokenizer()
+    eos = set(llm.engine.config.model.eos_token_ids)
+    for completion in _generate(llm, so, 1.0, 4, logprobs=5):
+        assert completion.logprobs is not None
+        assert len(completion.logprobs) == len(completion.token_ids)
+        masked = 0
+        for token, position in zip(completion.token_ids, completion.logprobs, strict=True):
+            assert math.isfinite(position[token].logprob)
+            for tid, entry in position.items():
+                if not math.isfinite(entry.logprob):
+                    masked += 1
+                    continue
+                assert tid in eos or tokenizer.decode([tid]).isdigit(), tid
+            assert sum(math.exp(e.logprob) for e in position.values()) <= 1.0 + 1e-4
+        assert completion.token_ids[-1] in eos
+        assert masked > 0  # the last step allows EOS alone: its other top entries are -inf
+
+
+def test_greedy_is_deterministic(llm):
+    so = StructuredOutputsParams(json=SCHEMAS["nested_object"], disable_any_whitespace=True)
+    first = _generate(llm, so, 0.0, 1)[0].token_ids
+    assert _generate(llm, so, 0.0, 1)[0].token_ids == first
+
+
+def test_compiled_grammars_are_cached(llm):
+    so = StructuredOutputsParams(regex="[a-z]{3}")
+    stats = llm.engine.core.structured.compiler.stats
+    _generate(llm, so, 1.0, 2)
+    hits = stats.hits
+    _generate(llm, so, 1.0, 2)
+    assert stats.hits == hits + 2
+
+
+def test_mixed_batch_with_plain_requests(llm):
+    so = StructuredOutputsParams(choice=["alpha", "beta"])
+    params = [
+        SamplingParams(temperature=1.0, seed=1, max_tokens=8, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=2, max_tokens=MAX_TOKENS, structured_outputs=so),
+        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+    ]
+    outs = llm.generate([[1, 2, 3], [4, 5, 6], [7, 8, 9]], params, use_tqdm=False)
+    assert len(outs[0].outputs[0].token_ids) == 8
+    assert outs[1].outputs[0].text in ("alpha", "beta")
+    plain = llm.generate([[1, 2, 3]], params[0], use_tqdm=False)[0].outputs[0]
+    assert plain.token_ids == outs[0].outputs[0].token_ids  # the mask left other rows alone
+
+
+# -- auto fallback and refusals -------------------------------------------------------------
+
+# xgrammar's regex parser has no group modifier flags; llguidance's (Rust regex) has.
+CASE_INSENSITIVE = "(?i)ab{1,3}c"
+# multipleOf is among the keywords xgrammar would not enforce (UNSUPPORTED_JSON_KEYWORDS).
+MULTIPLE_OF = {"type": "integer", "minimum": 0, "maximum": 100, "multipleOf": 7}
+LARK = 'start: NUM "+" NUM\nNUM: /[1-9][0-9]{0,2}/'
+
+
+def test_auto_falls_back_to_guidance(auto_llm):
+    backends = auto_llm.engine.core.structured.compiler.backends
+    cases = [
+        (
+            StructuredOutputsParams(regex=CASE_INSENSITIVE),
+            lambda t: re.fullmatch(CASE_INSENSITIVE, t),
+        ),
+        (
+            StructuredOutputsParams(json=MULTIPLE_OF),
+            lambda t: jsonschema.validate(json.loads(t), MULTIPLE_OF) or True,
+        ),
+        (
+            StructuredOutputsParams(grammar=LARK),
+            lambda t: re.fullmatch(r"[1-9][0-9]{0,2}\+[1-9][0-9]{0,2}", t),
+        ),
+    ]
+    for so, check in cases:
+        with pytest.raises(ValueError, match="xgrammar"):
+            backends.get("xgrammar").compile(so)
+        assert backends.compile("auto", so).backend == "guidance"
+        for completion in _generate(auto_llm, so, 1.0, 4):
+            assert completion.finish_reason == "stop"
+            assert check(completion.text), completion.text
+    plain = StructuredOutputsParams(regex="[a-z]{2}")
+    assert backends.compile("auto", plain).backend == "xgrammar"
+
+
+@pytest.mark.parametrize(
+    ("backend", "so", "field"),
+    [
+        ("xgrammar", StructuredOutputsParams(regex=CASE_INSENSITIVE), "structured_outputs.regex"),
+        ("xgrammar", StructuredOutputsParams(json=MULTIPLE_OF), "structured_outputs.json"),
+        ("xgrammar", StructuredOutputsParams(grammar=LARK), "structured_outputs.grammar"),
+        (
+            "guidance",
+            StructuredOutputsParams(json={"not": {"type": "string"}}),
+            "structured_outputs.json",
+        ),
+        (
+            "guidance",
+            StructuredOutputsParams(structural_tag={"type": "structural_tag"}),
+            "structured_outputs.structural_tag",
+        ),
+    ],
+)
+def test_explicit_backend_never_falls_back(tiny_model, backend, so, field):
+    llm = LLM(str(tiny_model("qwen2")), num_kv_blocks=64, structured_outputs_backend=backend)
+    params = SamplingParams(max_tokens=MAX_TOKENS, structured_outputs=so)
+    with pytest.raises(ValueError, match=re.escape(f"{field}: the {backend} backend")):
+        llm.generate([[1, 2, 3]], params, use_tqdm=False)
+    llm.check_integrity()
+    assert not llm.engine.core.scheduler.requests
+    ok = SamplingParams(
+        max_tokens=MAX_TOKENS, structured_outputs=StructuredOutputsParams(choice=["ok"])
+    )
+    assert llm.generate([[1, 2, 3]], ok, use_tqdm=False)[0].outputs[0].text == "ok"
+
+
+def test_a_failed_compile_leaves_the_batch_running(auto_llm):
+    engine = auto_llm.engine
+    bad = StructuredOutputsParams(regex="(unclosed")
+    engine.add_request("good", [1, 2, 3], SamplingParams(max_tokens=12, ignore_eos=True))
+    engine.add_request("bad", [1, 2, 3], SamplingParams(max_tokens=12, structured_outputs=bad))
+    error, finished = None, []
+    while engine.has_unfinished_requests():
+        try:
+            finished += [s.request_id for s in engine.step() if s.finished]
+        except ValueError as e:
+            error = e
+    assert error is not None and "structured_outputs.regex" in str(error)
+    assert finished == ["good"]
+    engine.check_integrity(expect_all_free=True)
