@@ -8,6 +8,7 @@ import ast
 import json
 import math
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -331,3 +332,83 @@ def test_a_failed_compile_leaves_the_batch_running(auto_llm):
     assert error is not None and "structured_outputs.regex" in str(error)
     assert finished == ["good"]
     engine.check_integrity(expect_all_free=True)
+
+
+# -- compiling off the step, preemption -----------------------------------------------------
+
+
+def test_a_compiling_request_waits_while_the_batch_runs_on(tiny_model, monkeypatch):
+    from engine.request import RequestStatus
+    from engine.structured import registry
+    from engine.structured.backend import StructuredOutputBackend
+    from engine.structured.xgrammar_backend import XgrammarBackend
+
+    gate = threading.Event()
+
+    class GatedBackend(StructuredOutputBackend):
+        """xgrammar, once the test opens the gate: a compile as slow as the test wants."""
+
+        name = "gated"
+
+        def __init__(self, tokenizer):
+            super().__init__(tokenizer)
+            self.inner = XgrammarBackend(tokenizer)
+
+        def compile(self, params):
+            assert gate.wait(timeout=30)
+            return self.inner.compile(params)
+
+    monkeypatch.setitem(registry._BACKENDS, "gated", GatedBackend)
+    llm = LLM(str(tiny_model("qwen2")), num_kv_blocks=64, structured_outputs_backend="gated")
+    engine = llm.engine
+    so = StructuredOutputsParams(choice=["left", "right"])
+    engine.add_request("plain", [1, 2, 3], SamplingParams(max_tokens=6, ignore_eos=True))
+    engine.add_request("json", [4, 5, 6], SamplingParams(max_tokens=50, structured_outputs=so))
+    waiting = engine.core.scheduler.requests["json"]
+    assert waiting.status == RequestStatus.WAITING_FOR_GRAMMAR
+    done = {}
+    while "plain" not in done:
+        done.update({s.request_id: s for s in engine.step() if s.finished})
+    assert waiting.status == RequestStatus.WAITING_FOR_GRAMMAR and not waiting.output_token_ids
+    assert waiting.num_computed_tokens == 0  # never scheduled
+    gate.set()
+    while engine.has_unfinished_requests():
+        done.update({s.request_id: s for s in engine.step() if s.finished})
+    assert done["json"].to_output().outputs[0].text in ("left", "right")
+    engine.check_integrity(expect_all_free=True)
+
+
+def test_an_aborted_compiling_request_leaks_nothing(auto_llm):
+    engine = auto_llm.engine
+    so = StructuredOutputsParams(regex="[a-z]{1,4}x[0-9]{7}")  # a fresh spec: compiling
+    engine.add_request("gone", [1, 2, 3], SamplingParams(max_tokens=20, structured_outputs=so))
+    engine.abort_request(["gone"])
+    assert not engine.has_unfinished_requests()
+    assert not engine.core.scheduler.waiting_for_grammar
+    engine.check_integrity(expect_all_free=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preemption_keeps_outputs_valid(tiny_model, backend):
+    """A KV cache too small for the batch: requests are preempted and recomputed, and their
+    matchers follow; greedy outputs equal those of a cache large enough."""
+    schema = SCHEMAS["top_level_array"]
+    so = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    prompts = [[20 + i] * 30 for i in range(8)]
+    outputs = {}
+    for blocks in (16, 256):
+        llm = LLM(
+            str(tiny_model("qwen2")), num_kv_blocks=blocks, structured_outputs_backend=backend
+        )
+        params = [
+            SamplingParams(temperature=t, seed=i, max_tokens=MAX_TOKENS, structured_outputs=so)
+            for i, t in enumerate([0.0, 1.0] * 4)
+        ]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        for out in outs:
+            jsonschema.validate(json.loads(out.outputs[0].text), schema)
+        outputs[blocks] = [out.outputs[0].token_ids for out in outs]
+        preemptions = llm.engine.core.scheduler.num_preemptions
+        assert (preemptions > 0) == (blocks == 16)
+        llm.check_integrity()
+    assert outputs[16][::2] == outputs[256][::2]  # the greedy ones
