@@ -412,3 +412,23 @@ def test_preemption_keeps_outputs_valid(tiny_model, backend):
         assert (preemptions > 0) == (blocks == 16)
         llm.check_integrity()
     assert outputs[16][::2] == outputs[256][::2]  # the greedy ones
+
+
+def test_async_scheduling_runs_structured_steps_to_completion(tiny_model):
+    """Structured requests are not launched ahead (not `Request.launchable`): with asynchronous
+    scheduling on, their steps run to completion and their outputs stay valid."""
+    llm = LLM(str(tiny_model("qwen2")), num_kv_blocks=128, async_scheduling=True)
+    assert llm.engine.core.async_scheduling
+    schema = SCHEMAS["bounded_array"]
+    so = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, structured_outputs=so),
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+    ]
+    outs = llm.generate([[1, 2, 3], [4, 5, 6]], params, use_tqdm=False)
+    jsonschema.validate(json.loads(outs[0].outputs[0].text), schema)
+    assert len(outs[1].outputs[0].token_ids) == 12
+    request_rows = llm.engine.core.num_chained_steps
+    llm.generate([[4, 5, 6]], params[1], use_tqdm=False)
+    assert llm.engine.core.num_chained_steps > request_rows  # plain greedy alone still chains
+    llm.check_integrity()
