@@ -139,3 +139,35 @@ def test_registry():
         backend_factory("nope")
     with pytest.raises(ValueError, match="'auto' is the fallback rule"):
         register_backend("auto", lambda tokenizer: None)  # type: ignore[arg-type,return-value]
+
+
+def test_request_grammar_follows_rollback_and_replay(tiny_model):
+    """The matcher follows the request's tokens: a fresh one replays them all (a hand-off or
+    a restart), one ahead of them rolls back; either way the next mask is the same."""
+    from concurrent.futures import Future
+
+    from common.tokenizer import load_tokenizer
+    from engine.structured.backend import TokenizerData
+    from engine.structured.matcher_state import RequestGrammar
+    from engine.structured.xgrammar_backend import XgrammarBackend
+
+    path = tiny_model("qwen2")
+    tokenizer = load_tokenizer(path)
+    data = TokenizerData(tokenizer, vocab_size=len(tokenizer), eos_token_ids=(2,))
+    grammar = XgrammarBackend(data).compile(StructuredOutputsParams(regex="ab{1,5}c"))
+    done: Future = Future()
+    done.set_result(grammar)
+    tokens = [tokenizer.convert_tokens_to_ids(c) for c in "abbb"]
+
+    def mask(state: RequestGrammar, output: list[int]) -> torch.Tensor:
+        bitmask = allocate_bitmask(1, len(tokenizer))
+        state.fill_bitmask(output, (2,), bitmask, 0)
+        return bitmask
+
+    ahead = RequestGrammar(done)
+    mask(ahead, tokens)  # accepted all four
+    rolled_back = mask(ahead, tokens[:2])
+    assert torch.equal(rolled_back, mask(RequestGrammar(done), tokens[:2]))
+    assert not torch.equal(rolled_back, mask(RequestGrammar(done), tokens[:1]))
+    with pytest.raises(RuntimeError, match="the grammar refused token"):
+        mask(RequestGrammar(done), [tokenizer.convert_tokens_to_ids("c")])
