@@ -215,6 +215,26 @@ def test_two_constraints_and_malformed_specs_are_400(router):
     )
 
 
+def test_combinations_that_may_leave_no_token_are_refused(router, workers):
+    """min_tokens past a finished choice, or allowed ids the grammar never allows, would leave
+    nothing to sample (the engine fails the step): refused, over HTTP and gRPC."""
+    client = _client(router)
+    for extra, param in [
+        ({"guided_choice": ["yes"], "min_tokens": 5}, "min_tokens"),
+        ({"response_format": {"type": "json_object"}, "allowed_token_ids": [5, 6]},
+         "allowed_token_ids"),
+    ]:  # fmt: skip
+        _assert_400(lambda e=extra: _completion(client, False, extra_body=e), param)
+    stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(router.grpc_address))
+    so = common_pb2.StructuredOutputs(choice=common_pb2.Choices(values=["yes"]))
+    params = common_pb2.SamplingParams(max_tokens=8, min_tokens=5, structured_outputs=so)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(router_pb2.GenerateRequest(text="Hi", params=params)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "min_tokens" in info.value.details()
+    _assert_all_free(workers[1])
+
+
 def test_grpc_carries_the_constraint_and_names_a_bad_one(router):
     stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(router.grpc_address))
     so = common_pb2.StructuredOutputs(choice=common_pb2.Choices(values=CHOICES))
