@@ -38,7 +38,12 @@ from engine.outputs import EngineCoreOutput
 from engine.request import KVHandoff, Request
 from kv_transfer.base import KVLayerSource, KVSender, KVTransferError, TransferSpec
 from proto.baton.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from worker_common.convert import chunk_from_output, load_to_proto, request_from_proto
+from worker_common.convert import (
+    check_output,
+    chunk_from_output,
+    load_to_proto,
+    request_from_proto,
+)
 from worker_common.errors import unary
 from worker_common.metrics import WorkerMetrics
 
@@ -118,6 +123,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         rid = request.request_id
         first: EngineCoreOutput | None = None
         async for out in self.engine.generate(request):
+            check_output(out)  # a grammar that did not compile: INVALID_ARGUMENT
             if out.new_token_ids:
                 first = out
         if first is None or not first.handed_off:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from common.sampling_params import SamplingParams
+from common.structured_outputs import StructuredOutputsParams
 from proto.baton.v1 import common_pb2
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -57,12 +59,7 @@ def _check_int(name: str, value: int | None, low: int, high: int, why: str = "")
 
 
 def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
-    """Every field the engine uses, so the worker rebuilds the same SamplingParams.
-
-    `structured_outputs` has no field in the message yet: a SamplingParams with it set is
-    refused (ValueError naming it) rather than sent without its constraint."""
-    if params.structured_outputs is not None:
-        raise ValueError("structured_outputs cannot be sent to a worker yet (not in the proto)")
+    """Every field the engine uses, so the worker rebuilds the same SamplingParams."""
     msg = common_pb2.SamplingParams(
         stop=list(params.stop or []),
         stop_token_ids=list(params.stop_token_ids or []),
@@ -73,6 +70,8 @@ def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         value = getattr(params, name)
         if value is not None:
             setattr(msg, name, value)
+    if params.structured_outputs is not None:
+        msg.structured_outputs.CopyFrom(structured_to_proto(params.structured_outputs))
     return msg
 
 
@@ -93,4 +92,54 @@ def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         kwargs["logit_bias"] = dict(msg.logit_bias)
     if msg.allowed_token_ids:
         kwargs["allowed_token_ids"] = list(msg.allowed_token_ids)
+    if msg.HasField("structured_outputs"):
+        kwargs["structured_outputs"] = structured_from_proto(msg.structured_outputs)
     return SamplingParams(**kwargs)
+
+
+_JSON_CONSTRAINTS = ("json", "structural_tag")
+
+
+def structured_to_proto(params: StructuredOutputsParams) -> common_pb2.StructuredOutputs:
+    """The constraint and its options; a dict schema or tag travels as JSON text."""
+    msg = common_pb2.StructuredOutputs(
+        disable_any_whitespace=params.disable_any_whitespace,
+        disable_additional_properties=params.disable_additional_properties,
+        whitespace_pattern=params.whitespace_pattern,
+    )
+    kind = params.kind
+    value = getattr(params, kind)
+    if kind == "choice":
+        msg.choice.values.extend(value)
+    elif kind in _JSON_CONSTRAINTS:
+        msg.as_text = isinstance(value, str)
+        setattr(msg, kind, value if msg.as_text else json.dumps(value))
+    else:
+        setattr(msg, kind, value)
+    return msg
+
+
+def structured_from_proto(msg: common_pb2.StructuredOutputs) -> StructuredOutputsParams:
+    """StructuredOutputsParams from a message; ValueError (naming the field) when it is
+    invalid or sets no constraint."""
+    kind = msg.WhichOneof("constraint")
+    kwargs: dict[str, Any] = {
+        "disable_any_whitespace": msg.disable_any_whitespace,
+        "disable_additional_properties": msg.disable_additional_properties,
+    }
+    if msg.HasField("whitespace_pattern"):
+        kwargs["whitespace_pattern"] = msg.whitespace_pattern
+    if kind == "choice":
+        kwargs["choice"] = list(msg.choice.values)
+    elif kind in _JSON_CONSTRAINTS and not msg.as_text:
+        kwargs[kind] = _json_object(kind, getattr(msg, kind))
+    elif kind is not None:
+        kwargs[kind] = getattr(msg, kind)
+    return StructuredOutputsParams(**kwargs)
+
+
+def _json_object(kind: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"structured_outputs.{kind} is not valid JSON: {e}") from None

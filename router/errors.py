@@ -7,7 +7,13 @@ by `from_rpc_error`.
 
 from __future__ import annotations
 
+import re
+
 import grpc
+
+# A worker's complaint about a request field starts with the field's name, e.g.
+# "structured_outputs.regex: the xgrammar backend cannot compile it: ...".
+_FIELD_PREFIX = re.compile(r"^(structured_outputs(?:\.[a-z_]+)?)[: ]")
 
 
 class RouterError(Exception):
@@ -86,7 +92,8 @@ def from_rpc_error(error: grpc.RpcError, what: str) -> RouterError:
     code, details = rpc_status(error)
     message = f"{what} failed: {details or code}"
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidRequestError(details or message)
+        named = _FIELD_PREFIX.match(details or "")
+        return InvalidRequestError(details or message, named.group(1) if named else None)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         message = f"{what}: worker overloaded: {details or 'no room'}"
         return OverloadedError(message, retry_after_s(error))

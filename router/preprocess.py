@@ -165,10 +165,31 @@ class Preprocessor:
             check_wire_ranges(params)
         except ValueError as error:
             raise params_error(error) from error
+        check_structured_combinations(params)
         num, limit = params.logprobs, self.max_logprobs  # -1: the whole vocabulary
         if num is not None and limit != -1 and (num == -1 or num > limit):
             raise InvalidRequestError(
                 f"logprobs must be at most {self.max_logprobs}, got {num}", "logprobs"
+            )
+
+
+def check_structured_combinations(params: SamplingParams) -> None:
+    """InvalidRequestError for structured outputs with min_tokens or allowed_token_ids: with
+    them the grammar may leave no token to sample (a choice done before min_tokens; a JSON
+    object with none of the allowed ids), and the engine then fails the whole step, every
+    request in the batch with it. Refused until the engine ends such a request on its own."""
+    if params.structured_outputs is None:
+        return
+    for name, used in (
+        ("min_tokens", params.min_tokens > 0),
+        ("allowed_token_ids", bool(params.allowed_token_ids)),
+    ):
+        if used:
+            raise InvalidRequestError(
+                f"'{name}' with structured outputs is not supported yet (the grammar may "
+                "leave no token to sample)",
+                name,
+                "unsupported_parameter",
             )
 
 

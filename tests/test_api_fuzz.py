@@ -82,7 +82,13 @@ OPTIONS: dict[str, list[Any]] = {  # valid values of optional fields
     "logit_bias": [{"5": 2.0}], "min_tokens": [0, 2], "ignore_eos": [True], "user": ["tenant-a"],
     "priority": [-2, 2], "cache_salt": ["salt"], "stop_token_ids": [[3]],
     "allowed_token_ids": [[5, 6, 7, 8]], "presence_penalty": [0.5], "repetition_penalty": [1.2],
-    "store": [True], "best_of": [1], "tool_choice": ["none"], "response_format": [{"type": "text"}],
+    "store": [True], "best_of": [1], "tool_choice": ["none"],
+    # structured outputs: valid specs, one the worker cannot compile, and (two drawn) conflicts
+    "response_format": [{"type": "text"}, {"type": "json_object"},
+                        {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+                            "type": "object", "properties": {"a": {"type": "integer"}}}}}],
+    "guided_choice": [["yes", "no"]], "guided_regex": ["[a-z]{1,3}", "(x"],
+    "structured_outputs": [{"choice": ["a", "b"]}, {"regex": "[0-9]+", "whitespace_pattern": " "}],
 }  # fmt: skip
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from common.structured_outputs import StructuredOutputsParams
 from engine.sampling_params import SamplingParams
 from proto.convert import params_from_proto, params_to_proto
 from proto.generate import PACKAGE_DIR, generate, without_generator_versions
@@ -39,6 +41,24 @@ def test_the_stub_check_ignores_only_the_generators_versions():
     assert without_generator_versions(edited) != without_generator_versions(stub)
 
 
+# One of each constraint, with and without options (dicts and JSON text both).
+STRUCTURED: list[dict[str, Any]] = [
+    {"json": {"type": "object", "properties": {"a": {"type": "integer", "maximum": 5}}}},
+    {"json": '{"type": "string", "maxLength": 3}', "disable_any_whitespace": True},
+    {"regex": "[a-c]{1,3}", "whitespace_pattern": " ?"},
+    {"choice": ["yes", "no", ""]},
+    {"grammar": 'root ::= "a" | "b"', "disable_additional_properties": True},
+    {"json_object": True},
+    {
+        "structural_tag": {
+            "type": "structural_tag",
+            "format": {"type": "const_string", "value": "x"},
+        }
+    },
+    {"structural_tag": '{"type": "structural_tag"}'},
+]
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -58,10 +78,34 @@ def test_the_stub_check_ignores_only_the_generators_versions():
             skip_special_tokens=False,
             include_stop_str_in_output=True,
         ),
+        *(
+            SamplingParams(temperature=1.0, structured_outputs=StructuredOutputsParams(**so))
+            for so in STRUCTURED
+        ),
     ],
 )
 def test_sampling_params_round_trip_exactly(params):
     assert params_from_proto(params_to_proto(params)) == params
+
+
+def test_a_dict_schema_comes_back_a_dict_and_text_comes_back_text():
+    for schema in ({"type": "integer"}, '{"type": "integer"}'):
+        params = SamplingParams(structured_outputs=StructuredOutputsParams(json=schema))
+        back = params_from_proto(params_to_proto(params)).structured_outputs
+        assert back is not None and back.json == schema and type(back.json) is type(schema)
+
+
+def test_a_bad_structured_outputs_message_names_the_field():
+    msg = params_to_proto(SamplingParams())
+    msg.structured_outputs.disable_any_whitespace = True  # options, no constraint
+    with pytest.raises(ValueError, match="structured_outputs: set exactly one of"):
+        params_from_proto(msg)
+    msg.structured_outputs.json = "{not json"
+    with pytest.raises(ValueError, match=r"structured_outputs\.json is not valid JSON"):
+        params_from_proto(msg)
+    msg.structured_outputs.choice.SetInParent()  # an empty list of choices
+    with pytest.raises(ValueError, match=r"structured_outputs\.choice must not be empty"):
+        params_from_proto(msg)
 
 
 def test_bad_values_in_a_message_name_the_field():

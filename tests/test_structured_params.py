@@ -1,4 +1,4 @@
-"""StructuredOutputsParams validation, SamplingParams carrying it, the proto's refusal, the
+"""StructuredOutputsParams validation, SamplingParams carrying it, the
 bitmask's application, the backend registry and the compile cache (no model needed)."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from engine.structured.bitmask import allocate_bitmask, apply_token_bitmask, bit
 from engine.structured.guidance_backend import without_additional_properties
 from engine.structured.registry import backend_factory, backend_names, register_backend
 from engine.structured.xgrammar_backend import bounded_strings_as_patterns, unsupported_keywords
-from proto.convert import params_to_proto
 
 
 @pytest.mark.parametrize(
@@ -66,13 +65,6 @@ def test_sampling_params_carry_it():
         SamplingParams(structured_outputs={"bogus": 1})
     with pytest.raises(ValueError, match="structured_outputs must be a StructuredOutputsParams"):
         SamplingParams(structured_outputs="json")  # type: ignore[arg-type]
-
-
-def test_the_proto_refuses_it_until_it_can_carry_it():
-    params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="a"))
-    with pytest.raises(ValueError, match="structured_outputs cannot be sent to a worker yet"):
-        params_to_proto(params)
-    params_to_proto(SamplingParams())  # the rest still converts
 
 
 def test_engine_exports_it():

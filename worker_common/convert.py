@@ -39,8 +39,18 @@ def request_from_proto(
     )
 
 
+def check_output(out: EngineCoreOutput) -> None:
+    """ValueError (INVALID_ARGUMENT on the wire) when the engine failed the request before it
+    ran: its structured-outputs grammar did not compile; the message names the field and has
+    the backend's complaint."""
+    if out.error is not None:
+        raise ValueError(out.error)
+
+
 def chunk_from_output(out: EngineCoreOutput, request: Request) -> common_pb2.TokenChunk:
-    """A TokenChunk for one engine output (logprobs sliced to what the request asked for)."""
+    """A TokenChunk for one engine output (logprobs sliced to what the request asked for);
+    ValueError for an output that carries the engine's error (`check_output`)."""
+    check_output(out)
     chunk = common_pb2.TokenChunk(
         request_id=out.request_id,
         token_ids=out.new_token_ids,

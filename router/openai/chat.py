@@ -57,7 +57,7 @@ class ChatJob:
 async def create_chat_completion(body: ChatCompletionRequest, services: RouterServices) -> Response:
     """Validate, render the conversation, start its generation, answer (streamed or not)."""
     job = start_job(body, services)
-    deltas = await open_stream(aiter(job.generation))
+    deltas = await open_stream(aiter(job.generation), body.constraint_field)
     if body.stream:
         return sse_response(_stream_events(job, deltas))
     return JSONResponse(await _collect(job, deltas))

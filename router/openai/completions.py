@@ -56,7 +56,9 @@ class CompletionJob:
 async def create_completion(body: CompletionRequest, services: RouterServices) -> Response:
     """Validate, start every prompt's generation, answer (streamed or not)."""
     job = start_job(body, services)
-    deltas = await open_stream(merge_streams([aiter(g) for g in job.generations]))
+    deltas = await open_stream(
+        merge_streams([aiter(g) for g in job.generations]), body.constraint_field
+    )
     if body.stream:
         return sse_response(_stream_events(job, deltas))
     return JSONResponse(await _collect(job, deltas))

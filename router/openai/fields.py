@@ -1,6 +1,6 @@
 """Which request fields the OpenAI endpoints honour, refuse for now, or accept as changing
-nothing: the one place to edit when a feature lands (structured outputs, issue 24; tools,
-issue 26: move its names from NOT_SUPPORTED_YET into the request models of protocol.py).
+nothing: the one place to edit when a feature lands (tools, issue 26: move its names from
+NOT_SUPPORTED_YET into the request models of protocol.py).
 
 Every top-level field of a request body is one of:
 
@@ -44,20 +44,14 @@ class Unsupported:
     neutral: tuple[Any, ...] = ()
 
 
-_STRUCTURED = "structured outputs"
 _TOOLS = "tool calling"
 _BEAM = "beam search"
 
 NOT_SUPPORTED_YET: dict[str, Unsupported] = {
-    # structured outputs (issue 24); response_format is checked in protocol.py
-    "structured_outputs": Unsupported(_STRUCTURED),
-    "guided_json": Unsupported(_STRUCTURED),
-    "guided_regex": Unsupported(_STRUCTURED),
-    "guided_choice": Unsupported(_STRUCTURED),
-    "guided_grammar": Unsupported(_STRUCTURED),
-    "guided_decoding_backend": Unsupported(_STRUCTURED),
-    "guided_whitespace_pattern": Unsupported(_STRUCTURED),
-    "structural_tag": Unsupported(_STRUCTURED),
+    # structured outputs are honoured (router.openai.structured), but not a per-request
+    # backend (the worker's --structured-outputs-backend decides) nor vLLM's top-level tag
+    "guided_decoding_backend": Unsupported("a per-request grammar backend"),
+    "structural_tag": Unsupported("a top-level structural tag (send structured_outputs)"),
     # tools (issue 26); chat renders `tools` in the prompt (as with tool_choice "none")
     "tools": Unsupported(_TOOLS, ([],)),  # /v1/completions only
     "tool_choice": Unsupported(_TOOLS, ("none",)),

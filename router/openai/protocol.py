@@ -10,14 +10,22 @@ to the end of the context" (the router resolves it per prompt).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from common.sampling_params import SamplingParams
+from common.structured_outputs import StructuredOutputsParams
 from proto.convert import INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN
 from router.errors import InvalidRequestError
-from router.openai.fields import check_body, check_supported, unknown_field
+from router.openai.fields import check_body, check_supported
+from router.openai.structured import (
+    GUIDED_ALIASES,
+    ResponseFormat,
+    StructuredOutputsBody,
+    response_format_constraint,
+    structured_outputs_params,
+)
 from router.preprocess import MAX_N, params_error
 
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs range, as OpenAI's API
@@ -36,15 +44,6 @@ class StrictModel(BaseModel):
 class StreamOptions(StrictModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
-
-
-class ResponseFormat(BaseModel):
-    """Only {"type": "text"} is honoured; the other types (and their fields, e.g.
-    json_schema) are known and refused until structured outputs land."""
-
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    type: Literal["text", "json_object", "json_schema", "structural_tag"]
 
 
 class SamplingFields(StrictModel):
@@ -78,6 +77,15 @@ class SamplingFields(StrictModel):
     include_stop_str_in_output: bool = False
     priority: Int32 = 0
     cache_salt: str | None = Field(default=None, min_length=1)
+    # structured outputs (router.openai.structured): response_format, or one of these
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    # the field that set the structured-outputs constraint, to name it in a worker's complaint
+    _constraint_field: str | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -102,20 +110,32 @@ class SamplingFields(StrictModel):
             raise InvalidRequestError(
                 "'best_of' other than n is not supported yet", "best_of", "unsupported_parameter"
             )
-        self._check_response_format()
 
-    def _check_response_format(self) -> None:
-        fmt = self.response_format
-        if fmt is None:
-            return
-        if fmt.type != "text":
-            raise InvalidRequestError(
-                f"'response_format' of type {fmt.type!r} is not supported yet (structured outputs)",
-                "response_format",
-                "unsupported_parameter",
-            )
-        if fmt.model_extra:
-            raise unknown_field(f"response_format.{next(iter(fmt.model_extra))}", ["type"])
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The constraint of response_format, structured_outputs or a guided_* field (at most
+        one), with structured_outputs' options; remembers which field set it."""
+        constraints = response_format_constraint(self.response_format)
+        so = self.structured_outputs or StructuredOutputsBody()
+        constraints += so.constraints()
+        for alias, kind in GUIDED_ALIASES.items():
+            if getattr(self, alias) is not None:
+                constraints.append((alias, {kind: getattr(self, alias)}))
+        options = so.options()
+        if self.guided_whitespace_pattern is not None:
+            if options["whitespace_pattern"] is not None:
+                raise InvalidRequestError(
+                    "'guided_whitespace_pattern' and 'structured_outputs.whitespace_pattern' "
+                    "both set the JSON whitespace; send one",
+                    "guided_whitespace_pattern",
+                )
+            options["whitespace_pattern"] = self.guided_whitespace_pattern
+        params, self._constraint_field = structured_outputs_params(constraints, options)
+        return params
+
+    @property
+    def constraint_field(self) -> str | None:
+        """The request field that set the structured-outputs constraint (None without one)."""
+        return self._constraint_field
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The engine's SamplingParams; ValueError from it becomes a 400 naming the field."""
@@ -128,8 +148,10 @@ class SamplingFields(StrictModel):
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
         }
+        structured_outputs = self.structured_outputs_params()
         try:
             return SamplingParams(
+                structured_outputs=structured_outputs,
                 n=self.n,
                 max_tokens=max_tokens,
                 seed=self.seed,

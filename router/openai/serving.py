@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from router.errors import RouterError
 from router.openai.errors import error_body, router_error_body
 from router.openai.responses import DONE, sse
+from router.openai.structured import name_constraint_field
 from router.streams import prepend
 
 T = TypeVar("T")
@@ -51,13 +52,22 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def open_stream(stream: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+async def open_stream(
+    stream: AsyncGenerator[T, None], constraint_field: str | None = None
+) -> AsyncGenerator[T, None]:
     """Wait for the first item of `stream` (so a failure before it raises here, to become an
-    HTTP error), then return an iterator of all the items."""
+    HTTP error), then return an iterator of all the items. A worker's complaint about the
+    structured-outputs grammar is said of `constraint_field`, the field that set it."""
     try:
         first = await anext(stream)
     except StopAsyncIteration:
         raise RouterError("the request produced no output") from None
+    except RouterError as error:
+        await stream.aclose()
+        renamed = name_constraint_field(error, constraint_field)
+        if renamed is error:
+            raise
+        raise renamed from error
     except BaseException:
         await stream.aclose()
         raise

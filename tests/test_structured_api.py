@@ -1,0 +1,274 @@
+"""Structured outputs through the router, against real worker processes (a prefill/decode pair
+and a colocated worker) on the random-weight tiny model at temperature 1, with the official
+openai client: response_format json_schema outputs validate, choices are exact, regexes
+full-match, streamed and not; vLLM's structured_outputs object and guided_* aliases; the gRPC
+API's proto field. A spec the worker's grammar backend cannot compile is a 400 (gRPC
+INVALID_ARGUMENT) naming the field the client used; two constraints are a 400; nothing leaks."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from concurrent import futures
+
+import grpc
+import jsonschema
+import openai
+import pytest
+
+from proto.baton.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
+from router.config import RouterConfig
+from router.testing import RouterThread
+from tests.workers import WorkerProcess
+
+NUM_BLOCKS = 64
+FLAGS = ("--num-kv-blocks", str(NUM_BLOCKS))
+CHAT = [{"role": "user", "content": "Describe a person as JSON."}]
+# Finite: every output completes (and so parses) within max_tokens.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "enum": ["ann", "bob", "cy"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}
+REGEX = r"[a-d]{2,5}-[0-9]{1,3}"
+CHOICES = ["yes", "no", "maybe not"]
+
+
+@pytest.fixture(scope="module")
+def workers(tiny_model):
+    model_dir = tiny_model("qwen2")
+    specs = {
+        "decode": ("decode_service", FLAGS),
+        "prefill": ("prefill_service", FLAGS),
+        "colocated": ("decode_service", (*FLAGS, "--role", "colocated")),
+    }
+    with futures.ThreadPoolExecutor(len(specs)) as pool:
+        started = {
+            name: pool.submit(WorkerProcess, module, model_dir, *flags)
+            for name, (module, flags) in specs.items()
+        }
+        procs = {name: f.result() for name, f in started.items()}
+    try:
+        yield model_dir, {name: p.address for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def routers(workers):
+    model_dir, addresses = workers
+    configs = {
+        "disaggregated": RouterConfig(
+            str(model_dir), port=0, grpc_port=0,
+            prefill=[addresses["prefill"]], decode=[addresses["decode"]],
+        ),
+        "colocated": RouterConfig(
+            str(model_dir), port=0, grpc_port=0, colocated=[addresses["colocated"]]
+        ),
+    }  # fmt: skip
+    threads = {name: RouterThread(config) for name, config in configs.items()}
+    for thread in threads.values():
+        thread.__enter__()
+    yield threads
+    for thread in threads.values():
+        thread.stop()
+
+
+@pytest.fixture(params=["disaggregated", "colocated"])
+def router(request, routers) -> RouterThread:
+    return routers[request.param]
+
+
+def _client(router: RouterThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{router.base_url}/v1", api_key="none", max_retries=0)
+
+
+def _chat(client: openai.OpenAI, stream: bool, **kwargs) -> tuple[str, str | None]:
+    """The text and finish reason of one chat completion (streamed or not)."""
+    kwargs = {"model": "", "messages": CHAT, "temperature": 1.0, "max_tokens": 60, **kwargs}
+    if not stream:
+        out = client.chat.completions.create(**kwargs)
+        return out.choices[0].message.content or "", out.choices[0].finish_reason
+    chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    return text, chunks[-1].choices[0].finish_reason
+
+
+def _completion(client: openai.OpenAI, stream: bool, **kwargs) -> list[tuple[str, str | None]]:
+    """(text, finish reason) of each choice of one completion (streamed or not)."""
+    kwargs = {"model": "", "prompt": "Once", "temperature": 1.0, "max_tokens": 60, **kwargs}
+    if not stream:
+        out = client.completions.create(**kwargs)
+        return [(c.text, c.finish_reason) for c in out.choices]
+    texts: dict[int, str] = {}
+    reasons: dict[int, str | None] = {}
+    for chunk in client.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            reasons[c.index] = c.finish_reason or reasons.get(c.index)
+    return [(texts[i], reasons[i]) for i in sorted(texts)]
+
+
+def _schema_format(strict: bool = True) -> dict:
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": SCHEMA, "strict": strict},
+    }
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_outputs_validate(router, stream):
+    client = _client(router)
+    for seed in range(3):
+        text, reason = _chat(
+            client, stream, response_format=_schema_format(), seed=seed, extra_body=COMPACT
+        )
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), SCHEMA)
+    body = {"response_format": _schema_format(False), **COMPACT}  # not in the client's types
+    outputs = _completion(client, stream, n=2, extra_body=body)
+    for text, reason in outputs:
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_choice_regex_and_json_object(router, stream):
+    client = _client(router)
+    for seed in range(3):
+        text, reason = _chat(client, stream, seed=seed, extra_body={"guided_choice": CHOICES})
+        assert text in CHOICES and reason == "stop"
+        body = {"structured_outputs": {"regex": REGEX}}
+        [(text, reason)] = _completion(client, stream, seed=seed, extra_body=body)
+        assert re.fullmatch(REGEX, text) and reason == "stop", text
+    [(text, _)] = _completion(client, stream, extra_body={"guided_regex": REGEX}, seed=7)
+    assert re.fullmatch(REGEX, text), text
+    text, reason = _chat(
+        client, stream, response_format={"type": "json_object"}, max_tokens=400,
+        extra_body={"structured_outputs": {"disable_any_whitespace": True}},
+    )  # fmt: skip
+    if reason == "stop":  # any JSON object may be long: it parses when it completed
+        assert isinstance(json.loads(text), dict)
+
+
+def _assert_400(call, param: str, *words: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        call()
+    error = info.value.body
+    assert error["param"] == param, error
+    for word in words:
+        assert word in error["message"], error
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_specs_the_backend_cannot_compile_are_400_naming_the_field(router, workers, stream):
+    client = _client(router)
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
+    cases = [
+        ({"guided_regex": "(unclosed"}, "guided_regex"),
+        ({"structured_outputs": {"regex": "[z-a]"}}, "structured_outputs.regex"),
+        ({"response_format": bad_schema}, "response_format.json_schema.schema"),
+        ({"guided_grammar": "root ::= undefined_rule"}, "guided_grammar"),
+    ]
+    for body, param in cases:
+        for send in (_chat, _completion):
+            with pytest.raises(openai.BadRequestError) as info:
+                send(client, stream, extra_body=body)
+            error = info.value.body
+            assert error["param"] == param and "cannot compile" in error["message"], error
+    text, _ = _chat(client, stream, extra_body={"guided_choice": CHOICES})  # still serving
+    assert text in CHOICES
+    _assert_all_free(workers[1])
+
+
+def test_two_constraints_and_malformed_specs_are_400(router):
+    client = _client(router)
+    two = {"response_format": _schema_format(), "extra_body": {"guided_regex": "a+"}}
+    _assert_400(lambda: _chat(client, False, **two), "guided_regex", "both constrain")
+    body = {"structured_outputs": {"choice": ["a"], "regex": "a"}}
+    _assert_400(
+        lambda: _completion(client, False, extra_body=body), "structured_outputs.choice",
+        "both constrain",
+    )  # fmt: skip
+    _assert_400(
+        lambda: _chat(client, False, extra_body={"guided_json": "{not json"}),
+        "guided_json", "not valid JSON",
+    )  # fmt: skip
+    _assert_400(
+        lambda: _chat(client, False, response_format={"type": "json_schema"}),
+        "response_format.json_schema.schema",
+    )
+    _assert_400(
+        lambda: _chat(client, False, extra_body=COMPACT),
+        "structured_outputs.disable_any_whitespace",
+    )
+    _assert_400(
+        lambda: _chat(client, False, extra_body={"guided_choice": []}), "guided_choice", "empty"
+    )
+
+
+def test_combinations_that_may_leave_no_token_are_refused(router, workers):
+    """min_tokens past a finished choice, or allowed ids the grammar never allows, would leave
+    nothing to sample (the engine fails the step): refused, over HTTP and gRPC."""
+    client = _client(router)
+    for extra, param in [
+        ({"guided_choice": ["yes"], "min_tokens": 5}, "min_tokens"),
+        ({"response_format": {"type": "json_object"}, "allowed_token_ids": [5, 6]},
+         "allowed_token_ids"),
+    ]:  # fmt: skip
+        _assert_400(lambda e=extra: _completion(client, False, extra_body=e), param)
+    stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(router.grpc_address))
+    so = common_pb2.StructuredOutputs(choice=common_pb2.Choices(values=["yes"]))
+    params = common_pb2.SamplingParams(max_tokens=8, min_tokens=5, structured_outputs=so)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(router_pb2.GenerateRequest(text="Hi", params=params)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "min_tokens" in info.value.details()
+    _assert_all_free(workers[1])
+
+
+def test_grpc_carries_the_constraint_and_names_a_bad_one(router):
+    stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(router.grpc_address))
+    so = common_pb2.StructuredOutputs(choice=common_pb2.Choices(values=CHOICES))
+    params = common_pb2.SamplingParams(temperature=1.0, max_tokens=20, structured_outputs=so)
+    for seed in range(3):
+        params.seed = seed
+        replies = list(stub.Generate(router_pb2.GenerateRequest(text="Hi", params=params)))
+        assert "".join(r.text for r in replies) in CHOICES
+        assert replies[-1].finish_reason == "stop"
+    params.structured_outputs.CopyFrom(common_pb2.StructuredOutputs(regex="(unclosed"))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(router_pb2.GenerateRequest(text="Hi", params=params)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "structured_outputs.regex" in info.value.details()
+    params.structured_outputs.CopyFrom(common_pb2.StructuredOutputs(json="{not json"))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(router_pb2.GenerateRequest(text="Hi", params=params)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "structured_outputs.json" in info.value.details()
+
+
+def _assert_all_free(addresses: dict[str, str], timeout_s: float = 10.0) -> None:
+    stubs = {
+        "decode": worker_pb2_grpc.DecodeWorkerStub,
+        "prefill": worker_pb2_grpc.PrefillWorkerStub,
+        "colocated": worker_pb2_grpc.ColocatedWorkerStub,
+    }
+    deadline = time.time() + timeout_s
+    for role, stub_type in stubs.items():
+        with grpc.insecure_channel(addresses[role]) as channel:
+            while True:
+                load = stub_type(channel).GetLoad(common_pb2.LoadRequest(), timeout=5)
+                idle = not (load.num_reserved or load.num_running or load.num_waiting)
+                if idle and load.num_free_blocks == load.num_total_blocks == NUM_BLOCKS:
+                    break
+                assert time.time() < deadline, f"{role} still holds blocks: {load}"
+                time.sleep(0.05)
