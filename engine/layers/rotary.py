@@ -12,6 +12,7 @@ looked up once and applied with torch ops.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -90,7 +91,7 @@ class RotaryEmbedding(nn.Module):
         return self._rope(self, positions)
 
 
-class Rope:
+class Rope(ABC):
     """One step's rotation (an `engine.attention.Rotation`): its positions and the cos/sin
     cache, applied to q and k by the subclass the `RotaryEmbedding` chose."""
 
@@ -98,9 +99,9 @@ class Rope:
         self.cos_sin_cache = rotary.cos_sin  # (max_positions, 2, D)
         self.positions = positions  # (T,)
 
+    @abstractmethod
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q (T, H, D), k (T, Hkv, D) -> rotated (in place on the Triton path)."""
-        raise NotImplementedError
 
 
 class TorchRope(Rope):
