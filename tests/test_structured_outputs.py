@@ -334,6 +334,27 @@ def test_a_failed_compile_leaves_the_batch_running(auto_llm):
     engine.check_integrity(expect_all_free=True)
 
 
+def test_a_grammar_that_leaves_no_token_ends_only_its_request(auto_llm):
+    """A choice done before min_tokens (EOS held back, nothing else allowed): that request
+    ends with an error naming structured_outputs; the plain request beside it completes."""
+    engine = auto_llm.engine
+    done = StructuredOutputsParams(choice=["yes"])
+    params = SamplingParams(max_tokens=12, min_tokens=5, structured_outputs=done)
+    engine.add_request("plain", [1, 2, 3], SamplingParams(max_tokens=12, ignore_eos=True))
+    engine.add_request("stuck", [1, 2, 3], params)
+    error, finished = None, {}
+    while engine.has_unfinished_requests():
+        try:
+            finished.update({s.request_id: s for s in engine.step() if s.finished})
+        except ValueError as e:
+            error = e
+    assert error is not None and "structured_outputs" in str(error)
+    assert set(finished) == {"plain"}
+    (plain,) = finished["plain"].completions.values()
+    assert len(plain.token_ids) == 12 and plain.finish_reason == "length"
+    engine.check_integrity(expect_all_free=True)
+
+
 # -- compiling off the step, preemption -----------------------------------------------------
 
 

@@ -293,6 +293,11 @@ class Scheduler:
             token = sampled.get(request.request_id)
             if token is None:
                 continue
+            if request.grammar is not None and not request.grammar.advance(
+                request.output_token_ids, token
+            ):
+                outputs.append(self._end_refused(request, token))
+                continue
             request.output_token_ids.append(token)
             request.all_token_ids.append(token)
             times = request.times
@@ -370,6 +375,18 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(self._scheduled(request, num_tokens))
             budget -= num_tokens
+
+    def _end_refused(self, request: Request, token: int) -> EngineCoreOutput:
+        """End a request whose grammar refused its sampled token: the grammar together with
+        the request's other restrictions (min_tokens holding EOS back, allowed_token_ids) left
+        no token to sample. Only this request ends; the step's others go on."""
+        self.running.remove(request)
+        self._free(request, RequestStatus.FINISHED_ABORTED)
+        error = (
+            "structured_outputs: the grammar allows no token here together with the request's "
+            f"other restrictions (min_tokens, allowed_token_ids); token {token} was sampled"
+        )
+        return EngineCoreOutput(request.request_id, [], finish_reason="abort", error=error)
 
     def _check_stop(self, request: Request, token: int) -> EngineCoreOutput:
         """vLLM's order: length first, then (past min_tokens) eos, then stop_token_ids.

@@ -10,6 +10,10 @@ import torch
 from engine.structured.backend import CompiledGrammar, GrammarMatcher
 
 
+class GrammarRefusedError(RuntimeError):
+    """The matcher refused a token: the mask allowed nothing the sampler could take."""
+
+
 class RequestGrammar:
     """The grammar state of one request.
 
@@ -50,9 +54,18 @@ class RequestGrammar:
                 seen = len(output_token_ids)
         for token in output_token_ids[seen:]:
             if not matcher.accept_token(token):
-                raise RuntimeError(f"the grammar refused token {token}, which its mask allowed")
+                raise GrammarRefusedError(f"the grammar refused token {token}")
             seen += 1
         self._num_accepted = seen
+
+    def advance(self, output_token_ids: Sequence[int], token: int) -> bool:
+        """Accept `token` after `output_token_ids`; False (the matcher left as it was, or in
+        its error state for good) when the grammar refuses it."""
+        try:
+            self.sync([*output_token_ids, token])
+        except GrammarRefusedError:
+            return False
+        return True
 
     def fill_bitmask(
         self,
