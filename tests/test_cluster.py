@@ -14,7 +14,7 @@ import pytest
 
 from cluster import free_port
 from engine import LLM, SamplingParams
-from tests.workers import ROOT
+from tests.workers import ROOT, lines_until_serving
 
 NUM_REQUESTS = 32
 
@@ -43,14 +43,7 @@ def cluster(tiny_model):
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("Ctrl-C"):
-            break
-    else:
-        pytest.fail(f"baton serve did not start: {lines}")
+    lines = lines_until_serving(proc)
     yield model_dir, f"http://127.0.0.1:{port}", lines, proc
     if proc.poll() is None:
         proc.kill()

@@ -23,7 +23,7 @@ from engine import LLM, SamplingParams
 from proto.baton.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from router.config import RouterConfig
 from router.testing import RouterThread, free_ports
-from tests.workers import ROOT, WorkerProcess
+from tests.workers import ROOT, started_at_once
 
 NUM_BLOCKS = 64
 FLAGS = ("--num-kv-blocks", str(NUM_BLOCKS))
@@ -46,17 +46,8 @@ def workers(model_dir):
         "colocated": ("decode_service", (*FLAGS, "--role", "colocated")),
         "overloaded": ("decode_service", (*FLAGS, "--role", "colocated", "--max-num-waiting", "0")),
     }
-    with futures.ThreadPoolExecutor(len(specs)) as pool:
-        started = {
-            name: pool.submit(WorkerProcess, module, model_dir, *flags)
-            for name, (module, flags) in specs.items()
-        }
-        procs = {name: f.result() for name, f in started.items()}
-    try:
-        yield {name: p.address for name, p in procs.items()}
-    finally:
-        for p in procs.values():
-            p.stop()
+    with started_at_once(model_dir, specs) as addresses:
+        yield addresses
 
 
 @pytest.fixture(scope="module")

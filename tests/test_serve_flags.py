@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import free_port
 from proto.baton.v1 import router_pb2, router_pb2_grpc
-from tests.workers import ROOT
+from tests.workers import ROOT, lines_until_serving
 
 KEY = "sk-test-0123456789"
 NAME = "tiny-served"
@@ -95,14 +95,7 @@ def served(tiny_model, tmp_path_factory) -> Iterator[Served]:
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={**os.environ, "BATON_API_KEY": KEY},
     )  # fmt: skip
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("Ctrl-C"):
-            break
-    else:
-        pytest.fail(f"baton serve did not start: {lines}")
+    lines = lines_until_serving(proc)
     roles = ("prefill", "decode")
     urls = {w[0]: w[-1].rstrip(")") for w in map(str.split, lines) if w and w[0] in roles}
     try:

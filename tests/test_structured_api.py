@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from concurrent import futures
 
 import grpc
 import jsonschema
@@ -20,7 +19,7 @@ import pytest
 from proto.baton.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
 from router.config import RouterConfig
 from router.testing import RouterThread
-from tests.workers import WorkerProcess
+from tests.workers import started_at_once
 
 NUM_BLOCKS = 64
 FLAGS = ("--num-kv-blocks", str(NUM_BLOCKS))
@@ -49,17 +48,8 @@ def workers(tiny_model):
         "prefill": ("prefill_service", FLAGS),
         "colocated": ("decode_service", (*FLAGS, "--role", "colocated")),
     }
-    with futures.ThreadPoolExecutor(len(specs)) as pool:
-        started = {
-            name: pool.submit(WorkerProcess, module, model_dir, *flags)
-            for name, (module, flags) in specs.items()
-        }
-        procs = {name: f.result() for name, f in started.items()}
-    try:
-        yield model_dir, {name: p.address for name, p in procs.items()}
-    finally:
-        for p in procs.values():
-            p.stop()
+    with started_at_once(model_dir, specs) as addresses:
+        yield model_dir, addresses
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping
+from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,3 +51,36 @@ def running(*workers_args: tuple[str, Path, tuple[str, ...]]):
     finally:
         for worker in started:
             worker.stop()
+
+
+@contextmanager
+def started_at_once(
+    model_dir: Path, specs: Mapping[str, tuple[str, tuple[str, ...]]]
+) -> Iterator[dict[str, str]]:
+    """Start the named workers (name -> (module, extra args)) in parallel; yield their gRPC
+    addresses by name; stop them all on exit."""
+    with futures.ThreadPoolExecutor(len(specs)) as pool:
+        started = {
+            name: pool.submit(WorkerProcess, module, model_dir, *flags)
+            for name, (module, flags) in specs.items()
+        }
+        procs = {name: f.result() for name, f in started.items()}
+    try:
+        yield {name: p.address for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+def lines_until_serving(proc: subprocess.Popen) -> list[str]:
+    """What `baton serve` (`proc`, stdout piped as text) printed up to its "Ctrl-C" line, the
+    last it prints once everything serves; fails the test if it ended before."""
+    import pytest
+
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Ctrl-C"):
+            return lines
+    pytest.fail(f"baton serve did not start: {lines}")

@@ -61,10 +61,10 @@ class RequestGrammar:
     def advance(self, output_token_ids: Sequence[int], token: int) -> bool:
         """Accept `token` after `output_token_ids`; False (the matcher left as it was, or in
         its error state for good) when the grammar refuses it."""
-        try:
-            self.sync([*output_token_ids, token])
-        except GrammarRefusedError:
+        self.sync(output_token_ids)  # nothing to do unless tokens were dropped or replaced
+        if not self.matcher.accept_token(token):
             return False
+        self._num_accepted += 1
         return True
 
     def fill_bitmask(
