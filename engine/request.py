@@ -112,6 +112,12 @@ class Request:
     def plain_greedy(self) -> bool:
         """Sampling is a bare argmax: greedy, with nothing that edits the logits or asks for
         logprobs (asked every step, so computed once: the params never change)."""
+        return self.greedy_argmax and self.params.structured_outputs is None
+
+    @functools.cached_property
+    def greedy_argmax(self) -> bool:
+        """Its token is the argmax of its logits, masked by its grammar if it has structured
+        outputs: greedy, with nothing else that edits the logits or asks for logprobs."""
         params = self.params
         return (
             params.sampling_type == SamplingType.GREEDY
@@ -122,17 +128,18 @@ class Request:
             and params.presence_penalty == 0
             and params.frequency_penalty == 0
             and params.repetition_penalty == 1
-            and params.structured_outputs is None
         )
 
     @functools.cached_property
     def launchable(self) -> bool:
         """Its steps may be launched before the previous step's tokens are read (asynchronous
-        scheduling, `ModelRunner.run(..., ahead=True)`): plain greedy, so its token need not
-        reach the host first; no prompt logprobs; not handed off (the prefill role reads its
-        first token at once). Asked every step: computed once (neither changes)."""
+        scheduling, `ModelRunner.run(..., ahead=True)`): a greedy argmax, so its token need not
+        reach the host first (under a grammar, the step's mask is filled once the previous
+        step's tokens are read, while the forward pass runs: `LaunchedStep.finish`); no prompt
+        logprobs; not handed off (the prefill role reads its first token at once). Asked
+        every step: computed once (neither changes)."""
         params = self.params
-        return self.plain_greedy and params.prompt_logprobs is None and self.kv_transfer is None
+        return self.greedy_argmax and params.prompt_logprobs is None and self.kv_transfer is None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -435,21 +435,40 @@ def test_preemption_keeps_outputs_valid(tiny_model, backend):
     assert outputs[16][::2] == outputs[256][::2]  # the greedy ones
 
 
-def test_async_scheduling_runs_structured_steps_to_completion(tiny_model):
-    """Structured requests are not launched ahead (not `Request.launchable`): with asynchronous
-    scheduling on, their steps run to completion and their outputs stay valid."""
-    llm = LLM(str(tiny_model("qwen2")), num_kv_blocks=128, async_scheduling=True)
-    assert llm.engine.core.async_scheduling
+def test_async_scheduling_chains_structured_greedy_steps(tiny_model):
+    """Greedy structured requests are launched ahead like plain greedy ones (each step's masks
+    filled once the previous step's tokens are read): with asynchronous scheduling on, steps
+    chain and none is deferred, and the outputs are those of synchronous steps, through a
+    schema, a regex, a choice and plain requests in one batch, with preemption (a small KV
+    cache) and prompt chunking in the run."""
     schema = SCHEMAS["bounded_array"]
-    so = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
-    params = [
-        SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, structured_outputs=so),
-        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+    specs = [
+        StructuredOutputsParams(json=schema, disable_any_whitespace=True),
+        StructuredOutputsParams(regex=r"[a-f]{3,9}-[0-9]{2}"),
+        StructuredOutputsParams(choice=["alpha", "beta", "gamma delta"]),
+        None,
     ]
-    outs = llm.generate([[1, 2, 3], [4, 5, 6]], params, use_tqdm=False)
-    jsonschema.validate(json.loads(outs[0].outputs[0].text), schema)
-    assert len(outs[1].outputs[0].token_ids) == 12
-    request_rows = llm.engine.core.num_chained_steps
-    llm.generate([[4, 5, 6]], params[1], use_tqdm=False)
-    assert llm.engine.core.num_chained_steps > request_rows  # plain greedy alone still chains
-    llm.check_integrity()
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=so)
+        for so in specs for _ in range(3)
+    ]  # fmt: skip
+    prompts = [[11 + i, 12, 13] * (1 + i % 4) for i in range(len(params))]
+    outputs = {}
+    for mode in (False, True):
+        llm = LLM(
+            str(tiny_model("qwen2")), num_kv_blocks=32, block_size=4,
+            max_num_batched_tokens=16, async_scheduling=mode,
+        )  # fmt: skip
+        assert llm.engine.core.async_scheduling == mode
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        outputs[mode] = [o.outputs[0].token_ids for o in outs]
+        for out in outs[:3]:
+            jsonschema.validate(json.loads(out.outputs[0].text), schema)
+        assert all(re.fullmatch(r"[a-f]{3,9}-[0-9]{2}", o.outputs[0].text) for o in outs[3:6])
+        assert all(o.outputs[0].text in ("alpha", "beta", "gamma delta") for o in outs[6:9])
+        core = llm.engine.core
+        if mode:
+            assert core.num_chained_steps > 0 and core.num_deferred_steps == 0
+            assert core.scheduler.num_preemptions > 0
+        llm.check_integrity()
+    assert outputs[True] == outputs[False]

@@ -87,17 +87,17 @@ def _reference_mask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]
 def test_apply_token_bitmask_matches_the_bits(vocab):
     gen = torch.Generator().manual_seed(vocab)
     logits = torch.randn(4, vocab, generator=gen)
-    bitmask = allocate_bitmask(2, vocab)
-    assert bitmask.shape == (2, bitmask_width(vocab)) and bool((bitmask == -1).all())
+    bitmask = allocate_bitmask(4, vocab)  # a row per logits row; only `rows` are applied
+    assert bitmask.shape == (4, bitmask_width(vocab)) and bool((bitmask == -1).all())
     bitmask.copy_(
         torch.randint(-(2**31), 2**31 - 1, bitmask.shape, generator=gen, dtype=torch.int64).to(
             torch.int32
         )
     )
-    bitmask[0, 0] = -(2**31)  # only bit 31 of the first word: token 31 allowed
+    bitmask[3, 0] = -(2**31)  # only bit 31 of the first word: token 31 allowed
     rows = [3, 1]
-    expected = _reference_mask(logits, bitmask, rows)
-    apply_token_bitmask(logits, bitmask, torch.tensor(rows))
+    expected = _reference_mask(logits, bitmask[rows], rows)
+    apply_token_bitmask(logits, bitmask, rows)
     assert torch.equal(logits, expected)
     assert logits[3, 31].isfinite() and not logits[3, :31].isfinite().any()
 

@@ -66,16 +66,17 @@ class GraphForward:
     def launch(
         self, items: list[ScheduledRequest], rows: GraphRows, previous: LaunchedStep | None
     ) -> LaunchedStep:
-        """Replay without reading the tokens; the argmax goes to pinned host memory."""
+        """Replay without reading the tokens; the argmax goes to pinned host memory once the
+        step is finished (at once, unless a sampler has a grammar: `LaunchedStep.finish`)."""
         if previous is not None and not previous.in_graph:
             self.graphs.adopt_greedy(previous.tokens)  # ran eagerly: not the graphs' ids
-        _, greedy = self._replay(items, rows)
-        host, ready = self.graphs.greedy_to_host(greedy)
+        logits, greedy = self._replay(items, rows)
         sample_rows = rows.sample_rows
         # as many sampled rows as items: every item samples (a decode step)
         every = len(sample_rows) == len(items)
         samplers = items if every else [it for it in items if it.samples]
-        return LaunchedStep(samplers, sample_rows, greedy, host, ready, in_graph=True)
+        step = LaunchedStep(samplers, sample_rows, greedy, self.graphs.greedy_to_host)
+        return self.sampling.launched(step, logits)
 
 
 class EagerForward:
@@ -136,19 +137,24 @@ class EagerForward:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_meta)
         logits = self.model.compute_logits(hidden[batch.logits_indices], float32=False)
         greedy = argmax_rows(logits)  # (R,) one row per sampling item, in sample_rows order
-        return self._launched(batch.sample_rows, greedy)
+        rows = list(range(len(batch.sample_rows)))
+        return sampling.launched(
+            LaunchedStep(batch.sample_rows, rows, greedy, self._copy_out), logits
+        )
 
-    def _launched(self, samplers: list[ScheduledRequest], greedy: torch.Tensor) -> LaunchedStep:
-        """The launched step: its ids copied to pinned host memory, an event when there."""
+    @staticmethod
+    def _copy_out(greedy: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Queue the ids' copy to pinned host memory; an event once they are there."""
         host = torch.empty(greedy.shape, dtype=greedy.dtype, pin_memory=True)
         host.copy_(greedy, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return LaunchedStep(samplers, list(range(len(samplers))), greedy, host, ready)
+        return host, ready
 
 
 class CpuForward(EagerForward):
     """`EagerForward` on the CPU: a launched step has run by the time `launch` returns."""
 
-    def _launched(self, samplers: list[ScheduledRequest], greedy: torch.Tensor) -> LaunchedStep:
-        return LaunchedStep(samplers, list(range(len(samplers))), greedy, greedy, None)
+    @staticmethod
+    def _copy_out(greedy: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        return greedy, None

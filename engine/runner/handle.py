@@ -7,7 +7,9 @@ on `result()`, and meanwhile able to feed the next launched step's input tokens 
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,26 +56,54 @@ class CompletedStep(StepHandle):
         return self.output
 
 
+# Where a launched step's ids go for the host to read: (host tensor, event once there).
+CopyOut = Callable[[torch.Tensor], tuple[torch.Tensor, "torch.cuda.Event | None"]]
+
+
 @dataclass(slots=True)
 class LaunchedStep(StepHandle):
-    """A plain-greedy step queued on the device whose sampled tokens are not read yet.
+    """A greedy step queued on the device whose sampled tokens are not read yet.
 
     `tokens` holds the step's argmax ids on the device: `samplers[j]` (the items that sample,
     in the step's order) has its token at row `rows[j]`, which the next step reads on the
-    device if it chains on (`picks_for`). `host_tokens` are the same ids in (pinned) host
-    memory, readable once `ready` completes. `in_graph`: the step ran in a decode graph, so its
-    ids are the graphs' `last_greedy`."""
+    device if it chains on (`picks_for`). Once `finish`ed, `host_tokens` are the same ids in
+    (pinned) host memory, readable once `ready` completes (None on the CPU: the step ran
+    synchronously). `in_graph`: the step ran in a decode graph, so its ids are the graphs'
+    `last_greedy`.
+
+    `grammars`, when some sampler has structured outputs, rewrites those rows of `tokens` with
+    the argmax under each grammar's mask. The mask needs the request's tokens up to the
+    previous step, so a step launched before those were read is finished later
+    (`AsyncStepper`): its forward pass runs on the device meanwhile, and the masks are filled
+    on the host in its shadow. Other steps are finished at launch."""
 
     samplers: list[ScheduledRequest]
     rows: list[int]
     tokens: torch.Tensor
-    host_tokens: torch.Tensor
-    ready: torch.cuda.Event | None  # None on the CPU: the step ran synchronously
+    copy_out: CopyOut
+    grammars: Callable[[], None] | None = None
     in_graph: bool = False
+    host_tokens: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
+    finished: bool = False
 
     @property
     def ahead(self) -> bool:
         return True
+
+    def finish(self) -> None:
+        """Apply the grammars' masks (if any), then queue the ids' copy to the host; once."""
+        if self.finished:
+            return
+        device = self.tokens.device  # the engine may step on another thread: work on its GPU
+        with (
+            torch.inference_mode(),
+            torch.cuda.device(device) if device.type == "cuda" else (contextlib.nullcontext()),
+        ):
+            if self.grammars is not None:
+                self.grammars()
+            self.host_tokens, self.ready = self.copy_out(self.tokens)
+        self.finished = True
 
     def wait(self) -> None:
         """Block until the step ran on the device (its KV writes included)."""
@@ -82,11 +112,11 @@ class LaunchedStep(StepHandle):
 
     def result(self) -> ModelRunnerOutput:
         """The sampled token ids by request id (waits for this step only)."""
+        assert self.finished and self.host_tokens is not None, "finish() comes first"
         self.wait()
         tokens: list[int] = self.host_tokens.tolist()
         sampled = {
-            it.request.request_id: tokens[r]
-            for it, r in zip(self.samplers, self.rows, strict=True)
+            it.request.request_id: tokens[r] for it, r in zip(self.samplers, self.rows, strict=True)
         }
         return ModelRunnerOutput(sampled=sampled)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from engine.runner.handle import ModelRunnerOutput
+from engine.cuda_graphs import argmax_rows
+from engine.runner.handle import LaunchedStep, ModelRunnerOutput
 from engine.sampling.logprobs import LogprobsTensors
 from engine.sampling.metadata import SamplingMetadata, SamplingRow
 from engine.sampling.sampler import Sampler
@@ -26,6 +29,18 @@ class StepSampler:
         self.sampler = Sampler()
         self.vocab_size = vocab_size
         self.device = device
+
+    def launched(self, step: LaunchedStep, logits: torch.Tensor) -> LaunchedStep:
+        """`step` (launched ahead, greedy) made to finish with its grammars' masks where a
+        sampler has one (`LaunchedStep.finish`, later), else finished now."""
+        if any(it.request.grammar is not None for it in step.samplers):
+            step.grammars = functools.partial(
+                argmax_under_grammars, logits, step.tokens, step.samplers, step.rows,
+                self.vocab_size,
+            )  # fmt: skip
+        else:
+            step.finish()
+        return step
 
     def sample(
         self,
@@ -70,14 +85,46 @@ def _apply_grammars(
     structured = [i for i, s in enumerate(items) if s.request.grammar is not None]
     if not structured:
         return logits
-    bitmask = allocate_bitmask(len(structured), vocab_size)  # (M, cdiv(V, 32))
-    for j, i in enumerate(structured):
-        request = items[i].request
-        assert request.grammar is not None
-        request.grammar.fill_bitmask(request.output_token_ids, request.eos_token_ids, bitmask, j)
+    bitmask = allocate_bitmask(len(items), vocab_size, pin=logits.is_cuda)  # (N, cdiv(V, 32))
+    for i in structured:
+        _fill(items[i], bitmask, i)
     logits = logits.to(torch.float32, copy=True)
-    apply_token_bitmask(logits, bitmask, torch.tensor(structured, dtype=torch.long))
+    apply_token_bitmask(logits, bitmask, structured)
     return logits
+
+
+def argmax_under_grammars(
+    logits: torch.Tensor,  # (R, V) a launched step's logits
+    tokens: torch.Tensor,  # (R,) their argmax ids, on the same device
+    samplers: list[ScheduledRequest],
+    rows: list[int],  # samplers[j]'s row of `logits` and `tokens`
+    vocab_size: int,
+) -> None:
+    """Rewrite in `tokens` the id of each sampler with a grammar as the argmax of its logits
+    row under the grammar's mask, filled now from the request's output tokens (a greedy step
+    launched ahead: `LaunchedStep.finish`). A request finished meanwhile keeps its (unused)
+    id."""
+    masked = [j for j, s in enumerate(samplers) if _masks(s)]
+    if not masked:
+        return
+    bitmask = allocate_bitmask(len(masked), vocab_size, pin=logits.is_cuda)
+    for k, j in enumerate(masked):
+        _fill(samplers[j], bitmask, k)
+    at = torch.tensor([rows[j] for j in masked], dtype=torch.long, pin_memory=logits.is_cuda)
+    at = at.to(logits.device, non_blocking=True)
+    picked = logits.index_select(0, at)  # (M, V): a copy, the step's logits stay as they were
+    apply_token_bitmask(picked, bitmask)
+    tokens.index_copy_(0, at, argmax_rows(picked).to(tokens.dtype))
+
+
+def _masks(item: ScheduledRequest) -> bool:
+    return item.request.grammar is not None and not item.request.is_finished
+
+
+def _fill(item: ScheduledRequest, bitmask: torch.Tensor, row: int) -> None:
+    request = item.request
+    assert request.grammar is not None
+    request.grammar.fill_bitmask(request.output_token_ids, request.eos_token_ids, bitmask, row)
 
 
 def _row(t: LogprobsTensors, i: int) -> LogprobsTensors:

@@ -1,14 +1,18 @@
 """Asynchronous scheduling: the device runs step k+1 while the host reads step k.
 
-A step whose requests are all `Request.launchable` (plain greedy, nothing for the KV connector)
-is launched without waiting for its tokens. The next `step()` schedules the one after it
+A step whose requests are all `Request.launchable` (greedy, nothing for the KV connector) is
+launched without waiting for its tokens. The next `step()` schedules the one after it
 (`Scheduler.schedule_next`), launches it fed by those tokens on the device, and only then
 reads them. The GPU so runs step k+1 while the host turns step k's tokens into outputs and
-prepares step k+2. A step scheduled ahead that cannot be launched (it samples otherwise than
-greedily, or asks for logprobs) is deferred: the next `step()` runs it to completion::
+prepares step k+2. Under structured outputs a request's token is the argmax under its grammar's
+mask, which follows step k's token: step k+1's forward pass is launched first, and its masks
+are filled once step k is read, then applied on the device (`LaunchedStep.finish`). A step
+scheduled ahead that cannot be launched (it samples otherwise than greedily, or asks for
+logprobs) is deferred: the next `step()` runs it to completion::
 
     step() 1:  schedule A, launch A | schedule B, launch B(A's tokens) | read A -> outputs
     step() 2:                         schedule C, launch C(B's tokens) | read B -> outputs
+                                                                           | finish C (masks)
 """
 
 from __future__ import annotations
@@ -37,11 +41,16 @@ class AsyncStepper(Stepper):
                 return []
             if not self.launchable(scheduled):
                 return self.run_to_completion(scheduled)
-            self._launched = (scheduled, self._launch(scheduled, None))
+            launched = self._launch(scheduled, None)
+            launched.finish()  # every token it follows is known
+            self._launched = (scheduled, launched)
         scheduled, launched = self._launched
         self._launched = None
         advanced = self._launch_next(scheduled, launched)
-        return self.post_process(scheduled, launched.result(), advanced=advanced)
+        outputs = self.post_process(scheduled, launched.result(), advanced=advanced)
+        if self._launched is not None:  # its grammars' masks follow the tokens just read
+            self._launched[1].finish()
+        return outputs
 
     def busy(self) -> bool:
         return self._launched is not None or self._deferred is not None

@@ -2,14 +2,13 @@
 
     bitmask (N, cdiv(V, 32)) int32: bit b of word w of row i set <=> token 32 * w + b allowed
 
-`apply_token_bitmask` is the torch reference (any device); a GPU kernel may replace it.
+Applied by xgrammar's kernels (any backend fills the same layout): a Triton kernel on the GPU,
+C++ on the CPU. On the GPU the host fills pinned memory and its copy is asynchronous.
 """
 
 from __future__ import annotations
 
 import torch
-
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 def bitmask_width(vocab_size: int) -> int:
@@ -17,18 +16,21 @@ def bitmask_width(vocab_size: int) -> int:
     return -(-vocab_size // 32)
 
 
-def allocate_bitmask(num_rows: int, vocab_size: int) -> torch.Tensor:
-    """(num_rows, cdiv(V, 32)) int32 on the CPU, every token allowed."""
-    return torch.full((num_rows, bitmask_width(vocab_size)), -1, dtype=torch.int32)
+def allocate_bitmask(num_rows: int, vocab_size: int, pin: bool = False) -> torch.Tensor:
+    """(num_rows, cdiv(V, 32)) int32 on the CPU (pinned, with `pin`), every token allowed."""
+    width = bitmask_width(vocab_size)
+    return torch.full((num_rows, width), -1, dtype=torch.int32, pin_memory=pin)
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
-    """Set to -inf, in `logits` (N, V) float, every token that `bitmask` (M, W) does not allow
-    in row `rows[j]` (M,) of `logits` for bitmask row j."""
-    vocab = logits.shape[1]
+def apply_token_bitmask(
+    logits: torch.Tensor, bitmask: torch.Tensor, indices: list[int] | None = None
+) -> None:
+    """Set to -inf, in `logits` (N, V) float32, every token of row i that row i of `bitmask`
+    (N, W) does not allow, for the rows in `indices` (all rows if None). `bitmask` may be on
+    the host: it is copied to the logits' device (asynchronously from pinned memory)."""
+    import xgrammar
+
     bitmask = bitmask.to(logits.device, non_blocking=True)
-    bits = _BITS.to(logits.device)
-    allowed = (bitmask.unsqueeze(-1) >> bits) & 1  # (M, W, 32)
-    allowed = allowed.view(bitmask.shape[0], -1)[:, :vocab].bool()  # (M, V)
-    rows = rows.to(logits.device)
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    xgrammar.apply_token_bitmask_inplace(
+        logits, bitmask, vocab_size=logits.shape[1], indices=indices
+    )
