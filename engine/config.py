@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,64 @@ class StructuredOutputsConfig:
             raise ValueError("structured outputs: compile_workers and cache_size must be >= 1")
 
 
+SPEC_METHODS = ("ngram", "suffix", "mlp_speculator", "eagle", "eagle3", "draft_model")
+SPEC_METHODS_BUILT = ("ngram",)
+
+
+@dataclass(slots=True)
+class SpeculativeConfig:
+    """Speculative decoding, as vLLM's `speculative_config` (engine.spec_decode).
+
+    A drafter proposes up to `num_speculative_tokens` tokens per running request; the target
+    verifies them in one forward pass (greedy: exactly; sampling: rejection sampling keeps its
+    distribution). `ngram` (prompt lookup) drafts the tokens that followed the last earlier
+    occurrence of the sequence's final n-gram, n from `prompt_lookup_max` down to
+    `prompt_lookup_min`. With `disable_by_batch_size` running requests or more, nobody drafts."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+    disable_by_batch_size: int | None = None
+    model: str | None = None  # the drafter's weights (mlp_speculator, eagle, draft_model)
+
+    def __post_init__(self) -> None:
+        field_name = "speculative_config"
+        if self.method not in SPEC_METHODS:
+            raise ValueError(
+                f"{field_name}.method must be one of {', '.join(SPEC_METHODS)}, "
+                f"got {self.method!r}"
+            )
+        if self.method not in SPEC_METHODS_BUILT:
+            raise ValueError(
+                f"{field_name}.method {self.method!r} is not implemented yet "
+                f"(implemented: {', '.join(SPEC_METHODS_BUILT)})"
+            )
+        if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 1:
+            raise ValueError(f"{field_name}.num_speculative_tokens must be an integer >= 1")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        lo, hi = (lo or hi or 5), (hi or lo or 5)  # vLLM's: one given sets both; none: 5
+        if lo < 1 or hi < lo:
+            raise ValueError(
+                f"{field_name}: need 1 <= prompt_lookup_min <= prompt_lookup_max, got {lo}, {hi}"
+            )
+        self.prompt_lookup_min, self.prompt_lookup_max = lo, hi
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"{field_name}.disable_by_batch_size must be >= 1")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpeculativeConfig:
+        """From vLLM's JSON form; an unknown key is refused by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"speculative_config: unknown key(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Everything one engine instance runs with."""
@@ -257,6 +315,7 @@ class EngineConfig:
     # The layers' kernels (Triton or the torch reference) and the Triton path's fusions.
     kernels: KernelConfig = field(default_factory=KernelConfig)
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    speculative: SpeculativeConfig | None = None
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from engine.request import Request, RequestStatus
 from engine.sampling.topk_topp import advance_generator
 from engine.sampling_params import SamplingType
 from engine.scheduler.scheduler import Scheduler
+from engine.spec_decode import Proposer, build_proposer
 from engine.step import AsyncStepper, Stepper, SyncStepper
 from engine.structured.manager import StructuredOutputManager
 
@@ -45,6 +46,8 @@ class EngineCore:
         )
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
         self.structured = StructuredOutputManager(config.structured_outputs, config.model)
+        spec = config.speculative
+        self.proposer: Proposer | None = None if spec is None else build_proposer(spec)
         self.kv_connector: KVConnector | None = None
         # Asynchronous scheduling (engine.step.ahead): on with CUDA graphs unless the config says.
         on = config.async_scheduling
@@ -168,7 +171,32 @@ class EngineCore:
         outputs are those of the step launched one call earlier."""
         self._update_from_connector()
         failed = self._update_from_grammars()
-        return self.stepper.step() + failed
+        outputs = self.stepper.step() + failed
+        if self.proposer is not None:
+            self._propose(self.proposer)
+        return outputs
+
+    def _propose(self, proposer: Proposer) -> None:
+        """Draft for each running request that decodes next (speculative decoding); none
+        while `disable_by_batch_size` requests or more run."""
+        spec = self.config.speculative
+        assert spec is not None
+        running = self.scheduler.running
+        for request in running:
+            request.spec_token_ids = []
+        limit = spec.disable_by_batch_size
+        if limit is not None and len(running) >= limit:
+            return
+        decoding = [
+            r for r in running
+            if r.speculates and r.num_computed_tokens == len(r.all_token_ids) - 1
+        ]  # fmt: skip
+        if not decoding:
+            return
+        k = spec.num_speculative_tokens
+        room = [min(k, r.max_tokens - len(r.output_token_ids) - 1) for r in decoding]
+        for request, drafts in zip(decoding, proposer.propose(decoding, room), strict=True):
+            request.spec_token_ids = drafts
 
     def _update_from_grammars(self) -> list[EngineCoreOutput]:
         """Queue the requests whose grammar compiled; an output (aborted, with the error) for

@@ -122,14 +122,16 @@ def graph_rows(
             reads += n * (start + n)
             if reads > GRAPH_PROMPT_READS:
                 return None
+        drafts = it.draft_token_ids  # verified in k + 1 rows that all sample
         if pick is None:
-            rows.ids.extend(request.all_token_ids[start : start + n])
+            rows.ids.extend(request.all_token_ids[start : start + n - len(drafts)])
+            rows.ids.extend(drafts)
         else:
             rows.ids.append(from_row(pick))
         rows.positions.extend(range(start, start + n))
         rows.tables.extend([it.block_ids] * n)
         if it.samples:
-            rows.sample_rows.append(len(rows.ids) - 1)
+            rows.sample_rows.extend(range(len(rows.ids) - 1 - len(drafts), len(rows.ids)))
     return rows
 
 

@@ -10,6 +10,7 @@ import array
 import itertools
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -23,6 +24,7 @@ from engine.config import (
     KernelConfig,
     ModelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     StructuredOutputsConfig,
 )
 from engine.core import EngineCore
@@ -70,6 +72,7 @@ class LLMEngine:
         fold_norms: bool = True,
         pdl: bool = True,
         structured_outputs_backend: str = "auto",
+        speculative_config: dict[str, Any] | SpeculativeConfig | None = None,
     ) -> LLMEngine:
         """Build the configs from flat arguments (the `LLM` and CLI spelling)."""
         config = EngineConfig(
@@ -95,6 +98,9 @@ class LLMEngine:
             async_scheduling=async_scheduling,
             kernels=KernelConfig(kernel_backend, fuse_gate_up, fold_norms, pdl),
             structured_outputs=StructuredOutputsConfig(structured_outputs_backend),
+            speculative=SpeculativeConfig.from_dict(speculative_config)
+            if isinstance(speculative_config, dict)
+            else speculative_config,
         )
         torch.manual_seed(seed)
         return cls(config)

@@ -100,6 +100,8 @@ class Request:
     kv_transfer: KVHandoff | None = None
     # Structured outputs: the grammar's compile, then the matcher of its output tokens.
     grammar: RequestGrammar | None = None
+    # Speculative decoding: the drafts proposed for its next step (engine.spec_decode).
+    spec_token_ids: list[int] = field(default_factory=list)
     times: RequestTimes = field(init=False)
 
     def __post_init__(self) -> None:
@@ -140,6 +142,18 @@ class Request:
         every step: computed once (neither changes)."""
         params = self.params
         return self.greedy_argmax and params.prompt_logprobs is None and self.kv_transfer is None
+
+    @functools.cached_property
+    def speculates(self) -> bool:
+        """Drafts may be proposed for it (speculative decoding on): not for requests asking
+        for logprobs (one row per token would be owed for each accepted draft: next) or
+        under a grammar (drafts checked against it: next)."""
+        params = self.params
+        return (
+            params.logprobs is None
+            and params.prompt_logprobs is None
+            and params.structured_outputs is None
+        )
 
     @property
     def num_prompt_tokens(self) -> int:

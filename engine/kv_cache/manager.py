@@ -158,6 +158,19 @@ class KVCacheManager:
         self._emit_stored(stored, first_parent, request, end - len(stored))
         self._num_cached[rid] = end
 
+    def trim(self, request: Request) -> None:
+        """Release the request's blocks past its computed tokens (speculative decoding: the
+        slots of rejected drafts), tail first. They hold no cached (hashed) block."""
+        rid = request.request_id
+        blocks = self._blocks.get(rid)
+        keep = cdiv(request.num_computed_tokens, self.block_size)
+        if not blocks or len(blocks) <= keep:
+            return
+        extra = blocks[keep:]
+        del blocks[keep:]
+        del self._block_ids[rid][keep:]
+        self.pool.free(reversed(extra))
+
     def free(self, request: Request) -> None:
         """Release all of the request's blocks, tail first (so a chain's tail is evicted first)."""
         blocks = self._blocks.pop(request.request_id, None)

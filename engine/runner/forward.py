@@ -52,9 +52,10 @@ class GraphForward:
         logits, greedy = self._replay(items, rows)
         samplers = [it for it in items if it.samples]
         sample_rows = rows.sample_rows
-        if len(sample_rows) == len(rows.ids):  # every row samples: a pure decode step
-            self.sampling.sample(logits, samplers, out, greedy)
-        elif all(it.request.plain_greedy for it in samplers):
+        drafts = any(it.draft_token_ids for it in samplers)  # rows verifying them
+        if len(sample_rows) == len(rows.ids):  # every row samples: decodes (and drafts)
+            self.sampling.sample(logits, samplers, out, None if drafts else greedy)
+        elif not drafts and all(it.request.plain_greedy for it in samplers):
             picked = greedy.tolist()  # (rows,): cheaper read whole than indexed on the device
             for item, row in zip(samplers, sample_rows, strict=True):
                 out.sampled[item.request.request_id] = picked[row]
@@ -113,7 +114,7 @@ class EagerForward:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_meta)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # (R, vocab) float32
         if batch.sample_rows:
-            sampling.sample(logits[: len(batch.sample_rows)], batch.sample_rows, out)
+            sampling.sample(logits[: batch.num_sampled], batch.sample_rows, out)
         for piece in batch.prompt_slices:
             targets = torch.tensor(piece.targets, device=sampling.device)
             out.prompt_logprobs[piece.request_id] = compute_prompt_logprobs(

@@ -20,9 +20,11 @@ from engine.scheduler.output import ScheduledRequest
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """Per request id: the sampled token, its logprobs row, and prompt logprobs rows."""
+    """Per request id: the sampled token, its logprobs row, and prompt logprobs rows; for a
+    request that verified drafts, the drafts accepted (they come before its sampled token)."""
 
     sampled: dict[str, int] = field(default_factory=dict)
+    accepted: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, LogprobsTensors] = field(default_factory=dict)
     prompt_logprobs: dict[str, LogprobsTensors] = field(default_factory=dict)
 

@@ -9,8 +9,8 @@ Sequences run in one flat batch of T tokens (S sequences, decodes first), each t
     logits_indices:  (R,) int64        the rows projected to logits: one per sampling item,
                                        then the prompt-logprob rows
 
-Speculative decoding (next) verifies k draft tokens of a request in the same pass: its chunk is
-k + 1 rows (its last token and the drafts), all of which sample, so `logits_indices` takes those
+Speculative decoding verifies k draft tokens of a request in the same pass: its chunk is k + 1
+rows (its last token and the drafts), all of which sample, so `logits_indices` takes those
 k + 1 consecutive rows for it and the sampler gets one logits row per verified position.
 
 Built with a fixed number of tensor operations whatever the number of sequences (the host's
@@ -49,7 +49,8 @@ class BatchInputs:
     positions: torch.Tensor  # (T,) int64
     attn_meta: AttentionMetadata
     logits_indices: torch.Tensor  # (R,) int64 rows of the hidden states to project to logits
-    sample_rows: list[ScheduledRequest]  # the first len(sample_rows) logits rows, in order
+    sample_rows: list[ScheduledRequest]  # the items that sample, in order
+    num_sampled: int  # their logits rows, first: one each, 1 + len(drafts) if verifying
     prompt_slices: list[PromptLogprobsSlice]
 
 
@@ -63,7 +64,7 @@ class HostRows:
     counts: list[int] = field(default_factory=list)  # (S,) rows of each chunk
     query_start_loc: list[int] = field(default_factory=lambda: [0])  # (S + 1,)
     seq_lens: list[int] = field(default_factory=list)  # (S,) context after the chunk
-    sample_idx: list[int] = field(default_factory=list)  # rows that sample, one per sampler
+    sample_idx: list[int] = field(default_factory=list)  # rows that sample (1 + drafts each)
     sample_rows: list[ScheduledRequest] = field(default_factory=list)  # their items
     prompt_idx: list[int] = field(default_factory=list)  # rows scored for prompt logprobs
     # (request id, first index into prompt_idx, targets, top-k) per request asking
@@ -110,7 +111,10 @@ def prepare_batch(
         slots, rows.query_start_loc, rows.seq_lens, flat_table.view(table.shape)
     )
     meta.set_padded(lens, cu_seqlens)
-    return BatchInputs(ids, positions, meta, logits_indices, rows.sample_rows, prompt_slices(rows))
+    return BatchInputs(
+        ids, positions, meta, logits_indices,
+        rows.sample_rows, len(rows.sample_idx), prompt_slices(rows),
+    )  # fmt: skip
 
 
 def collect_rows(
@@ -130,7 +134,11 @@ def collect_rows(
         end, offset = start + n, query_start_loc[-1]
         all_ids = request.all_token_ids
         pick = picks[i]
-        if pick is None:
+        drafts = item.draft_token_ids
+        if drafts:  # the chunk: one known token, then the drafts it verifies
+            out.tokens.extend(all_ids[start : end - len(drafts)])
+            out.tokens.extend(drafts)
+        elif pick is None:
             out.tokens.extend(all_ids[start:end])
         else:
             out.taken_at.append(offset)
@@ -141,7 +149,7 @@ def collect_rows(
         query_start_loc.append(offset + n)
         out.seq_lens.append(end)
         if end >= len(all_ids):  # item.samples (a pending token is not in all_ids yet)
-            out.sample_idx.append(offset + n - 1)
+            out.sample_idx.extend(range(offset + n - 1 - len(drafts), offset + n))
             out.sample_rows.append(item)
         if request.params.prompt_logprobs is not None:
             piece = prompt_logprob_rows(item, offset, vocab_size)

@@ -12,6 +12,7 @@ from engine.sampling.logprobs import LogprobsTensors
 from engine.sampling.metadata import SamplingMetadata, SamplingRow
 from engine.sampling.sampler import Sampler
 from engine.scheduler.output import ScheduledRequest
+from engine.spec_decode.verify import verify
 from engine.structured.bitmask import allocate_bitmask, apply_token_bitmask
 
 
@@ -49,7 +50,11 @@ class StepSampler:
         out: ModelRunnerOutput,
         greedy: torch.Tensor | None = None,  # (N,) argmax of `logits`, if already computed
     ) -> None:
-        """Write each item's token (and logprobs row, where asked) into `out`."""
+        """Write each item's token (and logprobs row, where asked) into `out`. An item that
+        verifies drafts has 1 + len(drafts) consecutive rows (engine.spec_decode.verify)."""
+        if any(s.draft_token_ids for s in items):
+            self._verify(logits, items, out)
+            return
         if all(s.request.plain_greedy for s in items):  # argmax is all there is to do
             if greedy is None:
                 greedy = logits.argmax(dim=-1)
@@ -75,6 +80,17 @@ class StepSampler:
             out.sampled[request_id] = tokens[i]
             if result.logprobs is not None and item.request.params.logprobs is not None:
                 out.logprobs[request_id] = _row(result.logprobs, i)
+
+
+    def _verify(
+        self, logits: torch.Tensor, items: list[ScheduledRequest], out: ModelRunnerOutput
+    ) -> None:
+        verified = verify(logits, items, self.vocab_size)
+        for item, accepted, token in zip(items, verified.accepted, verified.tokens, strict=True):
+            request_id = item.request.request_id
+            out.sampled[request_id] = token
+            if item.draft_token_ids:
+                out.accepted[request_id] = accepted
 
 
 def _apply_grammars(

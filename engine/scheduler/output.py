@@ -12,12 +12,15 @@ from engine.request import Request
 class ScheduledRequest:
     """`num_tokens` tokens of `request`, starting at its `num_computed_tokens`, run this step.
 
-    `block_ids` cover every token up to the end of this step's chunk.
+    `block_ids` cover every token up to the end of this step's chunk. With speculative
+    decoding the chunk's last `len(draft_token_ids)` tokens are drafts (not in the request's
+    tokens), each of its rows sampled to verify them (engine.spec_decode).
     """
 
     request: Request
     num_tokens: int
     block_ids: list[int]
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def start(self) -> int:

@@ -24,6 +24,7 @@ from engine.request import Request, RequestStatus
 from engine.scheduler.output import ScheduledRequest, SchedulerOutput
 from engine.scheduler.policies import SchedulingPolicy, make_policy
 from engine.scheduler.queues import RequestQueue
+from engine.spec_decode.stats import SpecDecodeStats
 
 
 class Scheduler:
@@ -50,6 +51,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # since start, for metrics and tests
+        self.spec_stats = SpecDecodeStats()  # speculative decoding: drafts verified, accepted
         self.num_steps = 0
         self.waiting_for_kv: dict[str, Request] = {}  # blocks allocated, KV from elsewhere
         self.waiting_for_grammar: dict[str, Request] = {}  # structured outputs: compiling
@@ -222,13 +224,17 @@ class Scheduler:
                 continue
             known = len(request.all_token_ids) + (rid in pending)
             num_tokens = min(known - request.num_computed_tokens, budget)
+            drafts = request.spec_token_ids
+            if drafts:  # speculative decoding: verify them in this step
+                drafts = self._drafts(request, num_tokens, budget, rid in pending)
+                num_tokens += len(drafts)
             if allocate(request, num_tokens):
-                out.scheduled.append(self._scheduled(request, num_tokens))
+                out.scheduled.append(self._scheduled(request, num_tokens, drafts))
                 budget -= num_tokens
                 i += 1
                 continue
             if self._allocate_or_preempt(request, num_tokens, out):
-                out.scheduled.append(self._scheduled(request, num_tokens))
+                out.scheduled.append(self._scheduled(request, num_tokens, drafts))
             # Preemptions may have removed scheduled requests: recount from what remains, and
             # go on from the first running request neither scheduled nor sitting out.
             budget = self.config.max_num_batched_tokens - out.num_batched_tokens
@@ -265,8 +271,8 @@ class Scheduler:
         for item in scheduled.scheduled:
             request = item.request
             if request.status == RequestStatus.RUNNING:  # else finished meanwhile
-                computed = request.num_computed_tokens = (
-                    request.num_computed_tokens + item.num_tokens
+                computed = request.num_computed_tokens = (  # drafts count once accepted
+                    request.num_computed_tokens + item.num_tokens - len(item.draft_token_ids)
                 )
                 if item.num_tokens > 1 or computed % bs == 0:  # else no block filled up
                     cache_blocks(request)
@@ -275,9 +281,15 @@ class Scheduler:
         return reached
 
     def update_from_output(
-        self, scheduled: SchedulerOutput, sampled: dict[str, int], advanced: bool = False
+        self,
+        scheduled: SchedulerOutput,
+        sampled: dict[str, int],
+        advanced: bool = False,
+        accepted: dict[str, list[int]] | None = None,
     ) -> list[EngineCoreOutput]:
         """Advance each scheduled request; append sampled tokens; finish stopped requests.
+        `accepted` holds, for requests that verified drafts, the drafts accepted: they come
+        before the sampled token (`_append_accepted`).
 
         Requests that finished since the step was scheduled (aborted, or stopped while an
         asynchronous step ran) are skipped: what the step computed for them is dropped."""
@@ -292,6 +304,12 @@ class Scheduler:
                 continue
             token = sampled.get(request.request_id)
             if token is None:
+                continue
+            if item.draft_token_ids:
+                assert accepted is not None, "a step with drafts reports the accepted ones"
+                taken = accepted[request.request_id]
+                self.spec_stats.observe(len(item.draft_token_ids), len(taken))
+                outputs.append(self._append_accepted(request, taken, token))
                 continue
             if request.grammar is not None and not request.grammar.advance(
                 request.output_token_ids, token
@@ -330,8 +348,26 @@ class Scheduler:
             finished.append(request)
         return finished
 
-    def _scheduled(self, request: Request, num_tokens: int) -> ScheduledRequest:
-        return ScheduledRequest(request, num_tokens, self.kv.block_ids(request.request_id))
+    def _scheduled(
+        self, request: Request, num_tokens: int, drafts: list[int] | None = None
+    ) -> ScheduledRequest:
+        block_ids = self.kv.block_ids(request.request_id)
+        if drafts:
+            return ScheduledRequest(request, num_tokens, block_ids, drafts)
+        return ScheduledRequest(request, num_tokens, block_ids)
+
+    def _drafts(self, request: Request, num_tokens: int, budget: int, pending: bool) -> list[int]:
+        """The drafts of `request` its next step verifies: none unless it decodes one known
+        token (a prompt chunk, or a token still on the device, has no drafts), capped by the
+        token budget and so that no accepted draft passes max_tokens or max_model_len."""
+        if pending or num_tokens != 1:
+            return []
+        room = min(
+            budget - 1,
+            request.max_tokens - len(request.output_token_ids) - 1,
+            self.max_model_len - len(request.all_token_ids) - 1,
+        )
+        return request.spec_token_ids[: max(room, 0)]
 
     def _allocate_or_preempt(self, request: Request, num_tokens: int, out: SchedulerOutput) -> bool:
         """Allocate, preempting the policy's victims until it fits; False if `request` itself
@@ -348,6 +384,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -375,6 +412,32 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(self._scheduled(request, num_tokens))
             budget -= num_tokens
+
+    def _append_accepted(
+        self, request: Request, accepted: list[int], token: int
+    ) -> EngineCoreOutput:
+        """Append the drafts the target accepted, then its own token, each checked for a stop
+        as if sampled alone (tokens after a stop are dropped). The accepted drafts' KV was
+        computed by the verify pass; blocks past it (rejected drafts') go back."""
+        new: list[int] = []
+        out = None
+        now = time.time()
+        for i, tok in enumerate([*accepted, token]):
+            request.output_token_ids.append(tok)
+            request.all_token_ids.append(tok)
+            if i < len(accepted):
+                request.num_computed_tokens += 1
+            new.append(tok)
+            out = self._check_stop(request, tok)
+            if out.finished:
+                break
+        assert out is not None
+        request.times.last_token = now
+        if not out.finished:
+            self.kv.cache_blocks(request)
+            self.kv.trim(request)
+        out.new_token_ids = new
+        return out
 
     def _end_refused(self, request: Request, token: int) -> EngineCoreOutput:
         """End a request whose grammar refused its sampled token: the grammar together with

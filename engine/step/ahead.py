@@ -61,9 +61,10 @@ class AsyncStepper(Stepper):
 
     @staticmethod
     def launchable(scheduled: SchedulerOutput) -> bool:
-        """Every request is `Request.launchable`, and the KV connector has nothing to do."""
+        """Every request is `Request.launchable` and verifies no drafts (speculative decoding
+        reads its tokens: next), and the KV connector has nothing to do."""
         return scheduled.kv_connector_metadata is None and all(
-            it.request.launchable for it in scheduled.scheduled
+            it.request.launchable and not it.draft_token_ids for it in scheduled.scheduled
         )
 
     def _next_scheduled(self) -> SchedulerOutput:

@@ -82,7 +82,9 @@ class Stepper(ABC):
         """Advance the requests of `scheduled` by the step's tokens (`advanced`: the scheduler
         already counted the step as computed, `Scheduler.schedule_next`) and attach logprobs."""
         _advance_prompt_logprobs(scheduled)
-        outputs = self.scheduler.update_from_output(scheduled, result.sampled, advanced=advanced)
+        outputs = self.scheduler.update_from_output(
+            scheduled, result.sampled, advanced=advanced, accepted=result.accepted
+        )
         return _with_logprobs(outputs, result)
 
 
