@@ -85,12 +85,26 @@ class StepSampler:
     def _verify(
         self, logits: torch.Tensor, items: list[ScheduledRequest], out: ModelRunnerOutput
     ) -> None:
-        verified = verify(logits, items, self.vocab_size)
-        for item, accepted, token in zip(items, verified.accepted, verified.tokens, strict=True):
+        """Items with drafts verify them (1 + k rows each); the others sample as usual."""
+        spec_rows: list[int] = []
+        plain_rows: list[int] = []
+        at = 0
+        for item in items:
+            n = 1 + len(item.draft_token_ids)
+            (spec_rows if item.draft_token_ids else plain_rows).extend(range(at, at + n))
+            at += n
+        if plain_rows:
+            plain = [item for item in items if not item.draft_token_ids]
+            self.sample(logits[torch.tensor(plain_rows, device=logits.device)], plain, out)
+        speculating = [item for item in items if item.draft_token_ids]
+        picked = logits[torch.tensor(spec_rows, device=logits.device)]
+        verified = verify(picked, speculating, self.vocab_size)
+        for item, accepted, token in zip(
+            speculating, verified.accepted, verified.tokens, strict=True
+        ):
             request_id = item.request.request_id
             out.sampled[request_id] = token
-            if item.draft_token_ids:
-                out.accepted[request_id] = accepted
+            out.accepted[request_id] = accepted
 
 
 def _apply_grammars(
