@@ -1,15 +1,17 @@
 """Structured outputs through the router, against real worker processes (a prefill/decode pair
 and a colocated worker) on the random-weight tiny model at temperature 1, with the official
-openai client: response_format json_schema outputs validate, choices are exact, regexes
-full-match, streamed and not; vLLM's structured_outputs object and guided_* aliases; the gRPC
-API's proto field. A spec the worker's grammar backend cannot compile is a 400 (gRPC
-INVALID_ARGUMENT) naming the field the client used; two constraints are a 400; nothing leaks."""
+openai client: response_format json_schema outputs validate (every schema of the engine's
+suite too), choices are exact, regexes full-match, streamed and not; vLLM's structured_outputs
+object and guided_* aliases; the gRPC API's proto field. A spec the worker's grammar backend
+cannot compile is a 400 (gRPC INVALID_ARGUMENT) naming the field the client used; two
+constraints are a 400; nothing leaks."""
 
 from __future__ import annotations
 
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import jsonschema
@@ -19,6 +21,7 @@ import pytest
 from proto.baton.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
 from router.config import RouterConfig
 from router.testing import RouterThread
+from tests.test_structured_outputs import SCHEMAS
 from tests.workers import started_at_once
 
 NUM_BLOCKS = 64
@@ -38,6 +41,7 @@ SCHEMA = {
 COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}
 REGEX = r"[a-d]{2,5}-[0-9]{1,3}"
 CHOICES = ["yes", "no", "maybe not"]
+FORMATS = jsonschema.FormatChecker()
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +132,26 @@ def test_json_schema_outputs_validate(router, stream):
     for text, reason in outputs:
         assert reason == "stop", text
         jsonschema.validate(json.loads(text), SCHEMA)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_schema_of_the_engine_suite_validates(router, stream):
+    """tests/test_structured_outputs.py's SCHEMAS (all finite: compact outputs end within
+    max_tokens), sent at once as strict json_schema formats."""
+    client = _client(router)
+
+    def ask(seed: int, name: str) -> tuple[str, str | None]:
+        schema = {"name": name, "schema": SCHEMAS[name], "strict": True}
+        fmt = {"type": "json_schema", "json_schema": schema}
+        return _chat(
+            client, stream, response_format=fmt, seed=seed, max_tokens=200, extra_body=COMPACT
+        )
+
+    with ThreadPoolExecutor(len(SCHEMAS)) as pool:
+        outputs = dict(zip(SCHEMAS, pool.map(ask, range(len(SCHEMAS)), SCHEMAS), strict=True))
+    for name, (text, reason) in outputs.items():
+        assert reason == "stop", (name, text)
+        jsonschema.validate(json.loads(text), SCHEMAS[name], format_checker=FORMATS)
 
 
 @pytest.mark.parametrize("stream", [False, True])
