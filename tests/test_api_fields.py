@@ -132,9 +132,6 @@ def test_fields_not_supported_yet_are_400_naming_them(router, path):
 @pytest.mark.parametrize(
     ("path", "extra", "param"),
     [
-        (CHAT, {"response_format": {"type": "structural_tag", "structures": []}},
-         "response_format"),
-        (COMPLETIONS, {"response_format": {"type": "structural_tag"}}, "response_format"),
         (COMPLETIONS, {"best_of": 3, "n": 2, "temperature": 1}, "best_of"),
         (COMPLETIONS, {"echo": True, "logprobs": 1}, "echo"),
         (CHAT, {"stream": True, "stream_options": {"continuous_usage_stats": True}},

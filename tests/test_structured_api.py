@@ -1,15 +1,18 @@
 """Structured outputs through the router, against real worker processes (a prefill/decode pair
 and a colocated worker) on the random-weight tiny model at temperature 1, with the official
-openai client: response_format json_schema outputs validate, choices are exact, regexes
-full-match, streamed and not; vLLM's structured_outputs object and guided_* aliases; the gRPC
-API's proto field. A spec the worker's grammar backend cannot compile is a 400 (gRPC
-INVALID_ARGUMENT) naming the field the client used; two constraints are a 400; nothing leaks."""
+openai client: response_format json_schema outputs validate (every schema of the engine's
+suite), choices are exact, regexes full-match, streamed and not; vLLM's structured_outputs object
+and guided_* aliases; structural tags in both of vLLM's forms; the gRPC API's proto field. A spec
+the worker's grammar backend cannot compile is a 400 (gRPC INVALID_ARGUMENT) naming the field the
+client used; two constraints, a malformed structural tag and a per-request backend are 400s;
+nothing leaks."""
 
 from __future__ import annotations
 
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import jsonschema
@@ -19,6 +22,7 @@ import pytest
 from proto.baton.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
 from router.config import RouterConfig
 from router.testing import RouterThread
+from tests.test_structured_outputs import SCHEMAS
 from tests.workers import started_at_once
 
 NUM_BLOCKS = 64
@@ -38,6 +42,7 @@ SCHEMA = {
 COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}
 REGEX = r"[a-d]{2,5}-[0-9]{1,3}"
 CHOICES = ["yes", "no", "maybe not"]
+FORMATS = jsonschema.FormatChecker()
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +136,26 @@ def test_json_schema_outputs_validate(router, stream):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_every_schema_of_the_engine_suite_validates(router, stream):
+    """tests/test_structured_outputs.py's SCHEMAS (all finite: compact outputs end within
+    max_tokens), sent at once as strict json_schema formats."""
+    client = _client(router)
+
+    def ask(seed: int, name: str) -> tuple[str, str | None]:
+        schema = {"name": name, "schema": SCHEMAS[name], "strict": True}
+        fmt = {"type": "json_schema", "json_schema": schema}
+        return _chat(
+            client, stream, response_format=fmt, seed=seed, max_tokens=200, extra_body=COMPACT
+        )
+
+    with ThreadPoolExecutor(len(SCHEMAS)) as pool:
+        outputs = dict(zip(SCHEMAS, pool.map(ask, range(len(SCHEMAS)), SCHEMAS), strict=True))
+    for name, (text, reason) in outputs.items():
+        assert reason == "stop", (name, text)
+        jsonschema.validate(json.loads(text), SCHEMAS[name], format_checker=FORMATS)
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_choice_regex_and_json_object(router, stream):
     client = _client(router)
     for seed in range(3):
@@ -203,6 +228,136 @@ def test_two_constraints_and_malformed_specs_are_400(router):
     _assert_400(
         lambda: _chat(client, False, extra_body={"guided_choice": []}), "guided_choice", "empty"
     )
+    deep = {"structured_outputs": {"structural_tag": "[" * 100_000}}  # past json.loads' recursion
+    _assert_400(lambda: _chat(client, False, extra_body=deep), "structured_outputs.structural_tag")
+    _assert_400(
+        lambda: _chat(client, False, extra_body={"guided_json": "[" * 100_000}), "guided_json"
+    )
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"enum": ["paris", "rome"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+BEGIN, END = "<function=get_weather>", "</function>"
+# xgrammar's form: a tag at once (at_least_one), and nothing after it (stop_after_first).
+FORCED_TAG = {
+    "type": "structural_tag",
+    "format": {
+        "type": "triggered_tags",
+        "triggers": ["<function="],
+        "tags": [{"begin": BEGIN, "content": {"type": "json_schema", "json_schema": WEATHER},
+                  "end": END}],
+        "at_least_one": True,
+        "stop_after_first": True,
+    },
+}  # fmt: skip
+# vLLM's legacy form, with a trigger the random model writes often in its free text.
+LEGACY_TAG = {
+    "type": "structural_tag",
+    "structures": [{"begin": "e<weather>", "schema": WEATHER, "end": "</weather>"}],
+    "triggers": ["e"],
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structural_tag_format_forces_a_tag_whose_body_validates(router, stream):
+    client = _client(router)
+    for seed in range(3):
+        text, reason = _chat(client, stream, response_format=FORCED_TAG, seed=seed, max_tokens=150)
+        free, _, tagged = text.partition(BEGIN)
+        assert reason == "stop" and "<function=" not in free and tagged.endswith(END), text
+        jsonschema.validate(json.loads(tagged.removesuffix(END)), WEATHER)
+
+
+def _tagged_bodies(text: str, trigger: str, begin: str, end: str) -> tuple[list[str], str]:
+    """The bodies of the tags in `text` (free text and tags, each `begin` body `end`), and the
+    tail of a tag left unfinished; AssertionError where free text holds a trigger that begins
+    no tag."""
+    bodies = []
+    while (start := text.find(trigger)) >= 0:
+        text = text[start:]
+        stop = text.find(end, len(begin))
+        if stop < 0 or not text.startswith(begin):
+            assert text.startswith(begin) or begin.startswith(text), text
+            return bodies, text
+        bodies.append(text[len(begin) : stop])
+        text = text[stop + len(end) :]
+    return bodies, ""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_legacy_structural_tag_free_text_then_tags_whose_bodies_validate(router, stream):
+    """In response_format, and as JSON text in structured_outputs.structural_tag."""
+    client = _client(router)
+    bodies, free_first = 0, 0
+    for seed in range(4):
+        tag = {"structural_tag": json.dumps(LEGACY_TAG)}
+        body = {"response_format": LEGACY_TAG} if seed % 2 else {"structured_outputs": tag}
+        [(text, reason)] = _completion(client, stream, seed=seed, max_tokens=80, extra_body=body)
+        found, unfinished = _tagged_bodies(text, "e", "e<weather>", "</weather>")
+        for found_body in found:
+            jsonschema.validate(json.loads(found_body), WEATHER)
+        assert not unfinished or reason == "length", text
+        bodies += len(found)
+        free_first += not text.startswith("e<weather>")
+    assert bodies and free_first, "no tag completed, or none after free text"
+
+
+def test_malformed_structural_tags_and_a_backend_per_request_are_400(router):
+    client = _client(router)
+    tag = {"begin": "<f=a>", "schema": WEATHER, "end": "</f>"}
+
+    def legacy(**change) -> dict:
+        return {"type": "structural_tag", "structures": [tag], "triggers": ["<f="], **change}
+
+    triggered = {
+        "type": "triggered_tags",
+        "triggers": ["<g"],
+        "tags": [
+            {"begin": "<f>", "content": {"type": "const_string", "value": "x"}, "end": "</f>"}
+        ],
+    }
+    rf = "response_format"
+    cases = [
+        ({"type": "structural_tag"}, f"{rf}.format", "needs format"),
+        ({"type": "structural_tag", "format": ["x"]}, f"{rf}.format", "an object with a type"),
+        (legacy(format=triggered), f"{rf}.structures", "not both"),
+        (legacy(structures=[]), f"{rf}.structures", "non-empty list"),
+        (legacy(triggers="<f="), f"{rf}.triggers", "non-empty list"),
+        (legacy(triggers=[""]), f"{rf}.triggers.0", "non-empty string"),
+        (legacy(triggers=["<f=", "<g"]), f"{rf}.triggers.1", "prefix of some begin"),
+        (legacy(triggers=["<f", "<f="]), f"{rf}.structures.0.begin", "exactly one"),
+        (legacy(structures=[{**tag, "begin": 3}]), f"{rf}.structures.0.begin", "non-empty"),
+        (legacy(structures=[{**tag, "schema": None}]), f"{rf}.structures.0.schema", "object"),
+        (legacy(structures=[{"begin": "<f=a>", "schema": {}}]), f"{rf}.structures.0.end", ""),
+        (legacy(structures=[{**tag, "content": {}}]), f"{rf}.structures.0.content", "unknown"),
+        (legacy(structures=["<f=a>"]), f"{rf}.structures.0", "an object"),
+        (legacy(at_least_one=True), f"{rf}.at_least_one", "unknown field"),
+        ({"type": "structural_tag", "format": {"type": "sequence", "elements": [triggered]}},
+         f"{rf}.format.elements.0.triggers.0", "prefix of some begin"),
+        ({"type": "structural_tag", "json_schema": {"name": "x"}, "format": triggered},
+         f"{rf}.type", "json_schema"),
+        # what only the worker's xgrammar judges, said of the field that held it
+        (legacy(structures=[{**tag, "schema": {"type": "nope"}}]), f"{rf}.structures",
+         "cannot compile"),
+        ({"type": "structural_tag", "format": {"type": "bogus"}}, f"{rf}.format",
+         "cannot compile"),
+    ]  # fmt: skip
+    for fmt, param, words in cases:
+        _assert_400(lambda f=fmt: _chat(client, False, response_format=f), param, words)
+    so = {"structured_outputs": {"structural_tag": json.dumps(legacy(triggers=["<g"]))}}
+    _assert_400(
+        lambda: _completion(client, True, extra_body=so),
+        "structured_outputs.structural_tag.triggers.0", "prefix of some begin",
+    )  # fmt: skip
+    backend = {"guided_decoding_backend": "xgrammar", "guided_choice": CHOICES}
+    _assert_400(
+        lambda: _chat(client, False, extra_body=backend), "guided_decoding_backend",
+        "chosen per server", "--structured-outputs-backend",
+    )  # fmt: skip
 
 
 def test_combinations_that_may_leave_no_token_are_refused(router, workers):

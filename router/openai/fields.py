@@ -49,8 +49,11 @@ _BEAM = "beam search"
 
 NOT_SUPPORTED_YET: dict[str, Unsupported] = {
     # structured outputs are honoured (router.openai.structured), but not a per-request
-    # backend (the worker's --structured-outputs-backend decides) nor vLLM's top-level tag
-    "guided_decoding_backend": Unsupported("a per-request grammar backend"),
+    # backend (each worker compiles with its own) nor vLLM's top-level tag
+    "guided_decoding_backend": Unsupported(
+        "a per-request grammar backend; the backend is chosen per server: "
+        "--structured-outputs-backend"
+    ),
     "structural_tag": Unsupported("a top-level structural tag (send structured_outputs)"),
     # tools (issue 26); chat renders `tools` in the prompt (as with tool_choice "none")
     "tools": Unsupported(_TOOLS, ([],)),  # /v1/completions only

@@ -1,6 +1,6 @@
 """Structured outputs in the OpenAI API's request bodies: one `StructuredOutputsParams` from
-OpenAI's `response_format`, vLLM's `structured_outputs` object, or vLLM's older `guided_*`
-fields.
+OpenAI's `response_format` (or vLLM's `structural_tag` type of it), vLLM's `structured_outputs`
+object, or vLLM's older `guided_*` fields.
 
 Exactly one of them may set the constraint (two at once is a 400 naming the second); the
 options (`disable_any_whitespace`, ...) come from `structured_outputs` (or
@@ -12,6 +12,7 @@ comes back as a 400 that `name_constraint_field` renames to the field the client
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.structured_outputs import CONSTRAINTS, StructuredOutputsParams
 from router.errors import InvalidRequestError, RouterError
 from router.openai.fields import unknown_field
+from router.openai.structural_tag import structural_tag
 
 # vLLM's older top-level fields, and the constraint each sets.
 GUIDED_ALIASES = {
@@ -43,8 +45,9 @@ class JsonSchemaFormat(BaseModel):
 
 class ResponseFormat(BaseModel):
     """OpenAI's `response_format`: `text` (no constraint), `json_object` (any JSON object) or
-    `json_schema` (the schema in `json_schema.schema`). vLLM's `structural_tag` type is
-    refused (send `structured_outputs.structural_tag`)."""
+    `json_schema` (the schema in `json_schema.schema`); or vLLM's `structural_tag`, whose
+    other fields (`format`, or `structures` and `triggers`) router.openai.structural_tag
+    reads."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -72,12 +75,26 @@ class StructuredOutputsBody(BaseModel):
         found = []
         for kind in CONSTRAINTS:
             value = getattr(self, "json_" if kind == "json" else kind)
+            if kind == "structural_tag" and value is not None:
+                value = _structural_tag(value)
             if value is not None and value is not False:
                 found.append((f"structured_outputs.{kind}", {kind: value}))
         return found
 
     def options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _OPTIONS}
+
+
+def _structural_tag(value: str | dict[str, Any]) -> str | dict[str, Any]:
+    """`structured_outputs.structural_tag` in the form the workers compile (vLLM's legacy
+    form converted); what is not a JSON object stays, for StructuredOutputsParams to refuse."""
+    try:
+        tag = json.loads(value) if isinstance(value, str) else value
+    except (json.JSONDecodeError, RecursionError):
+        return value
+    if not isinstance(tag, dict):
+        return value
+    return structural_tag(tag, "structured_outputs.structural_tag")[1]
 
 
 def response_format_constraint(fmt: ResponseFormat | None) -> list[tuple[str, dict[str, Any]]]:
@@ -90,12 +107,12 @@ def response_format_constraint(fmt: ResponseFormat | None) -> list[tuple[str, di
         _check_no_extra(fmt)
         return []
     if fmt.type == "structural_tag":
-        raise InvalidRequestError(
-            "'response_format' of type 'structural_tag' is not supported yet; send "
-            "structured_outputs.structural_tag",
-            "response_format",
-            "unsupported_parameter",
-        )
+        if fmt.json_schema is not None:
+            raise InvalidRequestError(
+                "response_format.json_schema needs type 'json_schema'", "response_format.type"
+            )
+        spec, tag = structural_tag(fmt.model_extra or {}, "response_format")
+        return [(f"response_format.{spec}", {"structural_tag": tag})]
     _check_no_extra(fmt)
     if fmt.type == "json_object":
         return [("response_format", {"json_object": True})]
@@ -139,6 +156,8 @@ def structured_outputs_params(
         return StructuredOutputsParams(**constraint, **options), field
     except ValueError as error:
         raise InvalidRequestError(_in_field(field, str(error)), field) from error
+    except RecursionError:  # JSON text nested past what json.loads can parse
+        raise InvalidRequestError(f"{field}: JSON text nested too deep", field) from None
 
 
 def name_constraint_field(error: RouterError, field: str | None) -> RouterError:
