@@ -1,0 +1,140 @@
+"""Speculative decoding on the CPU: the demo model with and without drafts, same run.
+
+Workloads (greedy, so the outputs must be equal, which the benchmark checks):
+
+    editing   batch 1: a chat asking the model to repeat a Python function with one change,
+              the kind of output n-gram drafting serves (most of it copies the prompt)
+    batch16   16 such requests at once (different functions): no slower than without drafts
+
+Each configuration runs `--repeats` times after a warm-up; the fastest counts (the machine is
+shared). Reports output tokens/s, the ratio against no drafts, and the mean acceptance length
+(tokens per verify pass: accepted drafts + 1).
+
+    python -m bench.spec_decode [--out bench/results/spec_decode_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import shlex
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.machine import describe_machine, git_commit, load_average
+
+METHODS: dict[str, dict[str, Any] | None] = {
+    "off": None,
+    "ngram_k3": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2,
+                 "prompt_lookup_max": 4},
+    "ngram_k5": {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2,
+                 "prompt_lookup_max": 4},
+}  # fmt: skip
+# Standard-library modules whose functions the editing prompts quote (present on any Python)
+SOURCE_MODULES = ("textwrap", "shlex", "json.decoder", "string", "fnmatch", "glob", "base64",
+                  "calendar", "difflib")  # fmt: skip
+AIMS = {"editing_ngram_over_off": 1.5, "batch16_ngram_over_off": 1.0}  # at least
+
+
+def editing_prompts(tokenizer: Any, num: int) -> list[list[int]]:
+    """Chats asking to repeat a standard-library function with its name changed."""
+    import importlib
+
+    modules = [importlib.import_module(m) for m in SOURCE_MODULES]
+    sources = [
+        inspect.getsource(f)
+        for module in modules
+        for _, f in inspect.getmembers(module, inspect.isfunction)
+        if f.__module__ == module.__name__ and 300 < len(inspect.getsource(f)) < 1500
+    ]
+    prompts = []
+    for source in sources[:num]:
+        body = textwrap.dedent(source)
+        chat = [{"role": "user", "content": "Rewrite this Python function, renaming it to "
+                 f"`renamed`, and change nothing else:\n\n```python\n{body}```"}]  # fmt: skip
+        text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer.encode(text, add_special_tokens=False))
+    assert len(prompts) == num, f"found {len(prompts)} functions, wanted {num}"
+    return prompts
+
+
+def run(model: str, spec: dict[str, Any] | None, prompts, max_tokens: int, repeats: int):
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model, dtype="float32", num_kv_blocks=2048, speculative_config=spec)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    best, outputs = float("inf"), None
+    for _ in range(repeats):
+        llm.engine.core.reset_prefix_cache()
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        best = min(best, time.perf_counter() - start)
+        outputs = [o.outputs[0].token_ids for o in outs]
+    assert outputs is not None
+    stats = llm.engine.core.scheduler.spec_stats
+    tokens = sum(len(o) for o in outputs)
+    return {
+        "seconds": round(best, 3),
+        "output_tokens": tokens,
+        "tokens_per_s": round(tokens / best, 2),
+        "mean_acceptance_length": round(stats.mean_acceptance_length, 3),
+        "draft_acceptance_rate": round(stats.num_accepted_tokens / stats.num_draft_tokens, 3)
+        if stats.num_draft_tokens
+        else None,
+    }, outputs
+
+
+def workload(model: str, prompts, max_tokens: int, repeats: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    reference = None
+    for name, spec in METHODS.items():
+        results[name], outputs = run(model, spec, prompts, max_tokens, repeats)
+        if reference is None:
+            reference = outputs
+        results[name]["outputs_equal_off"] = outputs == reference
+        if name != "off":
+            off = results["off"]["tokens_per_s"]
+            results[name]["ratio_over_off"] = round(results[name]["tokens_per_s"] / off, 3)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/spec_decode_cpu.json"))
+    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    from common.tokenizer import load_tokenizer
+    from engine.models.demo import ensure_demo_model
+
+    model = str(ensure_demo_model(progress=False))
+    prompts = editing_prompts(load_tokenizer(model), 16)
+    result: dict[str, Any] = {
+        "benchmark": "spec_decode",
+        "command": "python -m bench.spec_decode " + shlex.join(argv or sys.argv[1:]),
+        "git_commit": git_commit(),
+        "machine": describe_machine(),
+        "load_average_before": load_average(),
+        "model": "SmolLM2-135M-Instruct (demo), float32, CPU",
+        "methods": METHODS,
+        "max_tokens": args.max_tokens,
+        "editing": workload(model, prompts[:1], args.max_tokens, args.repeats),
+        "batch16": workload(model, prompts, args.max_tokens, args.repeats),
+        "aims": AIMS,
+        "load_average_after": load_average(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for name in ("editing", "batch16"):
+        for method, row in result[name].items():
+            print(name, method, row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
