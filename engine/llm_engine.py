@@ -10,6 +10,7 @@ import array
 import itertools
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -70,8 +71,11 @@ class LLMEngine:
         fold_norms: bool = True,
         pdl: bool = True,
         structured_outputs_backend: str = "auto",
+        structured_outputs_disable_fallback: bool = False,
+        structured_outputs_compile_timeout: float = 30.0,
+        structured_outputs_config: str | dict[str, Any] | None = None,
     ) -> LLMEngine:
-        """Build the configs from flat arguments (the `LLM` and CLI spelling)."""
+        """Build the configs from flat arguments (the `LLM` and CLI spelling, vLLM's)."""
         config = EngineConfig(
             model=ModelConfig.from_pretrained(model, dtype, max_model_len, served_model_name),
             cache=CacheConfig(
@@ -94,8 +98,10 @@ class LLMEngine:
             enforce_eager=enforce_eager,
             async_scheduling=async_scheduling,
             kernels=KernelConfig(kernel_backend, fuse_gate_up, fold_norms, pdl),
-            structured_outputs=StructuredOutputsConfig(structured_outputs_backend),
-        )
+            structured_outputs=StructuredOutputsConfig.from_flags(
+                structured_outputs_backend, structured_outputs_disable_fallback,
+                structured_outputs_compile_timeout, structured_outputs_config),
+        )  # fmt: skip
         torch.manual_seed(seed)
         return cls(config)
 
