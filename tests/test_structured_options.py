@@ -250,3 +250,44 @@ def test_a_grammar_slower_than_the_timeout_ends_its_request_only(tiny_model, slo
     assert out[0].outputs[0].text in ("left", "right")  # a hit: ready at once, no timeout
     assert (stats.hits, stats.misses, stats.timeouts, stats.requests) == (1, 1, 1, {"xgrammar": 1})
     llm.check_integrity()
+
+
+def test_a_decode_engine_whose_kv_arrives_before_the_grammar_does_not_block_on_it(
+    tiny_model, slow_backend
+) -> None:
+    """Disaggregated decode: the prompt's KV (and the first token) arrive while the grammar
+    still compiles here. The request waits for its grammar holding its blocks, the step never
+    blocks on the compile, and the timeout ends it; the plain request decodes on."""
+    from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from engine.core import EngineCore
+    from engine.kv_connector import KVConnectorConfig, make_kv_connector
+    from engine.request import Request, RequestStatus
+
+    config = EngineConfig(
+        ModelConfig.from_pretrained(tiny_model("qwen2")),
+        CacheConfig(num_blocks=64),
+        SchedulerConfig(max_num_batched_tokens=32),
+        structured_outputs=StructuredOutputsConfig(slow_backend, compile_timeout_s=0.2),
+    )
+    receiver = make_kv_connector(KVConnectorConfig("receive"), config)
+    decode = EngineCore(config, receiver)
+    eos = tuple(config.model.eos_token_ids)
+    so = StructuredOutputsParams(choice=["left", "right"])
+    structured = SamplingParams(max_tokens=20, structured_outputs=so)
+    plain = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    start = time.monotonic()
+    for rid, params in (("late", structured), ("plain", plain)):
+        receiver.reserve(decode, Request(rid, list(range(3, 40)), params, params.max_tokens, eos))
+        receiver.kv_arrived(rid, [7])
+    late = decode.scheduler.requests["late"]
+    outputs: dict[str, list] = {}
+    while decode.has_work():
+        for out in decode.step():
+            outputs.setdefault(out.request_id, []).append((out, time.monotonic() - start))
+        if "plain" in outputs:  # the first decode step ran while the grammar compiled
+            assert late.status == RequestStatus.WAITING_FOR_GRAMMAR or late.is_finished
+    [(failed, after_s)] = outputs["late"]
+    assert failed.error == "structured_outputs.choice: grammar compile timed out after 0.2 s"
+    assert after_s < SlowBackend.DELAY_S and not late.grammar.future.done()
+    assert sum(len(out.new_token_ids) for out, _ in outputs["plain"]) == 7  # 1 came with the KV
+    decode.check_integrity(expect_all_free=True)
