@@ -100,7 +100,7 @@ def test_serve_forwards_the_flags_and_takes_them_from_its_config_file(
     config.write_text(yaml.safe_dump({
         "structured-outputs-backend": "guidance",
         "structured_outputs_compile_timeout": 4,
-        "structured_outputs_config": '{"disable_fallback": true}',
+        "structured_outputs_config": {"disable_fallback": True},  # a mapping: its JSON
     }))  # fmt: skip
     argv = ["serve", "--config", str(config), "--model", model, "--structured-outputs-backend",
             "auto"]  # fmt: skip
