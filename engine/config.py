@@ -221,12 +221,16 @@ class KernelConfig:
 @dataclass(slots=True)
 class StructuredOutputsConfig:
     """Grammar backends (engine.structured): `backend` is a registered name or "auto"
-    (xgrammar, then what it cannot compile to guidance); compiles run on `compile_workers`
-    threads and the `cache_size` most recently used grammars are kept."""
+    (xgrammar, then what it cannot compile to guidance; with `disable_fallback`, xgrammar
+    alone, as vLLM's); compiles run on `compile_workers` threads and the `cache_size` most
+    recently used grammars are kept. A request whose grammar has not compiled
+    `compile_timeout_s` seconds after it arrived ends with an error naming its constraint."""
 
     backend: str = "auto"
     compile_workers: int = 2
     cache_size: int = 256
+    disable_fallback: bool = False
+    compile_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         from engine.structured.registry import backend_names
@@ -238,6 +242,44 @@ class StructuredOutputsConfig:
             )
         if self.compile_workers < 1 or self.cache_size < 1:
             raise ValueError("structured outputs: compile_workers and cache_size must be >= 1")
+        if not isinstance(self.disable_fallback, bool):
+            raise ValueError(
+                "structured_outputs_disable_fallback must be true or false, "
+                f"got {self.disable_fallback!r}"
+            )
+        if isinstance(self.compile_timeout_s, bool) or not (
+            isinstance(self.compile_timeout_s, (int, float)) and self.compile_timeout_s > 0
+        ):
+            raise ValueError(
+                "structured_outputs_compile_timeout must be a number of seconds > 0, "
+                f"got {self.compile_timeout_s!r}"
+            )
+
+    @classmethod
+    def from_flags(
+        cls,
+        backend: str = "auto",
+        disable_fallback: bool = False,
+        compile_timeout_s: float = 30.0,
+        config_json: str | dict[str, Any] | None = None,
+    ) -> StructuredOutputsConfig:
+        """From the `--structured-outputs-*` flags. `config_json` is vLLM's
+        `--structured-outputs-config` (keys backend, disable_fallback): its values stand where
+        the flag of the same name is at its default; a flag that says otherwise is a
+        ValueError naming both."""
+        from engine.structured.backend_choice import parse_backend_choice
+
+        flags: dict[str, Any] = {"backend": backend, "disable_fallback": disable_fallback}
+        if config_json is not None:
+            defaults = {"backend": "auto", "disable_fallback": False}
+            for key, value in parse_backend_choice(config_json).items():
+                if flags[key] not in (defaults[key], value):
+                    raise ValueError(
+                        f"structured_outputs_config.{key} ({value!r}) contradicts "
+                        f"structured_outputs_{key} ({flags[key]!r})"
+                    )
+                flags[key] = value
+        return cls(**flags, compile_timeout_s=compile_timeout_s)
 
 
 SPEC_METHODS = ("ngram", "suffix", "mlp_speculator", "eagle", "eagle3", "draft_model")
@@ -284,6 +326,23 @@ class SpeculativeConfig:
         self.prompt_lookup_min, self.prompt_lookup_max = lo, hi
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
             raise ValueError(f"{field_name}.disable_by_batch_size must be >= 1")
+
+    @classmethod
+    def from_value(cls, value: str | dict[str, Any] | SpeculativeConfig | None):
+        """From JSON text, a dict (vLLM's forms) or a config; None stays None."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config: not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise ValueError("speculative_config must be a JSON object")
+        return cls.from_dict(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpeculativeConfig:

@@ -72,9 +72,12 @@ class LLMEngine:
         fold_norms: bool = True,
         pdl: bool = True,
         structured_outputs_backend: str = "auto",
-        speculative_config: dict[str, Any] | SpeculativeConfig | None = None,
+        structured_outputs_disable_fallback: bool = False,
+        structured_outputs_compile_timeout: float = 30.0,
+        structured_outputs_config: str | dict[str, Any] | None = None,
+        speculative_config: str | dict[str, Any] | SpeculativeConfig | None = None,
     ) -> LLMEngine:
-        """Build the configs from flat arguments (the `LLM` and CLI spelling)."""
+        """Build the configs from flat arguments (the `LLM` and CLI spelling, vLLM's)."""
         config = EngineConfig(
             model=ModelConfig.from_pretrained(model, dtype, max_model_len, served_model_name),
             cache=CacheConfig(
@@ -97,11 +100,11 @@ class LLMEngine:
             enforce_eager=enforce_eager,
             async_scheduling=async_scheduling,
             kernels=KernelConfig(kernel_backend, fuse_gate_up, fold_norms, pdl),
-            structured_outputs=StructuredOutputsConfig(structured_outputs_backend),
-            speculative=SpeculativeConfig.from_dict(speculative_config)
-            if isinstance(speculative_config, dict)
-            else speculative_config,
-        )
+            structured_outputs=StructuredOutputsConfig.from_flags(
+                structured_outputs_backend, structured_outputs_disable_fallback,
+                structured_outputs_compile_timeout, structured_outputs_config),
+            speculative=SpeculativeConfig.from_value(speculative_config),
+        )  # fmt: skip
         torch.manual_seed(seed)
         return cls(config)
 

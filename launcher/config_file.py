@@ -3,12 +3,14 @@
 The file is a mapping whose keys are the command's long flag names, with `-` or `_`
 (`max-model-len: 2048`, `enable_prefix_caching: false`). Its flags are placed right after the
 command word, before those typed on the command line, so the command line wins; argparse then
-types and checks each value as it does a typed one. An unknown key is an error naming it.
+types and checks each value as it does a typed one. An unknown key is an error naming it. A flag
+that takes JSON (metavar `JSON`, e.g. `structured-outputs-config`) takes a mapping too.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,8 @@ def _flag_words(parser: argparse.ArgumentParser, key: str, value: Any) -> list[s
         if not isinstance(value, bool):
             raise ValueError(f"{key}: expected true or false, got {value!r}")
         return [option if value else "--no-" + option[2:]]
+    if isinstance(value, dict) and action.metavar == "JSON":
+        return [option, json.dumps(value)]
     if isinstance(value, (dict, list)):
         raise ValueError(f"{key}: expected a single value, got {value!r}")
     return [option, _word(value)]

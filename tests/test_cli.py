@@ -237,4 +237,6 @@ def test_generate_takes_the_same_engine_flags() -> None:
         "max_num_batched_tokens": 2048, "max_num_waiting": None,
         "scheduling_policy": "priority", "async_scheduling": None,
         "kernel_backend": "auto", "fuse_gate_up": True, "fold_norms": True, "pdl": True,
+        "structured_outputs_backend": "auto", "structured_outputs_disable_fallback": False,
+        "structured_outputs_compile_timeout": 30.0, "structured_outputs_config": None,
     }  # fmt: skip

@@ -51,6 +51,9 @@ CONFIG = {  # the YAML file: `-` and `_` spellings both
     "kv_transport": "tcp",
     "kernel-backend": "torch",
     "pdl": False,
+    "structured-outputs-backend": "xgrammar",
+    "structured_outputs_disable_fallback": True,
+    "structured_outputs_compile_timeout": 12.5,
 }
 OVERRIDES = ["--max-model-len", "384", "--num-kv-blocks", "120", "--scheduling-policy", "fair"]
 CACHE_INFO = {
@@ -74,6 +77,9 @@ ENGINE_INFO = {
     "fuse_gate_up": "False",
     "fold_norms": "False",
     "pdl": "False",
+    "structured_outputs_backend": "xgrammar",
+    "structured_outputs_disable_fallback": "True",
+    "structured_outputs_compile_timeout_s": "12.5",
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +19,15 @@ if TYPE_CHECKING:
     from engine.core import EngineCore
 
 MODEL, CACHE, SCHEDULER, KERNELS = "model", "KV cache", "scheduler", "kernels"
+STRUCTURED, SPECULATIVE = "structured outputs", "speculative decoding"
 GROUP_HELP = {
     MODEL: "the model, its context and numerics",
     CACHE: "the paged KV cache and its prefix cache",
     SCHEDULER: "continuous batching: per-step limits and admission",
     KERNELS: "the layers' kernels (engine.config.KernelConfig); the fusions are on by default "
     "and there to measure",
+    STRUCTURED: "grammar backends for structured outputs (engine.structured)",
+    SPECULATIVE: "drafts verified by the model in one pass (engine.spec_decode)",
 }
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair")
@@ -44,6 +47,64 @@ def parse_bytes(text: str) -> int:
     return int(float(number) * _BYTE_UNITS[unit or ""])
 
 
+def parse_seconds(text: str) -> float:
+    """Parse a positive number of seconds such as `30` or `0.5`."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"not a number of seconds > 0: {text!r}")
+    return seconds
+
+
+def parse_structured_outputs_config(text: str) -> str:
+    """vLLM's `--structured-outputs-config` JSON, checked (known keys, a registered backend)
+    and returned as compact JSON."""
+    import json
+
+    from engine.structured.backend_choice import parse_backend_choice
+
+    try:
+        return json.dumps(parse_backend_choice(text), separators=(",", ":"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_speculative_config(text: str) -> str:
+    """vLLM's `--speculative-config` JSON, checked (engine.config.SpeculativeConfig) and
+    returned as compact JSON."""
+    import json
+
+    from engine.config import SpeculativeConfig
+
+    try:
+        config = SpeculativeConfig.from_value(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    assert config is not None
+    return json.dumps(config.to_dict(), separators=(",", ":"))
+
+
+class BackendNames(Collection[str]):
+    """The registered structured-outputs backends and `auto`, looked up whenever argparse asks
+    (its `choices`): a backend registered at runtime is a valid choice."""
+
+    def _names(self) -> list[str]:
+        from engine.structured.registry import backend_names
+
+        return backend_names()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
 @dataclass(frozen=True, slots=True)
 class EngineFlag:
     """One engine flag, `--NAME` with NAME's `_` as `-`; `type` None is a boolean, spelled
@@ -54,7 +115,7 @@ class EngineFlag:
     default: Any
     help: str
     type: Callable[[str], Any] | None = None
-    choices: tuple[str, ...] | None = None
+    choices: Collection[str] | None = None
     metavar: str | None = None
 
     @property
@@ -110,6 +171,22 @@ ENGINE_FLAGS = (
                "one-token step runs its norms and residual adds inside the GEMVs"),
     EngineFlag("pdl", KERNELS, True,
                "Triton on Hopper or later: programmatic dependent launch"),
+    EngineFlag("structured_outputs_backend", STRUCTURED, "auto",
+               "the grammar backend; auto: xgrammar, and what it cannot compile goes to "
+               "guidance (then outlines, where registered)", str, BackendNames()),
+    EngineFlag("structured_outputs_disable_fallback", STRUCTURED, False,
+               "under auto, xgrammar alone: its error is the request's (a backend named "
+               "explicitly never falls back)"),
+    EngineFlag("structured_outputs_compile_timeout", STRUCTURED, 30.0,
+               "a request whose grammar has not compiled this long after it arrived ends with "
+               "an error naming its constraint (HTTP 400)", parse_seconds, metavar="SECONDS"),
+    EngineFlag("structured_outputs_config", STRUCTURED, None,
+               'vLLM\'s JSON form of the backend flags, e.g. \'{"backend": "xgrammar", '
+               '"disable_fallback": true}\'', parse_structured_outputs_config, metavar="JSON"),
+    EngineFlag("speculative_config", SPECULATIVE, None,
+               'vLLM\'s speculative_config as JSON, e.g. \'{"method": "ngram", '
+               '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\'',
+               parse_speculative_config, metavar="JSON"),
 )  # fmt: skip
 
 
@@ -213,6 +290,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         KernelConfig,
         ModelConfig,
         SchedulerConfig,
+        SpeculativeConfig,
+        StructuredOutputsConfig,
     )
 
     return EngineConfig(
@@ -238,4 +317,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         kernels=KernelConfig(args.kernel_backend, args.fuse_gate_up, args.fold_norms, args.pdl),
+        structured_outputs=StructuredOutputsConfig.from_flags(
+            args.structured_outputs_backend,
+            args.structured_outputs_disable_fallback,
+            args.structured_outputs_compile_timeout,
+            args.structured_outputs_config,
+        ),
+        speculative=SpeculativeConfig.from_value(args.speculative_config),
     )

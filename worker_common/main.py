@@ -61,6 +61,7 @@ def run_worker(args: argparse.Namespace, role: str, setup: Setup) -> None:
     metrics = WorkerMetrics(role, core.config.model.served_model_name)
     metrics.attach(engine)
     metrics.export_config(core)
+    metrics.watch_structured_outputs(core.structured)
     engine.start()
 
     tasks: list[asyncio.Task] = []

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from engine.async_core import AsyncEngineCore
 from engine.core import EngineCore
 from engine.outputs import EngineCoreOutput
+from engine.structured.backend import CompiledGrammar
+from engine.structured.compiler import CompileStats
+from engine.structured.manager import StructuredOutputManager
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_COMPILE_BUCKETS = (0.001, *_LATENCY_BUCKETS)
 
 
 class WorkerMetrics:
@@ -50,7 +58,7 @@ class WorkerMetrics:
         """The configuration the engine runs with, as info gauges (value 1, settings as labels),
         as vLLM's `vllm:cache_config_info`: `baton:cache_config_info` (num_gpu_blocks is the
         number of KV blocks allocated, on any device) and `baton:engine_config_info` (with the
-        kernels that run: `engine.layers.Kernels.describe`)."""
+        kernels that run: `engine.layers.Kernels.describe`, and the structured-outputs settings)."""
         config = core.config
         cache = {
             "block_size": config.cache.block_size,
@@ -72,6 +80,9 @@ class WorkerMetrics:
             "scheduling_policy": config.scheduler.policy,
             "async_scheduling": core.async_scheduling,
             **core.runner.kernels.describe(),
+            "structured_outputs_backend": config.structured_outputs.backend,
+            "structured_outputs_disable_fallback": config.structured_outputs.disable_fallback,
+            "structured_outputs_compile_timeout_s": config.structured_outputs.compile_timeout_s,
         }
         for name, info in (("cache_config_info", cache), ("engine_config_info", engine)):
             labels = {**self._labels, **{key: str(value) for key, value in info.items()}}
@@ -98,3 +109,56 @@ class WorkerMetrics:
                     self.queue_time.observe(out.queue_time_s)
 
         engine.on_step = on_step
+
+    def watch_structured_outputs(self, structured: StructuredOutputManager) -> None:
+        """The engine's grammar compiles: `baton:structured_outputs_compile_seconds{backend}`
+        observed as each finishes (on its compile thread), and counters of compile-cache
+        queries and hits, failed and timed-out compiles, and structured requests by backend,
+        read from the engine's `CompileStats` when scraped."""
+        labels = self._labels
+        seconds = Histogram(
+            "baton:structured_outputs_compile_seconds",
+            "Wall time of one grammar compile, by the backend that compiled it.",
+            [*labels, "backend"],
+            buckets=_COMPILE_BUCKETS,
+            registry=self._registry,
+        )
+
+        def on_compiled(grammar: CompiledGrammar, wall_s: float) -> None:
+            seconds.labels(**labels, backend=grammar.backend).observe(wall_s)
+
+        structured.on_compiled = on_compiled
+        self._registry.register(StructuredOutputsCounters(structured.stats, labels))
+
+
+class StructuredOutputsCounters(Collector):
+    """Counters read from a `CompileStats` at each scrape (it counts since the engine
+    started, on several threads: nothing to keep in step)."""
+
+    def __init__(self, stats: CompileStats, labels: dict[str, str]) -> None:
+        self.stats = stats
+        self.labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        stats, names, values = self.stats, list(self.labels), list(self.labels.values())
+        for name, doc, value in (
+            ("compile_cache_queries", "Grammar lookups (one per structured request).",
+             stats.hits + stats.misses),
+            ("compile_cache_hits", "Lookups that found the grammar cached or compiling.",
+             stats.hits),
+            ("compile_failures", "Grammar compiles that failed: no backend took the spec.",
+             stats.failures),
+            ("compile_timeouts", "Requests ended because their grammar did not compile in "
+             "time (--structured-outputs-compile-timeout).", stats.timeouts),
+        ):  # fmt: skip
+            family = CounterMetricFamily(f"baton:structured_outputs_{name}", doc, labels=names)
+            family.add_metric(values, value)
+            yield family
+        requests = CounterMetricFamily(
+            "baton:structured_outputs_requests",
+            "Structured requests, by the backend whose grammar they generated under.",
+            labels=[*names, "backend"],
+        )
+        for backend, count in sorted(dict(stats.requests).items()):
+            requests.add_metric([*values, backend], count)
+        yield requests

@@ -146,6 +146,9 @@ class Scheduler:
         """Apply the connector's finished transfers: free the blocks of finished saves; queue
         the requests whose KV arrived to decode on after the tokens sampled elsewhere, ahead of
         new arrivals. Returns those requests (arrivals of requests finished since are dropped).
+        A structured request whose grammar is still compiling here (or failed) waits for it
+        (`update_from_grammars`) as a new one does, holding its blocks: the step never blocks
+        on a compile.
         """
         for request_id in finished.saved:
             request = self._saving.pop(request_id, None)
@@ -161,8 +164,13 @@ class Scheduler:
             self.kv.cache_blocks(request)
             for token in output_token_ids:
                 request.append_output_token(token)
-            request.status = RequestStatus.WAITING
-            self.waiting.prepend(request)
+            grammar = request.grammar
+            if grammar is not None and (not grammar.ready or grammar.error() is not None):
+                request.status = RequestStatus.WAITING_FOR_GRAMMAR
+                self.waiting_for_grammar[request_id] = request
+            else:
+                request.status = RequestStatus.WAITING
+                self.waiting.prepend(request)
             resumed.append(request)
         return resumed
 

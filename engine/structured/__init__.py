@@ -2,6 +2,7 @@
 
     backend.py          the interface: StructuredOutputBackend -> CompiledGrammar -> GrammarMatcher
     registry.py         backends by name, and `auto` (xgrammar, then guidance)
+    backend_choice.py   vLLM's `--structured-outputs-config` JSON (backend, disable_fallback)
     xgrammar_backend.py, guidance_backend.py   the backends over their libraries
     compiler.py         GrammarCompiler: compiles on a thread pool, LRU cache by backend and spec
     matcher_state.py    RequestGrammar: one request's compile future and matcher (replay on sync)

@@ -15,11 +15,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from common.structured_outputs import StructuredOutputsParams
+
+if TYPE_CHECKING:  # the registry, and so the CLI's backend names, load without torch
+    import torch
 
 
 class GrammarCompileError(ValueError):
@@ -31,6 +32,16 @@ class GrammarCompileError(ValueError):
         self.backend = backend
         self.reason = reason
         super().__init__(f"{self.field}: the {backend} backend cannot compile it: {reason}")
+
+
+class GrammarCompileTimeoutError(ValueError):
+    """A request's grammar did not compile within `timeout_s` seconds of the request's
+    arrival (`StructuredOutputsConfig.compile_timeout_s`); answered as a compile error is."""
+
+    def __init__(self, field: str, timeout_s: float) -> None:
+        self.field = field
+        self.timeout_s = timeout_s
+        super().__init__(f"{field}: grammar compile timed out after {timeout_s:g} s")
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 from engine.config import ModelConfig, StructuredOutputsConfig
 from engine.request import Request
-from engine.structured.backend import TokenizerData
-from engine.structured.compiler import GrammarCompiler
+from engine.structured.backend import CompiledGrammar, TokenizerData
+from engine.structured.compiler import CompileListener, CompileStats, GrammarCompiler
 from engine.structured.matcher_state import RequestGrammar
 from engine.structured.registry import Backends
 
 
 class StructuredOutputManager:
     """Compiles the grammars of an engine's structured requests. The model's tokenizer is
-    loaded, and the backends built, on the first structured request."""
+    loaded, and the backends built, on the first structured request.
+
+    `stats` counts from the start (metrics read it); `on_compiled`, when set, hears of each
+    finished compile (the grammar and its wall time in seconds) on the compile thread."""
 
     def __init__(self, config: StructuredOutputsConfig, model: ModelConfig) -> None:
         self.config = config
         self.model = model
+        self.stats = CompileStats()
+        self.on_compiled: CompileListener | None = None
         self._compiler: GrammarCompiler | None = None
 
     @property
@@ -35,15 +40,28 @@ class StructuredOutputManager:
                 self.config.backend,
                 cache_size=self.config.cache_size,
                 max_workers=self.config.compile_workers,
+                fallback=not self.config.disable_fallback,
+                stats=self.stats,
+                on_compiled=self._compiled,
             )
         return self._compiler
 
+    def _compiled(self, grammar: CompiledGrammar, seconds: float) -> None:
+        if self.on_compiled is not None:
+            self.on_compiled(grammar, seconds)
+
     def attach(self, request: Request) -> None:
         """Start compiling `request`'s grammar (a cache hit is ready at once); a request
-        without structured outputs, or with its grammar already attached, is left alone."""
+        without structured outputs, or with its grammar already attached, is left alone. The
+        request gives up on it `compile_timeout_s` from now."""
         spec = request.params.structured_outputs
         if spec is not None and request.grammar is None:
-            request.grammar = RequestGrammar(self.compiler.submit(spec))
+            request.grammar = RequestGrammar(
+                self.compiler.submit(spec),
+                field=f"structured_outputs.{spec.kind}",
+                timeout_s=self.config.compile_timeout_s,
+                stats=self.stats,
+            )
 
     def shutdown(self) -> None:
         if self._compiler is not None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine.structured.backend import CompiledGrammar, GrammarMatcher
+from engine.structured.backend import CompiledGrammar, GrammarCompileTimeoutError, GrammarMatcher
+
+if TYPE_CHECKING:
+    from engine.structured.compiler import CompileStats
 
 
 class GrammarRefusedError(RuntimeError):
@@ -21,26 +26,58 @@ class RequestGrammar:
     and, where the request has fewer tokens than it accepted (a dropped token), rolls back or
     resets and replays. So a recompute after preemption, or a request resumed elsewhere with
     tokens sampled by another engine, finds its matcher where its tokens say.
+
+    With `timeout_s`, a compile not done that many seconds after this object was made (the
+    request's submission) is given up: `error()` is a GrammarCompileTimeoutError naming
+    `field`. `stats` (the compiler's) counts timeouts, and requests by the backend whose
+    grammar they generate under.
     """
 
-    def __init__(self, future: Future[CompiledGrammar]) -> None:
+    def __init__(
+        self,
+        future: Future[CompiledGrammar],
+        field: str = "structured_outputs",
+        timeout_s: float | None = None,
+        stats: CompileStats | None = None,
+    ) -> None:
         self.future = future
+        self.field = field
+        self.timeout_s = timeout_s
+        self.stats = stats
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._timed_out = False
         self._matcher: GrammarMatcher | None = None
         self._num_accepted = 0
 
     @property
     def ready(self) -> bool:
-        """The compile is over (done or failed)."""
-        return self.future.done()
+        """The compile is over (done or failed), or took longer than `timeout_s`."""
+        return self.future.done() or self._check_deadline()
+
+    def _check_deadline(self) -> bool:
+        deadline = self._deadline
+        if not self._timed_out and deadline is not None and time.monotonic() >= deadline:
+            self._timed_out = True
+            if self.stats is not None:
+                self.stats.timeouts += 1
+        return self._timed_out
 
     def error(self) -> BaseException | None:
-        """Why the compile failed; None while compiling or once compiled."""
+        """Why the request cannot have its grammar (the compile failed or timed out); None
+        while compiling or once compiled."""
+        if self._timed_out:
+            assert self.timeout_s is not None
+            return GrammarCompileTimeoutError(self.field, self.timeout_s)
         return self.future.exception() if self.future.done() else None
 
     @property
     def matcher(self) -> GrammarMatcher:
         if self._matcher is None:
-            self._matcher = self.future.result().matcher()
+            grammar = self.future.result()
+            self._matcher = grammar.matcher()
+            if self.stats is not None:  # the request generates under it from now on
+                requests = self.stats.requests
+                requests[grammar.backend] = requests.get(grammar.backend, 0) + 1
         return self._matcher
 
     def sync(self, output_token_ids: Sequence[int]) -> None:

@@ -2,7 +2,8 @@
 
     auto:  xgrammar --cannot compile--> guidance --cannot compile--> outlines (if registered)
 
-A backend named explicitly never falls back: its error is the request's. Users may register
+A backend named explicitly never falls back: its error is the request's; nor does `auto` with
+fallback disabled (`StructuredOutputsConfig.disable_fallback`: xgrammar alone). Users may register
 their own backend class under a new name (`register_backend`).
 """
 
@@ -68,13 +69,18 @@ class Backends:
             backend = self._built[name] = backend_factory(name)(self.tokenizer)
         return backend
 
-    def compile(self, name: str, params: StructuredOutputsParams) -> CompiledGrammar:
+    def compile(
+        self, name: str, params: StructuredOutputsParams, fallback: bool = True
+    ) -> CompiledGrammar:
         """Compile with backend `name`, or under `auto` with the first of `AUTO_ORDER` (among
-        those registered) that takes it; GrammarCompileError with each backend's complaint."""
-        if name != AUTO:
-            return self.get(name).compile(params)
+        those registered) that takes it; GrammarCompileError with each backend's complaint.
+        Without `fallback`, `auto` is the first of `AUTO_ORDER` alone and its error is the
+        request's (vLLM's `disable_fallback`)."""
+        candidates = [n for n in AUTO_ORDER if n in _BACKENDS]
+        if name != AUTO or not fallback:
+            return self.get(name if name != AUTO else candidates[0]).compile(params)
         errors: list[GrammarCompileError] = []
-        for candidate in (n for n in AUTO_ORDER if n in _BACKENDS):
+        for candidate in candidates:
             try:
                 return self.get(candidate).compile(params)
             except GrammarCompileError as e:
