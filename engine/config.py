@@ -328,7 +328,9 @@ class SpeculativeConfig:
             raise ValueError(f"{field_name}.disable_by_batch_size must be >= 1")
 
     @classmethod
-    def from_value(cls, value: str | dict[str, Any] | SpeculativeConfig | None):
+    def from_value(
+        cls, value: str | dict[str, Any] | SpeculativeConfig | None
+    ) -> SpeculativeConfig | None:
         """From JSON text, a dict (vLLM's forms) or a config; None stays None."""
         if value is None or isinstance(value, SpeculativeConfig):
             return value

@@ -19,7 +19,7 @@ from engine.request import Request, RequestStatus
 from engine.sampling.topk_topp import advance_generator
 from engine.sampling_params import SamplingType
 from engine.scheduler.scheduler import Scheduler
-from engine.spec_decode import Proposer, build_proposer
+from engine.spec_decode import Proposer, SpecDecodeLogger, build_proposer
 from engine.step import AsyncStepper, Stepper, SyncStepper
 from engine.structured.manager import StructuredOutputManager
 
@@ -48,6 +48,7 @@ class EngineCore:
         self.structured = StructuredOutputManager(config.structured_outputs, config.model)
         spec = config.speculative
         self.proposer: Proposer | None = None if spec is None else build_proposer(spec)
+        self.spec_logger = SpecDecodeLogger(self.scheduler.spec_stats)
         self.kv_connector: KVConnector | None = None
         # Asynchronous scheduling (engine.step.ahead): on with CUDA graphs unless the config says.
         on = config.async_scheduling
@@ -174,6 +175,7 @@ class EngineCore:
         outputs = self.stepper.step() + failed
         if self.proposer is not None:
             self._propose(self.proposer)
+            self.spec_logger.maybe_log()
         return outputs
 
     def _propose(self, proposer: Proposer) -> None:

@@ -62,6 +62,7 @@ def run_worker(args: argparse.Namespace, role: str, setup: Setup) -> None:
     metrics.attach(engine)
     metrics.export_config(core)
     metrics.watch_structured_outputs(core.structured)
+    metrics.watch_spec_decode(core.scheduler.spec_stats)
     engine.start()
 
     tasks: list[asyncio.Task] = []

@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 from engine.async_core import AsyncEngineCore
 from engine.core import EngineCore
 from engine.outputs import EngineCoreOutput
+from engine.spec_decode.stats import SpecDecodeStats
 from engine.structured.backend import CompiledGrammar
 from engine.structured.compiler import CompileStats
 from engine.structured.manager import StructuredOutputManager
@@ -129,6 +130,40 @@ class WorkerMetrics:
 
         structured.on_compiled = on_compiled
         self._registry.register(StructuredOutputsCounters(structured.stats, labels))
+
+
+    def watch_spec_decode(self, stats: SpecDecodeStats) -> None:
+        """Speculative decoding's counters, named as vLLM's, read from the engine's
+        `SpecDecodeStats` when scraped."""
+        self._registry.register(SpecDecodeCounters(stats, self._labels))
+
+
+class SpecDecodeCounters(Collector):
+    """`baton:spec_decode_num_drafts`, `..._num_draft_tokens`, `..._num_accepted_tokens` and
+    `..._num_accepted_tokens_per_pos{position}` (vLLM's names)."""
+
+    def __init__(self, stats: SpecDecodeStats, labels: dict[str, str]) -> None:
+        self.stats = stats
+        self.labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        stats, names, values = self.stats, list(self.labels), list(self.labels.values())
+        for name, doc, value in (
+            ("num_drafts", "Verify passes of a request with drafts.", stats.num_drafts),
+            ("num_draft_tokens", "Draft tokens verified.", stats.num_draft_tokens),
+            ("num_accepted_tokens", "Draft tokens accepted.", stats.num_accepted_tokens),
+        ):
+            family = CounterMetricFamily(f"baton:spec_decode_{name}", doc, labels=names)
+            family.add_metric(values, value)
+            yield family
+        per_pos = CounterMetricFamily(
+            "baton:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by position in the draft (0: the first).",
+            labels=[*names, "position"],
+        )
+        for position, count in enumerate(list(stats.accepted_per_pos)):
+            per_pos.add_metric([*values, str(position)], count)
+        yield per_pos
 
 
 class StructuredOutputsCounters(Collector):

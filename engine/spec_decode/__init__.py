@@ -11,6 +11,6 @@ Methods: `ngram` (prompt lookup). Next: suffix decoding, MLP speculators, EAGLE,
 """
 
 from engine.spec_decode.proposer import Proposer, build_proposer
-from engine.spec_decode.stats import SpecDecodeStats
+from engine.spec_decode.stats import SpecDecodeLogger, SpecDecodeStats
 
-__all__ = ["Proposer", "SpecDecodeStats", "build_proposer"]
+__all__ = ["Proposer", "SpecDecodeLogger", "SpecDecodeStats", "build_proposer"]

@@ -1,0 +1,137 @@
+"""Speculative decoding through the router, against real worker processes: a decode worker
+that drafts (n-gram) behind a prefill worker that does not, and a colocated worker that drafts.
+Greedy outputs equal the engine's without drafts, streamed and not; the workers' metrics count
+drafts and accepted tokens under vLLM's names; every block goes back."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster import free_port
+from common.sampling_params import SamplingParams
+from engine import LLM
+from proto.baton.v1 import common_pb2, worker_pb2_grpc
+from router.config import RouterConfig
+from router.testing import RouterThread
+from tests.workers import started_at_once
+
+NUM_BLOCKS = 96
+SPEC = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
+                   "prompt_lookup_max": 3})  # fmt: skip
+MOTIFS = [[17, 230, 41, 99], [5, 6, 7, 300, 301], [88, 12, 88, 13, 88], [250, 251]]
+PROMPTS = [(m * 6)[: 10 + 3 * i] for i, m in enumerate(MOTIFS)]
+MAX_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model) -> Iterator[dict]:
+    model_dir = tiny_model("llama")
+    ports = {"decode": free_port(), "colocated": free_port()}
+    flags = ("--num-kv-blocks", str(NUM_BLOCKS))
+    specs = {
+        "prefill": ("prefill_service", flags),
+        "decode": ("decode_service", (*flags, "--speculative-config", SPEC,
+                                      "--metrics-port", str(ports["decode"]))),
+        "colocated": ("decode_service", (*flags, "--role", "colocated", "--speculative-config",
+                                         SPEC, "--metrics-port", str(ports["colocated"]))),
+    }  # fmt: skip
+    with started_at_once(model_dir, specs) as addresses:
+        configs = {
+            "disaggregated": RouterConfig(
+                str(model_dir), port=0, grpc_port=0,
+                prefill=[addresses["prefill"]], decode=[addresses["decode"]],
+            ),
+            "colocated": RouterConfig(
+                str(model_dir), port=0, grpc_port=0, colocated=[addresses["colocated"]]
+            ),
+        }  # fmt: skip
+        routers = {name: RouterThread(config) for name, config in configs.items()}
+        for thread in routers.values():
+            thread.__enter__()
+        try:
+            yield {"model": model_dir, "addresses": addresses, "ports": ports,
+                   "routers": routers}  # fmt: skip
+        finally:
+            for thread in routers.values():
+                thread.stop()
+
+
+def _expected(model_dir) -> list[str]:
+    llm = LLM(str(model_dir), num_kv_blocks=NUM_BLOCKS)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    return [o.outputs[0].text for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+
+def _texts(router: RouterThread, stream: bool) -> list[str]:
+    client = openai.OpenAI(base_url=f"{router.base_url}/v1", api_key="none", max_retries=0)
+    kwargs = {"model": "", "temperature": 0, "max_tokens": MAX_TOKENS,
+              "extra_body": {"ignore_eos": True}}  # fmt: skip
+    texts = []
+    for prompt in PROMPTS:
+        if stream:
+            chunks = client.completions.create(prompt=prompt, stream=True, **kwargs)
+            texts.append("".join(c.choices[0].text for c in chunks if c.choices))
+        else:
+            texts.append(client.completions.create(prompt=prompt, **kwargs).choices[0].text)
+    return texts
+
+
+def _spec_counters(port: int) -> dict[str, float]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("baton:spec_decode_") and "position" not in s.labels
+    }
+
+
+STUBS = {
+    "prefill": worker_pb2_grpc.PrefillWorkerStub,
+    "decode": worker_pb2_grpc.DecodeWorkerStub,
+    "colocated": worker_pb2_grpc.ColocatedWorkerStub,
+}
+
+
+def _assert_all_free(role: str, address: str, timeout_s: float = 10.0) -> None:
+    deadline = time.time() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = STUBS[role](channel)
+        while True:
+            load = stub.GetLoad(common_pb2.LoadRequest(), timeout=5)
+            idle = not (load.num_reserved or load.num_running or load.num_waiting)
+            if idle and load.num_free_blocks == load.num_total_blocks == NUM_BLOCKS:
+                return
+            assert time.time() < deadline, f"the worker still holds blocks: {load}"
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("topology", ["disaggregated", "colocated"])
+def test_greedy_outputs_equal_the_engine_without_drafts(cluster, topology):
+    expected = _expected(cluster["model"])
+    router = cluster["routers"][topology]
+    worker = "decode" if topology == "disaggregated" else "colocated"
+    before = _spec_counters(cluster["ports"][worker])
+    assert _texts(router, stream=False) == expected
+    assert _texts(router, stream=True) == expected
+    after = _spec_counters(cluster["ports"][worker])
+    drafts = after["baton:spec_decode_num_drafts_total"] - before.get(
+        "baton:spec_decode_num_drafts_total", 0
+    )
+    accepted = after["baton:spec_decode_num_accepted_tokens_total"] - before.get(
+        "baton:spec_decode_num_accepted_tokens_total", 0
+    )
+    assert drafts > 0 and accepted > 0
+    assert after["baton:spec_decode_num_draft_tokens_total"] >= after[
+        "baton:spec_decode_num_accepted_tokens_total"
+    ]
+    for role, address in cluster["addresses"].items():
+        _assert_all_free(role, address)
