@@ -284,6 +284,7 @@ class StructuredOutputsConfig:
 
 SPEC_METHODS = ("ngram", "suffix", "mlp_speculator", "eagle", "eagle3", "draft_model")
 SPEC_METHODS_BUILT = ("ngram",)
+SPEC_METHODS_READING_HIDDEN = ("mlp_speculator", "eagle", "eagle3")  # the target's states
 
 
 @dataclass(slots=True)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from engine.attention import AttentionMetadata
-from engine.config import EngineConfig, ModelConfig
+from engine.config import SPEC_METHODS_READING_HIDDEN, EngineConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs, default_capture_sizes
 from engine.layers import Kernels
 from engine.models.loader import load_model
@@ -59,9 +59,19 @@ class ModelRunner:
         sampling = StepSampler(m.vocab_size, self.device)
         eager = EagerForward if self.device.type == "cuda" else CpuForward
         self.eager = eager(self.model, self.kv_caches, sampling, self.block_size)
+        spec = config.speculative
+        # A drafter that reads the model's states gets each request's last hidden state.
+        self.keep_hidden = spec is not None and spec.method in SPEC_METHODS_READING_HIDDEN
+        self.eager.keep_hidden = self.keep_hidden
+        self.graph_hidden: torch.Tensor | None = None  # each replay's, when kept
         self.graphs: DecodeGraphs | None = None
         self.graph: GraphForward | None = None
         if self.kernels.triton and not config.enforce_eager:
+            if self.keep_hidden:
+                size = max(default_capture_sizes(config.scheduler.max_num_seqs))
+                self.graph_hidden = torch.empty(
+                    size, m.hidden_size, dtype=m.dtype, device=self.device
+                )
             self.graphs = DecodeGraphs(
                 self._decode_forward,
                 self.device,
@@ -70,7 +80,7 @@ class ModelRunner:
                 block_size=self.block_size,
             )
             self.graphs.capture()
-            self.graph = GraphForward(self.graphs, sampling)
+            self.graph = GraphForward(self.graphs, sampling, self.graph_hidden)
 
     @property
     def graph_prompt_steps(self) -> int:
@@ -81,6 +91,8 @@ class ModelRunner:
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:  # (B, vocab) in the model's dtype: what a decode graph captures
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.graph_hidden is not None:  # captured with the graph: a drafter reads them
+            self.graph_hidden[: hidden.shape[0]].copy_(hidden)
         # No float32 copy of the logits in the graph: the argmax is the same on either, and
         # the sampler (the only other reader) casts its own copy.
         return self.model.compute_logits(hidden, float32=False)

@@ -102,6 +102,9 @@ class Request:
     grammar: RequestGrammar | None = None
     # Speculative decoding: the drafts proposed for its next step (engine.spec_decode).
     spec_token_ids: list[int] = field(default_factory=list)
+    # ... and, for drafters that read the model's states (MLP speculator, EAGLE), the final
+    # hidden state (H,) of the position whose logits gave its last token (on the device).
+    spec_hidden: torch.Tensor | None = None
     times: RequestTimes = field(init=False)
 
     def __post_init__(self) -> None:

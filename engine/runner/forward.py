@@ -20,7 +20,7 @@ from engine.cuda_graphs import DecodeGraphs, GraphRows, argmax_rows, graph_rows
 from engine.models.llama import LlamaForCausalLM
 from engine.runner.handle import LaunchedStep, ModelRunnerOutput
 from engine.runner.inputs import prepare_batch
-from engine.runner.sample import StepSampler
+from engine.runner.sample import StepSampler, keep_hidden
 from engine.sampling.logprobs import compute_prompt_logprobs
 from engine.scheduler.output import ScheduledRequest
 
@@ -28,9 +28,12 @@ from engine.scheduler.output import ScheduledRequest
 class GraphForward:
     """Steps run as rows of a captured decode graph; `rows` says whether a step qualifies."""
 
-    def __init__(self, graphs: DecodeGraphs, sampling: StepSampler) -> None:
+    def __init__(
+        self, graphs: DecodeGraphs, sampling: StepSampler, hidden: torch.Tensor | None = None
+    ) -> None:
         self.graphs = graphs
         self.sampling = sampling
+        self.hidden = hidden  # (B_max, H) each replay's final hidden states, if a drafter reads
         self.prompt_steps = 0  # steps whose prompt chunks ran in a decode graph
 
     def rows(
@@ -62,6 +65,9 @@ class GraphForward:
         elif samplers:
             rows_at = torch.tensor(sample_rows, device=logits.device)
             self.sampling.sample(logits[rows_at], samplers, out)
+        if self.hidden is not None and samplers:
+            at = torch.tensor(sample_rows, device=logits.device)
+            keep_hidden(self.hidden.index_select(0, at), samplers, out)
         return out
 
     def launch(
@@ -94,6 +100,7 @@ class EagerForward:
         self.kv_caches = kv_caches
         self.sampling = sampling
         self.block_size = block_size
+        self.keep_hidden = False  # record the sampled rows' hidden states (a drafter reads them)
 
     def complete(
         self, items: list[ScheduledRequest], layer_hook: Callable[[int], None] | None = None
@@ -115,6 +122,9 @@ class EagerForward:
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # (R, vocab) float32
         if batch.sample_rows:
             sampling.sample(logits[: batch.num_sampled], batch.sample_rows, out)
+            if self.keep_hidden:
+                rows = batch.logits_indices[: batch.num_sampled]
+                keep_hidden(hidden[rows], batch.sample_rows, out)
         for piece in batch.prompt_slices:
             targets = torch.tensor(piece.targets, device=sampling.device)
             out.prompt_logprobs[piece.request_id] = compute_prompt_logprobs(

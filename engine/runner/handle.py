@@ -25,6 +25,9 @@ class ModelRunnerOutput:
 
     sampled: dict[str, int] = field(default_factory=dict)
     accepted: dict[str, list[int]] = field(default_factory=dict)
+    # drafters that read the model's states: the final hidden state (H,) behind each request's
+    # last token (`ModelRunner.keep_hidden`)
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)
     logprobs: dict[str, LogprobsTensors] = field(default_factory=dict)
     prompt_logprobs: dict[str, LogprobsTensors] = field(default_factory=dict)
 

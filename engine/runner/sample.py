@@ -147,6 +147,19 @@ def argmax_under_grammars(
     tokens.index_copy_(0, at, argmax_rows(picked).to(tokens.dtype))
 
 
+def keep_hidden(
+    hidden: torch.Tensor, items: list[ScheduledRequest], out: ModelRunnerOutput
+) -> None:
+    """Record in `out.hidden` the final hidden state behind each item's last token: `hidden`
+    (R, H) holds the sampled rows in item order (1 + len(drafts) per verifying item), and an
+    item that accepted a drafts took its token from row a of its own."""
+    at = 0
+    for item in items:
+        request_id = item.request.request_id
+        out.hidden[request_id] = hidden[at + len(out.accepted.get(request_id, ()))]
+        at += 1 + len(item.draft_token_ids)
+
+
 def _masks(item: ScheduledRequest) -> bool:
     return item.request.grammar is not None and not item.request.is_finished
 

@@ -85,6 +85,11 @@ class Stepper(ABC):
         outputs = self.scheduler.update_from_output(
             scheduled, result.sampled, advanced=advanced, accepted=result.accepted
         )
+        if result.hidden:  # for the drafter (engine.spec_decode)
+            for item in scheduled.scheduled:
+                hidden = result.hidden.get(item.request.request_id)
+                if hidden is not None:
+                    item.request.spec_hidden = hidden
         return _with_logprobs(outputs, result)
 
 
