@@ -140,7 +140,11 @@ class EngineCore:
         if not finished:
             return
         vocab_size = self.config.model.vocab_size
+        worker = self.kv_connector.worker
         for request in self.scheduler.update_from_connector(finished):
+            hidden = worker.get_extras(request.request_id).get("hidden_states")
+            if hidden is not None and self.runner.keep_hidden:  # the drafter's first state
+                request.spec_hidden = hidden.to(self.runner.device, self.config.model.dtype)
             generator = request.generator
             if request.params.sampling_type == SamplingType.RANDOM_SEED and generator is not None:
                 for _ in range(request.num_output_tokens):

@@ -157,6 +157,10 @@ class KVConnectorWorker(ABC):
         that nothing waits for them."""
         return None  # by default, nothing
 
+    def takes_extras(self, request_id: str) -> bool:
+        """Whether `save_extras` for `request_id` would be taken now (False by default)."""
+        return False
+
     def save_extras(self, request_id: str, extras: Mapping[str, torch.Tensor]) -> None:
         """Named tensors to carry with `request_id`'s KV (e.g. "hidden_states": the last prompt
         position's hidden state, (hidden_size,)). Given after the request is added and before

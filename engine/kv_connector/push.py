@@ -192,6 +192,10 @@ class PushWorker(KVConnectorWorker):
             export.cancel()
         self._step, self._exports = [], []
 
+    def takes_extras(self, request_id: str) -> bool:
+        handoffs = self._handoffs
+        return request_id in handoffs.requests and request_id not in handoffs.saved
+
     def save_extras(self, request_id: str, extras: Mapping[str, torch.Tensor]) -> None:
         """Carry `extras` with the request's save; ValueError for a request without a KV handoff
         here, or once its save is taken (layer-wise: when its last prompt step starts)."""

@@ -52,6 +52,7 @@ class Stepper(ABC):
                 layer_hook = self._layer_hook(worker, meta)
             result = self.runner.run(scheduled, layer_hook=layer_hook).result()
             if worker is not None:
+                _save_hidden(worker, result)
                 worker.wait_for_save()  # before blocks of finished requests go back
             return self.post_process(scheduled, result)
         except BaseException:
@@ -91,6 +92,16 @@ class Stepper(ABC):
                 if hidden is not None:
                     item.request.spec_hidden = hidden
         return _with_logprobs(outputs, result)
+
+
+def _save_hidden(worker: KVConnectorWorker, result: ModelRunnerOutput) -> None:
+    """Speculative decoding across the hand-off: a request whose KV goes to another engine
+    takes its last prompt position's hidden state along ("hidden_states"), so the drafter
+    there (MLP speculator, EAGLE) speculates from its first decode step. Layer-wise pushes
+    are announced before the forward pass: too late for it (the drafter starts a step later)."""
+    for request_id, hidden in result.hidden.items():
+        if worker.takes_extras(request_id):
+            worker.save_extras(request_id, {"hidden_states": hidden.clone()})
 
 
 def _advance_prompt_logprobs(scheduled: SchedulerOutput) -> None:
