@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+JSON_KINDS = ("json", "json_object")
+JSON_OPTIONS = ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern")
 CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
@@ -67,6 +69,14 @@ class StructuredOutputsParams:
         for name in ("disable_any_whitespace", "disable_additional_properties"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"structured_outputs.{name} must be a bool")
+        kind = self.kind
+        if kind not in JSON_KINDS:  # refused, never silently ignored
+            for name in JSON_OPTIONS:
+                if self._is_set(name):
+                    raise ValueError(
+                        f"structured_outputs.{name} applies to json and json_object only "
+                        f"(the constraint here is {kind})"
+                    )
 
     @property
     def kind(self) -> str:

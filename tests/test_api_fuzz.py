@@ -88,7 +88,8 @@ OPTIONS: dict[str, list[Any]] = {  # valid values of optional fields
                         {"type": "json_schema", "json_schema": {"name": "n", "schema": {
                             "type": "object", "properties": {"a": {"type": "integer"}}}}}],
     "guided_choice": [["yes", "no"]], "guided_regex": ["[a-z]{1,3}", "(x"],
-    "structured_outputs": [{"choice": ["a", "b"]}, {"regex": "[0-9]+", "whitespace_pattern": " "}],
+    "structured_outputs": [{"choice": ["a", "b"]}, {"regex": "[0-9]+"},
+                           {"regex": "[0-9]+", "whitespace_pattern": " "}],  # the last: a 400
 }  # fmt: skip
 
 

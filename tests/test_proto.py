@@ -45,9 +45,10 @@ def test_the_stub_check_ignores_only_the_generators_versions():
 STRUCTURED: list[dict[str, Any]] = [
     {"json": {"type": "object", "properties": {"a": {"type": "integer", "maximum": 5}}}},
     {"json": '{"type": "string", "maxLength": 3}', "disable_any_whitespace": True},
-    {"regex": "[a-c]{1,3}", "whitespace_pattern": " ?"},
+    {"regex": "[a-c]{1,3}"},
+    {"json_object": True, "whitespace_pattern": " ?", "disable_additional_properties": True},
     {"choice": ["yes", "no", ""]},
-    {"grammar": 'root ::= "a" | "b"', "disable_additional_properties": True},
+    {"grammar": 'root ::= "a" | "b"'},
     {"json_object": True},
     {
         "structural_tag": {

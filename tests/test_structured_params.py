@@ -29,6 +29,8 @@ from engine.structured.xgrammar_backend import bounded_strings_as_patterns, unsu
         ({"choice": ["a", 1]}, r"structured_outputs\.choice must be a list of strings"),
         ({"json_object": 1}, r"structured_outputs\.json_object must be a bool"),
         ({"regex": "a", "disable_any_whitespace": "yes"}, "disable_any_whitespace must be a bool"),
+        ({"regex": "a", "disable_any_whitespace": True}, "applies to json and json_object only"),
+        ({"choice": ["a"], "whitespace_pattern": " "}, "whitespace_pattern applies to json"),
         ({"structural_tag": "nope"}, r"structured_outputs\.structural_tag is not valid JSON"),
     ],
 )
