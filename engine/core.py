@@ -204,6 +204,8 @@ class EngineCore:
         k = spec.num_speculative_tokens
         room = [min(k, r.max_tokens - len(r.output_token_ids) - 1) for r in decoding]
         for request, drafts in zip(decoding, proposer.propose(decoding, room), strict=True):
+            if drafts and request.grammar is not None:
+                drafts = request.grammar.valid_drafts(request.output_token_ids, drafts)
             request.spec_token_ids = drafts
 
     def _update_from_grammars(self) -> list[EngineCoreOutput]:

@@ -149,14 +149,10 @@ class Request:
     @functools.cached_property
     def speculates(self) -> bool:
         """Drafts may be proposed for it (speculative decoding on): not for requests asking
-        for logprobs (one row per token would be owed for each accepted draft: next) or
-        under a grammar (drafts checked against it: next)."""
+        for logprobs (one row per token would be owed for each accepted draft: next). Under
+        a grammar, only the drafts it allows are verified, each row masked."""
         params = self.params
-        return (
-            params.logprobs is None
-            and params.prompt_logprobs is None
-            and params.structured_outputs is None
-        )
+        return params.logprobs is None and params.prompt_logprobs is None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -98,6 +98,7 @@ class StepSampler:
             self.sample(logits[torch.tensor(plain_rows, device=logits.device)], plain, out)
         speculating = [item for item in items if item.draft_token_ids]
         picked = logits[torch.tensor(spec_rows, device=logits.device)]
+        picked = _apply_draft_grammars(picked, speculating, self.vocab_size)
         verified = verify(picked, speculating, self.vocab_size)
         for item, accepted, token in zip(
             speculating, verified.accepted, verified.tokens, strict=True
@@ -120,6 +121,29 @@ def _apply_grammars(
         _fill(items[i], bitmask, i)
     logits = logits.to(torch.float32, copy=True)
     apply_token_bitmask(logits, bitmask, structured)
+    return logits
+
+
+def _apply_draft_grammars(
+    logits: torch.Tensor, items: list[ScheduledRequest], vocab_size: int
+) -> torch.Tensor:
+    """A verify step's rows (1 + len(drafts) per item) with each grammar's mask after the
+    request's tokens and the drafts before the row (a float32 copy), or `logits` itself."""
+    if all(item.request.grammar is None for item in items):
+        return logits
+    bitmask = allocate_bitmask(logits.shape[0], vocab_size, pin=logits.is_cuda)
+    rows: list[int] = []
+    at = 0
+    for item in items:
+        request, drafts = item.request, item.draft_token_ids
+        if request.grammar is not None:
+            request.grammar.fill_bitmask_rows(
+                request.output_token_ids, drafts, request.eos_token_ids, bitmask, at
+            )
+            rows.extend(range(at, at + 1 + len(drafts)))
+        at += 1 + len(drafts)
+    logits = logits.to(torch.float32, copy=True)
+    apply_token_bitmask(logits, bitmask, rows)
     return logits
 
 

@@ -431,6 +431,9 @@ class Scheduler:
         out = None
         now = time.time()
         for i, tok in enumerate([*accepted, token]):
+            grammar = request.grammar
+            if grammar is not None and not grammar.advance(request.output_token_ids, tok):
+                return self._end_refused(request, tok)
             request.output_token_ids.append(tok)
             request.all_token_ids.append(tok)
             if i < len(accepted):

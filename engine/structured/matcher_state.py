@@ -104,6 +104,45 @@ class RequestGrammar:
         self._num_accepted += 1
         return True
 
+    def valid_drafts(self, output_token_ids: Sequence[int], drafts: Sequence[int]) -> list[int]:
+        """The longest prefix of `drafts` the grammar allows after `output_token_ids`
+        (speculative decoding: a draft the grammar refuses is never verified)."""
+        self.sync(output_token_ids)
+        matcher = self.matcher
+        n = 0
+        while n < len(drafts) and not matcher.is_terminated() and matcher.accept_token(drafts[n]):
+            n += 1
+        self._undo(n)
+        return list(drafts[:n])
+
+    def fill_bitmask_rows(
+        self,
+        output_token_ids: Sequence[int],
+        drafts: Sequence[int],
+        eos_token_ids: Sequence[int],
+        bitmask: torch.Tensor,  # (N, cdiv(V, 32)) int32, CPU
+        first_row: int,
+    ) -> None:
+        """Rows `first_row` .. `first_row + len(drafts)`: the tokens allowed after
+        `output_token_ids` and drafts[:j] (a verify step's rows; the drafts are valid)."""
+        self.fill_bitmask(output_token_ids, eos_token_ids, bitmask, first_row)
+        matcher = self.matcher
+        for j, token in enumerate(drafts):
+            if not matcher.accept_token(token):
+                raise GrammarRefusedError(f"the grammar refused draft token {token}")
+            if matcher.is_terminated():
+                bitmask[first_row + j + 1] = 0
+                _allow(bitmask, first_row + j + 1, eos_token_ids)
+            else:
+                matcher.fill_bitmask(bitmask, first_row + j + 1)
+        self._undo(len(drafts))
+
+    def _undo(self, num_tokens: int) -> None:
+        """Take back the last `num_tokens` tokens accepted beyond the request's own."""
+        if num_tokens and not self.matcher.rollback(num_tokens):
+            self.matcher.reset()
+            self._num_accepted = 0  # the next sync replays the request's tokens
+
     def fill_bitmask(
         self,
         output_token_ids: Sequence[int],
@@ -116,8 +155,12 @@ class RequestGrammar:
         self.sync(output_token_ids)
         if self.matcher.is_terminated():
             bitmask[row] = 0
-            for eos in eos_token_ids:
-                word, bit = divmod(eos, 32)
-                bitmask[row, word] |= -(1 << 31) if bit == 31 else 1 << bit
+            _allow(bitmask, row, eos_token_ids)
             return
         self.matcher.fill_bitmask(bitmask, row)
+
+
+def _allow(bitmask: torch.Tensor, row: int, token_ids: Sequence[int]) -> None:
+    for token in token_ids:
+        word, bit = divmod(token, 32)
+        bitmask[row, word] |= -(1 << 31) if bit == 31 else 1 << bit
