@@ -148,11 +148,10 @@ class Request:
 
     @functools.cached_property
     def speculates(self) -> bool:
-        """Drafts may be proposed for it (speculative decoding on): not for requests asking
-        for logprobs (one row per token would be owed for each accepted draft: next). Under
-        a grammar, only the drafts it allows are verified, each row masked."""
-        params = self.params
-        return params.logprobs is None and params.prompt_logprobs is None
+        """Drafts may be proposed for it (speculative decoding on): not while its prompt
+        logprobs are owed. Under a grammar, only the drafts it allows are verified, each row
+        masked; logprobs come one row per accepted token."""
+        return self.params.prompt_logprobs is None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -67,8 +67,8 @@ def test_greedy_equals_no_speculation(tiny_model, arch):
 
 def test_stops_lengths_penalties_and_other_requests(tiny_model):
     """Stop tokens met inside an accepted run of drafts, exact max_tokens, a repetition
-    penalty (it sees the drafts before each row), and requests that do not speculate (logprobs,
-    a grammar) in the same batch: outputs equal those without speculation."""
+    penalty (it sees the drafts before each row), logprobs (a row per accepted token) and a
+    grammar in the same batch: outputs equal those without speculation."""
     model = str(tiny_model("qwen2"))
     prompts = _prompts(8, seed=1)
     plain, spec = LLM(model, num_kv_blocks=256), LLM(model, num_kv_blocks=256,
@@ -96,6 +96,13 @@ def test_stops_lengths_penalties_and_other_requests(tiny_model):
     for a, b in zip(outs_plain, outs_spec, strict=True):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
         assert b.outputs[0].finish_reason == a.outputs[0].finish_reason
+    with_logprobs = outs_spec[7].outputs[0].logprobs  # one entry per token, as without drafts
+    assert with_logprobs is not None
+    assert len(with_logprobs) == len(outs_spec[7].outputs[0].token_ids)
+    for got, want in zip(with_logprobs, outs_plain[7].outputs[0].logprobs, strict=True):
+        assert got.keys() == want.keys()
+        for token, entry in got.items():
+            assert abs(entry.logprob - want[token].logprob) < 1e-4
     assert [len(o.outputs[0].token_ids) for o in outs_spec[4:6]] == [7, 10]
     assert all(o.outputs[0].finish_reason == "stop" for o in outs_spec[:4])
     plain.check_integrity()

@@ -8,7 +8,7 @@ import torch
 
 from engine.cuda_graphs import argmax_rows
 from engine.runner.handle import LaunchedStep, ModelRunnerOutput
-from engine.sampling.logprobs import LogprobsTensors
+from engine.sampling.logprobs import LogprobsTensors, gather_logprobs
 from engine.sampling.metadata import SamplingMetadata, SamplingRow
 from engine.sampling.sampler import Sampler
 from engine.scheduler.output import ScheduledRequest
@@ -100,12 +100,19 @@ class StepSampler:
         picked = logits[torch.tensor(spec_rows, device=logits.device)]
         picked = _apply_draft_grammars(picked, speculating, self.vocab_size)
         verified = verify(picked, speculating, self.vocab_size)
+        at = 0
         for item, accepted, token in zip(
             speculating, verified.accepted, verified.tokens, strict=True
         ):
             request_id = item.request.request_id
             out.sampled[request_id] = token
             out.accepted[request_id] = accepted
+            num_top = item.request.params.logprobs
+            if num_top is not None:  # a row per token: the accepted drafts', then its own
+                tokens = torch.tensor([*accepted, token], device=picked.device)
+                raw = torch.log_softmax(picked[at : at + len(tokens)].float(), dim=-1)
+                out.logprobs[request_id] = gather_logprobs(raw, tokens, num_top)
+            at += 1 + len(item.draft_token_ids)
 
 
 def _apply_grammars(

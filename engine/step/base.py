@@ -10,6 +10,7 @@ from engine.kv_connector.base import KVConnector, KVConnectorMetadata, KVConnect
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineCoreOutput
 from engine.runner.handle import ModelRunnerOutput
+from engine.sampling.logprobs import LogprobsTensors
 from engine.scheduler.output import SchedulerOutput
 from engine.scheduler.scheduler import Scheduler
 
@@ -126,5 +127,9 @@ def _with_logprobs(
             outputs.append(out)
         out.prompt_logprobs = rows
     for request_id, rows in result.logprobs.items():
-        by_id[request_id].new_logprobs = rows
+        out = by_id[request_id]
+        n = len(out.new_token_ids)
+        if n < len(rows.ranks):  # a stop among accepted drafts dropped the tokens after it
+            rows = LogprobsTensors(rows.token_ids[:n], rows.logprobs[:n], rows.ranks[:n])
+        out.new_logprobs = rows
     return outputs
