@@ -434,6 +434,19 @@ REFUSALS = [
     ("lm-format-enforcer", StructuredOutputsParams(json={"const": 5}), "a const other than"),
     (
         "lm-format-enforcer",
+        StructuredOutputsParams(json_object=True, whitespace_pattern="[ ]?"),
+        "whitespace_pattern is not supported",
+    ),
+    *[
+        (  # any object with no properties: refused rather than read as `{}` alone
+            backend,
+            StructuredOutputsParams(json_object=True, disable_additional_properties=True),
+            "disable_additional_properties with json_object",
+        )
+        for backend in REGULAR_ONLY
+    ],
+    (
+        "lm-format-enforcer",
         StructuredOutputsParams(json=SCHEMAS["enum"], whitespace_pattern="[ ]?"),
         "whitespace_pattern is not supported",
     ),

@@ -210,9 +210,7 @@ class LmfeBackend(StructuredOutputBackend):
         if kind == "choice":
             choices = [lmfe.StringParser(c) for c in params.choice or []]
             return lmfe.UnionParser(choices)
-        if kind == "json_object":
-            return JsonFixes(lmfe.JsonSchemaParser(ANY_OBJECT_SCHEMA, config))
-        if kind == "json":
+        if kind in ("json", "json_object"):
             return JsonFixes(lmfe.JsonSchemaParser(self._schema(params), config))
         reason = {
             "grammar": "lm-format-enforcer takes JSON schemas and regular expressions only",
@@ -224,6 +222,11 @@ class LmfeBackend(StructuredOutputBackend):
         if params.whitespace_pattern is not None:
             reason = "whitespace_pattern is not supported (disable_any_whitespace is)"
             raise GrammarCompileError(params, self.name, reason)
+        if params.kind == "json_object" and params.disable_additional_properties:
+            reason = "disable_additional_properties with json_object would allow only {}"
+            raise GrammarCompileError(params, self.name, reason)
+        if params.kind == "json_object":
+            return ANY_OBJECT_SCHEMA
         raw = params.json
         schema = raw if isinstance(raw, dict) else json.loads(str(raw))
         schema = bounded_integers_as_enums(schema)
