@@ -68,7 +68,8 @@ def test_worker_flags_reach_the_structured_outputs_config(tiny_model) -> None:
 
 def test_bad_flags_are_refused_naming_what_is_wrong(capsys) -> None:
     err = _refused(capsys, "--structured-outputs-backend", "nope")
-    assert "invalid choice: 'nope'" in err and "'xgrammar', 'guidance', 'auto'" in err
+    assert "invalid choice: 'nope'" in err
+    assert "'xgrammar', 'guidance', 'outlines', 'lm-format-enforcer', 'auto'" in err
     err = _refused(capsys, "--structured-outputs-config", '{"backend": "guidance", "fast": 1}')
     assert "unknown key(s) 'fast'; known: backend, disable_fallback" in err
     err = _refused(capsys, "--structured-outputs-config", '{"backend": "nope"}')

@@ -14,8 +14,10 @@ import jsonschema
 import pytest
 
 from engine import LLM, SamplingParams, StructuredOutputsParams
+from engine.structured.backend import GrammarCompileError
 
-BACKENDS = ["xgrammar", "guidance"]
+BACKENDS = ["xgrammar", "guidance", "outlines", "lm-format-enforcer"]
+REGULAR_ONLY = ("outlines", "lm-format-enforcer")  # no grammars: refused (below)
 MAX_TOKENS = 200
 SAMPLES = 6  # completions per spec at temperature 1
 
@@ -78,6 +80,9 @@ SCHEMAS = {
     },
     "top_level_array": {"type": "array", "items": POINT, "minItems": 2, "maxItems": 3},
 }
+# Every backend takes every schema above: outlines and lm-format-enforcer enforce no integer
+# bounds, and take the bounded integers as enums of their values (engine.structured.json_schema).
+# What each backend refuses, and why, is in REFUSALS below.
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -152,6 +157,13 @@ def test_choice_is_exact(llm):
 def test_ebnf_grammar_outputs_parse(llm):
     grammar = 'root ::= num (op num){0,3}\nop ::= "+" | "*"\nnum ::= [1-9] [0-9]{0,2}'
     so = StructuredOutputsParams(grammar=grammar)
+    backend = llm.engine.config.structured_outputs.backend
+    if backend in REGULAR_ONLY:
+        with pytest.raises(
+            ValueError, match=rf"structured_outputs\.grammar: the {backend} backend"
+        ):
+            _generate(llm, so, 1.0, 1)
+        return
     for completion in _generate(llm, so, 1.0, SAMPLES):
         assert completion.finish_reason == "stop"
         tree = ast.parse(completion.text, mode="eval")  # an arithmetic expression
@@ -173,6 +185,19 @@ def test_json_object_is_an_object(llm):
         if completion.finish_reason != "stop":
             assert len(completion.token_ids) == limit
             assert completion.text.startswith("{")
+
+
+@pytest.mark.parametrize("backend", ["guidance", "outlines"])
+def test_whitespace_pattern_is_the_only_whitespace(tiny_model, backend):
+    """Tabs only between the JSON's tokens (and some there: the pattern is what is used)."""
+    llm = LLM(str(tiny_model("qwen2")), num_kv_blocks=64, structured_outputs_backend=backend)
+    so = StructuredOutputsParams(json=POINT, whitespace_pattern=r"[\t]{0,2}")
+    texts = [c.text for c in _generate(llm, so, 1.0, SAMPLES)]
+    for text in texts:
+        jsonschema.validate(json.loads(text), POINT)
+        assert re.fullmatch(r'[{}":,xy0-9\t-]+', text), text
+    assert any("\t" in text for text in texts)
+    llm.check_integrity()
 
 
 def test_n_greater_than_one(llm):
@@ -303,6 +328,12 @@ def test_auto_falls_back_to_guidance(auto_llm):
             StructuredOutputsParams(structural_tag={"type": "structural_tag"}),
             "structured_outputs.structural_tag",
         ),
+        ("outlines", StructuredOutputsParams(grammar=LARK), "structured_outputs.grammar"),
+        (
+            "lm-format-enforcer",
+            StructuredOutputsParams(json={"type": "number"}),
+            "structured_outputs.json",
+        ),
     ],
 )
 def test_explicit_backend_never_falls_back(tiny_model, backend, so, field):
@@ -316,6 +347,118 @@ def test_explicit_backend_never_falls_back(tiny_model, backend, so, field):
         max_tokens=MAX_TOKENS, structured_outputs=StructuredOutputsParams(choice=["ok"])
     )
     assert llm.generate([[1, 2, 3]], ok, use_tqdm=False)[0].outputs[0].text == "ok"
+
+
+def test_auto_tries_outlines_last(auto_llm):
+    """A spec no backend takes: `auto` tried outlines after guidance, and says why each refused.
+
+    No spec was found that outlines serves and both xgrammar and guidance refuse (so that
+    `auto` would pick outlines): llguidance parses regexes with the same Rust regex-syntax
+    crate as outlines-core, and took every schema outlines takes (48 regexes and 24 schemas
+    tried: anchors, Unicode classes, lookaround, lazy and possessive repeats, formats, ...)."""
+    so = StructuredOutputsParams(regex=r"\bword\b")  # word boundaries: no backend has them
+    with pytest.raises(
+        ValueError, match=r"no backend takes it \(xgrammar: .*guidance: .*outlines: "
+    ):
+        auto_llm.engine.core.structured.compiler.backends.compile("auto", so)
+
+
+NOT = {"not": {"type": "string"}}
+# (backend, spec, the reason's words): what the regular-language backends refuse, and why.
+REFUSALS = [
+    ("outlines", StructuredOutputsParams(grammar='root ::= "a"'), "regular languages only"),
+    ("outlines", StructuredOutputsParams(structural_tag={"type": "x"}), "xgrammar backend only"),
+    ("outlines", StructuredOutputsParams(json=NOT), r"unsupported keywords \['not'\]"),
+    (  # one bound: no enum to take its place, and outlines-core ignores minimum
+        "outlines",
+        StructuredOutputsParams(json={"type": "integer", "minimum": 0}),
+        r"unsupported keywords \['minimum'\]",
+    ),
+    (  # outlines-core compiles oneOf as anyOf: a value matching two branches would pass
+        "outlines",
+        StructuredOutputsParams(json={"oneOf": [{"type": "string"}, {"type": "null"}]}),
+        r"unsupported keywords \['oneOf'\]",
+    ),
+    (  # outlines-core reads `properties` and passes over `anyOf` beside it
+        "outlines",
+        StructuredOutputsParams(json={**POINT, "anyOf": [{"required": ["x"]}]}),
+        "anyOf beside properties",
+    ),
+    (  # it takes maxLength and passes over the pattern
+        "outlines",
+        StructuredOutputsParams(json={"type": "string", "pattern": "^a+$", "maxLength": 3}),
+        "pattern or format beside minLength/maxLength",
+    ),
+    (  # it unrolls recursion three levels and drops what lies deeper, required or not
+        "outlines",
+        StructuredOutputsParams(
+            json={
+                "$defs": {"node": {"type": "object", "properties": {"next": {"$ref": "#"}}}},
+                "$ref": "#/$defs/node",
+            }
+        ),
+        "a recursive \\$ref",
+    ),
+    ("outlines", StructuredOutputsParams(json={"enum": []}), "an empty enum"),
+    (  # outlines-core puts a pattern in as it stands: `.` would take `"` and end the string
+        "outlines",
+        StructuredOutputsParams(json={"type": "string", "pattern": "^a.$"}),
+        "a pattern that may match",
+    ),
+    ("lm-format-enforcer", StructuredOutputsParams(grammar='root ::= "a"'), "regular expressions"),
+    (
+        "lm-format-enforcer",
+        StructuredOutputsParams(structural_tag={"type": "x"}),
+        "xgrammar backend only",
+    ),
+    (  # its number parser takes 1.e5 (and 1e-5 as an integer)
+        "lm-format-enforcer",
+        StructuredOutputsParams(json={"type": "number"}),
+        "integers and numbers, but for ranges of up to 1024 integers",
+    ),
+    (
+        "lm-format-enforcer",
+        StructuredOutputsParams(json={"type": "integer", "minimum": 0, "maximum": 5000}),
+        r"unsupported keywords \['maximum', 'minimum'\]",
+    ),
+    (  # it has no formats: a date would be any string
+        "lm-format-enforcer",
+        StructuredOutputsParams(json={"type": "string", "format": "date"}),
+        r"unsupported keywords \['format'\]",
+    ),
+    (  # it would fail on these mid-generation
+        "lm-format-enforcer",
+        StructuredOutputsParams(json={"type": "string", "pattern": "^a+$", "maxLength": 3}),
+        "pattern beside minLength/maxLength",
+    ),
+    ("lm-format-enforcer", StructuredOutputsParams(json={"const": 5}), "a const other than"),
+    (
+        "lm-format-enforcer",
+        StructuredOutputsParams(json_object=True, whitespace_pattern="[ ]?"),
+        "whitespace_pattern is not supported",
+    ),
+    *[
+        (  # any object with no properties: refused rather than read as `{}` alone
+            backend,
+            StructuredOutputsParams(json_object=True, disable_additional_properties=True),
+            "disable_additional_properties with json_object",
+        )
+        for backend in REGULAR_ONLY
+    ],
+    (
+        "lm-format-enforcer",
+        StructuredOutputsParams(json=SCHEMAS["enum"], whitespace_pattern="[ ]?"),
+        "whitespace_pattern is not supported",
+    ),
+]
+
+
+@pytest.mark.parametrize(("backend", "so", "why"), REFUSALS)
+def test_backend_refusals_name_the_field_and_the_reason(auto_llm, backend, so, why):
+    backends = auto_llm.engine.core.structured.compiler.backends
+    field = f"structured_outputs.{so.kind}"
+    with pytest.raises(GrammarCompileError, match=rf"{field}: the {backend} backend .*{why}"):
+        backends.get(backend).compile(so)
 
 
 def test_a_failed_compile_leaves_the_batch_running(auto_llm):

@@ -18,6 +18,7 @@ from engine.structured.backend import (
     StructuredOutputBackend,
     TokenizerData,
 )
+from engine.structured.json_schema import without_additional_properties
 
 
 class GuidanceMatcher(GrammarMatcher):
@@ -123,17 +124,3 @@ def _schema(params: StructuredOutputsParams) -> dict[str, Any]:
     if params.disable_additional_properties:
         schema = without_additional_properties(schema)
     return schema
-
-
-def without_additional_properties(schema: Any) -> Any:
-    """A copy of `schema` in which every object that says nothing of `additionalProperties`
-    allows none."""
-    if isinstance(schema, list):
-        return [without_additional_properties(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: without_additional_properties(v) for k, v in schema.items()}
-    is_object = schema.get("type") == "object" or "properties" in schema
-    if is_object and "additionalProperties" not in schema:
-        out["additionalProperties"] = False
-    return out

@@ -28,6 +28,8 @@ AUTO_ORDER = ("xgrammar", "guidance", "outlines")
 _BACKENDS: dict[str, str | BackendFactory] = {
     "xgrammar": "engine.structured.xgrammar_backend:XgrammarBackend",
     "guidance": "engine.structured.guidance_backend:GuidanceBackend",
+    "outlines": "engine.structured.outlines_backend:OutlinesBackend",
+    "lm-format-enforcer": "engine.structured.lmfe_backend:LmfeBackend",
 }
 
 

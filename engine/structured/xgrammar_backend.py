@@ -27,6 +27,7 @@ from engine.structured.backend import (
     TokenizerData,
     choice_as_ebnf,
 )
+from engine.structured.json_schema import keywords_used, map_subschemas
 
 # Keywords that constrain values but that xgrammar would not enforce.
 UNSUPPORTED_JSON_KEYWORDS = frozenset(
@@ -129,50 +130,28 @@ class XgrammarBackend(StructuredOutputBackend):
 def unsupported_keywords(schema: Any) -> set[str]:
     """The keywords of `UNSUPPORTED_JSON_KEYWORDS` used anywhere in `schema` (as keywords, not
     as property names)."""
-    found: set[str] = set()
-    if isinstance(schema, list):
-        for item in schema:
-            found |= unsupported_keywords(item)
-    elif isinstance(schema, dict):
-        for key, value in schema.items():
-            if key in UNSUPPORTED_JSON_KEYWORDS:
-                found.add(key)
-            if key in _SCHEMA_MAPS:
-                for sub in value.values() if isinstance(value, dict) else ():
-                    found |= unsupported_keywords(sub)
-            elif key not in _VALUE_KEYWORDS:
-                found |= unsupported_keywords(value)
-    return found
+    return keywords_used(schema) & UNSUPPORTED_JSON_KEYWORDS
 
 
 # A character a JSON string may hold unescaped: not a control character, '"' or '\\'.
 JSON_STRING_CHAR = "[ !#-\\[\\]-\\U0010ffff]"
-_VALUE_KEYWORDS = ("enum", "const", "default", "examples")  # hold values, not schemas
-_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")  # name -> schema
 
 
 def bounded_strings_as_patterns(schema: Any) -> Any:
     """A copy of `schema` whose strings with minLength/maxLength (and no pattern or format)
     have the pattern of as many `JSON_STRING_CHAR`s instead."""
-    if isinstance(schema, list):
-        return [bounded_strings_as_patterns(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _subschemas(k, v) for k, v in schema.items()}
-    bounded = "minLength" in schema or "maxLength" in schema
-    if schema.get("type") == "string" and bounded and not {"pattern", "format"} & schema.keys():
-        low = int(out.pop("minLength", 0))
-        high = out.pop("maxLength", None)
-        out["pattern"] = f"^{JSON_STRING_CHAR}{{{low},{'' if high is None else int(high)}}}$"
+    return map_subschemas(schema, _bounded_string_as_pattern)
+
+
+def _bounded_string_as_pattern(node: dict[str, Any]) -> dict[str, Any]:
+    bounded = "minLength" in node or "maxLength" in node
+    if node.get("type") != "string" or not bounded or {"pattern", "format"} & node.keys():
+        return node
+    out = dict(node)
+    low = int(out.pop("minLength", 0))
+    high = out.pop("maxLength", None)
+    out["pattern"] = f"^{JSON_STRING_CHAR}{{{low},{'' if high is None else int(high)}}}$"
     return out
-
-
-def _subschemas(keyword: str, value: Any) -> Any:
-    if keyword in _VALUE_KEYWORDS:
-        return value
-    if keyword in _SCHEMA_MAPS and isinstance(value, dict):
-        return {name: bounded_strings_as_patterns(sub) for name, sub in value.items()}
-    return bounded_strings_as_patterns(value)
 
 
 def _first_line(e: Exception) -> str:
