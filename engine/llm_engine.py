@@ -81,19 +81,13 @@ class LLMEngine:
         config = EngineConfig(
             model=ModelConfig.from_pretrained(model, dtype, max_model_len, served_model_name),
             cache=CacheConfig(
-                block_size,
-                kv_cache_memory_bytes,
-                num_kv_blocks,
-                enable_prefix_caching=enable_prefix_caching,
-                enable_kv_events=enable_kv_events,
+                block_size, kv_cache_memory_bytes, num_kv_blocks,
+                enable_prefix_caching=enable_prefix_caching, enable_kv_events=enable_kv_events,
                 gpu_memory_utilization=gpu_memory_utilization,
             ),
             scheduler=SchedulerConfig(
-                max_num_batched_tokens,
-                max_num_seqs,
-                policy=scheduling_policy,
-                aging_seconds=aging_seconds,
-                max_num_waiting=max_num_waiting,
+                max_num_batched_tokens, max_num_seqs, policy=scheduling_policy,
+                aging_seconds=aging_seconds, max_num_waiting=max_num_waiting,
             ),
             device=torch.device(device),
             seed=seed,
