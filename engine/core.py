@@ -53,8 +53,9 @@ class EngineCore:
         # Asynchronous scheduling (engine.step.ahead): on with CUDA graphs unless the config says.
         on = config.async_scheduling
         self.stepper: Stepper = SyncStepper(self.scheduler, self.runner)
-        # (Not with a drafter that reads hidden states: a launched step keeps none. Next.)
-        default = self.runner.graphs is not None and not self.runner.keep_hidden
+        # Not with speculative decoding: a launched step's tokens are unknown when drafting,
+        # so its requests could not draft (verify steps run to completion). Next.
+        default = self.runner.graphs is not None and config.speculative is None
         self.set_async_scheduling(default if on is None else on)
         if kv_connector is not None:
             self.set_kv_connector(kv_connector)
