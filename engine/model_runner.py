@@ -64,18 +64,21 @@ class ModelRunner:
         self.keep_hidden = spec is not None and spec.method in SPEC_METHODS_READING_HIDDEN
         self.eager.keep_hidden = self.keep_hidden
         self.graph_hidden: torch.Tensor | None = None  # each replay's, when kept
+        # The largest graph: a row per sequence, k + 1 per sequence verifying k drafts.
+        drafts = 0 if spec is None else spec.num_speculative_tokens
+        self.graph_rows = config.scheduler.max_num_seqs * (1 + drafts)
         self.graphs: DecodeGraphs | None = None
         self.graph: GraphForward | None = None
         if self.kernels.triton and not config.enforce_eager:
             if self.keep_hidden:
-                size = max(default_capture_sizes(config.scheduler.max_num_seqs))
+                size = max(default_capture_sizes(self.graph_rows))
                 self.graph_hidden = torch.empty(
                     size, m.hidden_size, dtype=m.dtype, device=self.device
                 )
             self.graphs = DecodeGraphs(
                 self._decode_forward,
                 self.device,
-                default_capture_sizes(config.scheduler.max_num_seqs),
+                default_capture_sizes(self.graph_rows),
                 max_blocks=-(-m.max_model_len // self.block_size),
                 block_size=self.block_size,
             )
