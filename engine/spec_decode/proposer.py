@@ -20,6 +20,10 @@ class Proposer(ABC):
         """Up to `max_drafts[i]` tokens likely to follow `requests[i].all_token_ids` (may be
         empty: nothing to propose)."""
 
+    def finished(self, request: Request) -> None:  # noqa: B027 (optional hook, no-op by default)
+        """`request` ended in this engine (stopped, length, aborted or handed off; its tokens
+        are final): a drafter that keeps state per request drops it here."""
+
 
 def build_proposer(config: SpeculativeConfig) -> Proposer:
     if config.method == "ngram":
