@@ -30,4 +30,8 @@ def build_proposer(config: SpeculativeConfig) -> Proposer:
         from engine.spec_decode.ngram import NgramProposer
 
         return NgramProposer(config)
+    if config.method == "suffix":
+        from engine.spec_decode.suffix import SuffixProposer
+
+        return SuffixProposer(config)
     raise ValueError(f"speculative_config.method {config.method!r} is not implemented yet")
