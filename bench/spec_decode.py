@@ -33,6 +33,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
                  "prompt_lookup_max": 4},
     "ngram_k5": {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2,
                  "prompt_lookup_max": 4},
+    "suffix": {"method": "suffix", "num_speculative_tokens": 5},
 }  # fmt: skip
 # Standard-library modules whose functions the editing prompts quote (present on any Python)
 SOURCE_MODULES = ("textwrap", "shlex", "json.decoder", "string", "fnmatch", "glob", "base64",

@@ -283,8 +283,9 @@ class StructuredOutputsConfig:
 
 
 SPEC_METHODS = ("ngram", "suffix", "mlp_speculator", "eagle", "eagle3", "draft_model")
-SPEC_METHODS_BUILT = ("ngram",)
+SPEC_METHODS_BUILT = ("ngram", "suffix")
 SPEC_METHODS_READING_HIDDEN = ("mlp_speculator", "eagle", "eagle3")  # the target's states
+SUFFIX_TREE_DEPTH = 24  # vLLM's default suffix_decoding_max_tree_depth
 
 
 @dataclass(slots=True)
@@ -295,7 +296,13 @@ class SpeculativeConfig:
     verifies them in one forward pass (greedy: exactly; sampling: rejection sampling keeps its
     distribution). `ngram` (prompt lookup) drafts the tokens that followed the last earlier
     occurrence of the sequence's final n-gram, n from `prompt_lookup_max` down to
-    `prompt_lookup_min`. With `disable_by_batch_size` running requests or more, nobody drafts."""
+    `prompt_lookup_min`. `suffix` (suffix decoding) matches the end of the request's tokens in
+    suffix trees of depth `suffix_decoding_max_tree_depth` (its prompt and output so far; the
+    outputs of the last `suffix_decoding_max_cached_requests` finished requests, 0: none) and
+    drafts the most frequent continuation, at most `suffix_decoding_max_spec_factor` times the
+    match length, while its estimated probability stays >= `suffix_decoding_min_token_prob`;
+    in vLLM's JSON form without `num_speculative_tokens` it drafts up to the tree depth. With
+    `disable_by_batch_size` running requests or more, nobody drafts."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
@@ -303,6 +310,10 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None
     disable_by_batch_size: int | None = None
     model: str | None = None  # the drafter's weights (mlp_speculator, eagle, draft_model)
+    suffix_decoding_max_tree_depth: int = SUFFIX_TREE_DEPTH  # tokens: match plus draft
+    suffix_decoding_max_cached_requests: int = 10000  # finished outputs kept, oldest out first
+    suffix_decoding_max_spec_factor: float = 1.0  # drafts per matched token
+    suffix_decoding_min_token_prob: float = 0.1
 
     def __post_init__(self) -> None:
         field_name = "speculative_config"
@@ -316,6 +327,7 @@ class SpeculativeConfig:
                 f"{field_name}.method {self.method!r} is not implemented yet "
                 f"(implemented: {', '.join(SPEC_METHODS_BUILT)})"
             )
+        self._check_suffix_options()  # first: the depth may have set num_speculative_tokens
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 1:
             raise ValueError(f"{field_name}.num_speculative_tokens must be an integer >= 1")
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
@@ -327,6 +339,21 @@ class SpeculativeConfig:
         self.prompt_lookup_min, self.prompt_lookup_max = lo, hi
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
             raise ValueError(f"{field_name}.disable_by_batch_size must be >= 1")
+
+    def _check_suffix_options(self) -> None:
+        """vLLM's bounds: depth >= 1, cached requests >= 0, factor >= 0, probability in [0, 1]."""
+        name = "speculative_config.suffix_decoding"
+        depth = self.suffix_decoding_max_tree_depth
+        cached = self.suffix_decoding_max_cached_requests
+        if not _is_int(depth) or depth < 1:
+            raise ValueError(f"{name}_max_tree_depth must be an integer >= 1, got {depth!r}")
+        if not _is_int(cached) or cached < 0:
+            raise ValueError(f"{name}_max_cached_requests must be an integer >= 0, got {cached!r}")
+        factor, prob = self.suffix_decoding_max_spec_factor, self.suffix_decoding_min_token_prob
+        if not _is_number(factor) or factor < 0:
+            raise ValueError(f"{name}_max_spec_factor must be a number >= 0, got {factor!r}")
+        if not _is_number(prob) or not 0 <= prob <= 1:
+            raise ValueError(f"{name}_min_token_prob must be a number in [0, 1], got {prob!r}")
 
     @classmethod
     def from_value(
@@ -357,7 +384,19 @@ class SpeculativeConfig:
                 f"speculative_config: unknown key(s) {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(known))}"
             )
+        if data.get("method") == "suffix" and "num_speculative_tokens" not in data:
+            # vLLM's: suffix decoding sizes its drafts itself, up to the tree depth
+            depth = data.get("suffix_decoding_max_tree_depth", SUFFIX_TREE_DEPTH)
+            data = {**data, "num_speculative_tokens": depth}
         return cls(**data)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(slots=True)

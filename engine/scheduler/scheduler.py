@@ -11,7 +11,7 @@ running list is preempted: its blocks are freed and it waits to be recomputed fr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 
 from engine.config import SchedulerConfig
@@ -57,6 +57,8 @@ class Scheduler:
         self.waiting_for_grammar: dict[str, Request] = {}  # structured outputs: compiling
         self._hand_offs: set[str] = set()  # end after their first token (`hands_off`)
         self._saving: dict[str, Request] = {}  # finished; blocks held for the connector's save
+        # Called with each request as it finishes (speculative decoding: the drafter's hook).
+        self.on_finished: Callable[[Request], None] | None = None
 
     def add_request(self, request: Request) -> None:
         """Queue a new request; EngineOverloadedError if `max_num_waiting` are already waiting.
@@ -499,6 +501,8 @@ class Scheduler:
         request.times.finished = time.time()
         del self.requests[rid]
         self._hand_offs.discard(rid)
+        if self.on_finished is not None:
+            self.on_finished(request)
         if self.connector is not None and self.connector.request_finished(
             request, self.kv.block_ids(rid)
         ):

@@ -7,7 +7,8 @@
               KV of the rejected drafts is dropped: num_computed_tokens counts the accepted
               ones, and blocks past them go back (KVCacheManager.trim)
 
-Methods: `ngram` (prompt lookup). Next: suffix decoding, MLP speculators, EAGLE, draft models.
+Methods: `ngram` (prompt lookup), `suffix` (suffix decoding: the request's tokens and earlier
+outputs). Next: MLP speculators, EAGLE, draft models.
 """
 
 from engine.spec_decode.proposer import Proposer, build_proposer

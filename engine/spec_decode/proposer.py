@@ -20,10 +20,18 @@ class Proposer(ABC):
         """Up to `max_drafts[i]` tokens likely to follow `requests[i].all_token_ids` (may be
         empty: nothing to propose)."""
 
+    def finished(self, request: Request) -> None:  # noqa: B027 (optional hook, no-op by default)
+        """`request` ended in this engine (stopped, length, aborted or handed off; its tokens
+        are final): a drafter that keeps state per request drops it here."""
+
 
 def build_proposer(config: SpeculativeConfig) -> Proposer:
     if config.method == "ngram":
         from engine.spec_decode.ngram import NgramProposer
 
         return NgramProposer(config)
+    if config.method == "suffix":
+        from engine.spec_decode.suffix import SuffixProposer
+
+        return SuffixProposer(config)
     raise ValueError(f"speculative_config.method {config.method!r} is not implemented yet")
