@@ -1,0 +1,372 @@
+"""Structured outputs' cost: the same requests with and without a JSON-schema constraint, on one
+engine, in one run.
+
+    per token  32 requests at once, a fixed number of output tokens each (eos ignored), once
+               unconstrained and once held to SCHEMA; decode seconds (from the last request's
+               first token to the last token) over the tokens generated in them. Greedy, then
+               temperature 1. The grammar is compiled (and cached) in a warm-up first; the
+               fastest of --repeats runs of each kind counts, runs alternating.
+    TTFT       one request, batch 1, one output token: unconstrained; with a grammar not seen
+               before (SCHEMA with one property renamed per run: a compile-cache miss); with that
+               grammar again (a hit). Median and fastest of --ttft-repeats.
+
+SCHEMA is an array of at least 64 person objects (bench.structured.PERSON_SCHEMA), compact
+(`disable_any_whitespace`), so no answer ends within the run and both kinds generate the same
+number of tokens. On the GPU the engine core's step counters say whether the steps were launched
+ahead (`num_chained_steps`) or could not be (`num_deferred_steps`), run by run.
+
+    --device cpu --model demo   the demo model (SmolLM2-135M-Instruct), float32, chat prompts
+    --device cuda --model 1b    bench.gpu_engine's random Llama-3.2-1B shape, bfloat16, random
+                                token-id prompts, with bench.byte_level_tokenizer's vocabulary
+
+    python -m bench.structured_outputs [--device cpu|cuda] [--model demo|1b|DIR] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.machine import describe_machine, git_commit, load_average
+from bench.structured import PERSON_SCHEMA
+
+SCHEMA: dict[str, Any] = {"type": "array", "items": PERSON_SCHEMA, "minItems": 64}
+# Per-output-token overhead of the constrained run over the unconstrained one, at most.
+AIMS = {"cpu": 0.10, "cuda": 0.05}
+DEFAULTS = {  # device -> (decode steps, repeats, TTFT repeats)
+    "cpu": (32, 3, 5),
+    "cuda": (256, 5, 10),
+}
+BATCH = 32
+GPU_PROMPT_TOKENS = 64
+TOPICS = ("engineers", "painters", "pilots", "doctors", "chefs", "teachers", "farmers", "poets")
+
+
+@dataclass(slots=True)
+class Setup:
+    """The engine under test, its prompts (token ids) and what the result records of them."""
+
+    llm: Any
+    prompts: list[list[int]]
+    model: dict[str, Any]
+    engine_args: dict[str, Any] = field(default_factory=dict)
+
+
+def constraint(tag: str = "") -> Any:
+    """SCHEMA as StructuredOutputsParams; a `tag` renames the `id` property to `id_<tag>`, a
+    schema no earlier request had."""
+    from engine import StructuredOutputsParams
+
+    schema = SCHEMA
+    if tag:
+        item = json.loads(json.dumps(PERSON_SCHEMA))
+        item["properties"][f"id_{tag}"] = item["properties"].pop("id")
+        item["required"] = [f"id_{tag}" if n == "id" else n for n in item["required"]]
+        schema = {**SCHEMA, "items": item}
+    return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+
+
+def demo_setup(device: str, model_dir: Path | None) -> Setup:
+    """The demo model (or `model_dir`) in float32; 32 chat prompts asking for people as JSON."""
+    from engine import LLM
+    from engine.models.demo import ensure_demo_model
+
+    model_dir = model_dir or ensure_demo_model(progress=False)
+    args = {"dtype": "float32", "max_num_seqs": BATCH, "max_num_batched_tokens": 4096,
+            "enable_prefix_caching": False}  # fmt: skip
+    llm = LLM(str(model_dir), device=device, **args)
+    prompts = []
+    for i in range(BATCH):
+        ask = (f"List {3 + i // len(TOPICS)} {TOPICS[i % len(TOPICS)]} as a JSON array of "
+               "objects with name, age, city and id.")  # fmt: skip
+        text = llm.apply_chat_template([{"role": "user", "content": ask}]) if _chat(llm) else ask
+        prompts.append(llm.get_tokenizer().encode(text, add_special_tokens=False))
+    return Setup(llm, prompts, {"name": model_dir.name, "dtype": "float32"}, args)
+
+
+def _chat(llm: Any) -> bool:
+    return bool(getattr(llm.get_tokenizer(), "chat_template", None))
+
+
+def gpu_setup(directory: Path) -> Setup:
+    """bench.gpu_engine's random 1B shape (bf16) with a byte-level vocabulary; random prompts."""
+    from bench.byte_level_tokenizer import write_byte_level_tokenizer
+    from bench.gpu_engine import SHAPE, baton_llm, make_model, random_prompts
+
+    model_dir = make_model(directory, tokenizer=write_byte_level_tokenizer)
+    args = {"max_num_seqs": BATCH, "max_num_batched_tokens": 8192,
+            "kv_cache_memory_bytes": 8 << 30, "enable_prefix_caching": False}  # fmt: skip
+    llm = baton_llm(model_dir, **args)
+    model = {"name": "random Llama-3.2-1B shape", "shape": SHAPE, "dtype": "bfloat16",
+             "tokenizer": "bench.byte_level_tokenizer"}  # fmt: skip
+    return Setup(llm, random_prompts(BATCH, GPU_PROMPT_TOKENS, seed=0), model, args)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_run(llm: Any, prompts: list[list[int]], params: Any) -> dict[str, Any]:
+    """One `generate` of all `prompts`: decode seconds (the last first token to the last
+    token), the tokens generated in them, the engine's chained/deferred steps in the run."""
+    core = llm.engine.core
+    chained, deferred = core.num_chained_steps, core.num_deferred_steps
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    firsts = [o.metrics.first_token_time for o in outputs]
+    seconds = max(o.metrics.last_token_time for o in outputs) - max(firsts)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    decode_tokens = tokens - len(outputs)  # each request's first token came before the window
+    texts = [o.outputs[0].text for o in outputs]
+    return {
+        "decode_seconds": seconds,
+        "output_tokens": tokens,
+        "decode_tokens": decode_tokens,
+        "ms_per_token": 1000 * seconds / decode_tokens,
+        "first_token_spread_ms": 1000 * (max(firsts) - min(firsts)),
+        "chained_steps": core.num_chained_steps - chained,
+        "deferred_steps": core.num_deferred_steps - deferred,
+        "finished_json": sum(_parses(t) for t in texts),
+        "sample_text": texts[0][:160],
+    }
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def per_token_pair(
+    setup: Setup, temperature: float, steps: int, repeats: int, aim: float
+) -> dict[str, Any]:
+    """`repeats` alternating runs of the batch unconstrained and constrained; the fastest of
+    each kind, their per-token ratio, and the ratio of the medians."""
+    from engine import SamplingParams
+
+    def params(structured: Any) -> Any:
+        return SamplingParams(temperature=temperature, max_tokens=steps, ignore_eos=True,
+                              structured_outputs=structured)  # fmt: skip
+
+    kinds = {"plain": params(None), "structured": params(constraint())}
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "structured": []}
+    for _ in range(repeats):
+        for name, p in kinds.items():
+            runs[name].append(decode_run(setup.llm, setup.prompts, p))
+    best = {name: min(rs, key=lambda r: r["ms_per_token"]) for name, rs in runs.items()}
+    ratio = best["structured"]["ms_per_token"] / best["plain"]["ms_per_token"]
+    medians = {n: statistics.median(r["ms_per_token"] for r in rs) for n, rs in runs.items()}
+    return {
+        "temperature": temperature,
+        **{
+            name: {
+                **best[name],
+                "ms_per_token_samples": [r["ms_per_token"] for r in rs],
+                "chained_steps_samples": [r["chained_steps"] for r in rs],
+                "deferred_steps_samples": [r["deferred_steps"] for r in rs],
+            }
+            for name, rs in runs.items()
+        },  # fmt: skip
+        "same_token_counts": best["plain"]["output_tokens"] == best["structured"]["output_tokens"],
+        "ratio": ratio,
+        "overhead": ratio - 1,
+        "ratio_of_medians": medians["structured"] / medians["plain"],
+        "aim_overhead_at_most": aim,
+        "meets_aim": ratio - 1 <= aim,
+    }
+
+
+def ttft_ms(llm: Any, prompt: list[int], structured: Any, device: str) -> float:
+    """Milliseconds from the request's arrival to its first token (one output token)."""
+    from engine import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=1, structured_outputs=structured)
+    _sync(device)
+    [out] = llm.generate([prompt], params, use_tqdm=False)
+    return 1000 * (out.metrics.first_token_time - out.metrics.arrival_time)
+
+
+def ttft_section(setup: Setup, repeats: int, device: str) -> dict[str, Any]:
+    """Batch-1 TTFT unconstrained, with a grammar never seen (a compile-cache miss) and with
+    that grammar cached; the first structured request of the engine (which also builds the
+    grammar backend over the tokenizer) apart."""
+    llm, prompt = setup.llm, setup.prompts[0]
+    compiler = llm.engine.core.structured.compiler
+    samples: dict[str, list[float]] = {"plain": [], "cold": [], "cached": []}
+    misses, hits, compile_s = 0, 0, []
+    for i in range(repeats):
+        samples["plain"].append(ttft_ms(llm, prompt, None, device))
+        stats = compiler.stats
+        before = (stats.misses, stats.hits, stats.compile_seconds)
+        so = constraint(f"r{i}_{time.monotonic_ns()}")
+        samples["cold"].append(ttft_ms(llm, prompt, so, device))
+        samples["cached"].append(ttft_ms(llm, prompt, so, device))
+        misses += stats.misses - before[0]
+        hits += stats.hits - before[1]
+        compile_s.append(1000 * (stats.compile_seconds - before[2]))
+    median = {name: statistics.median(s) for name, s in samples.items()}
+    return {
+        "prompt_tokens": len(prompt),
+        **{f"{name}_ms": median[name] for name in samples},
+        **{f"{name}_ms_min": min(s) for name, s in samples.items()},
+        **{f"{name}_ms_samples": s for name, s in samples.items()},
+        "cold_over_plain": median["cold"] / median["plain"],
+        "cached_over_plain": median["cached"] / median["plain"],
+        "compile_ms_samples": compile_s,
+        "cache_misses": misses,  # one per cold request
+        "cache_hits": hits,  # one per cached request
+    }
+
+
+def warm_up(setup: Setup, device: str) -> dict[str, Any]:
+    """The first structured request (the backend is built over the tokenizer, SCHEMA
+    compiled), then a short batch of each kind at both temperatures; what it took."""
+    from engine import SamplingParams
+
+    first = ttft_ms(setup.llm, setup.prompts[0], constraint(), device)
+    for temperature in (0.0, 1.0):
+        for structured in (None, constraint()):
+            params = SamplingParams(temperature=temperature, max_tokens=4, ignore_eos=True,
+                                    structured_outputs=structured)  # fmt: skip
+            setup.llm.generate(setup.prompts, params, use_tqdm=False)
+    compiler = setup.llm.engine.core.structured.compiler
+    backend = next(iter(compiler._cache.values())).backend
+    return {"first_structured_request_ttft_ms": first, "backend": backend}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module's docstring); unset counts take the device's defaults."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model", default=None, metavar="demo|1b|DIR",
+                        help="default: demo on cpu, 1b on cuda; DIR: a model directory, run as "
+                        "the demo model is")  # fmt: skip
+    parser.add_argument(
+        "--decode-steps",
+        type=int,
+        default=None,
+        help="output tokens per request (cpu 32, cuda 256)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs of each kind per temperature (cpu 3, cuda 5)",
+    )
+    parser.add_argument("--ttft-repeats", type=int, default=None, help="cpu 5, cuda 10")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default: bench/results/structured_outputs_DEVICE.json",
+    )
+    args = parser.parse_args(argv)
+    steps, repeats, ttft_repeats = DEFAULTS[args.device]
+    args.model = args.model or ("1b" if args.device == "cuda" else "demo")
+    args.decode_steps = args.decode_steps or steps
+    args.repeats = args.repeats or repeats
+    args.ttft_repeats = args.ttft_repeats or ttft_repeats
+    args.out = args.out or Path(f"bench/results/structured_outputs_{args.device}.json")
+    return args
+
+
+def measure(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm-up, TTFT, then the per-token pairs (greedy, temperature 1)."""
+    aim = AIMS[args.device]
+    log = lambda text: print(f"[structured_outputs] {text}", file=sys.stderr, flush=True)  # noqa: E731
+    log("warm-up")
+    warm = warm_up(setup, args.device)
+    log("ttft")
+    ttft = ttft_section(setup, args.ttft_repeats, args.device)
+    pairs = {}
+    for name, temperature in (("greedy", 0.0), ("temperature_1", 1.0)):
+        log(f"per token, {name}")
+        pairs[name] = per_token_pair(setup, temperature, args.decode_steps, args.repeats, aim)
+    core = setup.llm.engine.core
+    return {
+        "warm_up": warm,
+        "per_token": pairs,
+        "ttft": ttft,
+        "async_scheduling": {
+            "on": core.async_scheduling,
+            # of the greedy structured run that counts (others per run in the samples)
+            "structured_greedy_chained_steps": pairs["greedy"]["structured"]["chained_steps"],
+            "structured_greedy_deferred_steps": pairs["greedy"]["structured"]["deferred_steps"],
+            "plain_greedy_chained_steps": pairs["greedy"]["plain"]["chained_steps"],
+        },
+    }
+
+
+def _lengths(prompts: list[list[int]]) -> dict[str, float]:
+    lengths = [len(p) for p in prompts]
+    return {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)}
+
+
+def build(args: argparse.Namespace, scratch: Path) -> Setup:
+    if args.model == "1b":
+        if args.device != "cuda":
+            raise SystemExit("--model 1b runs on --device cuda")
+        return gpu_setup(scratch)
+    model_dir = None if args.model == "demo" else Path(args.model)
+    return demo_setup(args.device, model_dir)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU")
+    load_at_start = load_average()
+    with tempfile.TemporaryDirectory() as scratch:
+        setup = build(args, Path(scratch))
+        measured = measure(setup, args)
+    greedy = measured["per_token"]["greedy"]
+    result = {
+        "benchmark": "structured_outputs",
+        "device": args.device,
+        "model": setup.model,
+        "engine_args": setup.engine_args,
+        "schema": SCHEMA,
+        "disable_any_whitespace": True,
+        "workload": {
+            "batch": BATCH,
+            "prompt_tokens": _lengths(setup.prompts),
+            "decode_steps": args.decode_steps,
+            "repeats": args.repeats,
+            "ttft_repeats": args.ttft_repeats,
+        },
+        "summary": {
+            "greedy_overhead": greedy["overhead"],
+            "temperature_1_overhead": measured["per_token"]["temperature_1"]["overhead"],
+            "aim_overhead_at_most": AIMS[args.device],
+            "meets_aim": greedy["meets_aim"],
+            "ttft_plain_ms": measured["ttft"]["plain_ms"],
+            "ttft_cold_ms": measured["ttft"]["cold_ms"],
+            "ttft_cached_ms": measured["ttft"]["cached_ms"],
+        },
+        **measured,
+        "machine": {**describe_machine(), "load_average_at_start": load_at_start},
+        "code": git_commit(),
+        "command": shlex.join(["python", "-m", "bench.structured_outputs", *words]),
+    }
+    text = json.dumps(result, indent=2) + "\n"
+    print(text, end="")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
