@@ -9,11 +9,16 @@ engine, in one run.
     TTFT       one request, batch 1, one output token: unconstrained; with a grammar not seen
                before (SCHEMA with one property renamed per run: a compile-cache miss); with that
                grammar again (a hit). Median and fastest of --ttft-repeats.
+    mask fill  the grammar backend filling one row's allowed-token mask, timed token by token
+               along a fixed prefix of an answer (host ms), for SCHEMA and for SCHEMA without
+               the strings' maxLength: what a step pays per structured row before sampling.
 
 SCHEMA is an array of at least 64 person objects (bench.structured.PERSON_SCHEMA), compact
 (`disable_any_whitespace`), so no answer ends within the run and both kinds generate the same
-number of tokens. On the GPU the engine core's step counters say whether the steps were launched
-ahead (`num_chained_steps`) or could not be (`num_deferred_steps`), run by run.
+number of tokens. The engine core's step counters, run by run, say how many steps were launched
+ahead of the previous one's tokens (`num_chained_steps`) and how many scheduled ahead could not
+be (`num_deferred_steps`); a batch whose steps cannot be launched ahead at all counts neither
+(each step runs to completion). Asynchronous scheduling is on by default with CUDA graphs only.
 
     --device cpu --model demo   the demo model (SmolLM2-135M-Instruct), float32, chat prompts
     --device cuda --model 1b    bench.gpu_engine's random Llama-3.2-1B shape, bfloat16, random
@@ -45,10 +50,15 @@ SCHEMA: dict[str, Any] = {"type": "array", "items": PERSON_SCHEMA, "minItems": 6
 AIMS = {"cpu": 0.10, "cuda": 0.05}
 DEFAULTS = {  # device -> (decode steps, repeats, TTFT repeats)
     "cpu": (32, 3, 5),
-    "cuda": (256, 5, 10),
+    "cuda": (128, 3, 5),
 }
 BATCH = 32
 GPU_PROMPT_TOKENS = 64
+# A prefix of an answer of SCHEMA, along which the grammar's mask is filled and timed.
+MASK_DOCUMENT = (
+    '[{"name": "Ada Lovelace", "age": 36, "city": "London", "id": 7}, '
+    '{"name": "Grace Hopper", "age": 85, "city": "Arlington", "id": 8}, {"name": "Al'
+)
 TOPICS = ("engineers", "painters", "pilots", "doctors", "chefs", "teachers", "farmers", "poets")
 
 
@@ -62,18 +72,19 @@ class Setup:
     engine_args: dict[str, Any] = field(default_factory=dict)
 
 
-def constraint(tag: str = "") -> Any:
+def constraint(tag: str = "", bounded: bool = True) -> Any:
     """SCHEMA as StructuredOutputsParams; a `tag` renames the `id` property to `id_<tag>`, a
-    schema no earlier request had."""
+    schema no earlier request had; `bounded=False` drops the strings' maxLength."""
     from engine import StructuredOutputsParams
 
-    schema = SCHEMA
+    item = json.loads(json.dumps(PERSON_SCHEMA))
     if tag:
-        item = json.loads(json.dumps(PERSON_SCHEMA))
         item["properties"][f"id_{tag}"] = item["properties"].pop("id")
         item["required"] = [f"id_{tag}" if n == "id" else n for n in item["required"]]
-        schema = {**SCHEMA, "items": item}
-    return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    if not bounded:
+        for prop in item["properties"].values():
+            prop.pop("maxLength", None)
+    return StructuredOutputsParams(json={**SCHEMA, "items": item}, disable_any_whitespace=True)
 
 
 def demo_setup(device: str, model_dir: Path | None) -> Setup:
@@ -230,6 +241,32 @@ def ttft_section(setup: Setup, repeats: int, device: str) -> dict[str, Any]:
     }
 
 
+def mask_section(llm: Any) -> dict[str, Any]:
+    """Host milliseconds of the grammar backend's mask fill for one row, token by token along
+    MASK_DOCUMENT: SCHEMA, and SCHEMA with unbounded strings (no maxLength). Per-token overhead
+    at batch B is about B such fills a step, besides applying the masks and sampling."""
+    from engine.structured.bitmask import allocate_bitmask
+
+    compiler = llm.engine.core.structured.compiler
+    ids = llm.get_tokenizer().encode(MASK_DOCUMENT, add_special_tokens=False)
+    bitmask = allocate_bitmask(1, llm.engine.config.model.vocab_size)
+    result: dict[str, Any] = {"document": MASK_DOCUMENT, "document_tokens": len(ids)}
+    for name, bounded in (("schema", True), ("unbounded_strings", False)):
+        matcher = compiler.backends.compile(compiler.backend, constraint(bounded=bounded)).matcher()
+        times = []
+        for token in ids:
+            start = time.perf_counter()
+            matcher.fill_bitmask(bitmask, 0)
+            times.append(1000 * (time.perf_counter() - start))
+            assert matcher.accept_token(token), f"{name}: the grammar refused token {token}"
+        result[name] = {"mean_ms": statistics.mean(times), "median_ms": statistics.median(times),
+                        "max_ms": max(times)}  # fmt: skip
+    result["schema_over_unbounded"] = (
+        result["schema"]["mean_ms"] / result["unbounded_strings"]["mean_ms"]
+    )
+    return result
+
+
 def warm_up(setup: Setup, device: str) -> dict[str, Any]:
     """The first structured request (the backend is built over the tokenizer, SCHEMA
     compiled), then a short batch of each kind at both temperatures; what it took."""
@@ -283,11 +320,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def measure(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
-    """Warm-up, TTFT, then the per-token pairs (greedy, temperature 1)."""
+    """Warm-up, the mask fill alone, TTFT, then the per-token pairs (greedy, temperature 1)."""
     aim = AIMS[args.device]
-    log = lambda text: print(f"[structured_outputs] {text}", file=sys.stderr, flush=True)  # noqa: E731
+    start = time.perf_counter()
+
+    def log(text: str) -> None:
+        elapsed = time.perf_counter() - start
+        print(f"[structured_outputs {elapsed:6.1f} s] {text}", file=sys.stderr, flush=True)
+
     log("warm-up")
     warm = warm_up(setup, args.device)
+    log("mask fill")
+    mask = mask_section(setup.llm)
     log("ttft")
     ttft = ttft_section(setup, args.ttft_repeats, args.device)
     pairs = {}
@@ -299,6 +343,7 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         "warm_up": warm,
         "per_token": pairs,
         "ttft": ttft,
+        "mask_fill": mask,
         "async_scheduling": {
             "on": core.async_scheduling,
             # of the greedy structured run that counts (others per run in the samples)
@@ -355,6 +400,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ttft_plain_ms": measured["ttft"]["plain_ms"],
             "ttft_cold_ms": measured["ttft"]["cold_ms"],
             "ttft_cached_ms": measured["ttft"]["cached_ms"],
+            "mask_fill_ms_per_row": measured["mask_fill"]["schema"]["mean_ms"],
+            "mask_fill_ms_per_row_unbounded_strings": (
+                measured["mask_fill"]["unbounded_strings"]["mean_ms"]
+            ),
         },
         **measured,
         "machine": {**describe_machine(), "load_average_at_start": load_at_start},

@@ -30,6 +30,9 @@ def test_tiny_run(tiny_model, tmp_path: Path) -> None:
     assert (ttft["cache_misses"], ttft["cache_hits"]) == (2, 2)  # cold misses, cached hits
     assert len(ttft["cold_ms_samples"]) == 2 and ttft["cold_ms"] > 0
     assert result["summary"]["aim_overhead_at_most"] == 0.10
+    mask = result["mask_fill"]
+    assert mask["document_tokens"] > 0 and mask["schema"]["mean_ms"] > 0
+    assert mask["unbounded_strings"]["max_ms"] >= mask["unbounded_strings"]["median_ms"]
 
 
 def test_renamed_property_is_another_schema() -> None:
