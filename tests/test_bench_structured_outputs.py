@@ -23,12 +23,15 @@ def test_tiny_run(tiny_model, tmp_path: Path) -> None:
             run = pair[kind]
             assert run["output_tokens"] == BATCH * 4 and run["decode_tokens"] == BATCH * 3
             assert run["ms_per_token"] > 0 and len(run["ms_per_token_samples"]) == 1
-        assert pair["same_token_counts"] and pair["ratio"] > 0
+            assert run["cpu_ms_per_token"] > 0 and run["decode_cpu_seconds"] > 0
+        assert pair["same_token_counts"] and pair["basis"] == "cpu_ms_per_token"
+        assert pair["ratio"] == pair["cpu_ratio"] and pair["wall_ratio"] > 0
         assert pair["structured"]["sample_text"].startswith("[")  # the schema's array
         assert pair["structured"]["finished_json"] == 0  # 64 items: no answer ends
     ttft = result["ttft"]
     assert (ttft["cache_misses"], ttft["cache_hits"]) == (2, 2)  # cold misses, cached hits
     assert len(ttft["cold_ms_samples"]) == 2 and ttft["cold_ms"] > 0
+    assert ttft["cold_cpu_ms"] > 0 and len(ttft["compile_ms_samples"]) == 2
     assert result["summary"]["aim_overhead_at_most"] == 0.10
     mask = result["mask_fill"]
     assert mask["document_tokens"] > 0 and mask["schema"]["mean_ms"] > 0
