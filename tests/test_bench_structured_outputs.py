@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from bench.byte_level_tokenizer import byte_level_vocab, write_byte_level_tokenizer
 from bench.structured_outputs import BATCH, constraint, main
 
@@ -13,7 +15,8 @@ from bench.structured_outputs import BATCH, constraint, main
 def test_tiny_run(tiny_model, tmp_path: Path) -> None:
     out = tmp_path / "so.json"
     argv = ["--model", str(tiny_model("qwen2")), "--decode-steps", "4", "--repeats", "1"]
-    result = main([*argv, "--ttft-repeats", "2", "--out", str(out)])
+    threads = torch.get_num_threads()  # as it is: the default (1 on cpu) would stay set
+    result = main([*argv, "--ttft-repeats", "2", "--threads", str(threads), "--out", str(out)])
 
     assert json.loads(out.read_text()) == result
     assert result["command"].startswith("python -m bench.structured_outputs --model")
