@@ -3,8 +3,10 @@ requests carry it, and the check of the answers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,15 +62,23 @@ def test_clients_send_the_constraint_without_ignore_eos() -> None:
     params = StructuredOutputsParams(regex="[0-9]+")
     structured = BenchRequest(0, [5, 6, 7], 8, structured_outputs=params)
     plain = BenchRequest(1, [5, 6, 7], 8)
-    http = OpenAIClient("http://127.0.0.1:9", ClientOptions(ignore_eos=True))
-    _, body = http.body(structured)
+
+    async def build() -> tuple[Any, ...]:  # the clients belong to an event loop
+        http = OpenAIClient("http://127.0.0.1:9", ClientOptions(ignore_eos=True))
+        grpc = BatonGrpcClient("127.0.0.1:9", ClientOptions(ignore_eos=True))
+        try:
+            return (http.body(structured)[1], http.body(plain)[1], grpc.message(structured),
+                    grpc.message(plain))  # fmt: skip
+        finally:
+            await http.aclose()
+            await grpc.aclose()
+
+    body, plain_body, message, plain_message = asyncio.run(build())
     assert body["structured_outputs"] == {"regex": "[0-9]+"} and "ignore_eos" not in body
-    assert http.body(plain)[1]["ignore_eos"] is True
-    grpc = BatonGrpcClient("127.0.0.1:9", ClientOptions(ignore_eos=True))
-    message = grpc.message(structured)
+    assert plain_body["ignore_eos"] is True
     assert not message.params.ignore_eos
     assert structured_from_proto(message.params.structured_outputs) == params
-    assert not grpc.message(plain).params.HasField("structured_outputs")
+    assert not plain_message.params.HasField("structured_outputs")
 
 
 def test_the_seed_picks_the_structured_requests() -> None:
