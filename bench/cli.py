@@ -4,13 +4,17 @@
     baton bench run --grpc 127.0.0.1:50051 --model DIR --workload fixed --concurrency 8
     baton bench sweep --url URL --model NAME --rates 1,2,4,8 --slo-ttft-ms 500 --slo-tpot-ms 100
     baton bench compare --model DIR pd:1x1 colocated:2 --workload sharegpt --concurrency 8
+    baton bench run --url URL --workload fixed --structured-output json-example \
+        --structured-output-ratio 0.5
 
 `run` measures one server at one load; `sweep` runs the same workload at several Poisson rates
 and reports goodput against rate and the highest rate that keeps the SLO attainment target;
 `compare` starts each cluster configuration (bench.cluster_config documents CONFIG) on this
 machine in turn and runs the same workload against each. Any OpenAI-compatible server (vLLM,
 SGLang, ...) can be the `--url` of run and sweep. Each writes OUT/result.json and PNG plots
-(default OUT: bench/results/MODE-WORKLOAD-TIME) and prints a summary table.
+(default OUT: bench/results/MODE-WORKLOAD-TIME) and prints a summary table. With
+`--structured-output`, a share of any workload's requests carry a constraint and their answers
+are checked (bench.structured).
 """
 
 from __future__ import annotations
@@ -162,3 +166,12 @@ def _add_slo_and_sampling(sub: argparse.ArgumentParser) -> None:
                    help="generate exactly max_tokens (vLLM's extra field; default: on)")
     s.add_argument("--timeout", type=positive_float, default=600.0,
                    help="seconds one request may take (default: %(default)s)")
+    g = sub.add_argument_group("structured outputs (bench.structured)")
+    g.add_argument("--structured-output", default=None, metavar="json-example|regex-example|"
+                   "choice-example|FILE",
+                   help="the constraint structured requests carry: a built-in example, or a "
+                   "JSON file holding a JSON schema or a vLLM structured_outputs object; sent "
+                   "as response_format (a bare schema) or structured_outputs over HTTP, as "
+                   "SamplingParams.structured_outputs over gRPC, without ignore_eos")
+    g.add_argument("--structured-output-ratio", type=float, default=None, metavar="R",
+                   help="share of the requests (a seeded sample) that carry it (default: 1)")

@@ -28,6 +28,7 @@ from bench.runs import RunResult
 from bench.session import bench_target
 from bench.settings import BenchSettings
 from bench.slo import Slo
+from bench.structured import StructuredOutputSpec
 from bench.sweep import SweepResult
 from bench.target import Target
 from bench.workloads import OPTION_PARAMETERS, build_workload
@@ -56,6 +57,7 @@ def settings_from_args(args: argparse.Namespace, model_dir: Path | None) -> Benc
         workload = build_workload(args.workload, options)
         slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_attainment)
         arrivals = _arrivals(args)
+        structured = _structured(args)
     except ValueError as exc:
         raise BenchUsageError(str(exc)) from exc
     if args.num_requests < 1 or args.seed < 0:
@@ -66,13 +68,22 @@ def settings_from_args(args: argparse.Namespace, model_dir: Path | None) -> Benc
         workload=workload, num_requests=args.num_requests, seed=args.seed,
         vocab_size=args.vocab_size or _vocab_size(args.model_dir or model_dir),
         arrivals=arrivals, concurrency=args.concurrency, slo=slo, warmup=args.warmup,
-        progress=not args.no_progress,
+        progress=not args.no_progress, structured=structured,
     )
     try:
         settings.requests()  # fail now, not mid-benchmark, on e.g. a missing vocabulary size
     except ValueError as exc:
         raise BenchUsageError(str(exc)) from exc
     return settings
+
+
+def _structured(args: argparse.Namespace) -> StructuredOutputSpec | None:
+    ratio = args.structured_output_ratio
+    if args.structured_output is None:
+        if ratio is not None:
+            raise ValueError("--structured-output-ratio needs --structured-output")
+        return None
+    return StructuredOutputSpec.from_args(args.structured_output, 1.0 if ratio is None else ratio)
 
 
 def _arrivals(args: argparse.Namespace) -> ArrivalProcess:

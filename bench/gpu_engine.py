@@ -66,14 +66,18 @@ TOKEN_IDS = (3, 30000)  # random prompt ids are drawn from [3, 30000)
 Section = Callable[[Path], dict[str, Any]]
 
 
-def make_model(directory: Path) -> Path:
-    """A random Llama-3.2-1B-shaped model (bf16) with a tokenizer that covers its vocabulary."""
+def make_model(
+    directory: Path, tokenizer: Callable[[Path, int], None] | None = None
+) -> Path:
+    """A random Llama-3.2-1B-shaped model (bf16) with a tokenizer that covers its vocabulary:
+    `tokenizer(directory, vocab_size)` writes it (default `write_tokenizer`, one word per id;
+    `bench.byte_level_tokenizer` gives one whose tokens spell any text)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model: Any = LlamaForCausalLM(LlamaConfig(**SHAPE))
     model.to(torch.bfloat16).save_pretrained(directory)
-    write_tokenizer(directory, SHAPE["vocab_size"])
+    (tokenizer or write_tokenizer)(directory, SHAPE["vocab_size"])
     return directory
 
 

@@ -1,6 +1,7 @@
 """Baton's gRPC client: `baton.v1.Router/Generate`, server streaming.
 
-Token ids go as `token_ids`, text as `text`, chat messages as `chat`. Every streamed
+Token ids go as `token_ids`, text as `text`, chat messages as `chat`; a structured-outputs
+constraint as `SamplingParams.structured_outputs`. Every streamed
 `GenerateResponse` with text or token ids is a piece of the answer; output tokens are counted
 from the token ids (the final `usage` wins when present, and carries `cached_tokens`).
 """
@@ -15,6 +16,7 @@ from bench.client import ClientOptions, StreamClock
 from bench.records import RequestRecord
 from bench.workload import BenchRequest, Message, prompt_kind
 from proto.baton.v1 import common_pb2, router_pb2, router_pb2_grpc
+from proto.convert import structured_to_proto
 
 
 class BatonGrpcClient:
@@ -30,11 +32,14 @@ class BatonGrpcClient:
 
     def message(self, request: BenchRequest) -> router_pb2.GenerateRequest:
         """The GenerateRequest for `request`."""
+        structured = request.structured_outputs
         params = common_pb2.SamplingParams(
             max_tokens=request.max_tokens,
             temperature=self.options.temperature,
-            ignore_eos=self.options.ignore_eos,
+            ignore_eos=self.options.ignore_eos and structured is None,
         )
+        if structured is not None:
+            params.structured_outputs.CopyFrom(structured_to_proto(structured))
         msg = router_pb2.GenerateRequest(
             model=self.options.model, params=params, tenant=request.tenant
         )

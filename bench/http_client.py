@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP streaming client: Baton's router, vLLM, SGLang, or any such server.
 
 Token-id and text prompts go to `POST {base}/completions`, chat messages to
-`POST {base}/chat/completions`, with `stream: true` and `stream_options.include_usage`. A server
+`POST {base}/chat/completions`, with `stream: true` and `stream_options.include_usage` (and a
+request's structured-outputs constraint as `bench.structured.http_fields` spells it). A server
 -sent event with a choice counts as a piece of the answer when it carries text; an empty
 completion choice counts too unless it is the end marker (it has a `finish_reason`), while an
 empty chat delta (the opening role header, the closing marker) does not. An answer whose pieces
@@ -20,6 +21,7 @@ import httpx
 
 from bench.client import ClientOptions, StreamClock
 from bench.records import RequestRecord
+from bench.structured import http_fields
 from bench.workload import BenchRequest, prompt_kind
 
 
@@ -58,8 +60,10 @@ class OpenAIClient:
         }
         if opts.model:
             body["model"] = opts.model
-        if opts.ignore_eos:
+        if opts.ignore_eos and request.structured_outputs is None:
             body["ignore_eos"] = True
+        if request.structured_outputs is not None:
+            body.update(http_fields(request.structured_outputs))
         body.update(opts.extra_body)
         if prompt_kind(request.prompt) == "messages":
             return "/chat/completions", {**body, "messages": request.prompt}

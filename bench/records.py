@@ -19,7 +19,8 @@ class RequestRecord:
 
     `start_s`: when it was sent, seconds after the run started. `cached_tokens`: prompt tokens
     the server reports as served from its prefix cache. `text` (the answer) is kept for the next
-    turn of a session and left out of the JSON.
+    turn of a session and left out of the JSON. `structured`: the request carried a
+    structured-outputs constraint; `structured_valid`: its answer kept it (None: not checked).
     """
 
     index: int
@@ -35,6 +36,8 @@ class RequestRecord:
     output_tokens: int = 0
     cached_tokens: int = 0
     text: str = ""
+    structured: bool = False
+    structured_valid: bool | None = None
 
     @property
     def tpot_s(self) -> float | None:
@@ -59,6 +62,8 @@ class RequestRecord:
             "prompt_tokens": self.prompt_tokens,
             "output_tokens": self.output_tokens,
             "cached_tokens": self.cached_tokens,
+            "structured": self.structured,
+            "structured_valid": self.structured_valid,
         }
 
     @classmethod

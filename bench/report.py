@@ -45,7 +45,14 @@ ROWS: list[Row] = [
     ("prompt cache hit rate", _pct("prompt_cache_hit_rate")),
     ("SLO attainment", _pct("slo_attainment")),
     ("goodput (req/s)", lambda s: _num(s.get("goodput"), 3)),
+    ("structured: valid / invalid / unchecked", lambda s: _structured(s.get("structured_outputs"))),
 ]
+
+
+def _structured(counts: dict[str, int] | None) -> str:
+    if counts is None:
+        return "-"
+    return f"{counts['valid']} / {counts['invalid']} / {counts['unchecked']}"
 
 
 def table_rows(columns: Sequence[tuple[str, dict[str, Any]]]) -> list[list[str]]:

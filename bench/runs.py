@@ -11,6 +11,7 @@ from bench.metrics import summarize
 from bench.records import RequestRecord
 from bench.runner import LoadGenerator
 from bench.settings import BenchSettings
+from bench.structured import check_answers, structured_summary
 
 
 @dataclass
@@ -42,13 +43,15 @@ async def measure(
     rate: float | None = None,
 ) -> RunResult:
     """Run `settings`' workload (for `seed`, default the settings' own) on `arrivals`
-    (default the settings' own) and summarise it."""
+    (default the settings' own) and summarise it; structured answers are checked
+    (bench.structured)."""
     seed = settings.seed if seed is None else seed
     generator = LoadGenerator(client, settings.concurrency, settings.progress, label)
-    outcome = await generator.run(
-        settings.requests(seed), arrivals or settings.arrivals, seed
-    )
+    requests = settings.requests(seed)
+    outcome = await generator.run(requests, arrivals or settings.arrivals, seed)
+    check_answers(requests, outcome.records)
     summary = summarize(outcome.records, outcome.duration_s, settings.slo)
+    summary["structured_outputs"] = structured_summary(outcome.records)
     return RunResult(label, summary, outcome.records, rate, seed)
 
 

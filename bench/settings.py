@@ -9,6 +9,7 @@ import numpy as np
 
 from bench.arrivals import AllAtOnce, ArrivalProcess
 from bench.slo import Slo
+from bench.structured import StructuredOutputSpec
 from bench.workload import BenchRequest, Workload, prompt_kind
 
 
@@ -18,6 +19,7 @@ class BenchSettings:
 
     `vocab_size` bounds token-id prompts (None for text workloads). `concurrency`: most requests
     in flight (None: no limit). `warmup`: short requests sent before measuring.
+    `structured`: the structured-outputs constraint that a share of the requests carry.
     """
 
     workload: Workload
@@ -29,12 +31,14 @@ class BenchSettings:
     slo: Slo = field(default_factory=Slo)
     warmup: int = 1
     progress: bool = True
+    structured: StructuredOutputSpec | None = None
 
     def requests(self, seed: int | None = None) -> list[BenchRequest]:
-        """The workload's requests for `seed` (default: the settings' seed)."""
-        return self.workload.generate(
-            self.num_requests, self.seed if seed is None else seed, self.vocab_size
-        )
+        """The workload's requests for `seed` (default: the settings' seed), the chosen ones
+        carrying the structured-outputs constraint."""
+        seed = self.seed if seed is None else seed
+        requests = self.workload.generate(self.num_requests, seed, self.vocab_size)
+        return requests if self.structured is None else self.structured.apply(requests, seed)
 
     def describe(self) -> dict[str, Any]:
         """The workload (parameters and realised lengths), arrivals, limits and SLO."""
@@ -51,6 +55,10 @@ class BenchSettings:
             "concurrency": self.concurrency,
             "slo": self.slo.describe(),
             "warmup_requests": self.warmup,
+            "structured_outputs": None if self.structured is None else {
+                **self.structured.describe(),
+                "requests": [r.index for r in requests if r.structured_outputs is not None],
+            },
         }
 
 

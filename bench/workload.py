@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from common.structured_outputs import StructuredOutputsParams
+
 Message = dict[str, str]
 Prompt = list[int] | str | list[Message]
 
@@ -35,6 +37,7 @@ class BenchRequest:
     `max_tokens`: output tokens asked for (with eos ignored, exactly what comes back).
     `arrival_s`: offset from the start of the run, seconds; only traces carry one.
     `tenant`: an optional tenant name (gRPC `tenant`; shared-prefix workloads set it).
+    `structured_outputs`: the constraint its answer must follow (bench.structured), if any.
     """
 
     index: int
@@ -44,6 +47,7 @@ class BenchRequest:
     session: int | None = None
     turn: int = 0
     tenant: str = ""
+    structured_outputs: StructuredOutputsParams | None = None
 
 
 class Workload(Protocol):

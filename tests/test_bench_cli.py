@@ -156,3 +156,55 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys) -> None:
     assert "--model-dir DIR" in capsys.readouterr().err
     assert cli.main(["bench", "compare", "pd:1", "--model", str(tmp_path)]) == 2
     assert "pd:PxD" in capsys.readouterr().err
+
+
+def test_structured_requests_over_http_carry_the_schema(cluster, tmp_path: Path) -> None:
+    """Half the requests (a seeded sample) carry the example JSON schema as response_format;
+    each answer is checked against it, the others generate max_tokens as before. (Chat
+    prompts: a random token-id prompt ending in a partial UTF-8 character would put its
+    replacement characters before the answer's text.)"""
+    spec, model = cluster
+    out = tmp_path / "structured_http"
+    result = _bench(
+        "run", "--url", f"http://{spec.host}:{spec.port}", "--model", str(model),
+        "--workload", "multiturn", "--turns", "1", "--question-words", "8", "--output-len",
+        "48", *SMALL_LOAD, "--structured-output", "json-example",
+        "--structured-output-ratio", "0.5", "--out", str(out),
+    )  # fmt: skip
+    described = result["structured_outputs"]
+    assert described["kind"] == "json" and described["http_fields"] == ["response_format"]
+    assert described["ratio"] == 0.5 and len(described["requests"]) == 2
+    assert "--structured-output json-example" in result["command"]
+    [run] = result["runs"]
+    _assert_good_run(run, 4, output_len=None)
+    records = {r["index"]: r for r in run["requests"]}
+    assert {i for i, r in records.items() if r["structured"]} == set(described["requests"])
+    for record in records.values():
+        if record["structured"]:
+            assert record["structured_valid"] is not None  # checked (jsonschema)
+            assert 0 < record["output_tokens"] <= 48
+        else:
+            assert record["structured_valid"] is None and record["output_tokens"] == 48
+    counts = run["summary"]["structured_outputs"]
+    assert counts["requests"] == 2 and counts["valid"] + counts["invalid"] == 2
+    assert counts["valid"] == sum(r["structured_valid"] is True for r in records.values())
+
+
+def test_structured_requests_over_grpc_keep_a_choice(cluster, tmp_path: Path) -> None:
+    """A structured_outputs object from a file, over gRPC (SamplingParams.structured_outputs):
+    every answer is one of the choices."""
+    spec, model = cluster
+    constraint = tmp_path / "choice.json"
+    constraint.write_text(json.dumps({"choice": ["yes", "no", "maybe"]}))
+    out = tmp_path / "structured_grpc"
+    result = _bench(
+        "run", "--grpc", f"{spec.host}:{spec.grpc_port}", "--model", str(model),
+        "--workload", "multiturn", "--turns", "1", "--question-words", "8", "--output-len",
+        "12", *SMALL_LOAD, "--structured-output", str(constraint), "--out", str(out),
+    )  # fmt: skip
+    assert result["structured_outputs"]["kind"] == "choice"
+    assert result["structured_outputs"]["requests"] == [0, 1, 2, 3]
+    [run] = result["runs"]
+    _assert_good_run(run, 4, output_len=None)
+    counts = {"requests": 4, "valid": 4, "invalid": 0, "unchecked": 0}
+    assert run["summary"]["structured_outputs"] == counts
