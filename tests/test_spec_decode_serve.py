@@ -6,10 +6,8 @@ drafts and accepted tokens under vLLM's names; every block goes back."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 
-import grpc
 import httpx
 import openai
 import pytest
@@ -18,10 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster import free_port
 from common.sampling_params import SamplingParams
 from engine import LLM
-from proto.baton.v1 import common_pb2, worker_pb2_grpc
-from router.config import RouterConfig
 from router.testing import RouterThread
-from tests.workers import started_at_once
+from tests.workers import assert_all_free, pd_and_colocated_routers, started_at_once
 
 NUM_BLOCKS = 96
 SPEC = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
@@ -43,25 +39,11 @@ def cluster(tiny_model) -> Iterator[dict]:
         "colocated": ("decode_service", (*flags, "--role", "colocated", "--speculative-config",
                                          SPEC, "--metrics-port", str(ports["colocated"]))),
     }  # fmt: skip
-    with started_at_once(model_dir, specs) as addresses:
-        configs = {
-            "disaggregated": RouterConfig(
-                str(model_dir), port=0, grpc_port=0,
-                prefill=[addresses["prefill"]], decode=[addresses["decode"]],
-            ),
-            "colocated": RouterConfig(
-                str(model_dir), port=0, grpc_port=0, colocated=[addresses["colocated"]]
-            ),
-        }  # fmt: skip
-        routers = {name: RouterThread(config) for name, config in configs.items()}
-        for thread in routers.values():
-            thread.__enter__()
-        try:
-            yield {"model": model_dir, "addresses": addresses, "ports": ports,
-                   "routers": routers}  # fmt: skip
-        finally:
-            for thread in routers.values():
-                thread.stop()
+    with (
+        started_at_once(model_dir, specs) as addresses,
+        pd_and_colocated_routers(model_dir, addresses) as routers,
+    ):
+        yield {"model": model_dir, "addresses": addresses, "ports": ports, "routers": routers}
 
 
 def _expected(model_dir) -> list[str]:
@@ -94,26 +76,6 @@ def _spec_counters(port: int) -> dict[str, float]:
     }
 
 
-STUBS = {
-    "prefill": worker_pb2_grpc.PrefillWorkerStub,
-    "decode": worker_pb2_grpc.DecodeWorkerStub,
-    "colocated": worker_pb2_grpc.ColocatedWorkerStub,
-}
-
-
-def _assert_all_free(role: str, address: str, timeout_s: float = 10.0) -> None:
-    deadline = time.time() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = STUBS[role](channel)
-        while True:
-            load = stub.GetLoad(common_pb2.LoadRequest(), timeout=5)
-            idle = not (load.num_reserved or load.num_running or load.num_waiting)
-            if idle and load.num_free_blocks == load.num_total_blocks == NUM_BLOCKS:
-                return
-            assert time.time() < deadline, f"the worker still holds blocks: {load}"
-            time.sleep(0.05)
-
-
 @pytest.mark.parametrize("topology", ["disaggregated", "colocated"])
 def test_greedy_outputs_equal_the_engine_without_drafts(cluster, topology):
     expected = _expected(cluster["model"])
@@ -130,8 +92,8 @@ def test_greedy_outputs_equal_the_engine_without_drafts(cluster, topology):
         "baton:spec_decode_num_accepted_tokens_total", 0
     )
     assert drafts > 0 and accepted > 0
-    assert after["baton:spec_decode_num_draft_tokens_total"] >= after[
-        "baton:spec_decode_num_accepted_tokens_total"
-    ]
-    for role, address in cluster["addresses"].items():
-        _assert_all_free(role, address)
+    assert (
+        after["baton:spec_decode_num_draft_tokens_total"]
+        >= after["baton:spec_decode_num_accepted_tokens_total"]
+    )
+    assert_all_free(cluster["addresses"], NUM_BLOCKS)

@@ -17,6 +17,7 @@ from engine.config import SpeculativeConfig
 from engine.request import Request
 from engine.spec_decode.suffix import SuffixProposer
 from engine.spec_decode.suffix_index import MAX_COUNTED, SuffixIndex
+from tests.test_spec_decode import _prompts
 
 # "1 2 3" is followed by 4 four times, "1 2 3 4" by 5, 6, 7, 5; the end repeats "5 1 2 3"
 TOKENS = [1, 2, 3, 4, 5, 1, 2, 3, 4, 6, 1, 2, 3, 4, 7, 1, 2, 3, 4, 5, 1, 2, 3]
@@ -29,7 +30,7 @@ def _own(tokens, depth=24, k=8, factor=1.0, min_prob=0.1):
 
 
 def test_counts_probabilities_and_the_best_match():
-    """"1 2 3" occurs 5 times (its own occurrence included): 4 follows with probability 4/5,
+    """ "1 2 3" occurs 5 times (its own occurrence included): 4 follows with probability 4/5,
     then 5 with 4/5 * 2/4; "5 1 2 3" (matched up to 8 tokens) occurs once before: 1/2 each."""
     draft = _own(TOKENS, k=3)
     assert (draft.token_ids, draft.match_len) == ([4, 5, 1], 3)
@@ -227,16 +228,6 @@ def test_vllm_defaults():
     assert config.num_speculative_tokens == 9
     assert SpeculativeConfig.from_dict({"method": "suffix", "num_speculative_tokens": 4})\
         .num_speculative_tokens == 4  # fmt: skip
-
-
-def _prompts(num: int, seed: int = 0) -> list[list[int]]:
-    """Prompts that repeat a motif, of varied lengths."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(num):
-        motif = [rng.randrange(3, 400) for _ in range(rng.randrange(3, 9))]
-        out.append((motif * (2 + i % 4))[: 6 + 7 * i])
-    return out
 
 
 def _accepted(llm: LLM, prompts, params) -> tuple[list[list[int]], int]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -19,11 +18,10 @@ import jsonschema
 import openai
 import pytest
 
-from proto.baton.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
-from router.config import RouterConfig
+from proto.baton.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router.testing import RouterThread
 from tests.test_structured_outputs import SCHEMAS
-from tests.workers import started_at_once
+from tests.workers import assert_all_free, pd_and_colocated_routers, started_at_once
 
 NUM_BLOCKS = 64
 FLAGS = ("--num-kv-blocks", str(NUM_BLOCKS))
@@ -59,22 +57,8 @@ def workers(tiny_model):
 
 @pytest.fixture(scope="module")
 def routers(workers):
-    model_dir, addresses = workers
-    configs = {
-        "disaggregated": RouterConfig(
-            str(model_dir), port=0, grpc_port=0,
-            prefill=[addresses["prefill"]], decode=[addresses["decode"]],
-        ),
-        "colocated": RouterConfig(
-            str(model_dir), port=0, grpc_port=0, colocated=[addresses["colocated"]]
-        ),
-    }  # fmt: skip
-    threads = {name: RouterThread(config) for name, config in configs.items()}
-    for thread in threads.values():
-        thread.__enter__()
-    yield threads
-    for thread in threads.values():
-        thread.stop()
+    with pd_and_colocated_routers(*workers) as threads:
+        yield threads
 
 
 @pytest.fixture(params=["disaggregated", "colocated"])
@@ -201,7 +185,7 @@ def test_specs_the_backend_cannot_compile_are_400_naming_the_field(router, worke
             assert error["param"] == param and "cannot compile" in error["message"], error
     text, _ = _chat(client, stream, extra_body={"guided_choice": CHOICES})  # still serving
     assert text in CHOICES
-    _assert_all_free(workers[1])
+    assert_all_free(workers[1], NUM_BLOCKS)
 
 
 def test_two_constraints_and_malformed_specs_are_400(router):
@@ -377,7 +361,7 @@ def test_combinations_that_may_leave_no_token_are_refused(router, workers):
         list(stub.Generate(router_pb2.GenerateRequest(text="Hi", params=params)))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "min_tokens" in info.value.details()
-    _assert_all_free(workers[1])
+    assert_all_free(workers[1], NUM_BLOCKS)
 
 
 def test_grpc_carries_the_constraint_and_names_a_bad_one(router):
@@ -399,21 +383,3 @@ def test_grpc_carries_the_constraint_and_names_a_bad_one(router):
         list(stub.Generate(router_pb2.GenerateRequest(text="Hi", params=params)))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "structured_outputs.json" in info.value.details()
-
-
-def _assert_all_free(addresses: dict[str, str], timeout_s: float = 10.0) -> None:
-    stubs = {
-        "decode": worker_pb2_grpc.DecodeWorkerStub,
-        "prefill": worker_pb2_grpc.PrefillWorkerStub,
-        "colocated": worker_pb2_grpc.ColocatedWorkerStub,
-    }
-    deadline = time.time() + timeout_s
-    for role, stub_type in stubs.items():
-        with grpc.insecure_channel(addresses[role]) as channel:
-            while True:
-                load = stub_type(channel).GetLoad(common_pb2.LoadRequest(), timeout=5)
-                idle = not (load.num_reserved or load.num_running or load.num_waiting)
-                if idle and load.num_free_blocks == load.num_total_blocks == NUM_BLOCKS:
-                    break
-                assert time.time() < deadline, f"{role} still holds blocks: {load}"
-                time.sleep(0.05)

@@ -17,10 +17,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import free_port
-from proto.baton.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
+from proto.baton.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router.config import RouterConfig
 from router.testing import RouterThread
-from tests.workers import WorkerProcess
+from tests.workers import WorkerProcess, assert_all_free
 
 NUM_BLOCKS = 64
 TIMEOUT_S = 2
@@ -79,19 +79,6 @@ def _counter(samples: dict, name: str, **labels: str) -> float:
     return samples.get((f"baton:structured_outputs_{name}", tuple(sorted(labels.items()))), 0.0)
 
 
-def _assert_all_free(address: str, timeout_s: float = 10.0) -> None:
-    deadline = time.time() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = worker_pb2_grpc.ColocatedWorkerStub(channel)
-        while True:
-            load = stub.GetLoad(common_pb2.LoadRequest(), timeout=5)
-            idle = not (load.num_reserved or load.num_running or load.num_waiting)
-            if idle and load.num_free_blocks == load.num_total_blocks == NUM_BLOCKS:
-                return
-            assert time.time() < deadline, f"the worker still holds blocks: {load}"
-            time.sleep(0.05)
-
-
 def test_a_grammar_slower_than_the_timeout_is_400_naming_the_field(worker, router) -> None:
     proc, metrics_url = worker
     assert _complete(router, guided_choice=["yes", "no"]) in ("yes", "no")  # compiles in time
@@ -112,7 +99,7 @@ def test_a_grammar_slower_than_the_timeout_is_400_naming_the_field(worker, route
     assert rpc.value.details() == f"structured_outputs.regex: {expected}"
 
     assert _complete(router, guided_choice=["yes", "no"]) in ("yes", "no")  # still serving
-    _assert_all_free(proc.address)
+    assert_all_free({"colocated": proc.address}, NUM_BLOCKS)
     after = _metrics(metrics_url)
     for name, more in (("compile_timeouts_total", 2), ("compile_failures_total", 0)):
         assert _counter(after, name) - _counter(before, name) == more, name

@@ -84,3 +84,56 @@ def lines_until_serving(proc: subprocess.Popen) -> list[str]:
         if line.startswith("Ctrl-C"):
             return lines
     pytest.fail(f"baton serve did not start: {lines}")
+
+
+@contextmanager
+def pd_and_colocated_routers(model_dir: Path, addresses: Mapping[str, str]) -> Iterator[dict]:
+    """Two routers over started workers: "disaggregated" (the "prefill" and "decode" workers)
+    and "colocated" (the "colocated" worker); stopped on exit."""
+    from router.config import RouterConfig
+    from router.testing import RouterThread
+
+    configs = {
+        "disaggregated": RouterConfig(
+            str(model_dir), port=0, grpc_port=0,
+            prefill=[addresses["prefill"]], decode=[addresses["decode"]],
+        ),
+        "colocated": RouterConfig(
+            str(model_dir), port=0, grpc_port=0, colocated=[addresses["colocated"]]
+        ),
+    }  # fmt: skip
+    threads = {name: RouterThread(config) for name, config in configs.items()}
+    for thread in threads.values():
+        thread.__enter__()
+    try:
+        yield threads
+    finally:
+        for thread in threads.values():
+            thread.stop()
+
+
+def assert_all_free(addresses: Mapping[str, str], num_blocks: int, timeout_s: float = 10.0) -> None:
+    """Wait until every worker (by role: "prefill", "decode" or "colocated") is idle with all
+    `num_blocks` KV blocks free; fail the test after `timeout_s`."""
+    import time
+
+    import grpc
+
+    from proto.baton.v1 import common_pb2, worker_pb2_grpc
+
+    stubs = {
+        "decode": worker_pb2_grpc.DecodeWorkerStub,
+        "prefill": worker_pb2_grpc.PrefillWorkerStub,
+        "colocated": worker_pb2_grpc.ColocatedWorkerStub,
+    }
+    deadline = time.time() + timeout_s
+    for role, address in addresses.items():
+        with grpc.insecure_channel(address) as channel:
+            stub = stubs[role](channel)
+            while True:
+                load = stub.GetLoad(common_pb2.LoadRequest(), timeout=5)
+                idle = not (load.num_reserved or load.num_running or load.num_waiting)
+                if idle and load.num_free_blocks == load.num_total_blocks == num_blocks:
+                    break
+                assert time.time() < deadline, f"{role} still holds blocks: {load}"
+                time.sleep(0.05)
