@@ -239,4 +239,5 @@ def test_generate_takes_the_same_engine_flags() -> None:
         "kernel_backend": "auto", "fuse_gate_up": True, "fold_norms": True, "pdl": True,
         "structured_outputs_backend": "auto", "structured_outputs_disable_fallback": False,
         "structured_outputs_compile_timeout": 30.0, "structured_outputs_config": None,
+        "speculative_config": None,
     }  # fmt: skip
