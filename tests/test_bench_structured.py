@@ -35,9 +35,11 @@ def test_examples_and_files(tmp_path: Path) -> None:
     schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "string"}}}))
     assert load_constraint(str(schema)).kind == "json"
     body = tmp_path / "so.json"
-    body.write_text(json.dumps({"regex": "[a-z]+", "disable_any_whitespace": True}))
+    body.write_text(json.dumps({"json_object": True, "disable_any_whitespace": True}))
     loaded = load_constraint(str(body))
-    assert (loaded.kind, loaded.regex, loaded.disable_any_whitespace) == ("regex", "[a-z]+", True)
+    assert (loaded.kind, loaded.json_object, loaded.disable_any_whitespace) == (
+        "json_object", True, True
+    )
     with pytest.raises(ValueError, match="neither"):
         load_constraint(str(tmp_path / "missing.json"))
     body.write_text(json.dumps({"regex": "a", "choice": ["b"]}))  # two constraints

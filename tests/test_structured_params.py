@@ -15,7 +15,11 @@ from engine.structured.json_schema import (
     without_additional_properties,
 )
 from engine.structured.registry import backend_factory, backend_names, register_backend
-from engine.structured.xgrammar_backend import bounded_strings_as_patterns, unsupported_keywords
+from engine.structured.xgrammar_backend import (
+    JSON_STRING_CHAR,
+    bounded_strings_as_patterns,
+    unsupported_keywords,
+)
 
 BACKENDS = ["xgrammar", "guidance", "outlines", "lm-format-enforcer"]
 
@@ -123,7 +127,7 @@ def test_schema_rewrites():
     rewritten = bounded_strings_as_patterns(schema)
     assert rewritten["properties"]["enum"] == {
         "type": "string",
-        "pattern": "^[ !#-\\[\\]-\\U0010ffff]{0,4}$",
+        "pattern": f"^{JSON_STRING_CHAR}{{0,4}}$",
     }
     assert rewritten["properties"]["p"] == schema["properties"]["p"]  # its own pattern kept
     assert rewritten["enum"] == schema["enum"]  # values, not schemas
