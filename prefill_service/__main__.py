@@ -8,7 +8,7 @@ import argparse
 from engine.async_core import AsyncEngineCore
 from kv_transfer.dispatch import EndpointSender
 from prefill_service.server import ADD_TO_SERVER, SERVICE_NAME, PrefillServicer
-from worker_common.main import run_worker, worker_parser
+from worker_common.main import parse_worker_args, run_worker, worker_parser
 from worker_common.metrics import WorkerMetrics
 from worker_common.server import Registration
 
@@ -28,7 +28,8 @@ async def setup(
     return [(ADD_TO_SERVER, servicer, SERVICE_NAME)]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The prefill worker's command line: the shared worker flags and its own."""
     parser = worker_parser(__doc__ or "")
     parser.add_argument(
         "--reply-after-push",
@@ -42,7 +43,11 @@ def main() -> None:
         help="push each layer's KV as soon as it is computed, overlapping the prefill (off by"
         " default: on two H100s it slowed a 2k-token prefill step from 14 to 29 ms)",
     )
-    run_worker(parser.parse_args(), "prefill", setup)
+    return parser
+
+
+def main() -> None:
+    run_worker(parse_worker_args(build_parser()), "prefill", setup)
 
 
 if __name__ == "__main__":

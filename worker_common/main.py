@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
+from common.config_file import config_file_args
 from engine.async_core import AsyncEngineCore
 from prefix_index.base import IndexWriter
 from prefix_index.publisher import KVEventPublisher, RouterIndexWriter
@@ -32,7 +34,28 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0: a free one)")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics")
     add_index_args(parser)
+    parser.add_argument("--config", type=Path, metavar="FILE.yaml",
+                        help="flags from a YAML file: keys are long flag names (- or _), the "
+                        "command line wins (the Helm chart's engine ConfigMap)")  # fmt: skip
     return parser
+
+
+def parse_worker_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> argparse.Namespace:
+    """`argv` (default: sys.argv[1:]) parsed, with the flags of its `--config` file placed
+    before the typed ones; a bad file exits with status 2 and a message naming its key."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = argparse.ArgumentParser(add_help=False)  # the file may hold required flags
+    first.add_argument("--config", type=Path)
+    path = first.parse_known_args(argv)[0].config
+    if path is None:
+        return parser.parse_args(argv)
+    try:
+        words = config_file_args(path, parser)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return parser.parse_args([*words, *argv])
 
 
 def index_writer(args: argparse.Namespace, model_name: str) -> IndexWriter:

