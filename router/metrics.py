@@ -43,6 +43,7 @@ class RouterMetrics:
             model,
             registry=r,
         )
+        self.local_prefills.labels(model_name)  # exported at 0 from the start
         self.running = Gauge(
             "baton:num_requests_running", "In-flight requests that have a token", model, registry=r
         )

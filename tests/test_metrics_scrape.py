@@ -6,6 +6,8 @@ histograms from a request's timestamps, the weighted histogram, the autoscaler's
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -22,7 +24,12 @@ from engine.kv_cache.manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler.scheduler import Scheduler
+from tests.workers import ROOT
 from worker_common.request_metrics import RequestMetrics, WeightedHistogram
+
+DASHBOARD = ROOT / "helm" / "baton" / "files" / "dashboards" / "baton.json"
+# A Prometheus metric name under Baton's prefix (digits too: `e2e_...`).
+METRIC_NAME = re.compile(r"baton:[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 FLAGS = ["--num-kv-blocks", "128", "--max-num-batched-tokens", "64"]
 Samples = dict[str, float]  # sample name (with its _total/_bucket/... suffix) -> sum over labels
@@ -74,19 +81,24 @@ def scrape(url: str) -> Samples:
 
 @pytest.fixture(scope="module")
 def served(tiny_model) -> Iterator[dict[str, str]]:
-    """A running cluster after traffic: service name -> its /metrics URL."""
+    """A running cluster after traffic, and an autoscaler's metrics endpoint (the autoscaler
+    itself is not started here): service name -> its /metrics URL."""
     model = tiny_model("qwen2")
     spec = ClusterSpec(model, prefill=1, decode=1, port=free_port(), grpc_port=free_port(),
                        worker_args=FLAGS)  # fmt: skip
+    autoscaler, autoscaler_port = AutoscalerMetrics(), free_port()
+    server = autoscaler.serve(autoscaler_port)
     cluster = start_cluster(spec)
     try:
         base = f"http://127.0.0.1:{spec.port}"
         _traffic(base, model.name)
         urls = {"router": f"{base}/metrics"}
         urls.update({w.role: w.metrics_url for w in cluster.workers})
+        urls["autoscaler"] = f"http://127.0.0.1:{autoscaler_port}/metrics"
         yield urls
     finally:
         cluster.stop()
+        server.shutdown()
 
 
 def _traffic(base: str, model: str) -> None:
@@ -102,6 +114,8 @@ def _traffic(base: str, model: str) -> None:
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         assert "[DONE]" in "".join(response.iter_text())
+    refused = httpx.post(f"{base}/v1/completions", json={**body, "max_tokens": -1}, timeout=60)
+    assert refused.status_code == 400  # counted in request_failure
 
 
 def _counted(urls: dict[str, str]) -> dict[str, list[str]]:
@@ -125,6 +139,44 @@ def test_workers_export_vllms_gauges_and_counters(served) -> None:
         samples = scrape(served[role])
         assert [n for n in WORKER_NAMES if n not in samples] == [], role
         assert samples["baton:num_requests_running"] == 0  # the traffic is over
+
+
+def dashboard_metrics() -> set[str]:
+    """Every metric name the dashboard's queries (and variables) reference, as written: sample
+    names, suffix included (`_total`, `_bucket`, `_sum`, `_count`)."""
+    return set(METRIC_NAME.findall(DASHBOARD.read_text(encoding="utf-8")))
+
+
+def test_every_metric_the_dashboard_queries_exists(served) -> None:
+    """Compared as sample names, so `x_bucket` must be a histogram's bucket series and
+    `x_total` a counter's: a suffix that strips to some other metric's name does not pass."""
+    exposed: set[str] = set()
+    for url in served.values():
+        exposed |= set(scrape(url))
+    wanted = dashboard_metrics()
+    assert len(wanted) > 25  # the scan found the queries
+    assert sorted(wanted - exposed) == []
+
+
+def test_the_dashboard_is_a_grafana_model_over_a_datasource_variable() -> None:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
+            assert METRIC_NAME.search(expr), expr
+    titles = " ".join(p["title"] for p in panels).lower()
+    topics = ("first token", "inter-token", "end-to-end", "kv cache", "prefix cache",
+              "preemptions", "kv transfer", "routing", "autoscaler", "speculative")  # fmt: skip
+    assert [t for t in topics if t not in titles] == []
 
 
 # --- unit checks ------------------------------------------------------------------------------
@@ -184,7 +236,8 @@ def test_weighted_histogram_counts_each_sample_in_its_bucket() -> None:
     histogram.observe(0.5, 2)
     histogram.observe(7.0)
     histogram.observe(9.0, 0)  # nothing
-    samples = {(s.name, s.labels.get("le")): s.value for f in histogram.collect() for s in f.samples}
+    samples = {(s.name, s.labels.get("le")): s.value
+               for f in histogram.collect() for s in f.samples}  # fmt: skip
     assert samples["baton:x_bucket", "0.1"] == 3
     assert samples["baton:x_bucket", "1.0"] == 5
     assert samples["baton:x_bucket", "+Inf"] == 6
