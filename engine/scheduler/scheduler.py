@@ -192,8 +192,9 @@ class Scheduler:
         uncomputed tokens (new, preempted, or compiling its grammar; prefix-cache hits not
         known yet) and the rest of each running prompt still in chunked prefill. Requests
         waiting for KV from a prefill worker are not counted. The autoscaler's prefill load."""
-        waiting = [*self.waiting, *self.waiting_for_grammar.values()]
-        total = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
+        compiling = self.waiting_for_grammar.values()
+        total = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        total += sum(r.num_tokens - r.num_computed_tokens for r in compiling)
         for r in self.running:
             if r.num_computed_tokens < r.num_prompt_tokens:
                 total += r.num_prompt_tokens - r.num_computed_tokens
