@@ -40,6 +40,8 @@ class LoadSnapshot:
     prefix_cache_queries: int = 0  # tokens
     prefix_cache_hits: int = 0  # tokens
     num_preemptions: int = 0
+    num_prompt_tokens_waiting: int = 0  # tokens queued to prefill (the autoscaler's signal)
+    num_batched_tokens: int = 0  # tokens of the latest step
     steps: int = 0
 
 
@@ -193,6 +195,8 @@ class AsyncEngineCore:
             prefix_cache_queries=kv.stats.queries,
             prefix_cache_hits=kv.stats.hits,
             num_preemptions=core.scheduler.num_preemptions,
+            num_prompt_tokens_waiting=core.scheduler.num_prompt_tokens_waiting(),
+            num_batched_tokens=core.scheduler.num_batched_tokens,
             steps=self.core.scheduler.num_steps,
         )
 

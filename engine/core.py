@@ -49,7 +49,7 @@ class EngineCore:
         spec = config.speculative
         self.proposer: Proposer | None = None if spec is None else build_proposer(spec)
         if self.proposer is not None:
-            self.scheduler.on_finished = self.proposer.finished  # per-request drafter state
+            self.scheduler.finish_listeners.append(self.proposer.finished)  # drafter state
         self.spec_logger = SpecDecodeLogger(self.scheduler.spec_stats)
         self.kv_connector: KVConnector | None = None
         # Asynchronous scheduling (engine.step.ahead): on with CUDA graphs unless the config says.

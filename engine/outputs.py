@@ -27,7 +27,6 @@ class EngineCoreOutput:
     stopped_by_token: bool = False
     num_cached_tokens: int = 0
     handed_off: bool = False  # prefill role: decoding goes on in another engine
-    queue_time_s: float | None = None  # on a request's first output here: scheduled - arrival
     error: str | None = None  # a request failed before running (its grammar did not compile)
 
     @property

@@ -52,6 +52,7 @@ def choose_worker(
         raise NoWorkerError(_no_worker_message(registry, role, bool(exclude)))
     worker = policy.choose(candidates, ctx)
     worker.assigned_since_poll += 1
+    policy.decided(worker, ctx)
     if ctx.on_routed is not None:
         ctx.on_routed(worker, ctx)
     return worker

@@ -110,6 +110,7 @@ class DisaggregatedBackend(Backend):
         if cached == 0 or len(ctx.prompt_token_ids) - cached > self.local_prefill_threshold:
             return None
         worker.assigned_since_poll += 1
+        self.policy.decided(worker, ctx)
         if self.metrics is not None:
             self.metrics.local_prefills.labels(self.metrics.model_name).inc()
         return worker

@@ -1,22 +1,22 @@
-"""Prometheus metrics, named like vLLM's with a `baton:` prefix so its dashboards translate.
+"""Prometheus metrics, named like vLLM's with a `baton:` prefix so its dashboards translate
+(docs/metrics.md lists them all).
 
-All times are seconds, measured at the router from a request's arrival. Each `RouterMetrics`
-owns its own `CollectorRegistry` (several routers can live in one test process).
+All times are seconds, measured at the router from a request's arrival: what clients see.
+The router's series carry no `role` label (the workers' do), except `routing_*` and
+`worker_healthy`, whose `role` is the worker's. Each `RouterMetrics` owns its own
+`CollectorRegistry` (several routers can live in one test process).
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from common.metric_buckets import ITL_BUCKETS, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS
+from router.policies import RequestContext
 from router.workers import WorkerInfo
 
-# vLLM's buckets, in seconds.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
-               7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-               120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+# Leading prompt blocks the chosen worker already held, per the prefix index.
+CACHED_BLOCKS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
 class RouterMetrics:
@@ -34,13 +34,16 @@ class RouterMetrics:
         self.itl = histogram(
             "inter_token_latency_seconds", "Time between a completion's chunks", ITL_BUCKETS
         )
-        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token", E2E_BUCKETS)
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Arrival to last token", REQUEST_LATENCY_BUCKETS
+        )
         self.local_prefills = Counter(
             "baton:local_prefills",
             "Requests a decode worker prefilled itself (conditional disaggregation)",
             model,
             registry=r,
         )
+        self.local_prefills.labels(model_name)  # exported at 0 from the start
         self.running = Gauge(
             "baton:num_requests_running", "In-flight requests that have a token", model, registry=r
         )
@@ -64,6 +67,15 @@ class RouterMetrics:
             "baton:request_failure", "Requests failed, by HTTP status",
             ["model_name", "status"], registry=r,
         )  # fmt: skip
+        self.routing_decisions = Counter(
+            "baton:routing_decisions", "Requests routed to a worker, by policy and worker role",
+            ["model_name", "policy", "role"], registry=r,
+        )  # fmt: skip
+        self.routing_cached_blocks = Histogram(
+            "baton:routing_cached_blocks",
+            "Leading prompt blocks the chosen worker held (prefix index), per routing decision",
+            ["model_name", "policy", "role"], buckets=CACHED_BLOCKS_BUCKETS, registry=r,
+        )  # fmt: skip
         self.worker_healthy = Gauge(
             "baton:worker_healthy", "1 if the worker answered its last poll",
             ["role", "address"], registry=r,
@@ -74,6 +86,13 @@ class RouterMetrics:
         for w in workers:
             self.worker_healthy.labels(w.role.value, w.address).set(1 if w.healthy else 0)
         return generate_latest(self.registry)
+
+    def routed(self, policy: str, worker: WorkerInfo, ctx: RequestContext) -> None:
+        """`policy` sent the request in `ctx` to `worker` (`RoutingPolicy.on_decision`)."""
+        labels = (self.model_name, policy, worker.role.value)
+        self.routing_decisions.labels(*labels).inc()
+        cached = ctx.prefix_matches.get(worker.address, 0)
+        self.routing_cached_blocks.labels(*labels).observe(cached)
 
     def request_arrived(self, num_prompt_tokens: int) -> None:
         """A request starts generating: it waits for its first token."""

@@ -69,6 +69,13 @@ class RoutingPolicy(ABC):
     """Picks one worker among healthy candidates of one role."""
 
     name: str = ""
+    # Told of each request routed (the router's metrics): the policy's name, the worker taken.
+    on_decision: Callable[[str, WorkerInfo, RequestContext], None] | None = None
+
+    def decided(self, worker: WorkerInfo, ctx: RequestContext) -> None:
+        """The caller routes the request in `ctx` to `worker`, as `choose` proposed."""
+        if self.on_decision is not None:
+            self.on_decision(self.name, worker, ctx)
 
     @abstractmethod
     def choose(self, candidates: Sequence[WorkerInfo], ctx: RequestContext) -> WorkerInfo:

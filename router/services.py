@@ -72,6 +72,7 @@ class RouterServices:
         policy = make_policy(config.policy)
         aborts = AbortSender(config.deadlines.abort_s)
         metrics = RouterMetrics(name)
+        policy.on_decision = metrics.routed
         backends = [
             DisaggregatedBackend(
                 registry, policy, aborts, config.deadlines, config.lease_s,

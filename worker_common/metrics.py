@@ -1,27 +1,30 @@
-"""A worker's Prometheus metrics, named like vLLM's with a `baton:` prefix."""
+"""A worker's Prometheus metrics, named like vLLM's with a `baton:` prefix (docs/metrics.md)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine.async_core import AsyncEngineCore
+from engine.async_core import AsyncEngineCore, LoadSnapshot
 from engine.core import EngineCore
 from engine.outputs import EngineCoreOutput
 from engine.spec_decode.stats import SpecDecodeStats
 from engine.structured.backend import CompiledGrammar
 from engine.structured.compiler import CompileStats
 from engine.structured.manager import StructuredOutputManager
+from worker_common.request_metrics import RequestMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _COMPILE_BUCKETS = (0.001, *_LATENCY_BUCKETS)
 
 
 class WorkerMetrics:
-    """Engine gauges refreshed every step, plus token counters and KV-transfer figures."""
+    """Engine gauges and counters refreshed after every step (vLLM's names), the per-request
+    and per-step histograms (`RequestMetrics`), and KV-transfer figures."""
 
     def __init__(self, role: str, model: str, registry: CollectorRegistry = REGISTRY) -> None:
         labels = {"role": role, "model_name": model}
@@ -41,18 +44,20 @@ class WorkerMetrics:
         self.running = gauge("num_requests_running", "Requests in the running batch.")
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.reserved = gauge("num_requests_reserved", "Decode reservations waiting for KV.")
+        self.prompt_tokens_waiting = gauge(
+            "num_prompt_tokens_waiting", "Prompt tokens queued to prefill, not computed yet."
+        )
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).")
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up.")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found cached.")
+        self.preemptions = counter("num_preemptions", "Requests preempted (recomputed later).")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.step_seconds = histogram("engine_step_seconds", "Time of one engine step.")
-        self.queue_time = histogram(
-            "request_queue_time_seconds", "Arrival to first scheduling, in this worker."
-        )
+        self.requests = RequestMetrics(labels, registry)
         self.kv_transfer_bytes = counter("kv_transfer_bytes", "KV bytes pushed or received.")
         self.kv_transfer_seconds = histogram("kv_transfer_seconds", "Time of one KV transfer.")
         self.kv_transfer_failures = counter("kv_transfer_failures", "KV pushes that failed.")
-        self._queries = self._hits = 0
+        self._last = LoadSnapshot()  # the cumulative counts at the previous step
         self._labels, self._registry = labels, registry
 
     def export_config(self, core: EngineCore) -> None:
@@ -92,24 +97,37 @@ class WorkerMetrics:
             info_gauge.labels(**labels).set(1)
 
     def attach(self, engine: AsyncEngineCore) -> None:
-        """Refresh from the engine after every step (called on the engine thread)."""
+        """Refresh after every step (on the engine thread); observe each request as it leaves
+        the engine (the scheduler's finish listener). Call before `engine.start()`."""
+        engine.core.scheduler.finish_listeners.append(self.requests.finished)
+        previous: set[str] = set()  # requests that got a token in the previous step
+        previous_time = time.monotonic()
 
         def on_step(outputs: list[EngineCoreOutput], seconds: float) -> None:
-            load = engine.load
-            self.running.set(load.num_running)
-            self.waiting.set(load.num_waiting)
-            self.reserved.set(load.num_reserved)
-            self.kv_usage.set(load.kv_usage)
-            self.prefix_queries.inc(load.prefix_cache_queries - self._queries)
-            self.prefix_hits.inc(load.prefix_cache_hits - self._hits)
-            self._queries, self._hits = load.prefix_cache_queries, load.prefix_cache_hits
-            self.generation_tokens.inc(sum(len(o.new_token_ids) for o in outputs))
+            nonlocal previous, previous_time
+            self.refresh(engine.load)
             self.step_seconds.observe(seconds)
-            for out in outputs:
-                if out.queue_time_s is not None:
-                    self.queue_time.observe(out.queue_time_s)
+            now, got_tokens = time.monotonic(), {o.request_id for o in outputs if o.new_token_ids}
+            self.generation_tokens.inc(sum(len(o.new_token_ids) for o in outputs))
+            self.requests.itl.observe(now - previous_time, len(got_tokens & previous))
+            previous, previous_time = got_tokens, now
 
         engine.on_step = on_step
+
+    def refresh(self, load: LoadSnapshot) -> None:
+        """Set the gauges from `load`, add its counts since the last refresh, and observe the
+        tokens of its step."""
+        last, self._last = self._last, load
+        self.running.set(load.num_running)
+        self.waiting.set(load.num_waiting)
+        self.reserved.set(load.num_reserved)
+        self.prompt_tokens_waiting.set(load.num_prompt_tokens_waiting)
+        self.kv_usage.set(load.kv_usage)
+        self.prefix_queries.inc(load.prefix_cache_queries - last.prefix_cache_queries)
+        self.prefix_hits.inc(load.prefix_cache_hits - last.prefix_cache_hits)
+        self.preemptions.inc(load.num_preemptions - last.num_preemptions)
+        if load.num_batched_tokens:
+            self.requests.iteration_tokens.observe(load.num_batched_tokens)
 
     def watch_structured_outputs(self, structured: StructuredOutputManager) -> None:
         """The engine's grammar compiles: `baton:structured_outputs_compile_seconds{backend}`

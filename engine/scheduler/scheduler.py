@@ -57,8 +57,10 @@ class Scheduler:
         self.waiting_for_grammar: dict[str, Request] = {}  # structured outputs: compiling
         self._hand_offs: set[str] = set()  # end after their first token (`hands_off`)
         self._saving: dict[str, Request] = {}  # finished; blocks held for the connector's save
-        # Called with each request as it finishes (speculative decoding: the drafter's hook).
-        self.on_finished: Callable[[Request], None] | None = None
+        # Called with each request as it finishes or hands off, on the engine thread (the
+        # drafter's per-request state; the worker's per-request metrics).
+        self.finish_listeners: list[Callable[[Request], None]] = []
+        self.num_batched_tokens = 0  # tokens of the latest step scheduled (metrics)
 
     def add_request(self, request: Request) -> None:
         """Queue a new request; EngineOverloadedError if `max_num_waiting` are already waiting.
@@ -185,6 +187,19 @@ class Scheduler:
     def num_waiting_for_kv(self) -> int:
         return len(self.waiting_for_kv)
 
+    def num_prompt_tokens_waiting(self) -> int:
+        """Tokens queued here to prefill and not computed yet: all of each waiting request's
+        uncomputed tokens (new, preempted, or compiling its grammar; prefix-cache hits not
+        known yet) and the rest of each running prompt still in chunked prefill. Requests
+        waiting for KV from a prefill worker are not counted. The autoscaler's prefill load."""
+        compiling = self.waiting_for_grammar.values()
+        total = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        total += sum(r.num_tokens - r.num_computed_tokens for r in compiling)
+        for r in self.running:
+            if r.num_computed_tokens < r.num_prompt_tokens:
+                total += r.num_prompt_tokens - r.num_computed_tokens
+        return total
+
     def schedule(self) -> SchedulerOutput:
         return self._schedule(pending=frozenset(), skip=frozenset())
 
@@ -261,6 +276,7 @@ class Scheduler:
             self._admit_waiting(out, budget)
         if self.connector is not None:
             out.kv_connector_metadata = self.connector.build_connector_meta(out)
+        self.num_batched_tokens = out.num_batched_tokens
         return out
 
     def prune(self, scheduled: SchedulerOutput) -> None:
@@ -329,14 +345,10 @@ class Scheduler:
             request.output_token_ids.append(token)
             request.all_token_ids.append(token)
             times = request.times
-            first = times.first_token is None
-            if first:
+            if times.first_token is None:
                 times.first_token = now
             times.last_token = now
-            out = self._check_stop(request, token)
-            if first and len(request.output_token_ids) == 1 and times.first_scheduled:
-                out.queue_time_s = times.first_scheduled - times.arrival
-            outputs.append(out)
+            outputs.append(self._check_stop(request, token))
         return outputs
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
@@ -501,8 +513,8 @@ class Scheduler:
         request.times.finished = time.time()
         del self.requests[rid]
         self._hand_offs.discard(rid)
-        if self.on_finished is not None:
-            self.on_finished(request)
+        for listener in self.finish_listeners:
+            listener(request)
         if self.connector is not None and self.connector.request_finished(
             request, self.kv.block_ids(rid)
         ):
