@@ -16,7 +16,7 @@ QWEN3 = "<think>\nThe user greets me.\n</think>\n\nHello! How can I help?"
 TRACES = [
     ("deepseek_r1", R1, "Okay, the user asks 2+2. That is 4.\n", "\n\nThe answer is 4."),
     ("deepseek_r1", R1_0528, "\nFirst, add.\n", "\n\n**4**"),
-    ("deepseek_r1", "Still thinking about it", "Still thinking about it", ""),  # cut off
+    ("deepseek_r1", "Still thinking about it", "Still thinking about it", None),  # cut off
     ("qwen3", QWEN3, "\nThe user greets me.\n", "\n\nHello! How can I help?"),
     ("qwen3", "<think>\n</think>\n\nHi.", "\n", "\n\nHi."),
 ]
@@ -38,7 +38,7 @@ def test_traces_split_streamed_or_not(name, text, reasoning, content) -> None:
     message = whole.result()
     assert (message.reasoning, message.content) == (reasoning, content)
     for pieces in [[text[:i], text[i:]] for i in range(len(text) + 1)] + [list(text)]:
-        assert _run(AnswerParser(None, cls()), pieces) == (reasoning, content), pieces
+        assert _run(AnswerParser(None, cls()), pieces) == (reasoning, content or ""), pieces
 
 
 def test_qwen3_with_thinking_off_is_all_content() -> None:
@@ -48,7 +48,7 @@ def test_qwen3_with_thinking_off_is_all_content() -> None:
     assert cls.thinking_enabled("<|im_start|>assistant\n", {})
     parser = AnswerParser(None, cls(thinking=False))
     parser.feed("Hi </think> there")
-    assert (parser.result().reasoning, parser.result().content) == ("", "Hi </think> there")
+    assert (parser.result().reasoning, parser.result().content) == (None, "Hi </think> there")
 
 
 def test_a_tool_call_inside_the_reasoning_is_parsed() -> None:

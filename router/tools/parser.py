@@ -97,6 +97,7 @@ def register_tool_parser(name: str) -> Callable[[type[ToolParser]], type[ToolPar
     """Class decorator: make the class the tool parser called `name` (replacing one)."""
 
     def register(cls: type[ToolParser]) -> type[ToolParser]:
+        cls.name = name
         _PARSERS[name] = cls
         return cls
 

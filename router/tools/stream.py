@@ -26,8 +26,8 @@ def call_id() -> str:
 
 @dataclass(slots=True)
 class Message:
-    """A parsed answer: reasoning (None without a reasoning parser), content (None when empty
-    beside calls), and the calls as OpenAI's `tool_calls` objects."""
+    """A parsed answer: reasoning (None without any), content (None when empty beside calls or
+    reasoning), and the calls as OpenAI's `tool_calls` objects."""
 
     reasoning: str | None
     content: str | None
@@ -91,8 +91,8 @@ class AnswerParser:
         content = self._content(scan, final=True)
         calls = [self._call_json(i, c.name, c.arguments) for i, c in enumerate(scan.calls)]
         return Message(
-            None if self.reasoning is None else reasoning.reasoning,
-            content if content or not calls else None,
+            reasoning.reasoning or None,
+            content or (None if calls or reasoning.reasoning else content),
             calls,
         )
 
