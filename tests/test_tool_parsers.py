@@ -167,3 +167,37 @@ def test_json_formats_declare_structural_tags() -> None:
     tag = tool_parser_class("hermes")(TOOLS).tag("get_time", schema)
     assert tag["begin"] == '<tool_call>\n{"name": "get_time", "arguments": '
     assert tag["end"] == "}\n</tool_call>"
+
+
+def test_a_plugin_file_registers_a_parser(tmp_path) -> None:
+    from router.tools.settings import ToolSettings
+
+    plugin = tmp_path / "my_parser.py"
+    plugin.write_text(
+        "from router.tools import ToolParser, ToolScan, register_tool_parser\n"
+        "@register_tool_parser('shouting')\n"
+        "class Shouting(ToolParser):\n"
+        "    def scan(self, text, final):\n"
+        "        return ToolScan(text.upper())\n"
+    )
+    settings = ToolSettings(enable_auto_tool_choice=True, tool_call_parser="shouting",
+                            tool_parser_plugin=str(plugin))  # fmt: skip
+    assert "--tool-parser-plugin" in settings.cli_args()
+    assert _whole("shouting", "hi") == ("HI", [])
+    with pytest.raises(ValueError, match="unknown"):
+        ToolSettings(tool_call_parser="nope")
+
+
+def test_strict_tools_need_a_parser_with_a_structural_tag() -> None:
+    from router.errors import InvalidRequestError
+    from router.tools.request import plan_tools
+    from router.tools.settings import ToolSettings
+
+    strict = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "strict": True}}]
+    with pytest.raises(InvalidRequestError) as caught:
+        plan_tools(strict, "auto", None, ToolSettings(True, "pythonic"))
+    assert caught.value.param == "tools.0.function.strict"
+    plan = plan_tools(strict, "auto", False, ToolSettings(True, "hermes"))
+    assert plan.constraint is not None and plan.max_calls == 1
+    fmt = plan.constraint[1]["structural_tag"]["format"]
+    assert fmt["triggers"] == ["<tool_call>"] and fmt["stop_after_first"] is True
