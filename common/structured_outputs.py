@@ -26,6 +26,8 @@ class StructuredOutputsParams:
     `disable_additional_properties`: objects of a JSON schema take only the listed properties
     unless the schema says otherwise (guidance; xgrammar is always strict so).
     `whitespace_pattern`: the regex of whitespace allowed in JSON (guidance, outlines).
+    `reasoning_end`: token ids that end a reasoning model's thinking (e.g. `</think>`'s); the
+    constraint applies only after the output contains them (empty: from the first token).
     """
 
     json: str | dict[str, Any] | None = None
@@ -37,6 +39,7 @@ class StructuredOutputsParams:
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
+    reasoning_end: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         named = [name for name in CONSTRAINTS if self._is_set(name)]
@@ -46,6 +49,11 @@ class StructuredOutputsParams:
                 f"{', '.join(CONSTRAINTS)}; got {', '.join(named) if named else 'none'}"
             )
         self._validate_types()
+        if isinstance(self.reasoning_end, str) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.reasoning_end
+        ):
+            raise ValueError("structured_outputs.reasoning_end must be a list of token ids")
+        self.reasoning_end = tuple(self.reasoning_end)
 
     def _is_set(self, name: str) -> bool:
         value = getattr(self, name)

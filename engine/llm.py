@@ -53,15 +53,43 @@ class LLM:
         use_tqdm: bool = True,
         tools: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        tool_parser: str | None = None,
+        reasoning_parser: str | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
+        """Apply the model's chat template to each conversation, then generate.
+
+        With `tools`, `tool_choice` works as in the chat API (`auto`, the default with tools,
+        needs `tool_parser`; `required` and named constrain the answer to valid calls), and
+        with `tools` or `reasoning_parser` each completion carries its parsed `tool_calls`,
+        `content` and `reasoning_content` (router.tools, the server's parsers).
+        """
         nested = bool(messages) and isinstance(messages[0], list)
         conversations = cast(list[list[Message]], messages if nested else [messages])
-        prompts: list[Prompt] = [
-            self.apply_chat_template(c, tools, chat_template_kwargs) for c in conversations
-        ]
-        params = _params_per_prompt(sampling_params, len(prompts))
-        return self._run(prompts, params, add_special_tokens=False, use_tqdm=use_tqdm)
+        if tools is None and reasoning_parser is None:
+            prompts: list[Prompt] = [
+                self.apply_chat_template(c, None, chat_template_kwargs) for c in conversations
+            ]
+            params = _params_per_prompt(sampling_params, len(prompts))
+            return self._run(prompts, params, add_special_tokens=False, use_tqdm=use_tqdm)
+        from router.tools.offline import ToolChat  # torch-free text parsing
+
+        chat = ToolChat(tools, tool_choice, parallel_tool_calls, tool_parser, reasoning_parser)
+        prompts, readings = [], []
+        for c in conversations:
+            prompt = self.apply_chat_template(c, chat.template_tools, chat_template_kwargs)
+            prompts.append(prompt)
+            readings.append(chat.reading(prompt, chat_template_kwargs))
+        params = [
+            chat.params(p, r, self.engine.tokenizer)
+            for p, r in zip(_params_per_prompt(sampling_params, len(prompts)), readings,
+                            strict=True)
+        ]  # fmt: skip
+        outputs = self._run(prompts, params, add_special_tokens=False, use_tqdm=use_tqdm)
+        for output, reading in zip(outputs, readings, strict=True):
+            chat.parse(output.outputs, reading)
+        return outputs
 
     def stream(
         self,

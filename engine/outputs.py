@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.logprobs import PromptLogprobs, SampleLogprobs
 from engine.sampling.logprobs import LogprobsTensors
@@ -62,6 +63,10 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # LLM.chat with tools or a reasoning parser: the answer read as OpenAI's message parts
+    tool_calls: list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None
+    content: str | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

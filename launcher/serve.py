@@ -18,7 +18,7 @@ from typing import Any
 
 from cluster import ClusterSpec, start_cluster
 from launcher.command import UsageError, add_subcommand, resolve_model_dir
-from router.config import API_KEY_ENV, load_chat_template
+from router.config import API_KEY_ENV, add_tool_args, load_chat_template, tool_settings
 from worker_common.engine_args import MODEL, add_engine_args, engine_cli_args
 
 
@@ -38,6 +38,7 @@ def add_serve(commands: Any) -> None:
     )
     add_engine_args(sub, {MODEL: model})
     _add_api_server_args(sub)
+    add_tool_args(sub)
     _add_cluster_args(sub)
     transfer = sub.add_argument_group("KV transfer", "moving KV from prefill to decode workers")
     transfer.add_argument(
@@ -129,6 +130,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         raise UsageError("--routers must be >= 1, and more than one router needs --redis-url")
     try:
         load_chat_template(args.chat_template)  # a bad one fails here, before any process starts
+        tool_settings(args)  # so do bad tool flags
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     return ClusterSpec(
@@ -157,7 +159,7 @@ def router_cli_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name)
         if value is not None:
             words += ["--" + name.replace("_", "-"), str(value)]
-    return words
+    return words + tool_settings(args).cli_args()
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -106,6 +106,7 @@ def structured_to_proto(params: StructuredOutputsParams) -> common_pb2.Structure
         disable_any_whitespace=params.disable_any_whitespace,
         disable_additional_properties=params.disable_additional_properties,
         whitespace_pattern=params.whitespace_pattern,
+        reasoning_end=list(params.reasoning_end or ()),
     )
     kind = params.kind
     value = getattr(params, kind)
@@ -129,6 +130,8 @@ def structured_from_proto(msg: common_pb2.StructuredOutputs) -> StructuredOutput
     }
     if msg.HasField("whitespace_pattern"):
         kwargs["whitespace_pattern"] = msg.whitespace_pattern
+    if msg.reasoning_end:
+        kwargs["reasoning_end"] = tuple(msg.reasoning_end)
     if kind == "choice":
         kwargs["choice"] = list(msg.choice.values)
     elif kind in _JSON_CONSTRAINTS and not msg.as_text:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from router.policies import POLICIES
+from router.tools.settings import ToolSettings
 
 API_KEY_ENV = "BATON_API_KEY"  # the API key, when --api-key is not given
 
@@ -51,6 +52,7 @@ class RouterConfig:
     api_key: str = ""  # required as `Bearer KEY` on /v1/* and gRPC Generate ("": open)
     drain_grace_s: float = 30.0  # SIGTERM: time in-flight requests get to finish
     deadlines: Deadlines = field(default_factory=Deadlines)
+    tools: ToolSettings = field(default_factory=ToolSettings)  # tool calling and reasoning
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -129,7 +131,38 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"require `Authorization: Bearer KEY` on /v1/* and gRPC (default: ${API_KEY_ENV})",
     )
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds to finish on SIGTERM")
+    add_tool_args(p)
     return p
+
+
+def add_tool_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's tool-calling and reasoning flags (router.tools.settings.ToolSettings)."""
+    g = p.add_argument_group("tools and reasoning", "tool calls and reasoning in the chat API")
+    g.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
+                   help="let the model decide to call tools (tool_choice auto)")
+    g.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="format of the model's tool calls: hermes, llama3_json, mistral, "
+                   "pythonic, qwen3_coder, or one a plugin registers")
+    g.add_argument("--tool-parser-plugin", default=None, metavar="FILE",
+                   help="a Python file registering more tool (or reasoning) parsers")
+    g.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                   help="separate reasoning_content: deepseek_r1 or qwen3")
+    g.add_argument("--exclude-tools-when-tool-choice-none", action="store_true", default=None,
+                   help="do not render the tools in the prompt when tool_choice is none")
+    g.add_argument("--strict-tool-calls", action="store_true", default=None,
+                   help="constrain every auto tool call's arguments to its tool's schema")
+
+
+def tool_settings(a: argparse.Namespace) -> ToolSettings:
+    """The ToolSettings of parsed `add_tool_args` flags (ValueError for a bad one)."""
+    return ToolSettings(
+        enable_auto_tool_choice=bool(a.enable_auto_tool_choice),
+        tool_call_parser=a.tool_call_parser or "",
+        tool_parser_plugin=a.tool_parser_plugin or "",
+        reasoning_parser=a.reasoning_parser or "",
+        exclude_tools_when_tool_choice_none=bool(a.exclude_tools_when_tool_choice_none),
+        strict_tool_calls=bool(a.strict_tool_calls),
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> RouterConfig:
@@ -142,6 +175,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         p.error("--prefill and --decode go together (a pair is needed for disaggregation)")
     try:
         chat_template = load_chat_template(a.chat_template)
+        tools = tool_settings(a)
     except ValueError as error:
         p.error(str(error))
     return RouterConfig(
@@ -165,4 +199,5 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         drain_grace_s=a.drain_grace,
         chat_template=chat_template,
         api_key=a.api_key,
+        tools=tools,
     )

@@ -59,7 +59,8 @@ REFUSED = {
     "kv_transfer_params": {"do_remote_decode": True},
     "vllm_xargs": {"x": 1},
 }
-HONOURED_BY = {"echo": COMPLETIONS, "tools": CHAT}  # known fields one endpoint honours
+# known fields one endpoint honours
+HONOURED_BY = {"echo": COMPLETIONS, "tools": CHAT, "tool_choice": CHAT}
 # Values that ask for nothing: accepted.
 NEUTRAL = {
     "tools": [],
@@ -138,12 +139,6 @@ def test_fields_not_supported_yet_are_400_naming_them(router, path):
          "stream_options.continuous_usage_stats"),
         (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
          "messages.0.content"),
-        (CHAT, {"tools": [TOOL], "tool_choice": "auto"}, "tool_choice"),
-        (CHAT, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}},
-         "tool_choice"),
-        (CHAT, {"tools": [TOOL], "tool_choice": "none", "parallel_tool_calls": True},
-         "parallel_tool_calls"),
-        (CHAT, {"tools": [TOOL]}, "tools"),  # OpenAI's default tool_choice with tools: auto
     ],
 )  # fmt: skip
 def test_values_not_supported_yet_are_400_naming_the_field(router, path, extra, param):

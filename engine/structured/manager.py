@@ -61,6 +61,7 @@ class StructuredOutputManager:
                 field=f"structured_outputs.{spec.kind}",
                 timeout_s=self.config.compile_timeout_s,
                 stats=self.stats,
+                reasoning_end=spec.reasoning_end,
             )
 
     def shutdown(self) -> None:

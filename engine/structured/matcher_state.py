@@ -31,6 +31,10 @@ class RequestGrammar:
     request's submission) is given up: `error()` is a GrammarCompileTimeoutError naming
     `field`. `stats` (the compiler's) counts timeouts, and requests by the backend whose
     grammar they generate under.
+
+    With `reasoning_end` (token ids, e.g. `</think>`'s), the grammar applies only after the
+    output first holds that sequence: before it every token is allowed and the matcher sees
+    nothing; from the token after it on, the matcher follows the tokens as above.
     """
 
     def __init__(
@@ -39,8 +43,12 @@ class RequestGrammar:
         field: str = "structured_outputs",
         timeout_s: float | None = None,
         stats: CompileStats | None = None,
+        reasoning_end: Sequence[int] = (),
     ) -> None:
         self.future = future
+        self.reasoning_end = tuple(reasoning_end)
+        self._start: int | None = None if self.reasoning_end else 0
+        self._scanned = 0  # output tokens searched for reasoning_end
         self.field = field
         self.timeout_s = timeout_s
         self.stats = stats
@@ -80,8 +88,29 @@ class RequestGrammar:
                 requests[grammar.backend] = requests.get(grammar.backend, 0) + 1
         return self._matcher
 
+    def grammar_start(self, output_token_ids: Sequence[int]) -> int | None:
+        """The index of the first output token the grammar constrains (just after the first
+        `reasoning_end`), or None while the reasoning goes on. Scans only tokens it has not
+        seen (a shorter list than last time is scanned again)."""
+        start = self._start
+        if start is not None and start <= len(output_token_ids):
+            return start
+        end, n = self.reasoning_end, len(self.reasoning_end)
+        if self._scanned > len(output_token_ids):
+            self._scanned = 0
+        for i in range(max(0, self._scanned - n + 1), len(output_token_ids) - n + 1):
+            if tuple(output_token_ids[i : i + n]) == end:
+                self._start = i + n
+                return self._start
+        self._start, self._scanned = None, len(output_token_ids)
+        return None
+
     def sync(self, output_token_ids: Sequence[int]) -> None:
-        """Make the matcher have accepted exactly `output_token_ids`."""
+        """Make the matcher have accepted exactly the constrained part of `output_token_ids`."""
+        start = self.grammar_start(output_token_ids)
+        self._sync(output_token_ids[start:] if start is not None else ())
+
+    def _sync(self, output_token_ids: Sequence[int]) -> None:
         matcher, seen = self.matcher, self._num_accepted
         if len(output_token_ids) < seen:
             if not matcher.rollback(seen - len(output_token_ids)):
@@ -99,6 +128,8 @@ class RequestGrammar:
         """Accept `token` after `output_token_ids`; False (the matcher left as it was, or in
         its error state for good) when the grammar refuses it."""
         self.sync(output_token_ids)  # nothing to do unless tokens were dropped or replaced
+        if self.grammar_start(output_token_ids) is None:
+            return True  # reasoning: free (this token may end it; the next sync sees so)
         if not self.matcher.accept_token(token):
             return False
         self._num_accepted += 1
@@ -108,12 +139,26 @@ class RequestGrammar:
         """The longest prefix of `drafts` the grammar allows after `output_token_ids`
         (speculative decoding: a draft the grammar refuses is never verified)."""
         self.sync(output_token_ids)
+        if self.grammar_start(output_token_ids) is None:
+            return self._reasoning_drafts(output_token_ids, drafts)
         matcher = self.matcher
         n = 0
         while n < len(drafts) and not matcher.is_terminated() and matcher.accept_token(drafts[n]):
             n += 1
         self._undo(n)
         return list(drafts[:n])
+
+    def _reasoning_drafts(
+        self, output_token_ids: Sequence[int], drafts: Sequence[int]
+    ) -> list[int]:
+        """Drafts during the reasoning: all of them up to the one that ends it (those after
+        would need the grammar's verdict; they are left out)."""
+        tokens = list(output_token_ids)
+        for n, token in enumerate(drafts):
+            tokens.append(token)
+            if tuple(tokens[-len(self.reasoning_end) :]) == self.reasoning_end:
+                return list(drafts[: n + 1])
+        return list(drafts)
 
     def fill_bitmask_rows(
         self,
@@ -125,6 +170,13 @@ class RequestGrammar:
     ) -> None:
         """Rows `first_row` .. `first_row + len(drafts)`: the tokens allowed after
         `output_token_ids` and drafts[:j] (a verify step's rows; the drafts are valid)."""
+        if self.grammar_start(output_token_ids) is None:  # drafts end at the reasoning's end
+            tokens = list(output_token_ids)
+            for j in range(len(drafts) + 1):
+                self.fill_bitmask(tokens, eos_token_ids, bitmask, first_row + j)
+                tokens.extend(drafts[j : j + 1])
+            self.grammar_start(output_token_ids)  # forget an end found among the drafts
+            return
         self.fill_bitmask(output_token_ids, eos_token_ids, bitmask, first_row)
         matcher = self.matcher
         for j, token in enumerate(drafts):
@@ -151,7 +203,11 @@ class RequestGrammar:
         row: int,
     ) -> None:
         """Sync to `output_token_ids`, then write the tokens allowed next into `bitmask[row]`.
-        A terminated grammar (EOS accepted, `ignore_eos` going on) allows only EOS."""
+        A terminated grammar (EOS accepted, `ignore_eos` going on) allows only EOS; during the
+        reasoning every token is allowed."""
+        if self.grammar_start(output_token_ids) is None:
+            bitmask[row] = -1
+            return
         self.sync(output_token_ids)
         if self.matcher.is_terminated():
             bitmask[row] = 0

@@ -1,6 +1,7 @@
 """Which request fields the OpenAI endpoints honour, refuse for now, or accept as changing
-nothing: the one place to edit when a feature lands (tools, issue 26: move its names from
-NOT_SUPPORTED_YET into the request models of protocol.py).
+nothing: the one place to edit when a feature lands (move its names from NOT_SUPPORTED_YET
+into the request models of protocol.py). Chat honours tools (router.tools); the entries below
+refuse them on /v1/completions, and OpenAI's deprecated `functions` everywhere.
 
 Every top-level field of a request body is one of:
 
@@ -55,11 +56,12 @@ NOT_SUPPORTED_YET: dict[str, Unsupported] = {
         "--structured-outputs-backend"
     ),
     "structural_tag": Unsupported("a top-level structural tag (send structured_outputs)"),
-    # tools (issue 26); chat renders `tools` in the prompt (as with tool_choice "none")
-    "tools": Unsupported(_TOOLS, ([],)),  # /v1/completions only
-    "tool_choice": Unsupported(_TOOLS, ("none",)),
-    "functions": Unsupported(_TOOLS, ([],)),
-    "function_call": Unsupported(_TOOLS, ("none",)),
+    # tools: honoured by chat (router.tools); /v1/completions has none, and OpenAI's
+    # deprecated `functions` / `function_call` are refused (send tools / tool_choice)
+    "tools": Unsupported(_TOOLS + " on /v1/completions (use /v1/chat/completions)", ([],)),
+    "tool_choice": Unsupported(_TOOLS + " on /v1/completions", ("none",)),
+    "functions": Unsupported("the deprecated functions (send tools)", ([],)),
+    "function_call": Unsupported("the deprecated function_call (send tool_choice)", ("none",)),
     # sampling and output features the engine lacks
     "use_beam_search": Unsupported(_BEAM, (False,)),
     "length_penalty": Unsupported(_BEAM, (1.0,)),
@@ -96,7 +98,7 @@ NO_OP: dict[str, str] = {
     "prompt_cache_key": "prefix caching needs no key",
     "safety_identifier": "no safety system uses it",
     "parallel_tool_calls": "no tools on /v1/completions",  # chat checks it against tools
-    "include_reasoning": "no reasoning parser runs yet",
+    "include_reasoning": "no reasoning parser on /v1/completions",  # chat honours it
     "request_id": "the router gives every request its own unique id",
 }
 

@@ -18,7 +18,7 @@ from common.sampling_params import SamplingParams
 from common.structured_outputs import StructuredOutputsParams
 from proto.convert import INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN
 from router.errors import InvalidRequestError
-from router.openai.fields import check_body, check_supported
+from router.openai.fields import check_body
 from router.openai.structured import (
     GUIDED_ALIASES,
     ResponseFormat,
@@ -111,10 +111,14 @@ class SamplingFields(StrictModel):
                 "'best_of' other than n is not supported yet", "best_of", "unsupported_parameter"
             )
 
-    def structured_outputs_params(self) -> StructuredOutputsParams | None:
-        """The constraint of response_format, structured_outputs or a guided_* field (at most
-        one), with structured_outputs' options; remembers which field set it."""
-        constraints = response_format_constraint(self.response_format)
+    def structured_outputs_params(
+        self, extra: tuple[str, dict[str, Any]] | None = None
+    ) -> StructuredOutputsParams | None:
+        """The constraint of response_format, structured_outputs or a guided_* field, or
+        `extra` (a (field, constraint) of the request's tools; at most one in all), with
+        structured_outputs' options; remembers which field set it."""
+        constraints = [extra] if extra is not None else []
+        constraints += response_format_constraint(self.response_format)
         so = self.structured_outputs or StructuredOutputsBody()
         constraints += so.constraints()
         for alias, kind in GUIDED_ALIASES.items():
@@ -137,8 +141,14 @@ class SamplingFields(StrictModel):
         """The request field that set the structured-outputs constraint (None without one)."""
         return self._constraint_field
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """The engine's SamplingParams; ValueError from it becomes a 400 naming the field."""
+    def sampling_params(
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        constraint: tuple[str, dict[str, Any]] | None = None,
+    ) -> SamplingParams:
+        """The engine's SamplingParams (`constraint`: the tools' structured-outputs constraint,
+        if any); ValueError from it becomes a 400 naming the field."""
         optional: dict[str, Any] = {
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -148,7 +158,7 @@ class SamplingFields(StrictModel):
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
         }
-        structured_outputs = self.structured_outputs_params()
+        structured_outputs = self.structured_outputs_params(constraint)
         try:
             return SamplingParams(
                 structured_outputs=structured_outputs,
@@ -230,39 +240,26 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: Count | None = None
-    # Until tool parsers land (issue 26), tools are taken only with tool_choice "none": the
-    # chat template renders them and the answer is text. OpenAI's default with tools is "auto",
-    # which would ask for calls, so tools without tool_choice are refused too.
+    # tool calling (router.tools.request): checked against the server's flags per request
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    include_reasoning: bool = True  # vLLM's: False leaves reasoning_content out
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
-    def to_sampling_params(self) -> SamplingParams:
-        """The request's SamplingParams: max_completion_tokens wins over max_tokens."""
+    def to_sampling_params(
+        self, constraint: tuple[str, dict[str, Any]] | None = None
+    ) -> SamplingParams:
+        """The request's SamplingParams: max_completion_tokens wins over max_tokens;
+        `constraint` is the tools' (router.tools.request.ToolPlan.constraint)."""
         self.check_options()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true", "top_logprobs")
-        check_supported("tool_choice", self.tool_choice)
-        if self.tools and self.tool_choice is None:
-            raise InvalidRequestError(
-                "'tools' without tool_choice 'none' ask for tool calls (OpenAI's default "
-                "tool_choice with tools is 'auto'), which are not supported yet (tool calling); "
-                "send tool_choice 'none' to have the template render the tools",
-                "tools",
-                "unsupported_parameter",
-            )
-        if self.tools and self.parallel_tool_calls:
-            raise InvalidRequestError(
-                "'parallel_tool_calls' is not supported yet (tool calling)",
-                "parallel_tool_calls",
-                "unsupported_parameter",
-            )
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens or self.max_tokens
-        return self.sampling_params(max_tokens, logprobs)
+        return self.sampling_params(max_tokens, logprobs, constraint)
 
     def template_messages(self) -> list[dict[str, Any]]:
         """Messages as the chat template reads them: text parts joined into one string."""
