@@ -83,7 +83,7 @@ def _parse_worker(body: Any) -> tuple[str, Role, JSONResponse | None]:
     if role not in {r.value for r in Role}:
         roles = ", ".join(r.value for r in Role)
         return "", Role.DECODE, _bad_request(f"role must be one of {roles}", "role")
-    return address, Role(role), None
+    return str(address), Role(role), None
 
 
 def _bad_request(message: str, param: str | None, status: int = 400) -> JSONResponse:

@@ -61,12 +61,12 @@ class KubernetesActuator(Actuator):
 
     def replicas(self, role: str) -> Replicas:
         name = self.deployments[role]
-        scale = self.apps.read_namespaced_deployment_scale(name, self.namespace)
-        pods = self.core.list_namespaced_pod(
+        scale: Any = self.apps.read_namespaced_deployment_scale(name, self.namespace)
+        pods: list[Any] = self.core.list_namespaced_pod(
             self.namespace, label_selector=scale.status.selector or ""
         ).items
         alive = [p for p in pods if p.metadata.deletion_timestamp is None]
-        pending = sum(1 for p in alive if p.status.phase == "Pending")
+        pending = len([p for p in alive if p.status.phase == "Pending"])
         self._pod_ips[role] = [
             p.status.pod_ip for p in alive if p.status.phase == "Running" and p.status.pod_ip
         ]
