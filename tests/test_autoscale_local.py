@@ -42,8 +42,8 @@ def test_serve_autoscale_adds_and_removes_a_decode_worker(tiny_model) -> None:
          "--port", str(port), "--grpc-port", str(free_port()),
          "--num-kv-blocks", str(NUM_BLOCKS), "--autoscale", "--autoscale-interval", "0.5",
          "--decode-max", "2", "--prefill-max", "1", "--decode-running", "2",
-         "--ttft-slo", "1000", "--itl-slo", "1000", "--up-intervals", "1",
-         "--down-intervals", "2", "--up-cooldown", "0", "--down-cooldown", "2"],
+         "--ttft-slo", "1000", "--itl-slo", "1000", "--scale-up-intervals", "1",
+         "--scale-down-intervals", "2", "--scale-up-cooldown", "0", "--scale-down-cooldown", "2"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
