@@ -86,6 +86,9 @@ def add_autoscale(commands: Any) -> None:
     sub.add_argument("--worker-metrics-port", type=int, default=None, metavar="PORT",
                      help="the workers' Prometheus port, scraped on each running pod "
                      "(default: none: TTFT and ITL from the routers only)")
+    sub.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                     help="serve the autoscaler's own /metrics (desired and actual replicas) "
+                     "on this port, all interfaces (default: off)")  # fmt: skip
     sub.add_argument("--steps", type=int, default=0, metavar="N",
                      help="stop after N decisions (default: 0, run until a signal)")  # fmt: skip
     add_policy_args(sub)
@@ -109,6 +112,11 @@ def run_autoscale(args: argparse.Namespace) -> int:
     urls = [url.rstrip("/") + "/metrics" for url in args.router_url]
     collector = MetricsCollector(urls, actuator.worker_metrics_urls)
     autoscaler = Autoscaler(actuator, collector, config, args.interval)
+    if args.metrics_port is not None:
+        from cluster.autoscale_metrics import AutoscalerMetrics
+
+        autoscaler.metrics = AutoscalerMetrics()
+        autoscaler.metrics.serve(args.metrics_port, host="0.0.0.0")
     if args.steps:
         for i in range(args.steps):
             if i:

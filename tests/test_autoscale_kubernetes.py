@@ -114,14 +114,21 @@ def test_the_loop_scales_up_on_a_breach_not_while_pending_and_respects_edits(
 
 
 def test_baton_autoscale_runs_against_the_api_server(kube, tmp_path, capsys) -> None:
+    import httpx
+
+    from cluster import free_port
+
     kube.state.metrics_text = RouterMetricsText().observe(0.05)
+    metrics_port = free_port()
     status = main([
         "autoscale", "--kubernetes", "--namespace", "baton", "--kubeconfig",
         str(tmp_path / "kubeconfig"), "--prefill-deployment", "p", "--decode-deployment", "d",
         "--router-url", kube.url, "--interval", "0.01", "--steps", "2",
-        "--decode-min", "3", "--decode-max", "5",
+        "--decode-min", "3", "--decode-max", "5", "--metrics-port", str(metrics_port),
     ])  # fmt: skip
     assert status == 0
+    exported = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    assert 'baton:autoscaler_desired_replicas{role="decode"} 3.0' in exported
     assert kube.state.patches == [("d", {"spec": {"replicas": 3}})]  # below its new minimum
     assert "decode 2 -> 3 (below min 3)" in capsys.readouterr().out
 

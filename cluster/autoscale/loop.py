@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from cluster.autoscale.actuator import Actuator
 from cluster.autoscale.collector import MetricsCollector
 from cluster.autoscale.policy import AutoscaleConfig, AutoscaleState, Decision, Snapshot, decide
+from cluster.autoscale_metrics import AutoscalerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 class Autoscaler:
     """Runs `decide` over the collector's measurements and the actuator's replica counts.
 
-    `on_decision` sees every decision (logging, metrics of desired and actual replicas)."""
+    `metrics` (optional) exports each decision's desired and actual replicas and the steps
+    taken; `on_decision` sees every decision."""
 
     actuator: Actuator
     collector: MetricsCollector
@@ -27,6 +29,7 @@ class Autoscaler:
     interval_s: float = 15.0
     clock: Callable[[], float] = time.monotonic
     on_decision: Callable[[Decision], None] | None = None
+    metrics: AutoscalerMetrics | None = None
     state: AutoscaleState = field(default_factory=AutoscaleState)
     decisions: list[Decision] = field(default_factory=list)  # the latest few, newest last
 
@@ -49,6 +52,10 @@ class Autoscaler:
         decision = decide(snapshot, self.state, self.config)
         self.state = decision.state
         for role, choice in (("prefill", decision.prefill), ("decode", decision.decode)):
+            if self.metrics is not None:
+                self.metrics.record(role, choice.desired, choice.current)
+                if choice.step:
+                    self.metrics.scaled(role, "up" if choice.step > 0 else "down")
             if choice.step:
                 log.info("autoscale %s %d -> %d: %s", role, choice.current, choice.desired,
                          choice.reason)  # fmt: skip
