@@ -145,7 +145,8 @@ def check_kv_transport(transport: str, num_gpus: int) -> None:
         raise ValueError(f"kv_transport {transport!r} needs GPU workers; this machine has none")
 
 
-def _visible_gpus(spec: ClusterSpec) -> int:
+def visible_gpus(spec: ClusterSpec) -> int:
+    """GPUs the workers may use: `spec.num_gpus`, else as many as torch sees."""
     if spec.num_gpus is not None:
         return spec.num_gpus
     import torch
@@ -188,7 +189,7 @@ def start_cluster(spec: ClusterSpec) -> Cluster:
         ("decode", "decode_service", ["--role", "decode"], spec.decode),
         ("colocated", "decode_service", ["--role", "colocated"], spec.colocated),
     ]
-    num_gpus = _visible_gpus(spec)
+    num_gpus = visible_gpus(spec)
     check_kv_transport(spec.kv_transport, num_gpus)
     prefill_gpus = {gpu_for_worker(i, num_gpus) for i in range(spec.prefill)}
     try:
@@ -207,6 +208,11 @@ def start_cluster(spec: ClusterSpec) -> Cluster:
         cluster.stop(grace_s=5)
         raise
     return cluster
+
+
+def stop_worker(worker: WorkerHandle, grace_s: float = 15.0) -> None:
+    """SIGTERM (the worker drains and retires its index entries), SIGKILL after `grace_s`."""
+    _terminate(worker.proc, grace_s)
 
 
 def _start_router(

@@ -5,6 +5,7 @@
     baton demo-model                    convert (once) and print the demo model's directory
     baton serve [--model DIR] [...]     router and workers on this machine
     baton bench run|sweep|compare ...   benchmark a server, or compare cluster configurations
+    baton autoscale --kubernetes ...    scale prefill and decode Deployments on their SLOs
 
 torch and transformers are imported inside the commands, so `baton --help` stays fast.
 """
@@ -20,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from launcher.autoscale import add_autoscale
 from launcher.command import EXIT_USAGE, UsageError, add_subcommand, resolve_model_dir
 from launcher.config_file import with_config_file
 from launcher.serve import add_serve
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_tiny_model(commands)
     _add_demo_model(commands)
     add_serve(commands)
+    add_autoscale(commands)
     _add_bench(commands)
     return parser
 

@@ -9,6 +9,7 @@ launcher.config_file); the command line wins over the file.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import ClusterSpec, start_cluster
+from launcher.autoscale import add_policy_args, autoscale_config
 from launcher.command import UsageError, add_subcommand, resolve_model_dir
 from router.config import API_KEY_ENV, add_tool_args, load_chat_template, tool_settings
 from worker_common.engine_args import MODEL, add_engine_args, engine_cli_args
@@ -48,6 +50,13 @@ def add_serve(commands: Any) -> None:
         help="how prefill workers push KV to decode workers (default: by placement: nccl between"
         " GPUs, cuda-ipc on a shared GPU, tcp on CPUs)",
     )
+    scaling = sub.add_argument_group("autoscaling", "local prefill and decode workers on SLOs")
+    scaling.add_argument("--autoscale", action="store_true",
+                         help="add and remove prefill and decode workers as load and SLOs "
+                         "ask (policy flags below)")  # fmt: skip
+    scaling.add_argument("--autoscale-interval", type=float, default=5.0, metavar="S",
+                         help="seconds between decisions (default: %(default)s)")  # fmt: skip
+    add_policy_args(sub)
     sub.set_defaults(run=run_serve, config_parser=sub)
 
 
@@ -165,15 +174,28 @@ def router_cli_args(args: argparse.Namespace) -> list[str]:
 def run_serve(args: argparse.Namespace) -> int:
     """`baton serve`: start the cluster and serve until a signal."""
     spec = cluster_spec(args)
+    scaling = None
+    if args.autoscale:
+        if spec.colocated or not spec.prefill:
+            raise UsageError("--autoscale scales prefill and decode workers; not --colocated")
+        if args.autoscale_interval <= 0:
+            raise UsageError(f"--autoscale-interval must be > 0, got {args.autoscale_interval}")
+        scaling = (autoscale_config(args), args.autoscale_interval)
     try:
-        return serve_forever(spec)
+        return serve_forever(spec, scaling)
     except (RuntimeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
 
 
-def serve_forever(spec: ClusterSpec) -> int:
-    """Start the cluster `spec` describes, print the endpoints, wait for a signal, stop."""
+def serve_forever(spec: ClusterSpec, scaling: tuple[Any, float] | None = None) -> int:
+    """Start the cluster `spec` describes, print the endpoints, wait for a signal, stop.
+    `scaling`: (AutoscaleConfig, interval in seconds) to autoscale its workers."""
     cluster = start_cluster(spec)
+    try:
+        stop_scaling = _start_autoscaler(spec, cluster, scaling) if scaling else None
+    except BaseException:
+        cluster.stop()
+        raise
     print(f"Baton is serving {spec.model.name}:")
     for port, grpc_port in spec.router_ports():
         print(f"  OpenAI HTTP  http://{spec.host}:{port}/v1  (health /health, metrics /metrics)")
@@ -181,6 +203,8 @@ def serve_forever(spec: ClusterSpec) -> int:
     print(f"  prefix index {spec.redis_url or 'in-process, in each router'}")
     for w in cluster.workers:
         print(f"  {w.role:<9}    {w.address}  ({w.device}, metrics {w.metrics_url})")
+    if scaling:
+        print(f"  autoscaling  every {scaling[1]} s (admin API /admin/workers)")
     print("Ctrl-C or SIGTERM drains and stops.", flush=True)
     stopping = False
 
@@ -197,5 +221,29 @@ def serve_forever(spec: ClusterSpec) -> int:
                 return 1
             time.sleep(0.2)
     finally:
+        if stop_scaling is not None:
+            stop_scaling()
         cluster.stop()
     return 0
+
+
+def _start_autoscaler(spec: ClusterSpec, cluster: Any, scaling: tuple[Any, float]) -> Any:
+    """Run the autoscaler over the local cluster in a thread; return what stops it."""
+    from cluster.autoscale.collector import MetricsCollector
+    from cluster.autoscale.local import LocalActuator
+    from cluster.autoscale.loop import Autoscaler
+
+    config, interval_s = scaling
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("cluster.autoscale").setLevel(logging.INFO)  # each decision that acts
+    actuator = LocalActuator(spec, cluster)
+    routers = [f"http://{spec.host}:{port}/metrics" for port, _ in spec.router_ports()]
+    collector = MetricsCollector(routers, actuator.worker_metrics_urls)
+    thread, stop = Autoscaler(actuator, collector, config, interval_s).start()
+
+    def stop_autoscaler() -> None:
+        stop.set()
+        thread.join()
+        actuator.close()
+
+    return stop_autoscaler

@@ -25,6 +25,12 @@ class PrefixIndex(ABC):
     async def drop_worker(self, worker_id: str) -> None:
         """Forget everything about a worker (it left the cluster)."""
 
+    async def collect_lapsed(self) -> int:
+        """Delete the entries of every worker whose heartbeat lapsed; return how many workers
+        went. Safe from any number of processes at once (a lapsed worker that comes back is
+        asked for a snapshot, as after a restart)."""
+        return 0
+
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections."""
 
@@ -36,6 +42,15 @@ class IndexWriter(ABC):
     async def apply(self, batch: kv_events_pb2.KVEventBatch) -> bool:
         """Apply one batch; True when the index needs a snapshot from this worker (a gap, an
         unknown epoch). Raises IndexUnavailableError when the store cannot be reached."""
+
+    @abstractmethod
+    async def retire(self, worker_id: str, epoch: str) -> None:
+        """The worker leaves cleanly: delete its entries (those of `epoch` only, so a newer
+        process under the same id keeps its own). Raises IndexUnavailableError."""
+
+    async def collect_lapsed(self) -> int:
+        """As `PrefixIndex.collect_lapsed`, where the store allows a writer to do it."""
+        return 0
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections."""

@@ -28,6 +28,10 @@ class InProcessPrefixIndex(PrefixIndex, IndexWriter):
 
     async def apply(self, batch: kv_events_pb2.KVEventBatch) -> bool:
         entries = self._workers.get(batch.worker_id)
+        if batch.ttl_seconds <= 0:  # a worker leaving (RouterIndexWriter.retire)
+            if entries is not None and entries.epoch == batch.epoch:
+                self._forget(batch.worker_id)
+            return False
         if batch.snapshot:
             entries = self._replace(batch)
         elif entries is None or entries.epoch != batch.epoch:
@@ -61,6 +65,22 @@ class InProcessPrefixIndex(PrefixIndex, IndexWriter):
 
     async def drop_worker(self, worker_id: str) -> None:
         self._forget(worker_id)
+
+    async def retire(self, worker_id: str, epoch: str) -> None:
+        entries = self._workers.get(worker_id)
+        if entries is not None and entries.epoch == epoch:
+            self._forget(worker_id)
+
+    async def collect_lapsed(self) -> int:
+        now = self._clock()
+        lapsed = [w for w, entries in self._workers.items() if entries.expires_at <= now]
+        for worker_id in lapsed:
+            self._forget(worker_id)
+        return len(lapsed)
+
+    def worker_ids(self) -> set[str]:
+        """Every worker with entries (live or lapsed and not yet collected)."""
+        return set(self._workers)
 
     def num_blocks(self, worker_id: str) -> int:
         entries = self._workers.get(worker_id)

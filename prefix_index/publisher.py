@@ -5,7 +5,9 @@ Runs as an asyncio task beside the worker's gRPC server, off the model's critica
 them as one batch; when idle it still sends an empty batch (a heartbeat) every `ttl_s / 3`. It
 sends a full snapshot of the cached block set at start (a new epoch), whenever the index asks
 (a gap), and after any failed send (events may have been lost), so the index converges again as
-soon as the store is reachable.
+soon as the store is reachable. Every `ttl_s` it also collects the entries of workers whose
+heartbeat lapsed (where the store lets writers: Redis), and `retire()` deletes its own entries
+when the worker stops cleanly.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ class RouterIndexWriter(IndexWriter):
             raise IndexUnavailableError(f"router index: {e.code().name}") from e
         return any(ack.resync for ack in acks)
 
+    async def retire(self, worker_id: str, epoch: str) -> None:
+        """A batch with no TTL: the routers' indexes forget this epoch of the worker."""
+        leaving = kv_events_pb2.KVEventBatch(worker_id=worker_id, epoch=epoch, ttl_seconds=0)
+        await self.apply(leaving)
+
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
@@ -82,12 +89,14 @@ class KVEventPublisher:
         self.needs_snapshot = True
         self.published_batches = 0
         self._last_sent = 0.0
+        self._last_collected = time.monotonic()
 
     async def run(self) -> None:
         """Publish until cancelled."""
         while True:
             try:
                 await self.publish_once()
+                await self._collect_when_due()
             except IndexUnavailableError as e:
                 if not self.needs_snapshot:
                     log.warning("prefix index unavailable (%s): will resync when it is back", e)
@@ -111,6 +120,22 @@ class KVEventPublisher:
         self.published_batches += 1
         if resync:
             self.needs_snapshot = True
+
+    async def retire(self, timeout_s: float = 2.0) -> None:
+        """Delete this worker's entries from the index (call once `run` is cancelled); a store
+        that cannot be reached in `timeout_s` is left to collect them when the heartbeat lapses."""
+        try:
+            await asyncio.wait_for(self.writer.retire(self.worker_id, self.epoch), timeout_s)
+        except (IndexUnavailableError, TimeoutError) as e:
+            log.warning("could not retire from the prefix index (%s): entries lapse in %.0f s",
+                        e, self.ttl_s)  # fmt: skip
+
+    async def _collect_when_due(self) -> None:
+        if time.monotonic() - self._last_collected >= self.ttl_s:
+            self._last_collected = time.monotonic()
+            gone = await self.writer.collect_lapsed()
+            if gone:
+                log.info("prefix index: collected the entries of %d lapsed workers", gone)
 
     def _take_batch(self, core: EngineCore) -> kv_events_pb2.KVEventBatch:
         """On the engine thread: drain events; with a snapshot, the cached set right now."""

@@ -9,12 +9,16 @@ Keys, under a namespace `baton:{cluster}:{model}` (so clusters and models never 
     {ns}:alive:{worker_id}   STRING epoch, with a TTL        the heartbeat
 
 A worker's blocks count only while its heartbeat key holds the same epoch, so entries of a dead
-or restarted worker are never returned. Applying a batch and matching a prompt are each one
-server-side Lua script: one round trip whatever the prompt length. A match asks each live
-worker's set about all of the prompt's blocks at once (SMISMEMBER) and counts the leading ones:
-it stops at the first missing block. Hashes travel packed in one binary argument: a prompt's 512
-hashes cost one argument, not 512. (Single Redis instance; a Redis Cluster would need the keys
-in one hash slot.)
+or restarted worker are never returned. A worker leaving cleanly deletes all four of its entries
+(RETIRE_SCRIPT, `RedisIndexWriter.retire`); those of one that died are collected once its
+heartbeat has lapsed (COLLECT_SCRIPT, run by routers and by every worker's publisher), so on
+Kubernetes, where each restarted pod has a new address, the keys do not grow without end.
+
+Applying a batch and matching a prompt are each one server-side Lua script: one round trip
+whatever the prompt length. A match asks each live worker's set about all of the prompt's
+blocks at once (SMISMEMBER) and counts the leading ones: it stops at the first missing block.
+Hashes travel packed in one binary argument: a prompt's 512 hashes cost one argument, not 512.
+(Single Redis instance; a Redis Cluster would need the keys in one hash slot.)
 """
 
 from __future__ import annotations
@@ -95,6 +99,57 @@ return out
 """
 
 
+RETIRE_SCRIPT = """
+local ns, wid, epoch = ARGV[1], ARGV[2], ARGV[3]
+local wkey = ns .. ':w:' .. wid
+local cur_epoch = redis.call('HGET', wkey, 'epoch')
+if epoch ~= '' and cur_epoch and cur_epoch ~= epoch then return 0 end  -- a newer process
+if cur_epoch then redis.call('DEL', ns .. ':ws:' .. wid .. ':' .. cur_epoch) end
+if epoch ~= '' then redis.call('DEL', ns .. ':ws:' .. wid .. ':' .. epoch) end
+local alive = redis.call('GET', ns .. ':alive:' .. wid)
+if epoch == '' or alive == epoch then redis.call('DEL', ns .. ':alive:' .. wid) end
+redis.call('DEL', wkey)
+redis.call('SREM', ns .. ':workers', wid)
+return 1
+"""
+
+COLLECT_SCRIPT = """
+local ns, gone = ARGV[1], 0
+for _, w in ipairs(redis.call('SMEMBERS', ns .. ':workers')) do
+  if redis.call('EXISTS', ns .. ':alive:' .. w) == 0 then
+    local wkey = ns .. ':w:' .. w
+    local epoch = redis.call('HGET', wkey, 'epoch')
+    if epoch then redis.call('DEL', ns .. ':ws:' .. w .. ':' .. epoch) end
+    redis.call('DEL', wkey)
+    redis.call('SREM', ns .. ':workers', w)
+    gone = gone + 1
+  end
+end
+return gone
+"""
+
+
+class _Scripts:
+    """The cleanup scripts both sides run, on one client."""
+
+    def __init__(self, client: aioredis.Redis, ns: str) -> None:
+        self._ns = ns
+        self._retire = client.register_script(RETIRE_SCRIPT)
+        self._collect = client.register_script(COLLECT_SCRIPT)
+
+    async def retire(self, worker_id: str, epoch: str) -> None:
+        try:
+            await self._retire(args=[self._ns, worker_id, epoch])
+        except (RedisError, OSError) as e:
+            raise IndexUnavailableError(f"redis: {e}") from e
+
+    async def collect_lapsed(self) -> int:
+        try:
+            return int(await self._collect(args=[self._ns]))
+        except (RedisError, OSError) as e:
+            raise IndexUnavailableError(f"redis: {e}") from e
+
+
 def namespace(cluster: str, model: str) -> str:
     """The key prefix for one cluster serving one model."""
     return f"baton:{cluster}:{model}"
@@ -127,6 +182,7 @@ class RedisIndexWriter(IndexWriter):
     def __init__(self, client: aioredis.Redis, ns: str) -> None:
         self._client, self._ns = client, ns
         self._script = client.register_script(APPLY_SCRIPT)
+        self._cleanup = _Scripts(client, ns)
 
     async def apply(self, batch: kv_events_pb2.KVEventBatch) -> bool:
         next_seq = batch.events[-1].seq + 1 if batch.events else batch.first_seq
@@ -145,6 +201,12 @@ class RedisIndexWriter(IndexWriter):
         except (RedisError, OSError) as e:
             raise IndexUnavailableError(f"redis: {e}") from e
 
+    async def retire(self, worker_id: str, epoch: str) -> None:
+        await self._cleanup.retire(worker_id, epoch)
+
+    async def collect_lapsed(self) -> int:
+        return await self._cleanup.collect_lapsed()
+
     async def close(self) -> None:
         await self._client.aclose()
 
@@ -155,6 +217,7 @@ class RedisPrefixIndex(PrefixIndex):
     def __init__(self, client: aioredis.Redis, ns: str) -> None:
         self._client, self._ns = client, ns
         self._script = client.register_script(MATCH_SCRIPT)
+        self._cleanup = _Scripts(client, ns)
 
     async def match(self, block_hashes: Sequence[int]) -> dict[str, int]:
         if not block_hashes:
@@ -166,10 +229,10 @@ class RedisPrefixIndex(PrefixIndex):
         return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def drop_worker(self, worker_id: str) -> None:
-        try:
-            await self._client.delete(f"{self._ns}:alive:{worker_id}")
-        except (RedisError, OSError) as e:
-            raise IndexUnavailableError(f"redis: {e}") from e
+        await self._cleanup.retire(worker_id, "")
+
+    async def collect_lapsed(self) -> int:
+        return await self._cleanup.collect_lapsed()
 
     async def close(self) -> None:
         await self._client.aclose()

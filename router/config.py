@@ -50,7 +50,14 @@ class RouterConfig:
     max_model_len: int | None = None  # None: the workers' (smallest) max_model_len
     chat_template: str | None = None  # Jinja text replacing the tokenizer's (None: keep it)
     api_key: str = ""  # required as `Bearer KEY` on /v1/* and gRPC Generate ("": open)
-    drain_grace_s: float = 30.0  # SIGTERM: time in-flight requests get to finish
+    drain_grace_s: float = 30.0  # SIGTERM, or a worker leaving: time in-flight requests get
+    # Kubernetes: follow the EndpointSlices of these worker Services in this namespace.
+    kubernetes_namespace: str = ""  # "": no discovery
+    prefill_service: str = ""
+    decode_service: str = ""
+    colocated_service: str = ""
+    kubeconfig: str = ""  # "": in-cluster, else this kubeconfig file
+    discovery_interval_s: float = 2.0
     deadlines: Deadlines = field(default_factory=Deadlines)
     tools: ToolSettings = field(default_factory=ToolSettings)  # tool calling and reasoning
 
@@ -130,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get(API_KEY_ENV, ""),
         help=f"require `Authorization: Bearer KEY` on /v1/* and gRPC (default: ${API_KEY_ENV})",
     )
-    p.add_argument("--drain-grace", type=float, default=30.0, help="seconds to finish on SIGTERM")
+    p.add_argument("--drain-grace", type=float, default=30.0,
+                   help="seconds in-flight requests get on SIGTERM or when a worker leaves")
     add_tool_args(p)
+    _add_discovery_args(p)
     return p
 
 
@@ -165,11 +174,33 @@ def tool_settings(a: argparse.Namespace) -> ToolSettings:
     )
 
 
+def _add_discovery_args(p: argparse.ArgumentParser) -> None:
+    k8s = p.add_argument_group(
+        "Kubernetes discovery", "workers from the worker Services' EndpointSlices (ready ones)"
+    )
+    k8s.add_argument("--kubernetes-namespace", default="", metavar="NS",
+                     help="follow worker Services in this namespace (default: off)")
+    for role in ("prefill", "decode", "colocated"):
+        k8s.add_argument(f"--{role}-service", default="", metavar="NAME",
+                         help=f"the {role} workers' Service")
+    k8s.add_argument("--kubeconfig", default="", metavar="FILE",
+                     help="default: the in-cluster service account")
+    k8s.add_argument("--discovery-interval", type=float, default=2.0, metavar="S",
+                     help="seconds between EndpointSlice lists (default: %(default)s)")  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> RouterConfig:
     """Build a RouterConfig from `python -m router` arguments."""
     p = build_parser()
     a = p.parse_args(argv)
-    if not (a.prefill or a.decode or a.colocated):
+    services = (a.prefill_service, a.decode_service, a.colocated_service)
+    if a.kubernetes_namespace and not any(services):
+        p.error("--kubernetes-namespace needs --prefill-service and --decode-service, or "
+                "--colocated-service")  # fmt: skip
+    if any(services) and not a.kubernetes_namespace:
+        p.error("--prefill-service, --decode-service and --colocated-service need "
+                "--kubernetes-namespace")  # fmt: skip
+    if not (a.prefill or a.decode or a.colocated or a.kubernetes_namespace):
         p.error("give at least one worker: --prefill and --decode, or --colocated")
     if bool(a.prefill) != bool(a.decode):
         p.error("--prefill and --decode go together (a pair is needed for disaggregation)")
@@ -200,4 +231,10 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         chat_template=chat_template,
         api_key=a.api_key,
         tools=tools,
+        kubernetes_namespace=a.kubernetes_namespace,
+        prefill_service=a.prefill_service,
+        decode_service=a.decode_service,
+        colocated_service=a.colocated_service,
+        kubeconfig=a.kubeconfig,
+        discovery_interval_s=a.discovery_interval,
     )

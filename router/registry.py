@@ -3,6 +3,10 @@
 Every `poll_interval_s` seconds each worker gets a `grpc.health.v1` check and a `GetLoad`, both
 with a deadline, concurrently. A worker that fails either (or reports another role) is marked
 unhealthy and skipped by routing until it answers again.
+
+Workers come and go (`add`, `drain`, `remove`: the admin API, Kubernetes endpoints): a worker
+that leaves drains first, getting no new requests until this router has nothing in flight
+there and two polls found it idle, and only then is its channel closed.
 """
 
 from __future__ import annotations
@@ -48,8 +52,55 @@ class WorkerRegistry:
         return [w for w in self.workers if w.role == role]
 
     def healthy(self, role: Role) -> list[WorkerInfo]:
-        """The workers of `role` that answered the latest poll."""
-        return [w for w in self.workers if w.role == role and w.healthy]
+        """The workers of `role` that answered the latest poll and are not draining."""
+        return [w for w in self.workers if w.role == role and w.healthy and not w.draining]
+
+    def find(self, address: str) -> WorkerInfo | None:
+        """The worker at `address`, if registered."""
+        return next((w for w in self.workers if w.address == address), None)
+
+    async def add(self, address: str, role: Role) -> WorkerInfo:
+        """Register a worker (polled at once); one already there stops draining. ValueError
+        if `address` is registered with another role."""
+        worker = self.find(address)
+        if worker is not None:
+            if worker.role != role:
+                raise ValueError(f"worker {address} is registered as {worker.role.value}")
+            worker.draining, worker.quiet_polls = False, 0
+            return worker
+        worker = WorkerInfo.connect(address, role)
+        self.workers.append(worker)
+        log.info("worker %s %s added", role, address)
+        await self._poll(worker)
+        return worker
+
+    def drain(self, address: str) -> WorkerInfo | None:
+        """Stop routing new requests to the worker at `address`; None if unknown."""
+        worker = self.find(address)
+        if worker is not None and not worker.draining:
+            log.info("worker %s %s draining: %d calls in flight", worker.role, address,
+                     worker.inflight)  # fmt: skip
+            worker.draining, worker.quiet_polls = True, 0
+        return worker
+
+    async def remove(self, address: str, timeout_s: float = 30.0) -> bool | None:
+        """Drain the worker at `address`, wait up to `timeout_s` seconds for it to be idle,
+        then drop it and close its channel. True if it was idle, False if the wait timed out,
+        None if no such worker."""
+        worker = self.drain(address)
+        if worker is None:
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while worker.quiet_polls < 2 and loop.time() < deadline:
+            await asyncio.sleep(min(self.poll_interval_s / 2, 0.1))
+        idle = worker.quiet_polls >= 2
+        if worker in self.workers:
+            self.workers.remove(worker)
+            await worker.channel.close()
+            log.info("worker %s %s removed (%s)", worker.role, address,
+                     "drained" if idle else f"not idle after {timeout_s:.0f} s")  # fmt: skip
+        return idle
 
     @property
     def block_size(self) -> int | None:
@@ -95,6 +146,12 @@ class WorkerRegistry:
                 log.exception("worker poll failed")
 
     async def _poll(self, worker: WorkerInfo) -> None:
+        await self._poll_answer(worker)
+        if worker.draining:  # a dead worker has nothing left to finish either
+            quiet = worker.is_idle or (not worker.healthy and worker.inflight == 0)
+            worker.quiet_polls = worker.quiet_polls + 1 if quiet else 0
+
+    async def _poll_answer(self, worker: WorkerInfo) -> None:
         try:
             health, load = await asyncio.gather(
                 health_pb2_grpc.HealthStub(worker.channel).Check(

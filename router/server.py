@@ -17,6 +17,7 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health
 
+from router.admin import add_admin_routes
 from router.config import RouterConfig
 from router.grpc_service import build_grpc_server, set_serving
 from router.openai.app import build_app
@@ -49,8 +50,11 @@ class RouterServer:
         """Load the tokenizer, poll the workers once, open both ports."""
         services = RouterServices.build(config)
         await services.start()
+        app = build_app(services)
+        if services.membership is not None:
+            add_admin_routes(app, services.membership, config.api_key)
         uv_config = uvicorn.Config(
-            build_app(services),
+            app,
             host=config.host,
             port=config.port,
             lifespan="off",

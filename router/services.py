@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common.tokenizer import load_tokenizer
 from prefix_index.base import PrefixIndex
@@ -13,6 +13,7 @@ from router.colocated import ColocatedBackend
 from router.config import RouterConfig
 from router.disaggregated import DisaggregatedBackend
 from router.generation import Generator
+from router.membership import Membership
 from router.metrics import RouterMetrics
 from router.policies import make_policy
 from router.prefix_lookup import PrefixLookup
@@ -48,6 +49,8 @@ class RouterServices:
     metrics: RouterMetrics
     aborts: AbortSender
     index: PrefixIndex | None = None
+    membership: Membership | None = None
+    discovery: Any = None  # router.discovery.EndpointSliceDiscovery, on Kubernetes
 
     @classmethod
     def build(cls, config: RouterConfig) -> RouterServices:
@@ -91,15 +94,31 @@ class RouterServices:
         generator = Generator(tokenizer, registry, backends, metrics, name)
         if index is not None:
             generator.prefix_lookup = PrefixLookup(index, metrics.registry, name)
-        return cls(config, tokenizer, registry, preprocessor, generator, metrics, aborts, index)
+        membership = Membership(registry, index, config.drain_grace_s)
+        services = cls(config, tokenizer, registry, preprocessor, generator, metrics, aborts, index)
+        services.membership = membership
+        if config.kubernetes_namespace:
+            from router.discovery import EndpointSliceDiscovery
+
+            services.discovery = EndpointSliceDiscovery.from_config(config, membership)
+        return services
 
     async def start(self) -> None:
-        """Poll the workers once, then keep polling in the background."""
+        """Poll the workers once, then keep polling in the background; collect lapsed index
+        entries; on Kubernetes, follow the worker Services' endpoints."""
         await self.registry.start()
+        if self.membership is not None:
+            await self.membership.start()
+        if self.discovery is not None:
+            await self.discovery.start()
 
     async def close(self) -> None:
         """Let pending aborts go out, then stop polling and close the channels."""
         await self.aborts.wait()
+        if self.discovery is not None:
+            await self.discovery.close()
+        if self.membership is not None:
+            await self.membership.close()
         await self.registry.close()
         if self.index is not None:
             await self.index.close()

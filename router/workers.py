@@ -34,6 +34,9 @@ class WorkerInfo:
     worker answers both health and load, and again whenever it stops answering.
     `assigned_since_poll` counts requests routed here since `load` was read, so a burst of
     requests between two polls does not all pick the same "least loaded" worker.
+    A `draining` worker gets no new requests (it is leaving); `inflight` counts this router's
+    calls to it that have not ended, and `quiet_polls` the polls since it began draining that
+    found it idle (nothing in flight here, nothing running, waiting or reserved there).
     """
 
     address: str
@@ -44,6 +47,9 @@ class WorkerInfo:
     load: common_pb2.Load | None = None
     last_error: str = ""
     assigned_since_poll: int = 0
+    draining: bool = False
+    inflight: int = 0
+    quiet_polls: int = 0
 
     @classmethod
     def connect(cls, address: str, role: Role) -> WorkerInfo:
@@ -55,7 +61,17 @@ class WorkerInfo:
                 ("grpc.enable_retries", 0),
             ],
         )
-        return cls(address, role, channel, _STUBS[role](channel))
+        worker = cls(address, role, channel, None)
+        worker.stub = _CountingStub(_STUBS[role](channel), worker)
+        return worker
+
+    @property
+    def is_idle(self) -> bool:
+        """Nothing of this router's in flight here, and (per its latest load) nothing running,
+        waiting or reserved on the worker."""
+        load = self.load
+        busy = load is not None and (load.num_running or load.num_waiting or load.num_reserved)
+        return self.inflight == 0 and not busy
 
     @property
     def num_queued(self) -> int:
@@ -77,4 +93,28 @@ class WorkerInfo:
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else f"unhealthy ({self.last_error or 'not polled'})"
-        return f"WorkerInfo({self.role} {self.address}, {state})"
+        return f"WorkerInfo({self.role} {self.address}, {state}{', draining' * self.draining})"
+
+
+class _CountingStub:
+    """A worker's stub that counts its calls in flight on `worker.inflight` (load polls
+    aside), so a draining worker is known to be idle before it is dropped."""
+
+    def __init__(self, stub: Any, worker: WorkerInfo) -> None:
+        self._stub, self._worker = stub, worker
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+        if name == "GetLoad":
+            return method
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            call = method(*args, **kwargs)
+            self._worker.inflight += 1
+            call.add_done_callback(self._ended)
+            return call
+
+        return counted
+
+    def _ended(self, _call: Any) -> None:
+        self._worker.inflight -= 1

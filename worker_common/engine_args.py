@@ -262,6 +262,10 @@ def add_index_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cluster-name", default="default", help="Redis key namespace part")
     parser.add_argument("--worker-id", default=None, help="default: HOST:PORT of this worker")
+    parser.add_argument(
+        "--index-ttl", type=float, default=10.0, metavar="S",
+        help="heartbeat TTL of this worker's index entries, in seconds (default: %(default)s)",
+    )  # fmt: skip
 
 
 def publishes_kv_events(args: argparse.Namespace) -> bool:

@@ -88,19 +88,26 @@ def run_worker(args: argparse.Namespace, role: str, setup: Setup) -> None:
     metrics.watch_spec_decode(core.scheduler.spec_stats)
     engine.start()
 
-    tasks: list[asyncio.Task] = []
+    publishers: list[tuple[KVEventPublisher, asyncio.Task]] = []
 
     def ready(port: int) -> None:
         if publishes_kv_events(args):
             model = engine.config.model.served_model_name
             worker_id = args.worker_id or f"{args.host}:{port}"
-            publisher = KVEventPublisher(engine, index_writer(args, model), worker_id, role)
-            tasks.append(asyncio.get_running_loop().create_task(publisher.run()))
+            publisher = KVEventPublisher(
+                engine, index_writer(args, model), worker_id, role, ttl_s=args.index_ttl
+            )
+            publishers.append((publisher, asyncio.get_running_loop().create_task(publisher.run())))
         print(f"READY {role} {args.host}:{port}", flush=True)
 
     async def main() -> None:
         registrations = await setup(args, engine, metrics)
         await serve(registrations, args.host, args.port, args.metrics_port, on_ready=ready)
+        for publisher, task in publishers:  # drained: the worker's index entries leave with it
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await publisher.retire()
+            await publisher.writer.close()
 
     try:
         asyncio.run(main())

@@ -1,0 +1,1 @@
+"""Autoscaling: policies (pure), the metrics collector, actuators and the loop."""
