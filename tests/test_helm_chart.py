@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import re
 import shutil
 import subprocess
@@ -113,6 +112,7 @@ def test_the_validator_refuses_an_unknown_field() -> None:
         ({"engine": {"max-model-length": 512}}, "'max-model-length' not allowed"),
         ({"engine": {"gpu-memory-utilization": 1.5}}, "/engine/gpu-memory-utilization"),
         ({"decode": {"kvTransport": "cuda-ipc"}}, "/decode/kvTransport"),
+        ({"prefill": {"drainGraceSeconds": -1}}, "/prefill/drainGraceSeconds"),
         ({"redis": {"url": "http://redis"}}, "/redis/url"),
         ({"autoscaler": {"slo": {"ttftP90Seconds": 0}}}, "/autoscaler/slo/ttftP90Seconds"),
     ],
@@ -136,12 +136,9 @@ def test_the_engine_schema_is_the_workers_engine_flags() -> None:
 # --- what the manifests say -----------------------------------------------------------------
 
 
-def test_workers_get_a_gpu_grpc_probes_and_a_drain_within_their_grace() -> None:
-    from worker_common.server import serve
-
-    manifests = render()
-    drain_s = inspect.signature(serve).parameters["grace_s"].default  # after SIGTERM
-    for role in ("prefill", "decode"):
+def test_workers_get_a_gpu_grpc_probes_and_a_drain_within_their_grace(tmp_path: Path) -> None:
+    manifests = render({"decode": {"drainGraceSeconds": 20, "terminationGracePeriodSeconds": 25}})
+    for role, drain_s in (("prefill", 10.0), ("decode", 20.0)):
         c = container(manifests, role)
         pod = by_kind(manifests, "Deployment")[f"demo-baton-{role}"]["spec"]["template"]["spec"]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -149,6 +146,7 @@ def test_workers_get_a_gpu_grpc_probes_and_a_drain_within_their_grace() -> None:
         port = int(c["args"][c["args"].index("--port") + 1])
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"] == {"port": port}
+        assert worker_args(manifests, role, tmp_path).drain_grace == drain_s  # after SIGTERM
         sleep_s = c["lifecycle"]["preStop"]["sleep"]["seconds"]
         assert sleep_s > 0 and pod["terminationGracePeriodSeconds"] >= sleep_s + drain_s
     router = container(manifests, "router")
@@ -171,6 +169,8 @@ def test_a_grace_shorter_than_the_drain_is_refused() -> None:
         render({"router": {"terminationGracePeriodSeconds": 20}})  # 5 s sleep + 30 s drain
     with pytest.raises(helm.HelmRenderError, match="decode.terminationGracePeriodSeconds"):
         render({"decode": {"terminationGracePeriodSeconds": 12}})  # 5 s sleep + 10 s drain
+    with pytest.raises(helm.HelmRenderError, match=re.escape("(30) must be at least")):
+        render({"prefill": {"drainGraceSeconds": 26}})  # 5 s sleep + 26 s drain
 
 
 def redis_url_env(manifests: list[dict[str, Any]], deployment: str) -> dict[str, Any]:
@@ -311,6 +311,19 @@ def test_a_bad_engine_configmap_stops_the_worker_naming_the_key(
         parse_worker_args(build_parser(), ["--config", str(config), "--model", "m"])
     assert exit_info.value.code == 2
     assert "unknown key 'max-model-length'" in capsys.readouterr().err
+
+
+def test_a_negative_drain_grace_stops_the_worker_naming_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from decode_service.__main__ import build_parser
+    from worker_common.main import DRAIN_GRACE_S, parse_worker_args
+
+    assert parse_worker_args(build_parser(), ["--model", "m"]).drain_grace == DRAIN_GRACE_S
+    with pytest.raises(SystemExit) as exit_info:
+        parse_worker_args(build_parser(), ["--model", "m", "--drain-grace", "-1"])
+    assert exit_info.value.code == 2
+    assert "--drain-grace: must be >= 0 seconds, got -1" in capsys.readouterr().err
 
 
 def test_the_router_starts_with_its_real_flags() -> None:
