@@ -268,8 +268,11 @@ def engine_files(manifests: list[dict[str, Any]], tmp_path: Path) -> Iterator[tu
         yield name, tmp_path / name
 
 
-def worker_args(manifests: list[dict[str, Any]], role: str, tmp_path: Path) -> Any:
-    """The worker's parsed command line, its --config read from the rendered ConfigMap."""
+def worker_args(
+    manifests: list[dict[str, Any]], role: str, tmp_path: Path, env: dict[str, str] = POD_ENV
+) -> Any:
+    """The worker's parsed command line in a pod with `env`, its --config read from the
+    rendered ConfigMap."""
     from worker_common.main import parse_worker_args
 
     if role == "prefill":
@@ -278,7 +281,7 @@ def worker_args(manifests: list[dict[str, Any]], role: str, tmp_path: Path) -> A
         from decode_service.__main__ import build_parser
     c = container(manifests, role)
     assert c["command"] == ["python", "-m", f"{role}_service"]
-    args = expand(c["args"], POD_ENV)
+    args = expand(c["args"], env)
     files = dict(engine_files(manifests, tmp_path))
     args[args.index("--config") + 1] = str(files[f"{role}.yaml"])
     return parse_worker_args(build_parser(), args)
@@ -335,10 +338,74 @@ def test_the_router_starts_with_its_real_flags() -> None:
     config = parse_args(expand(c["args"], POD_ENV))
     assert (config.host, config.port, config.grpc_port) == ("0.0.0.0", 8000, 50051)
     assert config.prefix_index == "redis" and config.policy == "least_loaded"
-    assert config.prefill == [f"demo-baton-prefill.{NAMESPACE}.svc:50061"]
-    assert config.decode == [f"demo-baton-decode.{NAMESPACE}.svc:50061"]
+    assert config.prefill == config.decode == []  # no fixed addresses: discovery
+    assert config.kubernetes_namespace == NAMESPACE and config.kubeconfig == ""  # in-cluster
+    assert (config.prefill_service, config.decode_service, config.colocated_service) == (
+        "demo-baton-prefill", "demo-baton-decode", "")  # fmt: skip
+    assert config.discovery_interval_s == 2.0
     assert config.served_model_name == "Qwen3-0.6B" and config.lease_s == 20.0
     assert config.drain_grace_s == 30.0
+
+
+def test_the_router_may_read_the_worker_services_endpoint_slices() -> None:
+    manifests = render()
+    pod = by_kind(manifests, "Deployment")["demo-baton-router"]["spec"]["template"]["spec"]
+    account = pod["serviceAccountName"]
+    assert account in by_kind(manifests, "ServiceAccount")
+    binding = by_kind(manifests, "RoleBinding")["demo-baton-router"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]  # fmt: skip
+    rules = by_kind(manifests, "Role")[binding["roleRef"]["name"]]["rules"]
+    assert rules == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                      "verbs": ["get", "list", "watch"]}]  # fmt: skip
+    # An existing account: the Role is bound to it; without rbac, no Role at all.
+    given = render({"router": {"serviceAccount": {"create": False, "name": "ops"}}})
+    assert by_kind(given, "RoleBinding")["demo-baton-router"]["subjects"][0]["name"] == "ops"
+    assert "ops" not in by_kind(given, "ServiceAccount")
+    bare = render({"router": {"serviceAccount": {"rbac": False}}})
+    assert "demo-baton-router" not in by_kind(bare, "Role")
+
+
+def test_the_router_finds_the_chart_workers_by_their_prefix_index_ids(tmp_path: Path) -> None:
+    """The rendered router args, run against a stand-in API server holding the chart's worker
+    Services' EndpointSlices: each ready pod joins as `podIP:port`, the worker's own id."""
+    import asyncio
+
+    from router.config import parse_args
+    from router.discovery import EndpointSliceDiscovery
+    from router.membership import Membership
+    from router.registry import WorkerRegistry
+    from router.workers import Role
+    from tests.kube_stand_in import KubeStandIn, KubeState
+
+    manifests = render()
+    config = parse_args(expand(container(manifests, "router")["args"], POD_ENV))
+    services = by_kind(manifests, "Service")
+    pod_ips = {"prefill": "10.0.1.1", "decode": "10.0.2.1"}
+    ids = {}
+    for role, service in (("prefill", config.prefill_service), ("decode", config.decode_service)):
+        pods = by_kind(manifests, "Deployment")[f"demo-baton-{role}"]["spec"]["template"]
+        assert services[service]["spec"]["selector"].items() <= pods["metadata"]["labels"].items()
+        assert "grpc" in {p["name"] for p in services[service]["spec"]["ports"]}
+        worker = worker_args(manifests, role, tmp_path, {**POD_ENV, "POD_IP": pod_ips[role]})
+        ids[role] = f"{worker.host}:{worker.port}"  # what it publishes to the prefix index
+    state = KubeState(namespace=NAMESPACE, slice_port=50061, endpoints={
+        config.prefill_service: [(pod_ips["prefill"], True, False)],
+        config.decode_service: [(pod_ips["decode"], True, False), ("10.0.2.2", False, False)],
+    })  # fmt: skip
+
+    async def discovered() -> dict[str, list[str]]:
+        registry = WorkerRegistry({}, "m", poll_interval_s=0.05, poll_timeout_s=0.05)
+        discovery = EndpointSliceDiscovery.from_config(config, Membership(registry, None))
+        await discovery.sync_once()
+        found = {r.value: [w.address for w in registry.configured(r)]
+                 for r in (Role.PREFILL, Role.DECODE)}  # fmt: skip
+        await registry.close()
+        return found
+
+    with KubeStandIn(state) as kube:
+        config.kubeconfig = str(kube.kubeconfig(tmp_path / "kubeconfig"))
+        assert asyncio.run(discovered()) == {"prefill": [ids["prefill"]], "decode": [ids["decode"]]}
 
 
 def test_the_autoscaler_starts_with_baton_autoscales_flags() -> None:
