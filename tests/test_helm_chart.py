@@ -8,7 +8,6 @@ Not run here: a cluster (`helm install`) and a Docker build (no daemon): docs/ku
 
 from __future__ import annotations
 
-import argparse
 import copy
 import re
 import shutil
@@ -411,14 +410,38 @@ def test_the_router_finds_the_chart_workers_by_their_prefix_index_ids(tmp_path: 
 def test_the_autoscaler_starts_with_baton_autoscales_flags() -> None:
     from launcher.cli import build_parser
 
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "autoscale" not in commands.choices:
-        pytest.skip("`baton autoscale` is not in this tree yet (the autoscaler branch adds it)")
-    c = container(render(production_values()), "autoscaler")
+    manifests = render(production_values())
+    c = container(manifests, "autoscaler")
     assert c["command"] == ["baton", "autoscale"]
-    args = parser.parse_args(["autoscale", *c["args"]])
+    args = build_parser().parse_args(["autoscale", *c["args"]])
     assert args.kubernetes and args.namespace == NAMESPACE
+    assert (args.prefill_deployment, args.decode_deployment) == (
+        "demo-baton-prefill", "demo-baton-decode")  # fmt: skip
+    assert args.router_url == [f"http://demo-baton-router.{NAMESPACE}.svc:8000"]
+    assert (args.prefill_min, args.prefill_max, args.decode_min, args.decode_max) == (2, 8, 4, 16)
+    assert (args.ttft_slo, args.itl_slo) == (0.5, 0.04)
+    assert (args.scale_up_cooldown, args.scale_down_cooldown) == (60.0, 600.0)
+    worker = container(manifests, "decode")["args"]
+    assert args.worker_metrics_port == int(worker[worker.index("--metrics-port") + 1])
+    assert args.metrics_port == 9400
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in c["ports"]
+
+
+def test_the_service_monitor_scrapes_the_autoscalers_metrics() -> None:
+    manifests = render(production_values())
+    monitor = next(iter(by_kind(manifests, "ServiceMonitor").values()))["spec"]
+    service = by_kind(manifests, "Service")["demo-baton-autoscaler"]
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    port = next(p for p in service["spec"]["ports"] if p["name"] == "metrics")
+    assert port["name"] in {e["port"] for e in monitor["endpoints"]} and port["port"] == 9400
+    pod = by_kind(manifests, "Deployment")["demo-baton-autoscaler"]["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert port["targetPort"] in {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+
+
+def test_the_autoscaler_needs_one_worker_metrics_port() -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"prefill.metricsPort \(9101\) and decode"):
+        render({"autoscaler": {"enabled": True}, "prefill": {"metricsPort": 9101}})
 
 
 # --- the images ---------------------------------------------------------------------------------
