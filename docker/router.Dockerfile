@@ -13,7 +13,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/baton
 
 # The router's dependencies only (no torch, no engine), at the lock's versions; kubernetes is
-# the autoscaler's client. `baton` itself goes in without its dependencies (they name torch).
+# the client of the router's worker discovery (EndpointSlices) and of the autoscaler. `baton` itself goes in without its dependencies (they name torch).
 COPY requirements.lock ./
 RUN grep -v '^torch==' requirements.lock > /tmp/constraints.txt \
     && pip install -c /tmp/constraints.txt \

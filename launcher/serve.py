@@ -14,8 +14,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cluster import ClusterSpec, start_cluster
 from launcher.autoscale import add_policy_args, autoscale_config
@@ -56,6 +57,10 @@ def add_serve(commands: Any) -> None:
                          "ask (policy flags below)")  # fmt: skip
     scaling.add_argument("--autoscale-interval", type=float, default=5.0, metavar="S",
                          help="seconds between decisions (default: %(default)s)")  # fmt: skip
+    scaling.add_argument("--autoscale-metrics-port", type=int, default=None, metavar="PORT",
+                         help="serve the autoscaler's /metrics (desired and actual replicas) "
+                         "on --host at this port, 0 for a free one, printed at start "
+                         "(default: off)")  # fmt: skip
     add_policy_args(sub)
     sub.set_defaults(run=run_serve, config_parser=sub)
 
@@ -171,28 +176,48 @@ def router_cli_args(args: argparse.Namespace) -> list[str]:
     return words + tool_settings(args).cli_args()
 
 
+class Scaling(NamedTuple):
+    """How `baton serve --autoscale` scales its workers."""
+
+    config: Any  # cluster.autoscale.policy.AutoscaleConfig
+    interval_s: float
+    metrics_port: int | None = None  # the autoscaler's /metrics (0: a free port; None: off)
+
+
+def scaling_from_args(args: argparse.Namespace, spec: ClusterSpec) -> Scaling | None:
+    """The `--autoscale*` flags as a Scaling (None without --autoscale); UsageError if bad."""
+    port = args.autoscale_metrics_port
+    if not args.autoscale:
+        if port is not None:
+            raise UsageError("--autoscale-metrics-port needs --autoscale")
+        return None
+    if spec.colocated or not spec.prefill:
+        raise UsageError("--autoscale scales prefill and decode workers; not --colocated")
+    if args.autoscale_interval <= 0:
+        raise UsageError(f"--autoscale-interval must be > 0, got {args.autoscale_interval}")
+    if port is not None and not 0 <= port <= 65535:
+        raise UsageError(f"--autoscale-metrics-port must be 0-65535, got {port}")
+    return Scaling(autoscale_config(args), args.autoscale_interval, port)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """`baton serve`: start the cluster and serve until a signal."""
     spec = cluster_spec(args)
-    scaling = None
-    if args.autoscale:
-        if spec.colocated or not spec.prefill:
-            raise UsageError("--autoscale scales prefill and decode workers; not --colocated")
-        if args.autoscale_interval <= 0:
-            raise UsageError(f"--autoscale-interval must be > 0, got {args.autoscale_interval}")
-        scaling = (autoscale_config(args), args.autoscale_interval)
+    scaling = scaling_from_args(args, spec)
     try:
         return serve_forever(spec, scaling)
     except (RuntimeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
 
 
-def serve_forever(spec: ClusterSpec, scaling: tuple[Any, float] | None = None) -> int:
+def serve_forever(spec: ClusterSpec, scaling: Scaling | None = None) -> int:
     """Start the cluster `spec` describes, print the endpoints, wait for a signal, stop.
-    `scaling`: (AutoscaleConfig, interval in seconds) to autoscale its workers."""
+    `scaling`: how to autoscale its workers (None: a fixed set)."""
     cluster = start_cluster(spec)
     try:
-        stop_scaling = _start_autoscaler(spec, cluster, scaling) if scaling else None
+        stop_scaling, scaling_metrics = (
+            _start_autoscaler(spec, cluster, scaling) if scaling else (None, "")
+        )
     except BaseException:
         cluster.stop()
         raise
@@ -204,7 +229,9 @@ def serve_forever(spec: ClusterSpec, scaling: tuple[Any, float] | None = None) -
     for w in cluster.workers:
         print(f"  {w.role:<9}    {w.address}  ({w.device}, metrics {w.metrics_url})")
     if scaling:
-        print(f"  autoscaling  every {scaling[1]} s (admin API /admin/workers)")
+        print(f"  autoscaling  every {scaling.interval_s} s (admin API /admin/workers)")
+    if scaling_metrics:
+        print(f"  autoscaler   metrics {scaling_metrics}")
     print("Ctrl-C or SIGTERM drains and stops.", flush=True)
     stopping = False
 
@@ -227,23 +254,39 @@ def serve_forever(spec: ClusterSpec, scaling: tuple[Any, float] | None = None) -
     return 0
 
 
-def _start_autoscaler(spec: ClusterSpec, cluster: Any, scaling: tuple[Any, float]) -> Any:
-    """Run the autoscaler over the local cluster in a thread; return what stops it."""
+def _start_autoscaler(
+    spec: ClusterSpec, cluster: Any, scaling: Scaling
+) -> tuple[Callable[[], None], str]:
+    """Run the autoscaler over the local cluster in a thread; return what stops it and the
+    URL of its /metrics ("" when not served)."""
     from cluster.autoscale.collector import MetricsCollector
     from cluster.autoscale.local import LocalActuator
     from cluster.autoscale.loop import Autoscaler
+    from cluster.autoscale_metrics import AutoscalerMetrics
 
-    config, interval_s = scaling
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("cluster.autoscale").setLevel(logging.INFO)  # each decision that acts
     actuator = LocalActuator(spec, cluster)
     routers = [f"http://{spec.host}:{port}/metrics" for port, _ in spec.router_ports()]
     collector = MetricsCollector(routers, actuator.worker_metrics_urls)
-    thread, stop = Autoscaler(actuator, collector, config, interval_s).start()
+    autoscaler = Autoscaler(actuator, collector, scaling.config, scaling.interval_s)
+    server, url = None, ""
+    if scaling.metrics_port is not None:
+        autoscaler.metrics = AutoscalerMetrics()
+        try:
+            server = autoscaler.metrics.serve(scaling.metrics_port, host=spec.host)
+        except OSError as exc:
+            actuator.close()
+            raise RuntimeError(f"--autoscale-metrics-port {scaling.metrics_port}: {exc}") from exc
+        url = f"http://{spec.host}:{server.server_port}/metrics"
+    thread, stop = autoscaler.start()
 
     def stop_autoscaler() -> None:
         stop.set()
         thread.join()
         actuator.close()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
-    return stop_autoscaler
+    return stop_autoscaler, url

@@ -80,11 +80,17 @@ class RouterMetrics:
             "baton:worker_healthy", "1 if the worker answered its last poll",
             ["role", "address"], registry=r,
         )  # fmt: skip
+        self._health_series: set[tuple[str, str]] = set()  # worker_healthy's label sets
 
     def render(self, workers: list[WorkerInfo]) -> bytes:
-        """The text exposition of every metric, worker health refreshed first."""
-        for w in workers:
-            self.worker_healthy.labels(w.role.value, w.address).set(1 if w.healthy else 0)
+        """The text exposition of every metric, worker health refreshed first: the series of
+        a worker no longer in `workers` (removed from the registry) goes."""
+        healthy = {(w.role.value, w.address): w.healthy for w in workers}
+        for labels in self._health_series - healthy.keys():
+            self.worker_healthy.remove(*labels)
+        for labels, up in healthy.items():
+            self.worker_healthy.labels(*labels).set(1 if up else 0)
+        self._health_series = set(healthy)
         return generate_latest(self.registry)
 
     def routed(self, policy: str, worker: WorkerInfo, ctx: RequestContext) -> None:

@@ -27,8 +27,9 @@ class KubeState:
     namespace: str = "baton"
     replicas: dict[str, int] = field(default_factory=dict)
     pods: dict[str, list[str]] = field(default_factory=dict)  # deployment -> phase of each pod
-    # service -> [(ip, ready, terminating)]; port 50051 named grpc
+    # service -> [(ip, ready, terminating)], in `namespace` only; port `slice_port` named grpc
     endpoints: dict[str, list[tuple[str, bool, bool]]] = field(default_factory=dict)
+    slice_port: int = 50051
     patches: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     metrics_text: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -54,8 +55,9 @@ class KubeState:
         ]
         return {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}
 
-    def slice_list(self, selector: str) -> dict[str, Any]:
+    def slice_list(self, namespace: str, selector: str) -> dict[str, Any]:
         service = selector.removeprefix("kubernetes.io/service-name=")
+        found = namespace == self.namespace and service in self.endpoints
         endpoints = [
             {"addresses": [ip], "conditions": {"ready": ready, "terminating": terminating}}
             for ip, ready, terminating in self.endpoints.get(service, [])
@@ -64,10 +66,10 @@ class KubeState:
             "metadata": {"name": f"{service}-abc", "namespace": self.namespace,
                          "labels": {"kubernetes.io/service-name": service}},
             "addressType": "IPv4", "endpoints": endpoints,
-            "ports": [{"name": "grpc", "port": 50051, "protocol": "TCP"}],
+            "ports": [{"name": "grpc", "port": self.slice_port, "protocol": "TCP"}],
         }  # fmt: skip
         return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
-                "metadata": {}, "items": [item] if service in self.endpoints else []}  # fmt: skip
+                "metadata": {}, "items": [item] if found else []}  # fmt: skip
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -88,7 +90,7 @@ class _Handler(BaseHTTPRequestHandler):
             if parts[-1] == "pods":
                 return self._send(200, self.state.pod_list(selector))
             if parts[-1] == "endpointslices":
-                return self._send(200, self.state.slice_list(selector))
+                return self._send(200, self.state.slice_list(parts[-2], selector))
         self._send(404, {"kind": "Status", "status": "Failure", "code": 404})
 
     def do_PATCH(self) -> None:  # noqa: N802

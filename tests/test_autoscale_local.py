@@ -3,6 +3,7 @@ removes one (drained first), and no request fails nor any KV block leaks."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -10,8 +11,10 @@ import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import free_port
+from launcher.cli import main
 from tests.workers import ROOT, assert_all_free, lines_until_serving
 
 NUM_BLOCKS = 128
@@ -24,6 +27,25 @@ def _workers(base: str) -> list[dict]:
 
 def _decode_count(base: str) -> int:
     return sum(1 for w in _workers(base) if w["role"] == "decode" and not w["draining"])
+
+
+def _replicas(metrics_url: str) -> tuple[float, float, float]:
+    """The autoscaler's decode desired and actual replicas and its decode steps up."""
+    text = httpx.get(metrics_url, timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def decode(name: str, suffix: str = "", **labels: str) -> float:
+        return next(s.value for s in families[name].samples if s.name == name + suffix
+                    and s.labels == {"role": "decode", **labels})  # fmt: skip
+
+    return (decode("baton:autoscaler_desired_replicas"), decode("baton:autoscaler_actual_replicas"),
+            decode("baton:autoscaler_scaling_steps", "_total", direction="up"))  # fmt: skip
+
+
+def test_autoscale_metrics_port_needs_autoscale(tmp_path, capsys) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    status = main(["serve", "--model", str(tmp_path), "--autoscale-metrics-port", "0"])
+    assert status == 2 and "--autoscale-metrics-port needs --autoscale" in capsys.readouterr().err
 
 
 def _wait_until(condition, timeout_s: float, what: str) -> None:
@@ -43,12 +65,15 @@ def test_serve_autoscale_adds_and_removes_a_decode_worker(tiny_model) -> None:
          "--num-kv-blocks", str(NUM_BLOCKS), "--autoscale", "--autoscale-interval", "0.5",
          "--decode-max", "2", "--prefill-max", "1", "--decode-running", "2",
          "--ttft-slo", "1000", "--itl-slo", "1000", "--scale-up-intervals", "1",
-         "--scale-down-intervals", "2", "--scale-up-cooldown", "0", "--scale-down-cooldown", "2"],
+         "--scale-down-intervals", "2", "--scale-up-cooldown", "0", "--scale-down-cooldown", "2",
+         "--autoscale-metrics-port", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        lines_until_serving(proc)
+        printed = "".join(lines_until_serving(proc))
+        scaler = re.search(r"autoscaler +metrics (http://\S+/metrics)", printed)
+        assert scaler is not None, printed  # the autoscaler's own metrics, on a free port
         assert _decode_count(base) == 1
         statuses: list[int] = []
         stop = threading.Event()
@@ -65,6 +90,8 @@ def test_serve_autoscale_adds_and_removes_a_decode_worker(tiny_model) -> None:
             thread.start()
         try:
             _wait_until(lambda: _decode_count(base) == 2, 90, "a second decode worker")
+            _wait_until(lambda: _replicas(scaler[1]) == (2.0, 2.0, 1.0), 30,
+                        "the autoscaler's metrics to show the step up")  # fmt: skip
             served = len(statuses)
             _wait_until(lambda: len(statuses) >= served + 2 * CLIENTS, 60, "more requests")
         finally:

@@ -39,6 +39,12 @@ def _admin(router, method: str, path: str = "/admin/workers", key: str = KEY, **
     return httpx.request(method, router.base_url + path, headers=headers, timeout=60, **kwargs)
 
 
+def _health_series(router) -> list[str]:
+    """The router's `baton:worker_healthy` lines, one per worker it exports."""
+    text = httpx.get(router.base_url + "/metrics", timeout=10).text
+    return [line for line in text.splitlines() if line.startswith("baton:worker_healthy{")]
+
+
 def test_admin_needs_the_key_and_names_bad_fields(setup) -> None:
     _, router, addresses = setup
     assert _admin(router, "GET", key="").status_code == 401
@@ -61,6 +67,7 @@ def test_a_worker_joins_and_a_busy_one_drains_before_it_leaves(setup) -> None:
     decodes = {w["address"] for w in _admin(router, "GET").json()["workers"]
                if w["role"] == "decode"}  # fmt: skip
     assert decodes == {addresses["decode"], addresses["decode2"]}
+    assert len(_health_series(router)) == 3
     results: list[httpx.Response] = []
     body = {"model": model_dir.name, "prompt": [5, 6, 7, 8] * 4, "max_tokens": 200,
             "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
@@ -88,3 +95,5 @@ def test_a_worker_joins_and_a_busy_one_drains_before_it_leaves(setup) -> None:
     assert all("[DONE]" in r.text and '"finish_reason":"length"' in r.text for r in results)
     left = [w["address"] for w in _admin(router, "GET").json()["workers"]]
     assert busy not in left and len(left) == 2
+    healthy = _health_series(router)  # the removed worker's series went with it
+    assert len(healthy) == 2 and all(f'address="{a}"' in "".join(healthy) for a in left)

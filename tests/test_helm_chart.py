@@ -8,9 +8,7 @@ Not run here: a cluster (`helm install`) and a Docker build (no daemon): docs/ku
 
 from __future__ import annotations
 
-import argparse
 import copy
-import inspect
 import re
 import shutil
 import subprocess
@@ -113,6 +111,7 @@ def test_the_validator_refuses_an_unknown_field() -> None:
         ({"engine": {"max-model-length": 512}}, "'max-model-length' not allowed"),
         ({"engine": {"gpu-memory-utilization": 1.5}}, "/engine/gpu-memory-utilization"),
         ({"decode": {"kvTransport": "cuda-ipc"}}, "/decode/kvTransport"),
+        ({"prefill": {"drainGraceSeconds": -1}}, "/prefill/drainGraceSeconds"),
         ({"redis": {"url": "http://redis"}}, "/redis/url"),
         ({"autoscaler": {"slo": {"ttftP90Seconds": 0}}}, "/autoscaler/slo/ttftP90Seconds"),
     ],
@@ -136,12 +135,9 @@ def test_the_engine_schema_is_the_workers_engine_flags() -> None:
 # --- what the manifests say -----------------------------------------------------------------
 
 
-def test_workers_get_a_gpu_grpc_probes_and_a_drain_within_their_grace() -> None:
-    from worker_common.server import serve
-
-    manifests = render()
-    drain_s = inspect.signature(serve).parameters["grace_s"].default  # after SIGTERM
-    for role in ("prefill", "decode"):
+def test_workers_get_a_gpu_grpc_probes_and_a_drain_within_their_grace(tmp_path: Path) -> None:
+    manifests = render({"decode": {"drainGraceSeconds": 20, "terminationGracePeriodSeconds": 25}})
+    for role, drain_s in (("prefill", 10.0), ("decode", 20.0)):
         c = container(manifests, role)
         pod = by_kind(manifests, "Deployment")[f"demo-baton-{role}"]["spec"]["template"]["spec"]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -149,6 +145,7 @@ def test_workers_get_a_gpu_grpc_probes_and_a_drain_within_their_grace() -> None:
         port = int(c["args"][c["args"].index("--port") + 1])
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"] == {"port": port}
+        assert worker_args(manifests, role, tmp_path).drain_grace == drain_s  # after SIGTERM
         sleep_s = c["lifecycle"]["preStop"]["sleep"]["seconds"]
         assert sleep_s > 0 and pod["terminationGracePeriodSeconds"] >= sleep_s + drain_s
     router = container(manifests, "router")
@@ -171,6 +168,8 @@ def test_a_grace_shorter_than_the_drain_is_refused() -> None:
         render({"router": {"terminationGracePeriodSeconds": 20}})  # 5 s sleep + 30 s drain
     with pytest.raises(helm.HelmRenderError, match="decode.terminationGracePeriodSeconds"):
         render({"decode": {"terminationGracePeriodSeconds": 12}})  # 5 s sleep + 10 s drain
+    with pytest.raises(helm.HelmRenderError, match=re.escape("(30) must be at least")):
+        render({"prefill": {"drainGraceSeconds": 26}})  # 5 s sleep + 26 s drain
 
 
 def redis_url_env(manifests: list[dict[str, Any]], deployment: str) -> dict[str, Any]:
@@ -268,8 +267,11 @@ def engine_files(manifests: list[dict[str, Any]], tmp_path: Path) -> Iterator[tu
         yield name, tmp_path / name
 
 
-def worker_args(manifests: list[dict[str, Any]], role: str, tmp_path: Path) -> Any:
-    """The worker's parsed command line, its --config read from the rendered ConfigMap."""
+def worker_args(
+    manifests: list[dict[str, Any]], role: str, tmp_path: Path, env: dict[str, str] = POD_ENV
+) -> Any:
+    """The worker's parsed command line in a pod with `env`, its --config read from the
+    rendered ConfigMap."""
     from worker_common.main import parse_worker_args
 
     if role == "prefill":
@@ -278,7 +280,7 @@ def worker_args(manifests: list[dict[str, Any]], role: str, tmp_path: Path) -> A
         from decode_service.__main__ import build_parser
     c = container(manifests, role)
     assert c["command"] == ["python", "-m", f"{role}_service"]
-    args = expand(c["args"], POD_ENV)
+    args = expand(c["args"], env)
     files = dict(engine_files(manifests, tmp_path))
     args[args.index("--config") + 1] = str(files[f"{role}.yaml"])
     return parse_worker_args(build_parser(), args)
@@ -313,6 +315,19 @@ def test_a_bad_engine_configmap_stops_the_worker_naming_the_key(
     assert "unknown key 'max-model-length'" in capsys.readouterr().err
 
 
+def test_a_negative_drain_grace_stops_the_worker_naming_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from decode_service.__main__ import build_parser
+    from worker_common.main import DRAIN_GRACE_S, parse_worker_args
+
+    assert parse_worker_args(build_parser(), ["--model", "m"]).drain_grace == DRAIN_GRACE_S
+    with pytest.raises(SystemExit) as exit_info:
+        parse_worker_args(build_parser(), ["--model", "m", "--drain-grace", "-1"])
+    assert exit_info.value.code == 2
+    assert "--drain-grace: must be >= 0 seconds, got -1" in capsys.readouterr().err
+
+
 def test_the_router_starts_with_its_real_flags() -> None:
     from router.config import parse_args
 
@@ -322,23 +337,111 @@ def test_the_router_starts_with_its_real_flags() -> None:
     config = parse_args(expand(c["args"], POD_ENV))
     assert (config.host, config.port, config.grpc_port) == ("0.0.0.0", 8000, 50051)
     assert config.prefix_index == "redis" and config.policy == "least_loaded"
-    assert config.prefill == [f"demo-baton-prefill.{NAMESPACE}.svc:50061"]
-    assert config.decode == [f"demo-baton-decode.{NAMESPACE}.svc:50061"]
+    assert config.prefill == config.decode == []  # no fixed addresses: discovery
+    assert config.kubernetes_namespace == NAMESPACE and config.kubeconfig == ""  # in-cluster
+    assert (config.prefill_service, config.decode_service, config.colocated_service) == (
+        "demo-baton-prefill", "demo-baton-decode", "")  # fmt: skip
+    assert config.discovery_interval_s == 2.0
     assert config.served_model_name == "Qwen3-0.6B" and config.lease_s == 20.0
     assert config.drain_grace_s == 30.0
+
+
+def test_the_router_may_read_the_worker_services_endpoint_slices() -> None:
+    manifests = render()
+    pod = by_kind(manifests, "Deployment")["demo-baton-router"]["spec"]["template"]["spec"]
+    account = pod["serviceAccountName"]
+    assert account in by_kind(manifests, "ServiceAccount")
+    binding = by_kind(manifests, "RoleBinding")["demo-baton-router"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]  # fmt: skip
+    rules = by_kind(manifests, "Role")[binding["roleRef"]["name"]]["rules"]
+    assert rules == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                      "verbs": ["get", "list", "watch"]}]  # fmt: skip
+    # An existing account: the Role is bound to it; without rbac, no Role at all.
+    given = render({"router": {"serviceAccount": {"create": False, "name": "ops"}}})
+    assert by_kind(given, "RoleBinding")["demo-baton-router"]["subjects"][0]["name"] == "ops"
+    assert "ops" not in by_kind(given, "ServiceAccount")
+    bare = render({"router": {"serviceAccount": {"rbac": False}}})
+    assert "demo-baton-router" not in by_kind(bare, "Role")
+
+
+def test_the_router_finds_the_chart_workers_by_their_prefix_index_ids(tmp_path: Path) -> None:
+    """The rendered router args, run against a stand-in API server holding the chart's worker
+    Services' EndpointSlices: each ready pod joins as `podIP:port`, the worker's own id."""
+    import asyncio
+
+    from router.config import parse_args
+    from router.discovery import EndpointSliceDiscovery
+    from router.membership import Membership
+    from router.registry import WorkerRegistry
+    from router.workers import Role
+    from tests.kube_stand_in import KubeStandIn, KubeState
+
+    manifests = render()
+    config = parse_args(expand(container(manifests, "router")["args"], POD_ENV))
+    services = by_kind(manifests, "Service")
+    pod_ips = {"prefill": "10.0.1.1", "decode": "10.0.2.1"}
+    ids = {}
+    for role, service in (("prefill", config.prefill_service), ("decode", config.decode_service)):
+        pods = by_kind(manifests, "Deployment")[f"demo-baton-{role}"]["spec"]["template"]
+        assert services[service]["spec"]["selector"].items() <= pods["metadata"]["labels"].items()
+        assert "grpc" in {p["name"] for p in services[service]["spec"]["ports"]}
+        worker = worker_args(manifests, role, tmp_path, {**POD_ENV, "POD_IP": pod_ips[role]})
+        ids[role] = f"{worker.host}:{worker.port}"  # what it publishes to the prefix index
+    state = KubeState(namespace=NAMESPACE, slice_port=50061, endpoints={
+        config.prefill_service: [(pod_ips["prefill"], True, False)],
+        config.decode_service: [(pod_ips["decode"], True, False), ("10.0.2.2", False, False)],
+    })  # fmt: skip
+
+    async def discovered() -> dict[str, list[str]]:
+        registry = WorkerRegistry({}, "m", poll_interval_s=0.05, poll_timeout_s=0.05)
+        discovery = EndpointSliceDiscovery.from_config(config, Membership(registry, None))
+        await discovery.sync_once()
+        found = {r.value: [w.address for w in registry.configured(r)]
+                 for r in (Role.PREFILL, Role.DECODE)}  # fmt: skip
+        await registry.close()
+        return found
+
+    with KubeStandIn(state) as kube:
+        config.kubeconfig = str(kube.kubeconfig(tmp_path / "kubeconfig"))
+        assert asyncio.run(discovered()) == {"prefill": [ids["prefill"]], "decode": [ids["decode"]]}
 
 
 def test_the_autoscaler_starts_with_baton_autoscales_flags() -> None:
     from launcher.cli import build_parser
 
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "autoscale" not in commands.choices:
-        pytest.skip("`baton autoscale` is not in this tree yet (the autoscaler branch adds it)")
-    c = container(render(production_values()), "autoscaler")
+    manifests = render(production_values())
+    c = container(manifests, "autoscaler")
     assert c["command"] == ["baton", "autoscale"]
-    args = parser.parse_args(["autoscale", *c["args"]])
+    args = build_parser().parse_args(["autoscale", *c["args"]])
     assert args.kubernetes and args.namespace == NAMESPACE
+    assert (args.prefill_deployment, args.decode_deployment) == (
+        "demo-baton-prefill", "demo-baton-decode")  # fmt: skip
+    assert args.router_url == [f"http://demo-baton-router.{NAMESPACE}.svc:8000"]
+    assert (args.prefill_min, args.prefill_max, args.decode_min, args.decode_max) == (2, 8, 4, 16)
+    assert (args.ttft_slo, args.itl_slo) == (0.5, 0.04)
+    assert (args.scale_up_cooldown, args.scale_down_cooldown) == (60.0, 600.0)
+    worker = container(manifests, "decode")["args"]
+    assert args.worker_metrics_port == int(worker[worker.index("--metrics-port") + 1])
+    assert args.metrics_port == 9400
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in c["ports"]
+
+
+def test_the_service_monitor_scrapes_the_autoscalers_metrics() -> None:
+    manifests = render(production_values())
+    monitor = next(iter(by_kind(manifests, "ServiceMonitor").values()))["spec"]
+    service = by_kind(manifests, "Service")["demo-baton-autoscaler"]
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    port = next(p for p in service["spec"]["ports"] if p["name"] == "metrics")
+    assert port["name"] in {e["port"] for e in monitor["endpoints"]} and port["port"] == 9400
+    pod = by_kind(manifests, "Deployment")["demo-baton-autoscaler"]["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert port["targetPort"] in {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+
+
+def test_the_autoscaler_needs_one_worker_metrics_port() -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"prefill.metricsPort \(9101\) and decode"):
+        render({"autoscaler": {"enabled": True}, "prefill": {"metricsPort": 9101}})
 
 
 # --- the images ---------------------------------------------------------------------------------

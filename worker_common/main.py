@@ -27,12 +27,25 @@ Setup = Callable[
 ]
 
 
+DRAIN_GRACE_S = 10.0  # the Helm chart's prefill/decode.drainGraceSeconds default
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
 def worker_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     add_worker_args(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0: a free one)")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics")
+    parser.add_argument("--drain-grace", type=_seconds, default=DRAIN_GRACE_S, metavar="SECONDS",
+                        help="on SIGTERM: report NOT_SERVING and give in-flight requests this "
+                        "long before stopping (default: %(default)s)")  # fmt: skip
     add_index_args(parser)
     parser.add_argument("--config", type=Path, metavar="FILE.yaml",
                         help="flags from a YAML file: keys are long flag names (- or _), the "
@@ -102,7 +115,8 @@ def run_worker(args: argparse.Namespace, role: str, setup: Setup) -> None:
 
     async def main() -> None:
         registrations = await setup(args, engine, metrics)
-        await serve(registrations, args.host, args.port, args.metrics_port, on_ready=ready)
+        await serve(registrations, args.host, args.port, args.metrics_port, on_ready=ready,
+                    grace_s=args.drain_grace)
         for publisher, task in publishers:  # drained: the worker's index entries leave with it
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

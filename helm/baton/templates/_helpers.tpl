@@ -112,9 +112,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* Seconds a worker drains after SIGTERM: worker_common/server.py serve(grace_s=10.0). */}}
-{{- define "baton.workerDrainSeconds" -}}10{{- end }}
-
 {{- define "baton.routerServiceAccount" -}}
 {{- if .Values.router.serviceAccount.create }}
 {{- default (include "baton.component" (dict "root" . "component" "router")) .Values.router.serviceAccount.name }}

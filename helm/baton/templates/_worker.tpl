@@ -4,8 +4,7 @@
 {{- $role := .role }}
 {{- $w := index $root.Values $role }}
 {{- $name := include "baton.component" (dict "root" $root "component" $role) }}
-{{- $drain := include "baton.workerDrainSeconds" $root | int }}
-{{- include "baton.checkGrace" (dict "component" $role "grace" $w.terminationGracePeriodSeconds "sleep" $w.preStopSleepSeconds "drain" $drain) }}
+{{- include "baton.checkGrace" (dict "component" $role "grace" $w.terminationGracePeriodSeconds "sleep" $w.preStopSleepSeconds "drain" $w.drainGraceSeconds) }}
 {{- $gpus := 0 }}
 {{- with $w.resources.limits }}{{ $gpus = index . "nvidia.com/gpu" | default 0 | int }}{{ end }}
 apiVersion: apps/v1
@@ -60,6 +59,8 @@ spec:
             - {{ $w.port | quote }}
             - --metrics-port
             - {{ $w.metricsPort | quote }}
+            - --drain-grace
+            - {{ $w.drainGraceSeconds | quote }}
             - --index-redis-url
             - $(BATON_REDIS_URL)
             - --cluster-name
