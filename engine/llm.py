@@ -60,16 +60,19 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate.
 
-        With `tools`, `tool_choice` works as in the chat API (`auto`, the default with tools,
-        needs `tool_parser`; `required` and named constrain the answer to valid calls), and
-        with `tools` or `reasoning_parser` each completion carries its parsed `tool_calls`,
-        `content` and `reasoning_content` (router.tools, the server's parsers).
+        `tools` alone are rendered by the template and the answer is text (vLLM's `LLM.chat`).
+        With `tool_choice` or `tool_parser` too, `tool_choice` works as in the chat API
+        (`auto`, the default then, needs `tool_parser`; `required` and named constrain the
+        answer to valid calls), and each completion carries its parsed `tool_calls`, `content`
+        and `reasoning_content` (router.tools, the server's parsers), as with
+        `reasoning_parser`.
         """
         nested = bool(messages) and isinstance(messages[0], list)
         conversations = cast(list[list[Message]], messages if nested else [messages])
-        if tools is None and reasoning_parser is None:
+        parsing = tool_choice is not None or tool_parser is not None
+        if not parsing and reasoning_parser is None:
             prompts: list[Prompt] = [
-                self.apply_chat_template(c, None, chat_template_kwargs) for c in conversations
+                self.apply_chat_template(c, tools, chat_template_kwargs) for c in conversations
             ]
             params = _params_per_prompt(sampling_params, len(prompts))
             return self._run(prompts, params, add_special_tokens=False, use_tqdm=use_tqdm)
