@@ -8,6 +8,7 @@ from typing import Any, cast
 from tqdm.auto import tqdm
 
 from common.sampling_params import SamplingParams
+from common.tools.offline import ToolChat
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput, StreamOutput
 
@@ -63,7 +64,7 @@ class LLM:
         With `tools`, `tool_choice` works as in the chat API (`auto`, the default with tools,
         needs `tool_parser`; `required` and named constrain the answer to valid calls), and
         with `tools` or `reasoning_parser` each completion carries its parsed `tool_calls`,
-        `content` and `reasoning_content` (router.tools, the server's parsers).
+        `content` and `reasoning_content` (common.tools, the server's parsers).
         """
         nested = bool(messages) and isinstance(messages[0], list)
         conversations = cast(list[list[Message]], messages if nested else [messages])
@@ -73,8 +74,6 @@ class LLM:
             ]
             params = _params_per_prompt(sampling_params, len(prompts))
             return self._run(prompts, params, add_special_tokens=False, use_tqdm=use_tqdm)
-        from router.tools.offline import ToolChat  # torch-free text parsing
-
         chat = ToolChat(tools, tool_choice, parallel_tool_calls, tool_parser, reasoning_parser)
         prompts, readings = [], []
         for c in conversations:

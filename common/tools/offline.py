@@ -1,4 +1,4 @@
-"""Tool calling in the offline `LLM.chat`: the chat API's rules (router.tools.request) without
+"""Tool calling in the offline `LLM.chat`: the chat API's rules (common.tools.request) without
 a server: the tools' plan, each prompt's reasoning, the sampling params they need, and each
 completion's answer parsed into `tool_calls`, `content` and `reasoning_content`."""
 
@@ -9,18 +9,17 @@ from typing import TYPE_CHECKING, Any
 
 from common.sampling_params import SamplingParams
 from common.structured_outputs import StructuredOutputsParams
-from router.errors import InvalidRequestError
-from router.tools.answers import AnswerReading
-from router.tools.request import plan_tools
-from router.tools.settings import ToolSettings
+from common.tools.answers import AnswerReading
+from common.tools.request import plan_tools
+from common.tools.settings import ToolSettings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 
 class ToolChat:
-    """One `LLM.chat` call's tool handling. ValueError (the chat API's 400) for a bad
-    request."""
+    """One `LLM.chat` call's tool handling. ToolRequestError, a ValueError naming the field
+    (the chat API's 400), for a bad request."""
 
     def __init__(
         self,
@@ -35,10 +34,7 @@ class ToolChat:
             tool_call_parser=tool_parser or "",
             reasoning_parser=reasoning_parser or "",
         )
-        try:
-            self.plan = plan_tools(tools, tool_choice, parallel_tool_calls, self.settings)
-        except InvalidRequestError as error:
-            raise ValueError(error.message) from error
+        self.plan = plan_tools(tools, tool_choice, parallel_tool_calls, self.settings)
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
