@@ -58,6 +58,7 @@ class LLM:
         tool_parser: str | None = None,
         reasoning_parser: str | None = None,
         parallel_tool_calls: bool | None = None,
+        structured_options: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate.
 
@@ -65,6 +66,8 @@ class LLM:
         needs `tool_parser`; `required` and named constrain the answer to valid calls), and
         with `tools` or `reasoning_parser` each completion carries its parsed `tool_calls`,
         `content` and `reasoning_content` (common.tools, the server's parsers).
+        `structured_options` shape the tools' constraint as the chat API's `structured_outputs`
+        options do (`disable_any_whitespace`: compact JSON calls).
         """
         nested = bool(messages) and isinstance(messages[0], list)
         conversations = cast(list[list[Message]], messages if nested else [messages])
@@ -74,7 +77,8 @@ class LLM:
             ]
             params = _params_per_prompt(sampling_params, len(prompts))
             return self._run(prompts, params, add_special_tokens=False, use_tqdm=use_tqdm)
-        chat = ToolChat(tools, tool_choice, parallel_tool_calls, tool_parser, reasoning_parser)
+        chat = ToolChat(tools, tool_choice, parallel_tool_calls, tool_parser, reasoning_parser,
+                        structured_options)  # fmt: skip
         prompts, readings = [], []
         for c in conversations:
             prompt = self.apply_chat_template(c, chat.template_tools, chat_template_kwargs)

@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from common.sampling_params import SamplingParams
-from common.structured_outputs import StructuredOutputsParams
+from common.structured_outputs import JSON_OPTIONS, StructuredOutputsParams
 from common.tools.answers import AnswerReading
 from common.tools.request import plan_tools
 from common.tools.settings import ToolSettings
@@ -28,6 +28,7 @@ class ToolChat:
         parallel_tool_calls: bool | None,
         tool_parser: str | None,
         reasoning_parser: str | None,
+        structured_options: dict[str, Any] | None = None,
     ) -> None:
         self.settings = ToolSettings(
             enable_auto_tool_choice=bool(tool_parser),
@@ -35,6 +36,11 @@ class ToolChat:
             reasoning_parser=reasoning_parser or "",
         )
         self.plan = plan_tools(tools, tool_choice, parallel_tool_calls, self.settings)
+        self.options = dict(structured_options or {})
+        for name in self.options:
+            if name not in JSON_OPTIONS:
+                raise ValueError(f"structured_options.{name}: unknown; the options are "
+                                 f"{', '.join(JSON_OPTIONS)}")  # fmt: skip
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
@@ -46,13 +52,15 @@ class ToolChat:
     def params(
         self, params: SamplingParams, reading: AnswerReading, tokenizer: PreTrainedTokenizerFast
     ) -> SamplingParams:
-        """`params` with the tools' constraint (ValueError if they have their own)."""
+        """`params` with the tools' constraint and the structured options (ValueError if
+        they have their own constraint)."""
         if self.plan.constraint is not None:
             field, constraint = self.plan.constraint
             if params.structured_outputs is not None:
                 raise ValueError(f"{field} and sampling_params.structured_outputs both "
                                  "constrain the output; give one")  # fmt: skip
-            params = replace(params, structured_outputs=StructuredOutputsParams(**constraint))
+            so = StructuredOutputsParams(**constraint, **self.options)
+            params = replace(params, structured_outputs=so)
         return reading.adjust(params, tokenizer)
 
     def parse(self, completions: list[Any], reading: AnswerReading) -> None:
