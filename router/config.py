@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from router.policies import POLICIES
 from common.tools.settings import ToolSettings
+from router.policies import POLICIES
 
 API_KEY_ENV = "BATON_API_KEY"  # the API key, when --api-key is not given
 
