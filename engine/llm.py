@@ -8,6 +8,7 @@ from typing import Any, cast
 from tqdm.auto import tqdm
 
 from common.sampling_params import SamplingParams
+from common.tools.offline import ToolChat
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput, StreamOutput
 
@@ -57,6 +58,7 @@ class LLM:
         tool_parser: str | None = None,
         reasoning_parser: str | None = None,
         parallel_tool_calls: bool | None = None,
+        structured_options: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate.
 
@@ -64,8 +66,9 @@ class LLM:
         With `tool_choice` or `tool_parser` too, `tool_choice` works as in the chat API
         (`auto`, the default then, needs `tool_parser`; `required` and named constrain the
         answer to valid calls), and each completion carries its parsed `tool_calls`, `content`
-        and `reasoning_content` (router.tools, the server's parsers), as with
-        `reasoning_parser`.
+        and `reasoning_content` (common.tools, the server's parsers), as with
+        `reasoning_parser`. `structured_options` shape the tools' constraint as the chat API's
+        `structured_outputs` options do (`disable_any_whitespace`: compact JSON calls).
         """
         nested = bool(messages) and isinstance(messages[0], list)
         conversations = cast(list[list[Message]], messages if nested else [messages])
@@ -76,9 +79,8 @@ class LLM:
             ]
             params = _params_per_prompt(sampling_params, len(prompts))
             return self._run(prompts, params, add_special_tokens=False, use_tqdm=use_tqdm)
-        from router.tools.offline import ToolChat  # torch-free text parsing
-
-        chat = ToolChat(tools, tool_choice, parallel_tool_calls, tool_parser, reasoning_parser)
+        chat = ToolChat(tools, tool_choice, parallel_tool_calls, tool_parser, reasoning_parser,
+                        structured_options)  # fmt: skip
         prompts, readings = [], []
         for c in conversations:
             prompt = self.apply_chat_template(c, chat.template_tools, chat_template_kwargs)

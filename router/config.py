@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.tools.settings import ToolSettings
 from router.policies import POLICIES
-from router.tools.settings import ToolSettings
 
 API_KEY_ENV = "BATON_API_KEY"  # the API key, when --api-key is not given
 
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_tool_args(p: argparse.ArgumentParser) -> None:
-    """vLLM's tool-calling and reasoning flags (router.tools.settings.ToolSettings)."""
+    """vLLM's tool-calling and reasoning flags (common.tools.settings.ToolSettings)."""
     g = p.add_argument_group("tools and reasoning", "tool calls and reasoning in the chat API")
     g.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
                    help="let the model decide to call tools (tool_choice auto)")

@@ -1,6 +1,7 @@
 """Imports point down (DESIGN.md): nothing but the CLI imports `launcher`, bench runs clusters
-through `cluster`, and the router imports neither; the router and `common` load no torch, and
-`common` imports neither the engine nor the router."""
+through `cluster`, and the router imports neither; the engine imports no service and not the
+router; the router and `common` load no torch, and `common` imports neither the engine nor the
+router."""
 
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def test_bench_does_not_import_launcher() -> None:
 
 def test_the_router_imports_neither_launcher_nor_cluster() -> None:
     assert offenders("router", {"launcher", "cluster"}) == {}
+
+
+def test_the_engine_imports_no_service_and_no_router() -> None:
+    """The offline API parses tool calls with `common.tools`, as the router does."""
+    services = {"router", "prefill_service", "decode_service", "worker_common", "cluster"}
+    assert offenders("engine", services) == {}
 
 
 def test_only_the_cli_imports_launcher() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.tools import AnswerParser, reasoning_parser_class, tool_parser_class
+from common.tools import AnswerParser, reasoning_parser_class, tool_parser_class
 
 R1 = "Okay, the user asks 2+2. That is 4.\n</think>\n\nThe answer is 4."
 R1_0528 = "<think>\nFirst, add.\n</think>\n\n**4**"

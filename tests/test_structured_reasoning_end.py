@@ -1,14 +1,21 @@
 """Structured outputs after the reasoning (`StructuredOutputsParams.reasoning_end`): tokens up
-to and including the end sequence are free, the grammar governs the rest; the sequence travels
-through the workers' proto; without it the grammar starts at the first token."""
+to and including the end marker are free, the grammar governs the rest; the marker is found by
+its text, in whatever tokens the model wrote it; its tokens travel through the workers' proto;
+without it the grammar starts at the first token."""
 
 from __future__ import annotations
+
+from concurrent.futures import Future
 
 import pytest
 
 from common.sampling_params import SamplingParams
 from common.structured_outputs import StructuredOutputsParams
 from engine import LLM
+from engine.structured.backend import TokenizerData
+from engine.structured.matcher_state import RequestGrammar
+from engine.structured.reasoning_end import ReasoningEnd
+from engine.structured.vocabulary import decoded_vocab
 from proto.convert import params_from_proto, params_to_proto
 
 CHOICES = ["yes", "no"]
@@ -58,3 +65,28 @@ def test_reasoning_end_crosses_the_proto() -> None:
     assert back.structured_outputs.reasoning_end == (5, 6)
     with pytest.raises(ValueError, match="reasoning_end"):
         StructuredOutputsParams(json={"type": "object"}, reasoning_end=("a",))
+
+
+def test_an_end_marker_of_several_tokens_is_found_by_its_text(llm) -> None:
+    """`</think>` is seven tokens in the tiny vocabulary: written in other tokens than its
+    canonical encoding, it still ends the reasoning, at the token that completes its text."""
+    tok = llm.get_tokenizer()
+    canonical = tok.encode("</think>", add_special_tokens=False)
+    assert len(canonical) > 1
+    spelled = [tok.convert_tokens_to_ids(piece) for piece in ("<", "/", "t", "h", "i", "n", "k")]
+    assert 0 not in spelled and tuple(spelled) != tuple(canonical[:-1])
+    reasoning = tok.encode("so far, so", add_special_tokens=False)
+    answer = tok.encode("yes", add_special_tokens=False)
+    vocab = decoded_vocab(TokenizerData(tok, vocab_size=len(tok), eos_token_ids=(2,)))
+    end = ReasoningEnd.of_tokens(canonical, vocab)
+    assert end.marker == b"</think>"
+    request = RequestGrammar(Future(), reasoning_end=end)
+    output = [*reasoning, *spelled]
+    assert request.grammar_start(output) is None  # "</think" so far
+    output.append(canonical[-1])  # ">" completes it
+    assert request.grammar_start([*output, *answer]) == len(output)
+    assert request.grammar_start(reasoning) is None  # a shorter output is searched again
+    fresh = RequestGrammar(Future(), reasoning_end=end)  # the marker first, read token by token
+    assert [fresh.grammar_start(canonical[:n]) for n in range(len(canonical) + 1)] == [
+        None
+    ] * len(canonical) + [len(canonical)]

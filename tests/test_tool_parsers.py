@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from router.tools import AnswerParser, tool_parser_class, tool_parser_names
-from router.tools.json_array import JsonArrayToolParser
+from common.tools import AnswerParser, tool_parser_class, tool_parser_names
+from common.tools.json_array import JsonArrayToolParser
 
 
 def _tool(name: str, properties: dict | None = None) -> dict:
@@ -170,11 +170,11 @@ def test_json_formats_declare_structural_tags() -> None:
 
 
 def test_a_plugin_file_registers_a_parser(tmp_path) -> None:
-    from router.tools.settings import ToolSettings
+    from common.tools.settings import ToolSettings
 
     plugin = tmp_path / "my_parser.py"
     plugin.write_text(
-        "from router.tools import ToolParser, ToolScan, register_tool_parser\n"
+        "from common.tools import ToolParser, ToolScan, register_tool_parser\n"
         "@register_tool_parser('shouting')\n"
         "class Shouting(ToolParser):\n"
         "    def scan(self, text, final):\n"
@@ -189,12 +189,12 @@ def test_a_plugin_file_registers_a_parser(tmp_path) -> None:
 
 
 def test_strict_tools_need_a_parser_with_a_structural_tag() -> None:
-    from router.errors import InvalidRequestError
-    from router.tools.request import plan_tools
-    from router.tools.settings import ToolSettings
+    from common.tools.errors import ToolRequestError
+    from common.tools.request import plan_tools
+    from common.tools.settings import ToolSettings
 
     strict = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "strict": True}}]
-    with pytest.raises(InvalidRequestError) as caught:
+    with pytest.raises(ToolRequestError) as caught:
         plan_tools(strict, "auto", None, ToolSettings(True, "pythonic"))
     assert caught.value.param == "tools.0.function.strict"
     plan = plan_tools(strict, "auto", False, ToolSettings(True, "hermes"))

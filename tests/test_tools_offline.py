@@ -1,7 +1,8 @@
 """Tool calls from the offline API: `LLM.chat(messages, tools=...)` parses each completion into
 `tool_calls`, `content` and `reasoning_content` with the chat API's rules (required and named
-choices constrained to valid calls); and, on the demo model (real weights) with a hermes-style
-template, one whole tool conversation: a call, its result, an answer that uses it."""
+choices constrained to valid calls, compact with `structured_options`); and, on the demo model
+(real weights) with a hermes-style template, one whole tool conversation: a call, its result,
+an answer that uses it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import jsonschema
 import pytest
 
 from common.sampling_params import SamplingParams
+from common.tools.errors import ToolRequestError
 from engine import LLM
 from engine.models.tiny import CHAT_TEMPLATE
 
@@ -26,21 +28,25 @@ TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city.",
     "parameters": WEATHER}}]  # fmt: skip
 ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+COMPACT = {"disable_any_whitespace": True}  # JSON calls without free whitespace: fewer tokens
 
 
 def test_offline_chat_returns_parsed_calls(tiny_model) -> None:
     llm = LLM(str(tiny_model("qwen2")), num_kv_blocks=64)
-    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=300) for s in range(3)]
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=60) for s in range(3)]
     outputs = llm.chat([ASK] * 3, params, use_tqdm=False, tools=TOOLS, tool_choice="required",
-                       parallel_tool_calls=False)  # fmt: skip
+                       parallel_tool_calls=False, structured_options=COMPACT)  # fmt: skip
     for out in outputs:
         completion = out.outputs[0]
         assert completion.finish_reason == "tool_calls" and completion.content is None
         (call,) = completion.tool_calls
         assert call["function"]["name"] == "get_weather"
         jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
-    with pytest.raises(ValueError, match="--enable-auto-tool-choice"):
+    with pytest.raises(ToolRequestError, match="--enable-auto-tool-choice") as caught:
         llm.chat(ASK, tools=TOOLS)  # auto needs a tool parser
+    assert caught.value.param == "tool_choice"
+    with pytest.raises(ValueError, match="structured_options.compact"):
+        llm.chat(ASK, tools=TOOLS, tool_choice="required", structured_options={"compact": True})
     llm.check_integrity()
 
 
@@ -50,10 +56,12 @@ def test_a_tool_conversation_on_the_demo_model(demo_model_dir: Path) -> None:
     """SmolLM2's own template renders no tools, so the tiny models' hermes template does."""
     llm = LLM(str(demo_model_dir), num_kv_blocks=64)
     llm.get_tokenizer().chat_template = CHAT_TEMPLATE
-    greedy = SamplingParams(temperature=0, max_tokens=40)
+    greedy = SamplingParams(temperature=0, max_tokens=32)
     named = {"type": "function", "function": {"name": "get_weather"}}
     (first,) = llm.chat(ASK, greedy, use_tqdm=False, tools=TOOLS, tool_choice=named,
-                        tool_parser="hermes")  # fmt: skip
+                        tool_parser="hermes", parallel_tool_calls=False,
+                        structured_options=COMPACT)  # fmt: skip
+    assert first.outputs[0].finish_reason == "tool_calls", first.outputs[0].text
     (call,) = first.outputs[0].tool_calls
     arguments = json.loads(call["function"]["arguments"])
     jsonschema.validate(arguments, WEATHER)

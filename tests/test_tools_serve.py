@@ -18,9 +18,9 @@ import openai
 import pytest
 
 from cluster import free_port
-from router.errors import InvalidRequestError
-from router.tools.request import plan_tools
-from router.tools.settings import ToolSettings
+from common.tools.errors import ToolRequestError
+from common.tools.request import plan_tools
+from common.tools.settings import ToolSettings
 from tests.workers import ROOT, lines_until_serving
 
 WEATHER = {
@@ -225,7 +225,7 @@ def test_bad_requests_are_400_naming_the_field(client, kwargs, param) -> None:
 
 def test_auto_without_the_servers_flag_is_refused() -> None:
     for choice in (None, "auto"):
-        with pytest.raises(InvalidRequestError) as caught:
+        with pytest.raises(ToolRequestError) as caught:
             plan_tools(TOOLS, choice, None, ToolSettings())
         assert caught.value.param == "tool_choice" and "--enable-auto-tool-choice" in str(
             caught.value.message)

@@ -18,12 +18,13 @@ logits), so greedy decoding is robust to float rounding and tests can compare to
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 TINY_MODEL_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
@@ -93,8 +94,14 @@ CHAT_TEMPLATE = """\
 """
 
 
-def make_tiny_model(path: Path, arch: str, seed: int = 0) -> Path:
-    """Write a tiny `arch` model with weights drawn from `seed` into `path`; returns `path`."""
+def make_tiny_model(
+    path: Path, arch: str, seed: int = 0, added_tokens: Sequence[str] = ()
+) -> Path:
+    """Write a tiny `arch` model with weights drawn from `seed` into `path`; returns `path`.
+
+    `added_tokens` become single regular (non-special) tokens at the end of the vocabulary,
+    as Qwen's `<tool_call>` and `</think>` are; the vocabulary keeps VOCAB_SIZE tokens (BPE
+    learns that many fewer merges), so without them the model is the same as ever."""
     if arch not in TINY_MODEL_ARCHS:
         raise ValueError(
             f"unknown tiny model arch {arch!r}; choose one of {', '.join(TINY_MODEL_ARCHS)}"
@@ -106,7 +113,7 @@ def make_tiny_model(path: Path, arch: str, seed: int = 0) -> Path:
     eos = SPECIAL_TOKENS.index("<|im_end|>")
     _write_json(path / "generation_config.json", {"eos_token_id": eos, "pad_token_id": 0})
     save_file(_random_weights(config, seed), str(path / "model.safetensors"), {"format": "pt"})
-    _save_tokenizer(path)
+    _save_tokenizer(path, added_tokens)
     return path
 
 
@@ -220,18 +227,20 @@ def _random_weights(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor
     return weights
 
 
-def _train_tokenizer() -> Tokenizer:
-    """Byte-level BPE (any text round-trips) with exactly VOCAB_SIZE tokens, specials first."""
+def _train_tokenizer(added_tokens: Sequence[str] = ()) -> Tokenizer:
+    """Byte-level BPE (any text round-trips) with exactly VOCAB_SIZE tokens, specials first,
+    `added_tokens` last."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=VOCAB_SIZE - len(added_tokens),
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tokenizer.add_tokens([AddedToken(token, special=False) for token in added_tokens])
     if tokenizer.get_vocab_size() != VOCAB_SIZE:
         raise RuntimeError(
             f"tiny tokenizer has {tokenizer.get_vocab_size()} tokens, expected {VOCAB_SIZE}: "
@@ -240,12 +249,12 @@ def _train_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _save_tokenizer(path: Path) -> None:
+def _save_tokenizer(path: Path, added_tokens: Sequence[str] = ()) -> None:
     """Write tokenizer.json, tokenizer_config.json and the chat template into `path`."""
     from transformers import PreTrainedTokenizerFast  # slow import, only needed here
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(),
+        tokenizer_object=_train_tokenizer(added_tokens),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,

@@ -7,7 +7,9 @@ from engine.request import Request
 from engine.structured.backend import CompiledGrammar, TokenizerData
 from engine.structured.compiler import CompileListener, CompileStats, GrammarCompiler
 from engine.structured.matcher_state import RequestGrammar
+from engine.structured.reasoning_end import ReasoningEnd
 from engine.structured.registry import Backends
+from engine.structured.vocabulary import decoded_vocab
 
 
 class StructuredOutputManager:
@@ -23,6 +25,8 @@ class StructuredOutputManager:
         self.stats = CompileStats()
         self.on_compiled: CompileListener | None = None
         self._compiler: GrammarCompiler | None = None
+        self._data: TokenizerData | None = None
+        self._vocab: list[bytes] | None = None  # token id -> text, for reasoning ends
 
     @property
     def compiler(self) -> GrammarCompiler:
@@ -35,6 +39,7 @@ class StructuredOutputManager:
                 vocab_size=self.model.vocab_size,  # the logits' width
                 eos_token_ids=tuple(self.model.eos_token_ids),
             )
+            self._data = data
             self._compiler = GrammarCompiler(
                 Backends(data),
                 self.config.backend,
@@ -61,8 +66,18 @@ class StructuredOutputManager:
                 field=f"structured_outputs.{spec.kind}",
                 timeout_s=self.config.compile_timeout_s,
                 stats=self.stats,
-                reasoning_end=spec.reasoning_end,
+                reasoning_end=self._reasoning_end(spec.reasoning_end),
             )
+
+    def _reasoning_end(self, token_ids: tuple[int, ...]) -> ReasoningEnd | None:
+        """The end marker whose canonical tokens are `token_ids`, matched by its text (None
+        when the grammar applies from the first token)."""
+        if not token_ids:
+            return None
+        if self._vocab is None:
+            assert self._data is not None  # the compiler is built before this is asked
+            self._vocab = decoded_vocab(self._data)
+        return ReasoningEnd.of_tokens(token_ids, self._vocab)
 
     def shutdown(self) -> None:
         if self._compiler is not None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.structured.backend import CompiledGrammar, GrammarCompileTimeoutError, GrammarMatcher
+from engine.structured.reasoning_end import EndScan, ReasoningEnd
 
 if TYPE_CHECKING:
     from engine.structured.compiler import CompileStats
@@ -32,9 +33,9 @@ class RequestGrammar:
     `field`. `stats` (the compiler's) counts timeouts, and requests by the backend whose
     grammar they generate under.
 
-    With `reasoning_end` (token ids, e.g. `</think>`'s), the grammar applies only after the
-    output first holds that sequence: before it every token is allowed and the matcher sees
-    nothing; from the token after it on, the matcher follows the tokens as above.
+    With `reasoning_end` (e.g. `</think>`), the grammar applies only after the output's text
+    first holds the marker: before it every token is allowed and the matcher sees nothing; from
+    the token after the one that completes it on, the matcher follows the tokens as above.
     """
 
     def __init__(
@@ -43,12 +44,12 @@ class RequestGrammar:
         field: str = "structured_outputs",
         timeout_s: float | None = None,
         stats: CompileStats | None = None,
-        reasoning_end: Sequence[int] = (),
+        reasoning_end: ReasoningEnd | None = None,
     ) -> None:
         self.future = future
-        self.reasoning_end = tuple(reasoning_end)
-        self._start: int | None = None if self.reasoning_end else 0
-        self._scanned = 0  # output tokens searched for reasoning_end
+        self.reasoning_end = reasoning_end
+        self._start: int | None = None if reasoning_end is not None else 0
+        self._scan: EndScan | None = None  # how far the output was searched for the end
         self.field = field
         self.timeout_s = timeout_s
         self.stats = stats
@@ -95,15 +96,13 @@ class RequestGrammar:
         start = self._start
         if start is not None and start <= len(output_token_ids):
             return start
-        end, n = self.reasoning_end, len(self.reasoning_end)
-        if self._scanned > len(output_token_ids):
-            self._scanned = 0
-        for i in range(max(0, self._scanned - n + 1), len(output_token_ids) - n + 1):
-            if tuple(output_token_ids[i : i + n]) == end:
-                self._start = i + n
-                return self._start
-        self._start, self._scanned = None, len(output_token_ids)
-        return None
+        assert self.reasoning_end is not None
+        since = self._scan
+        if since is not None and since.scanned > len(output_token_ids):
+            since = None
+        self._scan = self.reasoning_end.scan(output_token_ids, since)
+        self._start = self._scan.end
+        return self._start
 
     def sync(self, output_token_ids: Sequence[int]) -> None:
         """Make the matcher have accepted exactly the constrained part of `output_token_ids`."""
@@ -153,12 +152,10 @@ class RequestGrammar:
     ) -> list[int]:
         """Drafts during the reasoning: all of them up to the one that ends it (those after
         would need the grammar's verdict; they are left out)."""
-        tokens = list(output_token_ids)
-        for n, token in enumerate(drafts):
-            tokens.append(token)
-            if tuple(tokens[-len(self.reasoning_end) :]) == self.reasoning_end:
-                return list(drafts[: n + 1])
-        return list(drafts)
+        assert self.reasoning_end is not None
+        tokens = [*output_token_ids, *drafts]
+        end = self.reasoning_end.scan(tokens, self._scan).end
+        return list(drafts if end is None else drafts[: end - len(output_token_ids)])
 
     def fill_bitmask_rows(
         self,

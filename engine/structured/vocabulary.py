@@ -19,6 +19,15 @@ def special_token_ids(tokenizer: TokenizerData) -> frozenset[int]:
     return frozenset(set(hf.all_special_ids) | marked | set(tokenizer.eos_token_ids))
 
 
+def decoded_vocab(tokenizer: TokenizerData) -> list[bytes]:
+    """The bytes each id below the tokenizer's length decodes to, special tokens included (as
+    their text): what a reasoning's end marker is matched against."""
+    import xgrammar as xgr
+
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer.tokenizer, vocab_size=tokenizer.vocab_size)
+    return list(info.decoded_vocab[: min(len(tokenizer.tokenizer), tokenizer.vocab_size)])
+
+
 def token_bytes(tokenizer: TokenizerData) -> dict[int, bytes]:
     """The bytes of every regular token: ids below the tokenizer's length (the model's vocab may
     be wider: the ids beyond are no tokens), special ones and those decoding to nothing left

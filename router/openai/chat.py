@@ -4,7 +4,7 @@ Streamed as vLLM does: first a chunk per choice with `{"role": "assistant", "con
 then content deltas, the finish reason on a choice's last chunk, then (include_usage) a chunk
 with no choices and the usage.
 
-With tools or a reasoning parser (router.tools), each choice's answer is read by its own
+With tools or a reasoning parser (common.tools), each choice's answer is read by its own
 `AnswerParser`: `reasoning_content`, content and `tool_calls` deltas (a call's first delta with
 its index, id, type and name, then argument fragments), and the message of a non-streamed
 answer is the same parse of the whole text. A choice that called tools and stopped finishes
@@ -21,15 +21,17 @@ from typing import Any
 from fastapi import Response
 from fastapi.responses import JSONResponse
 
+from common.tools.answers import AnswerReading
+from common.tools.errors import ToolRequestError
+from common.tools.request import ToolPlan, plan_tools
+from common.tools.stream import AnswerParser, Delta
 from router.completion import CompletionDelta
+from router.errors import InvalidRequestError
 from router.generation import Generation
 from router.openai.protocol import ChatCompletionRequest
 from router.openai.responses import ChoiceState, chat_logprobs, usage_json
 from router.openai.serving import open_stream, random_id, sse_response
 from router.services import RouterServices
-from router.tools.answers import AnswerReading
-from router.tools.request import plan_tools
-from router.tools.stream import AnswerParser, Delta
 
 
 @dataclass(slots=True)
@@ -78,7 +80,7 @@ def start_job(body: ChatCompletionRequest, services: RouterServices) -> ChatJob:
     pre = services.preprocessor
     pre.check_model(body.model)
     settings = services.config.tools
-    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, settings)
+    plan = _plan(body, services)
     params = body.to_sampling_params(plan.constraint)
     text, token_ids = pre.render_chat(
         body.template_messages(),
@@ -105,6 +107,16 @@ def start_job(body: ChatCompletionRequest, services: RouterServices) -> ChatJob:
     generation = services.generator.start(request)
     name = services.config.served_model_name
     return ChatJob(body, request_id, int(time.time()), name, generation, reading)
+
+
+def _plan(body: ChatCompletionRequest, services: RouterServices) -> ToolPlan:
+    """The request's tool plan; a bad tools request is a 400 naming its field."""
+    try:
+        return plan_tools(
+            body.tools, body.tool_choice, body.parallel_tool_calls, services.config.tools
+        )
+    except ToolRequestError as error:
+        raise InvalidRequestError(error.message, error.param, error.code) from error
 
 
 async def _collect(job: ChatJob, deltas: AsyncIterator[CompletionDelta]) -> dict[str, Any]:

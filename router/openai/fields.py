@@ -1,6 +1,6 @@
 """Which request fields the OpenAI endpoints honour, refuse for now, or accept as changing
 nothing: the one place to edit when a feature lands (move its names from NOT_SUPPORTED_YET
-into the request models of protocol.py). Chat honours tools (router.tools); the entries below
+into the request models of protocol.py). Chat honours tools (common.tools); the entries below
 refuse them on /v1/completions, and OpenAI's deprecated `functions` everywhere.
 
 Every top-level field of a request body is one of:
@@ -56,7 +56,7 @@ NOT_SUPPORTED_YET: dict[str, Unsupported] = {
         "--structured-outputs-backend"
     ),
     "structural_tag": Unsupported("a top-level structural tag (send structured_outputs)"),
-    # tools: honoured by chat (router.tools); /v1/completions has none, and OpenAI's
+    # tools: honoured by chat (common.tools); /v1/completions has none, and OpenAI's
     # deprecated `functions` / `function_call` are refused (send tools / tool_choice)
     "tools": Unsupported(_TOOLS + " on /v1/completions (use /v1/chat/completions)", ([],)),
     "tool_choice": Unsupported(_TOOLS + " on /v1/completions", ("none",)),

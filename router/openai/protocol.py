@@ -240,7 +240,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: Count | None = None
-    # tool calling (router.tools.request): checked against the server's flags per request
+    # tool calling (common.tools.request): checked against the server's flags per request
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -253,7 +253,7 @@ class ChatCompletionRequest(SamplingFields):
         self, constraint: tuple[str, dict[str, Any]] | None = None
     ) -> SamplingParams:
         """The request's SamplingParams: max_completion_tokens wins over max_tokens;
-        `constraint` is the tools' (router.tools.request.ToolPlan.constraint)."""
+        `constraint` is the tools' (common.tools.request.ToolPlan.constraint)."""
         self.check_options()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true", "top_logprobs")

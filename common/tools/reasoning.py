@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from router.tools.scanning import decided, held_back
+from common.tools.scanning import decided, held_back
 
 
 class ReasoningScan(NamedTuple):

@@ -8,8 +8,8 @@ recognised only at the start of the answer; an answer that starts otherwise is a
 
 from __future__ import annotations
 
-from router.tools.parser import Json, ToolParser, ToolScan, register_tool_parser
-from router.tools.scanning import UNDECIDED, json_call, skip_space
+from common.tools.parser import Json, ToolParser, ToolScan, register_tool_parser
+from common.tools.scanning import UNDECIDED, json_call, skip_space
 
 PYTHON_TAG = "<|python_tag|>"
 

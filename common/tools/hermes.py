@@ -10,8 +10,8 @@ does not start as a call object of a known tool is content too.
 
 from __future__ import annotations
 
-from router.tools.parser import Json, ToolParser, ToolScan, register_tool_parser
-from router.tools.scanning import UNDECIDED, decided, json_call
+from common.tools.parser import Json, ToolParser, ToolScan, register_tool_parser
+from common.tools.scanning import UNDECIDED, decided, json_call
 
 START, END = "<tool_call>", "</tool_call>"
 

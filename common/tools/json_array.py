@@ -4,8 +4,8 @@ the body of Mistral's `[TOOL_CALLS][...]`."""
 
 from __future__ import annotations
 
-from router.tools.parser import ToolParser, ToolScan
-from router.tools.scanning import UNDECIDED, json_call, skip_space
+from common.tools.parser import ToolParser, ToolScan
+from common.tools.scanning import UNDECIDED, json_call, skip_space
 
 
 def scan_call_array(

@@ -13,8 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.tools.parser import ToolParser, ToolScan
-from router.tools.reasoning import ReasoningParser, ReasoningScan
+from common.tools.parser import ToolParser, ToolScan
+from common.tools.reasoning import ReasoningParser, ReasoningScan
 
 Json = dict[str, Any]
 

@@ -1,4 +1,4 @@
-"""Tool calling in the offline `LLM.chat`: the chat API's rules (router.tools.request) without
+"""Tool calling in the offline `LLM.chat`: the chat API's rules (common.tools.request) without
 a server: the tools' plan, each prompt's reasoning, the sampling params they need, and each
 completion's answer parsed into `tool_calls`, `content` and `reasoning_content`."""
 
@@ -8,19 +8,18 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from common.sampling_params import SamplingParams
-from common.structured_outputs import StructuredOutputsParams
-from router.errors import InvalidRequestError
-from router.tools.answers import AnswerReading
-from router.tools.request import plan_tools
-from router.tools.settings import ToolSettings
+from common.structured_outputs import JSON_OPTIONS, StructuredOutputsParams
+from common.tools.answers import AnswerReading
+from common.tools.request import plan_tools
+from common.tools.settings import ToolSettings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 
 class ToolChat:
-    """One `LLM.chat` call's tool handling. ValueError (the chat API's 400) for a bad
-    request."""
+    """One `LLM.chat` call's tool handling. ToolRequestError, a ValueError naming the field
+    (the chat API's 400), for a bad request."""
 
     def __init__(
         self,
@@ -29,16 +28,19 @@ class ToolChat:
         parallel_tool_calls: bool | None,
         tool_parser: str | None,
         reasoning_parser: str | None,
+        structured_options: dict[str, Any] | None = None,
     ) -> None:
         self.settings = ToolSettings(
             enable_auto_tool_choice=bool(tool_parser),
             tool_call_parser=tool_parser or "",
             reasoning_parser=reasoning_parser or "",
         )
-        try:
-            self.plan = plan_tools(tools, tool_choice, parallel_tool_calls, self.settings)
-        except InvalidRequestError as error:
-            raise ValueError(error.message) from error
+        self.plan = plan_tools(tools, tool_choice, parallel_tool_calls, self.settings)
+        self.options = dict(structured_options or {})
+        for name in self.options:
+            if name not in JSON_OPTIONS:
+                raise ValueError(f"structured_options.{name}: unknown; the options are "
+                                 f"{', '.join(JSON_OPTIONS)}")  # fmt: skip
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
@@ -50,13 +52,15 @@ class ToolChat:
     def params(
         self, params: SamplingParams, reading: AnswerReading, tokenizer: PreTrainedTokenizerFast
     ) -> SamplingParams:
-        """`params` with the tools' constraint (ValueError if they have their own)."""
+        """`params` with the tools' constraint and the structured options (ValueError if
+        they have their own constraint)."""
         if self.plan.constraint is not None:
             field, constraint = self.plan.constraint
             if params.structured_outputs is not None:
                 raise ValueError(f"{field} and sampling_params.structured_outputs both "
                                  "constrain the output; give one")  # fmt: skip
-            params = replace(params, structured_outputs=StructuredOutputsParams(**constraint))
+            so = StructuredOutputsParams(**constraint, **self.options)
+            params = replace(params, structured_outputs=so)
         return reading.adjust(params, tokenizer)
 
     def parse(self, completions: list[Any], reading: AnswerReading) -> None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import regex
 
-from router.tools.json_array import scan_call_array
-from router.tools.parser import Json, ToolParser, ToolScan, register_tool_parser
-from router.tools.scanning import decided, json_object_end, skip_space
+from common.tools.json_array import scan_call_array
+from common.tools.parser import Json, ToolParser, ToolScan, register_tool_parser
+from common.tools.scanning import decided, json_object_end, skip_space
 
 START = "[TOOL_CALLS]"
 # v11: `NAME[ARGS]{` (Magistral may put `[CALL_ID]id` between)

@@ -8,10 +8,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from common.sampling_params import SamplingParams
-from router.tools.reasoning import ReasoningParser, reasoning_parser_class
-from router.tools.request import ToolPlan
-from router.tools.settings import ToolSettings
-from router.tools.stream import AnswerParser
+from common.tools.reasoning import ReasoningParser, reasoning_parser_class
+from common.tools.request import ToolPlan
+from common.tools.settings import ToolSettings
+from common.tools.stream import AnswerParser
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

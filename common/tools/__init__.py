@@ -1,9 +1,9 @@
 """Tool calling and reasoning for the chat API: tool-call parsers (one per model family's
 format, with a registry), reasoning parsers, the per-choice stream state that turns an answer
-into OpenAI's deltas, and what a request's tools ask of generation (`router.tools.request`).
+into OpenAI's deltas, and what a request's tools ask of generation (`common.tools.request`).
 Torch-free: the router imports it, and so does the offline `LLM.chat`."""
 
-from router.tools.parser import (
+from common.tools.parser import (
     CallPrefix,
     ToolParser,
     ToolScan,
@@ -12,13 +12,13 @@ from router.tools.parser import (
     tool_parser_class,
     tool_parser_names,
 )
-from router.tools.reasoning import (
+from common.tools.reasoning import (
     ReasoningParser,
     reasoning_parser_class,
     reasoning_parser_names,
     register_reasoning_parser,
 )
-from router.tools.stream import AnswerParser, Delta, Message
+from common.tools.stream import AnswerParser, Delta, Message
 
 __all__ = [
     "AnswerParser",

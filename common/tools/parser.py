@@ -85,11 +85,11 @@ class ToolParser(ABC):
 
 ParserClass = Callable[[Sequence[Json]], ToolParser]
 _PARSERS: dict[str, str | ParserClass] = {
-    "hermes": "router.tools.hermes:HermesToolParser",
-    "llama3_json": "router.tools.llama3_json:Llama3JsonToolParser",
-    "mistral": "router.tools.mistral:MistralToolParser",
-    "pythonic": "router.tools.pythonic:PythonicToolParser",
-    "qwen3_coder": "router.tools.qwen3_coder:Qwen3CoderToolParser",
+    "hermes": "common.tools.hermes:HermesToolParser",
+    "llama3_json": "common.tools.llama3_json:Llama3JsonToolParser",
+    "mistral": "common.tools.mistral:MistralToolParser",
+    "pythonic": "common.tools.pythonic:PythonicToolParser",
+    "qwen3_coder": "common.tools.qwen3_coder:Qwen3CoderToolParser",
 }
 
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import regex
 
-from router.tools.parser import ToolParser, ToolScan, register_tool_parser
-from router.tools.scanning import decided
+from common.tools.parser import ToolParser, ToolScan, register_tool_parser
+from common.tools.scanning import decided
 
 START, END = "<tool_call>", "</tool_call>"
 FUNCTION = regex.compile(r"\s*<function=([^>\n]{1,256})>")

@@ -20,10 +20,10 @@ from typing import Any
 
 import jsonschema
 
-from router.errors import InvalidRequestError
-from router.tools.json_array import JsonArrayToolParser
-from router.tools.parser import ToolParser, tool_parser_class
-from router.tools.settings import ToolSettings
+from common.tools.errors import ToolRequestError
+from common.tools.json_array import JsonArrayToolParser
+from common.tools.parser import ToolParser, tool_parser_class
+from common.tools.settings import ToolSettings
 
 Json = dict[str, Any]
 NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -49,7 +49,7 @@ def plan_tools(
     parallel_tool_calls: bool | None,
     settings: ToolSettings,
 ) -> ToolPlan:
-    """The plan for a request (InvalidRequestError naming the field for a bad one)."""
+    """The plan for a request (ToolRequestError naming the field for a bad one)."""
     tools = check_tools(tools or [])
     choice = _choice(tool_choice, tools)
     parallel = parallel_tool_calls is not False
@@ -75,22 +75,22 @@ def check_tools(tools: list[Any]) -> list[Json]:
     for i, tool in enumerate(tools):
         at = f"tools.{i}"
         if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise InvalidRequestError(f"{at}.type must be 'function'", f"{at}.type")
+            raise ToolRequestError(f"{at}.type must be 'function'", f"{at}.type")
         function = tool.get("function")
         if not isinstance(function, dict):
-            raise InvalidRequestError(f"{at}.function must be an object", f"{at}.function")
+            raise ToolRequestError(f"{at}.function must be an object", f"{at}.function")
         for key in function:
             if key not in FUNCTION_FIELDS:
-                raise InvalidRequestError(f"{at}.function.{key}: unknown field",
+                raise ToolRequestError(f"{at}.function.{key}: unknown field",
                                           f"{at}.function.{key}", "unknown_parameter")  # fmt: skip
         name = function.get("name")
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise InvalidRequestError(
+            raise ToolRequestError(
                 f"{at}.function.name must be 1 to 64 letters, digits, '_', '.' or '-'",
                 f"{at}.function.name",
             )
         if name in seen:
-            raise InvalidRequestError(f"{at}.function.name: {name!r} is given twice",
+            raise ToolRequestError(f"{at}.function.name: {name!r} is given twice",
                                       f"{at}.function.name")  # fmt: skip
         seen.add(name)
         _check_function(function, f"{at}.function")
@@ -99,23 +99,23 @@ def check_tools(tools: list[Any]) -> list[Json]:
 
 def _check_function(function: Json, at: str) -> None:
     if not isinstance(function.get("description", ""), str):
-        raise InvalidRequestError(f"{at}.description must be a string", f"{at}.description")
+        raise ToolRequestError(f"{at}.description must be a string", f"{at}.description")
     if not isinstance(function.get("strict", False), bool):
-        raise InvalidRequestError(f"{at}.strict must be a boolean", f"{at}.strict")
+        raise ToolRequestError(f"{at}.strict must be a boolean", f"{at}.strict")
     parameters = function.get("parameters", EMPTY_PARAMETERS)
     if not isinstance(parameters, dict):
-        raise InvalidRequestError(f"{at}.parameters must be a JSON schema (an object)",
+        raise ToolRequestError(f"{at}.parameters must be a JSON schema (an object)",
                                   f"{at}.parameters")  # fmt: skip
     try:
         jsonschema.validators.validator_for(parameters).check_schema(parameters)
     except jsonschema.SchemaError as error:
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        raise InvalidRequestError(
+        raise ToolRequestError(
             f"{at}.parameters is not a valid JSON schema at {where}: {error.message}",
             f"{at}.parameters",
         ) from None
     if parameters.get("type", "object") != "object":
-        raise InvalidRequestError(f"{at}.parameters must describe an object (type 'object')",
+        raise ToolRequestError(f"{at}.parameters must describe an object (type 'object')",
                                   f"{at}.parameters")  # fmt: skip
 
 
@@ -126,23 +126,23 @@ def _choice(tool_choice: str | Json | None, tools: list[Json]) -> str:
         return "auto" if tools else "none"
     if isinstance(tool_choice, str):
         if tool_choice not in ("none", "auto", "required"):
-            raise InvalidRequestError(
+            raise ToolRequestError(
                 f"tool_choice must be 'none', 'auto', 'required' or a named function, "
                 f"got {tool_choice!r}",
                 "tool_choice",
             )
         if tool_choice != "none" and not tools:
-            raise InvalidRequestError(f"tool_choice {tool_choice!r} needs tools", "tool_choice")
+            raise ToolRequestError(f"tool_choice {tool_choice!r} needs tools", "tool_choice")
         return tool_choice
     function = tool_choice.get("function")
     if tool_choice.get("type") != "function" or not isinstance(function, dict):
-        raise InvalidRequestError(
+        raise ToolRequestError(
             'a named tool_choice is {"type": "function", "function": {"name": ...}}',
             "tool_choice",
         )
     name = function.get("name")
     if name not in {t["function"]["name"] for t in tools}:
-        raise InvalidRequestError(
+        raise ToolRequestError(
             f"tool_choice.function.name: {name!r} is not one of the request's tools",
             "tool_choice.function.name",
         )
@@ -151,7 +151,7 @@ def _choice(tool_choice: str | Json | None, tools: list[Json]) -> str:
 
 def _auto(tools: list[Json], parallel: bool, settings: ToolSettings) -> ToolPlan:
     if not (settings.enable_auto_tool_choice and settings.tool_call_parser):
-        raise InvalidRequestError(
+        raise ToolRequestError(
             "tool_choice 'auto' (OpenAI's default with tools) needs a server started with "
             "--enable-auto-tool-choice and --tool-call-parser; send tool_choice 'none', "
             "'required' or a named function otherwise",
@@ -177,7 +177,7 @@ def strict_tag(parser: ToolParser, tools: list[Json], parallel: bool, strict: li
         tag = parser.tag(function["name"], schema)
         if tag is None:
             field = f"tools.{strict[0] if strict else i}.function.strict"
-            raise InvalidRequestError(
+            raise ToolRequestError(
                 f"{field}: the {parser.name or 'server'}'s tool call format has no structural "
                 "tag form (hermes, llama3_json and mistral have one), so strict calls cannot be "
                 "enforced",

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.tools.parser import load_plugin, tool_parser_class
-from router.tools.reasoning import reasoning_parser_class
+from common.tools.parser import load_plugin, tool_parser_class
+from common.tools.reasoning import reasoning_parser_class
 
 
 @dataclass(slots=True)

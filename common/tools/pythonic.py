@@ -16,8 +16,8 @@ import json
 
 import regex
 
-from router.tools.parser import ToolParser, ToolScan, register_tool_parser
-from router.tools.scanning import skip_space
+from common.tools.parser import ToolParser, ToolScan, register_tool_parser
+from common.tools.scanning import skip_space
 
 BEGIN, END = "<|python_start|>", "<|python_end|>"
 CALL_HEAD = regex.compile(r"\s*([A-Za-z_][A-Za-z0-9_.\-]*)\s*\(")
