@@ -43,7 +43,7 @@ def test_offline_chat_returns_parsed_calls(tiny_model) -> None:
         assert call["function"]["name"] == "get_weather"
         jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
     with pytest.raises(ToolRequestError, match="--enable-auto-tool-choice") as caught:
-        llm.chat(ASK, tools=TOOLS)  # auto needs a tool parser
+        llm.chat(ASK, tools=TOOLS, tool_choice="auto")  # auto needs a tool parser
     assert caught.value.param == "tool_choice"
     with pytest.raises(ValueError, match="structured_options.compact"):
         llm.chat(ASK, tools=TOOLS, tool_choice="required", structured_options={"compact": True})
