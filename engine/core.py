@@ -19,7 +19,7 @@ from engine.request import Request, RequestStatus
 from engine.sampling.topk_topp import advance_generator
 from engine.sampling_params import SamplingType
 from engine.scheduler.scheduler import Scheduler
-from engine.spec_decode import Proposer, SpecDecodeLogger, build_proposer
+from engine.spec_decode import DrafterContext, Proposer, SpecDecodeLogger, build_proposer
 from engine.step import AsyncStepper, Stepper, SyncStepper
 from engine.structured.manager import StructuredOutputManager
 
@@ -47,7 +47,10 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
         self.structured = StructuredOutputManager(config.structured_outputs, config.model)
         spec = config.speculative
-        self.proposer: Proposer | None = None if spec is None else build_proposer(spec)
+        self.proposer: Proposer | None = None
+        if spec is not None:
+            drafting_for = DrafterContext(config.model, self.runner.device, config.model.dtype)
+            self.proposer = build_proposer(spec, drafting_for)
         if self.proposer is not None:
             self.scheduler.on_finished = self.proposer.finished  # per-request drafter state
         self.spec_logger = SpecDecodeLogger(self.scheduler.spec_stats)
