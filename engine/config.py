@@ -283,7 +283,7 @@ class StructuredOutputsConfig:
 
 
 SPEC_METHODS = ("ngram", "suffix", "mlp_speculator", "eagle", "eagle3", "draft_model")
-SPEC_METHODS_BUILT = ("ngram", "suffix", "mlp_speculator")
+SPEC_METHODS_BUILT = ("ngram", "suffix", "mlp_speculator", "draft_model")
 SPEC_METHODS_READING_HIDDEN = ("mlp_speculator", "eagle", "eagle3")  # the target's states
 SPEC_METHODS_WITH_MODEL = ("mlp_speculator", "eagle", "eagle3", "draft_model")  # need `model`
 SUFFIX_TREE_DEPTH = 24  # vLLM's default suffix_decoding_max_tree_depth
@@ -305,6 +305,8 @@ class SpeculativeConfig:
     in vLLM's JSON form without `num_speculative_tokens` it drafts up to the tree depth.
     `mlp_speculator` drafts with the MLP speculator in directory `model` (fms format) from the
     target's last hidden state; without `num_speculative_tokens` it drafts its `n_predict`.
+    `draft_model` drafts greedily with the smaller model in directory `model` (the target's
+    vocabulary, a context at least its `max_model_len`; engine.spec_decode.draft_model).
     With `disable_by_batch_size` running requests or more, nobody drafts."""
 
     method: str = "ngram"

@@ -49,7 +49,10 @@ class EngineCore:
         spec = config.speculative
         self.proposer: Proposer | None = None
         if spec is not None:
-            drafting_for = DrafterContext(config.model, self.runner.device, config.model.dtype)
+            drafting_for = DrafterContext(
+                config.model, self.runner.device, config.model.dtype,
+                num_blocks=self.runner.num_blocks, block_size=config.cache.block_size,
+            )  # fmt: skip
             self.proposer = build_proposer(spec, drafting_for)
         if self.proposer is not None:
             self.scheduler.on_finished = self.proposer.finished  # per-request drafter state

@@ -20,6 +20,8 @@ class DrafterContext:
     model: ModelConfig
     device: torch.device
     dtype: torch.dtype
+    num_blocks: int | None = None  # the target's KV cache blocks (a drafter's cache may match)
+    block_size: int = 16  # tokens per KV block
 
 
 class Proposer(ABC):
@@ -66,9 +68,16 @@ def _mlp_speculator(config: SpeculativeConfig, context: DrafterContext) -> Propo
     return MlpSpeculatorProposer(config, context)
 
 
+def _draft_model(config: SpeculativeConfig, context: DrafterContext) -> Proposer:
+    from engine.spec_decode.draft_model import DraftModelProposer
+
+    return DraftModelProposer(config, context)
+
+
 register_proposer("ngram", _ngram)
 register_proposer("suffix", _suffix)
 register_proposer("mlp_speculator", _mlp_speculator)
+register_proposer("draft_model", _draft_model)
 
 
 def build_proposer(config: SpeculativeConfig, context: DrafterContext) -> Proposer:
