@@ -45,6 +45,7 @@ class WorkerMetrics:
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up.")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found cached.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.preemptions = counter("num_preemptions", "Requests preempted (KV freed, recomputed).")
         self.step_seconds = histogram("engine_step_seconds", "Time of one engine step.")
         self.queue_time = histogram(
             "request_queue_time_seconds", "Arrival to first scheduling, in this worker."
@@ -52,7 +53,7 @@ class WorkerMetrics:
         self.kv_transfer_bytes = counter("kv_transfer_bytes", "KV bytes pushed or received.")
         self.kv_transfer_seconds = histogram("kv_transfer_seconds", "Time of one KV transfer.")
         self.kv_transfer_failures = counter("kv_transfer_failures", "KV pushes that failed.")
-        self._queries = self._hits = 0
+        self._queries = self._hits = self._preemptions = 0
         self._labels, self._registry = labels, registry
 
     def export_config(self, core: EngineCore) -> None:
@@ -103,6 +104,8 @@ class WorkerMetrics:
             self.prefix_queries.inc(load.prefix_cache_queries - self._queries)
             self.prefix_hits.inc(load.prefix_cache_hits - self._hits)
             self._queries, self._hits = load.prefix_cache_queries, load.prefix_cache_hits
+            self.preemptions.inc(load.num_preemptions - self._preemptions)
+            self._preemptions = load.num_preemptions
             self.generation_tokens.inc(sum(len(o.new_token_ids) for o in outputs))
             self.step_seconds.observe(seconds)
             for out in outputs:
