@@ -283,8 +283,10 @@ class StructuredOutputsConfig:
 
 
 SPEC_METHODS = ("ngram", "suffix", "mlp_speculator", "eagle", "eagle3", "draft_model")
-SPEC_METHODS_BUILT = ("ngram", "suffix", "mlp_speculator", "draft_model")
-SPEC_METHODS_READING_HIDDEN = ("mlp_speculator", "eagle", "eagle3")  # the target's states
+SPEC_METHODS_BUILT = ("ngram", "suffix", "mlp_speculator", "draft_model", "eagle", "eagle3")
+SPEC_METHODS_READING_HIDDEN = ("mlp_speculator",)  # the target's last state per request
+# ... every computed position's states (engine.spec_decode.eagle): these steps run eagerly
+SPEC_METHODS_READING_STATES = ("eagle", "eagle3")
 SPEC_METHODS_WITH_MODEL = ("mlp_speculator", "eagle", "eagle3", "draft_model")  # need `model`
 SUFFIX_TREE_DEPTH = 24  # vLLM's default suffix_decoding_max_tree_depth
 
@@ -307,6 +309,8 @@ class SpeculativeConfig:
     target's last hidden state; without `num_speculative_tokens` it drafts its `n_predict`.
     `draft_model` drafts greedily with the smaller model in directory `model` (the target's
     vocabulary, a context at least its `max_model_len`; engine.spec_decode.draft_model).
+    `eagle` / `eagle3` draft with the EAGLE head in directory `model` over the target's
+    hidden states (EAGLE-1: the final one; EAGLE-3: three layers'; engine.spec_decode.eagle).
     With `disable_by_batch_size` running requests or more, nobody drafts."""
 
     method: str = "ngram"

@@ -20,6 +20,7 @@ from engine.sampling.topk_topp import advance_generator
 from engine.sampling_params import SamplingType
 from engine.scheduler.scheduler import Scheduler
 from engine.spec_decode import DrafterContext, Proposer, SpecDecodeLogger, build_proposer
+from engine.spec_decode.eagle import states_from_extras
 from engine.step import AsyncStepper, Stepper, SyncStepper
 from engine.structured.manager import StructuredOutputManager
 
@@ -52,8 +53,11 @@ class EngineCore:
             drafting_for = DrafterContext(
                 config.model, self.runner.device, config.model.dtype,
                 num_blocks=self.runner.num_blocks, block_size=config.cache.block_size,
+                target_model=self.runner.model,
             )  # fmt: skip
             self.proposer = build_proposer(spec, drafting_for)
+            if self.proposer.state_layers is not None:  # EAGLE: every position's states
+                self.runner.keep_states(self.proposer.state_layers)
         if self.proposer is not None:
             self.scheduler.on_finished = self.proposer.finished  # per-request drafter state
         self.spec_logger = SpecDecodeLogger(self.scheduler.spec_stats)
@@ -154,6 +158,10 @@ class EngineCore:
             hidden = worker.get_extras(request.request_id).get("hidden_states")
             if hidden is not None and self.runner.keep_hidden:  # the drafter's first state
                 request.spec_hidden = hidden.to(self.runner.device, self.config.model.dtype)
+            states = states_from_extras(worker.get_extras(request.request_id))
+            if states is not None and self.runner.eager.state_layers is not None:  # EAGLE's
+                rows = states[1].to(self.runner.device, self.config.model.dtype)
+                request.spec_states = [(states[0], rows)]
             generator = request.generator
             if request.params.sampling_type == SamplingType.RANDOM_SEED and generator is not None:
                 for _ in range(request.num_output_tokens):

@@ -22,10 +22,16 @@ class DrafterContext:
     dtype: torch.dtype
     num_blocks: int | None = None  # the target's KV cache blocks (a drafter's cache may match)
     block_size: int = 16  # tokens per KV block
+    target_model: torch.nn.Module | None = None  # EAGLE shares its embedding and lm_head
 
 
 class Proposer(ABC):
     """Proposes draft tokens for requests about to decode."""
+
+    # The target's states per computed position it reads (EAGLE; engine.runner.forward's
+    # `keep_states`): None: none; (): the final hidden state; else the residual stream
+    # entering these layers, concatenated.
+    state_layers: tuple[int, ...] | None = None
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
@@ -74,10 +80,18 @@ def _draft_model(config: SpeculativeConfig, context: DrafterContext) -> Proposer
     return DraftModelProposer(config, context)
 
 
+def _eagle(config: SpeculativeConfig, context: DrafterContext) -> Proposer:
+    from engine.spec_decode.eagle import EagleProposer
+
+    return EagleProposer(config, context, eagle3=config.method == "eagle3")
+
+
 register_proposer("ngram", _ngram)
 register_proposer("suffix", _suffix)
 register_proposer("mlp_speculator", _mlp_speculator)
 register_proposer("draft_model", _draft_model)
+register_proposer("eagle", _eagle)
+register_proposer("eagle3", _eagle)
 
 
 def build_proposer(config: SpeculativeConfig, context: DrafterContext) -> Proposer:
