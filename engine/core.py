@@ -154,7 +154,8 @@ class EngineCore:
             return
         vocab_size = self.config.model.vocab_size
         worker = self.kv_connector.worker
-        for request in self.scheduler.update_from_connector(finished):
+        arrived = self.scheduler.update_from_connector(finished)
+        for request in arrived:
             hidden = worker.get_extras(request.request_id).get("hidden_states")
             if hidden is not None and self.runner.keep_hidden:  # the drafter's first state
                 request.spec_hidden = hidden.to(self.runner.device, self.config.model.dtype)
@@ -166,6 +167,9 @@ class EngineCore:
             if request.params.sampling_type == SamplingType.RANDOM_SEED and generator is not None:
                 for _ in range(request.num_output_tokens):
                     advance_generator(generator, vocab_size)
+        if self.proposer is not None:  # their first decode step verifies drafts
+            queued = [r for r in arrived if r.status == RequestStatus.WAITING]
+            self._draft_for(self.proposer, queued)
 
     def drain_kv_events(self) -> list[KVEvent]:
         """KV events since the last drain (empty unless `enable_kv_events`)."""
@@ -212,8 +216,14 @@ class EngineCore:
         limit = spec.disable_by_batch_size
         if limit is not None and len(running) >= limit:
             return
+        self._draft_for(proposer, running)
+
+    def _draft_for(self, proposer: Proposer, requests: Iterable[Request]) -> None:
+        """Set the drafts of each of `requests` that decodes one known token next."""
+        spec = self.config.speculative
+        assert spec is not None
         decoding = [
-            r for r in running
+            r for r in requests
             if r.speculates and r.num_computed_tokens == len(r.all_token_ids) - 1
         ]  # fmt: skip
         if not decoding:

@@ -14,8 +14,10 @@ EAGLE-1, `hidden_states[i]` entering layer i for EAGLE-3)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,14 @@ from safetensors.torch import load_file, save_file
 
 from common.sampling_params import SamplingParams
 from engine import LLM
-from engine.request import Request
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from engine.core import EngineCore
+from engine.kv_connector import KVConnectorConfig, make_kv_connector
+from engine.kv_connector.receive import ReceiveConnector
+from engine.request import KVHandoff, Request
+from engine.sampling_params import SamplingParams as EngineSamplingParams
 from engine.spec_decode.eagle import EagleProposer, merge_states
+from kv_transfer import TcpKVReceiver, TcpKVSender, TransferSpec
 from tests.test_spec_decode import _prompts, _run
 
 SMALL_CACHE = {"num_kv_blocks": 36, "block_size": 4, "max_num_batched_tokens": 24}
@@ -53,10 +61,11 @@ def write_head(
     def normal(*shape: int, std: float, mean: float = 0.0) -> torch.Tensor:
         return torch.randn(shape, generator=gen) * std + mean
 
+    wide = hidden * (2 if eagle3 else 1)  # EAGLE-3's attention reads cat(embeds, hidden)
     layer = {
-        "self_attn.q_proj.weight": normal(heads * head_dim, hidden * (2 if eagle3 else 1), std=0.2),
-        "self_attn.k_proj.weight": normal(kv_heads * head_dim, hidden * (2 if eagle3 else 1), std=0.2),
-        "self_attn.v_proj.weight": normal(kv_heads * head_dim, hidden * (2 if eagle3 else 1), std=0.2),
+        "self_attn.q_proj.weight": normal(heads * head_dim, wide, std=0.2),
+        "self_attn.k_proj.weight": normal(kv_heads * head_dim, wide, std=0.2),
+        "self_attn.v_proj.weight": normal(kv_heads * head_dim, wide, std=0.2),
         "self_attn.o_proj.weight": normal(hidden, heads * head_dim, std=0.2),
         "post_attention_layernorm.weight": normal(hidden, std=0.1, mean=1.0),
         "mlp.gate_proj.weight": normal(inter, hidden, std=0.2),
@@ -128,9 +137,10 @@ def successor(target: Path) -> torch.Tensor:
     def norm(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
 
-    h = norm(x, w["model.layers.0.post_attention_layernorm.weight"])
-    gate, up = h @ w["model.layers.0.mlp.gate_proj.weight"].T, h @ w["model.layers.0.mlp.up_proj.weight"].T
-    s = x + (torch.nn.functional.silu(gate) * up) @ w["model.layers.0.mlp.down_proj.weight"].T
+    p = "model.layers.0."
+    h = norm(x, w[p + "post_attention_layernorm.weight"])
+    gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
+    s = x + (torch.nn.functional.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
     return (norm(s, w["model.norm.weight"]) @ w["lm_head.weight"].T).argmax(dim=-1)
 
 
@@ -140,12 +150,12 @@ def first_exact_eagle3_head(dest: Path, target: Path) -> Path:
     successor: the first draft is exact (the chain repeats it)."""
     w = _target_weights(target)
     hidden = w["model.embed_tokens.weight"].shape[1]
-    vocab = w["lm_head.weight"].shape[0]
+    vocab, inter = w["lm_head.weight"].shape[0], w["model.layers.0.mlp.up_proj.weight"].shape[0]
     zeros = torch.zeros(hidden, hidden)
     return write_head(dest, target, eagle3=True, aux=[1, 0, 0], weights={
         "fc.weight": torch.cat([torch.eye(hidden), zeros, zeros], dim=1),
         "self_attn.o_proj.weight": torch.zeros(hidden, 64),
-        "mlp.down_proj.weight": torch.zeros(hidden, w["model.layers.0.mlp.up_proj.weight"].shape[0]),
+        "mlp.down_proj.weight": torch.zeros(hidden, inter),
         "norm.weight": torch.ones(hidden), "lm_head.weight": w["lm_head.weight"],
         "d2t": successor(target) - torch.arange(vocab),
     })  # fmt: skip
@@ -206,3 +216,107 @@ def test_heads_that_predict_well(tiny_model, tmp_path, arch):
     _twice(llm, prompts, params, expected)
     stats = llm.engine.core.scheduler.spec_stats
     assert stats.num_drafts <= stats.num_accepted_tokens < stats.num_draft_tokens
+
+
+def test_merge_states():
+    a, b, c = torch.zeros(3, 2), torch.ones(2, 2), torch.full((5, 2), 2.0)
+    assert merge_states([]) is None
+    start, rows = merge_states([(0, a), (3, b)])
+    assert start == 0 and rows.shape[0] == 5
+    start, rows = merge_states([(0, a), (2, b)])  # overlap: the later rows of b
+    assert start == 0 and rows[:, 0].tolist() == [0, 0, 0, 1]
+    start, rows = merge_states([(0, a), (4, b)])  # a gap: starts over
+    assert start == 4 and rows.equal(b)
+    start, rows = merge_states([(3, b), (0, c)])  # a recompute covering it
+    assert start == 0 and rows.equal(c)
+
+
+def _core(model: Path, head: Path, connector: str | None = None, **options) -> EngineCore:
+    config = EngineConfig(
+        ModelConfig.from_pretrained(model), CacheConfig(num_blocks=64),
+        SchedulerConfig(max_num_batched_tokens=16),
+        speculative=SpeculativeConfig(method="eagle", model=str(head), num_speculative_tokens=3),
+    )  # fmt: skip
+    kv = None if connector is None else make_kv_connector(KVConnectorConfig(connector, options),
+                                                          config)  # fmt: skip
+    return EngineCore(config, kv)
+
+
+def test_the_first_decode_step_after_a_hand_off_drafts(tiny_model, tmp_path):
+    """The prefill engine sends the prompt's states (two chunks of it) with the KV over TCP;
+    the decode engine's first step verifies drafts from them, all accepted (exact head)."""
+    target = bigram_target(tiny_model("qwen2"), tmp_path / "target")
+    head = exact_eagle_head(tmp_path / "head", target)
+    prompt = _prompts(6, seed=4)[5]
+    params = EngineSamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    saves = {}
+    prefill = _core(target, head, "push", on_save=lambda s: saves.__setitem__(s.request_id, s))
+    decode = _core(target, head, "receive")
+    receive = decode.kv_connector
+    assert isinstance(receive, ReceiveConnector)
+
+    async def transfer() -> int:
+        receiver, sender = TcpKVReceiver(receive.kv_caches), TcpKVSender()
+        await receiver.start()
+        try:
+            reservation = receive.reserve(decode, Request("r", prompt, params, 12))
+            arrived = receiver.expect("r", reservation.block_ids, time.time() + 10)
+            handoff = KVHandoff(reservation.num_cached_tokens)
+            prefill.add_request(Request("r", prompt, params, 12, kv_transfer=handoff))
+            first = [t for out in _steps(prefill) for t in out.new_token_ids]
+            save = saves.pop("r")
+            assert save.extras["eagle_states"].shape[0] == len(prompt)
+            spec = TransferSpec("r", receiver.endpoint, reservation.block_ids, time.time() + 10)
+            await sender.send(spec, save.layers, save.extras)
+            receive.kv_arrived("r", first, await arrived)
+            return first[0]
+        finally:
+            await sender.close()
+            await receiver.close()
+
+    first = asyncio.run(asyncio.wait_for(transfer(), 30))
+    (out,) = decode.step()
+    assert len(out.new_token_ids) == 4  # three drafts accepted and its own token
+    tokens = [first, *out.new_token_ids] + [t for o in _steps(decode) for t in o.new_token_ids]
+    llm = LLM(str(target))
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert tokens == _run(llm, [prompt], plain)[0]
+    for core in (prefill, decode):
+        core.check_integrity(expect_all_free=True)
+
+
+def _steps(core: EngineCore):
+    while core.has_work():
+        yield from core.step()
+
+
+@pytest.mark.parametrize(("eagle3", "change", "message"), [
+    (False, {"hidden_size": 32}, "hidden_size is 32"),
+    (False, {"num_hidden_layers": 2}, "heads of one layer only"),
+    (True, {"eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 1, 5]}},
+     "eagle_aux_hidden_state_layer_ids must be 3 layer ids in [0, 2)"),
+    (True, {"eagle_config": {}}, "the default for a target of 2 layers"),
+])  # fmt: skip
+def test_bad_heads_are_refused_naming_the_field(tiny_model, tmp_path, eagle3, change, message):
+    model = tiny_model("llama")
+    head = write_head(tmp_path / "head", model, eagle3, **change)
+    with pytest.raises(ValueError, match="speculative_config.model") as e:
+        LLM(str(model), speculative_config=_spec(head, eagle3))
+    assert message in str(e.value)
+
+
+def test_bad_weights_are_refused(tiny_model, tmp_path):
+    model = tiny_model("llama")
+    head = write_head(tmp_path / "head", model, False)
+    weights = load_file(head / "model.safetensors")
+    weights["layers.0.mlp.up_proj.weight"] = weights["layers.0.mlp.up_proj.weight"][:5]
+    save_file(weights, str(head / "model.safetensors"))
+    with pytest.raises(ValueError, match="speculative_config.model.*up_proj.*shape"):
+        LLM(str(model), speculative_config=_spec(head, False))
+    del weights["layers.0.mlp.up_proj.weight"]
+    save_file(weights, str(head / "model.safetensors"))
+    with pytest.raises(ValueError, match="speculative_config.model.*up_proj.weight' is missing"):
+        LLM(str(model), speculative_config=_spec(head, False))
+    (head / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="speculative_config.model.*has no weights"):
+        LLM(str(model), speculative_config=_spec(head, False))

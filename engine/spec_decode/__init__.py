@@ -9,7 +9,8 @@
 
 Methods: `ngram` (prompt lookup), `suffix` (suffix decoding: the request's tokens and earlier
 outputs), `mlp_speculator` (IBM's MLP heads over the target's last hidden state; trained by
-`baton train-speculator`, engine.spec_decode.train_mlp). Next: EAGLE, draft models. A drafter
+`baton train-speculator`, engine.spec_decode.train_mlp), `draft_model`, `eagle` / `eagle3`
+(engine.spec_decode.eagle: a head over the target's states). A drafter
 gets a `DrafterContext` (the target's config, device, dtype); `register_proposer` adds one.
 """
 
