@@ -320,3 +320,38 @@ def test_bad_weights_are_refused(tiny_model, tmp_path):
     (head / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="speculative_config.model.*has no weights"):
         LLM(str(model), speculative_config=_spec(head, False))
+
+
+@pytest.mark.parametrize("eagle3", [False, True], ids=["eagle", "eagle3"])
+def test_drafts_are_those_of_transformers_states(tiny_model, tmp_path, eagle3):
+    """Each step's drafts (prompts in chunks, several requests in a batch) equal those of the
+    same head fed at once the states transformers computes for the request's tokens: the final
+    post-norm state (EAGLE-1), `hidden_states[i]` entering layer i (EAGLE-3, ids 1, 0, 1)."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    head = write_head(tmp_path / "head", model, eagle3, aux=[1, 0, 1])
+    llm = LLM(str(model), speculative_config=_spec(head, eagle3), max_num_batched_tokens=8)
+    proposer = llm.engine.core.proposer
+    assert isinstance(proposer, EagleProposer)
+    seen: list[tuple[list[int], list[int]]] = []
+    propose = proposer.propose
+
+    def recording(requests, max_drafts):
+        drafts = propose(requests, max_drafts)
+        seen.extend((list(r.all_token_ids), d) for r, d in zip(requests, drafts, strict=True) if d)
+        return drafts
+
+    proposer.propose = recording  # type: ignore[method-assign]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    _run(llm, _prompts(3, seed=5), params)
+    hf = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32)
+    assert len(seen) > 5
+    for i, (tokens, drafts) in enumerate(seen[::3]):
+        with torch.no_grad():
+            hs = hf(torch.tensor([tokens[:-1]]), output_hidden_states=True).hidden_states
+        states = torch.cat([hs[1], hs[0], hs[1]], dim=-1) if eagle3 else hs[-1]
+        request = Request(f"ref{i}", tokens, EngineSamplingParams(), 1)
+        request.spec_states = [(0, states[0])]
+        assert propose([request], [len(drafts)]) == [drafts]
+        proposer.finished(request)
