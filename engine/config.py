@@ -283,8 +283,11 @@ class StructuredOutputsConfig:
 
 
 SPEC_METHODS = ("ngram", "suffix", "mlp_speculator", "eagle", "eagle3", "draft_model")
-SPEC_METHODS_BUILT = ("ngram", "suffix")
-SPEC_METHODS_READING_HIDDEN = ("mlp_speculator", "eagle", "eagle3")  # the target's states
+SPEC_METHODS_BUILT = ("ngram", "suffix", "mlp_speculator", "draft_model", "eagle", "eagle3")
+SPEC_METHODS_READING_HIDDEN = ("mlp_speculator",)  # the target's last state per request
+# ... every computed position's states (engine.spec_decode.eagle): these steps run eagerly
+SPEC_METHODS_READING_STATES = ("eagle", "eagle3")
+SPEC_METHODS_WITH_MODEL = ("mlp_speculator", "eagle", "eagle3", "draft_model")  # need `model`
 SUFFIX_TREE_DEPTH = 24  # vLLM's default suffix_decoding_max_tree_depth
 
 
@@ -301,8 +304,14 @@ class SpeculativeConfig:
     outputs of the last `suffix_decoding_max_cached_requests` finished requests, 0: none) and
     drafts the most frequent continuation, at most `suffix_decoding_max_spec_factor` times the
     match length, while its estimated probability stays >= `suffix_decoding_min_token_prob`;
-    in vLLM's JSON form without `num_speculative_tokens` it drafts up to the tree depth. With
-    `disable_by_batch_size` running requests or more, nobody drafts."""
+    in vLLM's JSON form without `num_speculative_tokens` it drafts up to the tree depth.
+    `mlp_speculator` drafts with the MLP speculator in directory `model` (fms format) from the
+    target's last hidden state; without `num_speculative_tokens` it drafts its `n_predict`.
+    `draft_model` drafts greedily with the smaller model in directory `model` (the target's
+    vocabulary, a context at least its `max_model_len`; engine.spec_decode.draft_model).
+    `eagle` / `eagle3` draft with the EAGLE head in directory `model` over the target's
+    hidden states (EAGLE-1: the final one; EAGLE-3: three layers'; engine.spec_decode.eagle).
+    With `disable_by_batch_size` running requests or more, nobody drafts."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
@@ -326,6 +335,11 @@ class SpeculativeConfig:
             raise ValueError(
                 f"{field_name}.method {self.method!r} is not implemented yet "
                 f"(implemented: {', '.join(SPEC_METHODS_BUILT)})"
+            )
+        if self.method in SPEC_METHODS_WITH_MODEL and not self.model:
+            raise ValueError(
+                f"{field_name}.model (the drafter's weights directory) is required for method "
+                f"{self.method!r}"
             )
         self._check_suffix_options()  # first: the depth may have set num_speculative_tokens
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 1:
@@ -388,7 +402,28 @@ class SpeculativeConfig:
             # vLLM's: suffix decoding sizes its drafts itself, up to the tree depth
             depth = data.get("suffix_decoding_max_tree_depth", SUFFIX_TREE_DEPTH)
             data = {**data, "num_speculative_tokens": depth}
+        if data.get("method") == "mlp_speculator" and "num_speculative_tokens" not in data:
+            # vLLM's: as many as the speculator has heads (its config's n_predict)
+            data = {**data, "num_speculative_tokens": _n_predict(data.get("model"))}
         return cls(**data)
+
+
+def _n_predict(model: object) -> int:
+    """An MLP speculator directory's `n_predict` (config.json), for the default draft length;
+    3 when `model` is not given (refused later by name)."""
+    if not isinstance(model, str) or not model:
+        return 3
+    try:
+        hf = _read_json(Path(model) / "config.json", "the MLP speculator's config")
+    except ValueError as e:
+        raise ValueError(f"speculative_config.{e}") from None  # "speculative_config.model: ..."
+    value = hf.get("n_predict")
+    if not _is_int(value) or value < 1:
+        raise ValueError(
+            f"speculative_config.model: {model}/config.json: n_predict must be an integer >= 1, "
+            f"got {value!r}"
+        )
+    return value
 
 
 def _is_int(value: object) -> bool:

@@ -19,7 +19,8 @@ from engine.request import Request, RequestStatus
 from engine.sampling.topk_topp import advance_generator
 from engine.sampling_params import SamplingType
 from engine.scheduler.scheduler import Scheduler
-from engine.spec_decode import Proposer, SpecDecodeLogger, build_proposer
+from engine.spec_decode import DrafterContext, Proposer, SpecDecodeLogger, build_proposer
+from engine.spec_decode.eagle import states_from_extras
 from engine.step import AsyncStepper, Stepper, SyncStepper
 from engine.structured.manager import StructuredOutputManager
 
@@ -47,7 +48,16 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
         self.structured = StructuredOutputManager(config.structured_outputs, config.model)
         spec = config.speculative
-        self.proposer: Proposer | None = None if spec is None else build_proposer(spec)
+        self.proposer: Proposer | None = None
+        if spec is not None:
+            drafting_for = DrafterContext(
+                config.model, self.runner.device, config.model.dtype,
+                num_blocks=self.runner.num_blocks, block_size=config.cache.block_size,
+                target_model=self.runner.model,
+            )  # fmt: skip
+            self.proposer = build_proposer(spec, drafting_for)
+            if self.proposer.state_layers is not None:  # EAGLE: every position's states
+                self.runner.keep_states(self.proposer.state_layers)
         if self.proposer is not None:
             self.scheduler.finish_listeners.append(self.proposer.finished)  # drafter state
         self.spec_logger = SpecDecodeLogger(self.scheduler.spec_stats)
@@ -144,14 +154,22 @@ class EngineCore:
             return
         vocab_size = self.config.model.vocab_size
         worker = self.kv_connector.worker
-        for request in self.scheduler.update_from_connector(finished):
+        arrived = self.scheduler.update_from_connector(finished)
+        for request in arrived:
             hidden = worker.get_extras(request.request_id).get("hidden_states")
             if hidden is not None and self.runner.keep_hidden:  # the drafter's first state
                 request.spec_hidden = hidden.to(self.runner.device, self.config.model.dtype)
+            states = states_from_extras(worker.get_extras(request.request_id))
+            if states is not None and self.runner.eager.state_layers is not None:  # EAGLE's
+                rows = states[1].to(self.runner.device, self.config.model.dtype)
+                request.spec_states = [(states[0], rows)]
             generator = request.generator
             if request.params.sampling_type == SamplingType.RANDOM_SEED and generator is not None:
                 for _ in range(request.num_output_tokens):
                     advance_generator(generator, vocab_size)
+        if self.proposer is not None:  # their first decode step verifies drafts
+            queued = [r for r in arrived if r.status == RequestStatus.WAITING]
+            self._draft_for(self.proposer, queued)
 
     def drain_kv_events(self) -> list[KVEvent]:
         """KV events since the last drain (empty unless `enable_kv_events`)."""
@@ -198,8 +216,14 @@ class EngineCore:
         limit = spec.disable_by_batch_size
         if limit is not None and len(running) >= limit:
             return
+        self._draft_for(proposer, running)
+
+    def _draft_for(self, proposer: Proposer, requests: Iterable[Request]) -> None:
+        """Set the drafts of each of `requests` that decodes one known token next."""
+        spec = self.config.speculative
+        assert spec is not None
         decoding = [
-            r for r in running
+            r for r in requests
             if r.speculates and r.num_computed_tokens == len(r.all_token_ids) - 1
         ]  # fmt: skip
         if not decoding:

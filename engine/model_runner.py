@@ -17,7 +17,12 @@ from collections.abc import Callable
 import torch
 
 from engine.attention import AttentionMetadata
-from engine.config import SPEC_METHODS_READING_HIDDEN, EngineConfig, ModelConfig
+from engine.config import (
+    SPEC_METHODS_READING_HIDDEN,
+    SPEC_METHODS_READING_STATES,
+    EngineConfig,
+    ModelConfig,
+)
 from engine.cuda_graphs import DecodeGraphs, default_capture_sizes
 from engine.layers import Kernels
 from engine.models.loader import load_model
@@ -69,7 +74,9 @@ class ModelRunner:
         self.graph_rows = config.scheduler.max_num_seqs * (1 + drafts)
         self.graphs: DecodeGraphs | None = None
         self.graph: GraphForward | None = None
-        if self.kernels.triton and not config.enforce_eager:
+        # EAGLE reads every row's states, which the decode graphs do not keep: eager steps
+        reads_states = spec is not None and spec.method in SPEC_METHODS_READING_STATES
+        if self.kernels.triton and not config.enforce_eager and not reads_states:
             if self.keep_hidden:
                 size = max(default_capture_sizes(self.graph_rows))
                 self.graph_hidden = torch.empty(
@@ -84,6 +91,12 @@ class ModelRunner:
             )
             self.graphs.capture()
             self.graph = GraphForward(self.graphs, sampling, self.graph_hidden)
+
+    def keep_states(self, layers: tuple[int, ...]) -> None:
+        """Record each step's states of the rows whose next token is known, for EAGLE
+        (`ModelRunnerOutput.states`): `()` the final hidden state, else the residual stream
+        entering each of `layers`, concatenated. Steps run to completion only."""
+        self.eager.state_layers = layers
 
     @property
     def graph_prompt_steps(self) -> int:

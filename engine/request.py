@@ -105,6 +105,10 @@ class Request:
     # ... and, for drafters that read the model's states (MLP speculator, EAGLE), the final
     # hidden state (H,) of the position whose logits gave its last token (on the device).
     spec_hidden: torch.Tensor | None = None
+    # ... and, for EAGLE (engine.spec_decode.eagle), the states of computed positions not yet
+    # fed to its head: (first position, (m, D) states of it and the m - 1 after), in order.
+    # Only positions whose next token is known (verified) are here.
+    spec_states: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     times: RequestTimes = field(init=False)
 
     def __post_init__(self) -> None:

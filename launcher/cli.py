@@ -4,6 +4,7 @@
     baton make-tiny-model DIR --arch A  write a small random-weight model for tests
     baton demo-model                    convert (once) and print the demo model's directory
     baton serve [--model DIR] [...]     router and workers on this machine
+    baton train-speculator --model DIR --out DIR   train an MLP speculator for a model
     baton bench run|sweep|compare ...   benchmark a server, or compare cluster configurations
     baton autoscale --kubernetes ...    scale prefill and decode Deployments on their SLOs
 
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_model(commands)
     add_serve(commands)
     add_autoscale(commands)
+    _add_train_speculator(commands)
     _add_bench(commands)
     return parser
 
@@ -282,6 +284,67 @@ def _run_demo_model(args: argparse.Namespace) -> int:
     except DemoModelUnavailableError as exc:
         raise UsageError(str(exc)) from exc
     print(path)
+    return 0
+
+
+# --- baton train-speculator -------------------------------------------------------------------
+
+
+def _add_train_speculator(commands: Any) -> None:
+    """`baton train-speculator --model DIR --out DIR [--data FILE ...] [...]`."""
+    sub = add_subcommand(
+        commands,
+        "train-speculator",
+        "Train an MLP speculator (IBM's fms format) for a model: stage 1 on text, stage 2 on "
+        "the model's own answers; load it with --speculative-config "
+        '\'{"method": "mlp_speculator", "model": OUT}\'.',
+    )
+    sub.add_argument("--model", type=Path, required=True, metavar="DIR",
+                     help="the target: a local Hugging Face model directory")
+    sub.add_argument("--out", type=Path, required=True, metavar="DIR",
+                     help="directory to write the speculator into")
+    sub.add_argument("--data", type=Path, nargs="+", default=[], metavar="FILE",
+                     help="text files to train on (default: Python's pydoc_data topics)")
+    for flag, kind, default, help_text in (
+        ("--n-predict", int, 3, "heads: tokens drafted per step"),
+        ("--inner-dim", int, 0, "the heads' width, 0 = the model's hidden size"),
+        ("--seq-len", int, 64, "positions per training sequence (stage 2: tokens generated)"),
+        ("--batch-size", int, 8, "sequences per step"),
+        ("--stage1-steps", int, 200, "steps on text"),
+        ("--stage2-steps", int, 100, "steps on the model's own answers"),
+        ("--stage2-prompts", int, 64, "prompts the model answers for stage 2"),
+        ("--lr", float, 1e-3, "peak learning rate (AdamW; warm-up, then cosine)"),
+        ("--seed", int, 0, "seed: the same seed and threads give the same speculator"),
+        ("--threads", int, None, "torch CPU threads (default: torch's)"),
+    ):
+        sub.add_argument(flag, type=kind, default=default, metavar="N",
+                         help=f"{help_text} (default: %(default)s)")  # fmt: skip
+    sub.add_argument("--tie-weights", action="store_true",
+                     help="share one embedding, head and norm across the heads (smaller)")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.set_defaults(run=_run_train_speculator)  # fmt: skip
+
+
+def _run_train_speculator(args: argparse.Namespace) -> int:
+    """Train, save, and print the output directory and the final losses."""
+    model_dir = resolve_model_dir(args.model)
+    from engine.spec_decode.train_mlp import TrainOptions, train_speculator
+
+    options = TrainOptions(
+        model=model_dir, out=args.out, data=list(args.data), n_predict=args.n_predict,
+        inner_dim=args.inner_dim, tie_weights=args.tie_weights, seq_len=args.seq_len,
+        batch_size=args.batch_size, stage1_steps=args.stage1_steps,
+        stage2_steps=args.stage2_steps, stage2_prompts=args.stage2_prompts, lr=args.lr,
+        seed=args.seed, threads=args.threads,
+    )  # fmt: skip
+    try:
+        summary = train_speculator(options, progress=not args.quiet)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    print(args.out)
+    for stage in ("stage1", "stage2"):
+        if f"{stage}_head_losses" in summary:
+            print(f"{stage} loss per head: {summary[f'{stage}_head_losses']}", file=sys.stderr)
     return 0
 
 

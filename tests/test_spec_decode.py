@@ -155,7 +155,7 @@ def test_rejection_sampling_keeps_the_target_distribution():
     ("config", "message"),
     [
         ({"method": "medusa"}, "speculative_config.method must be one of"),
-        ({"method": "eagle"}, "speculative_config.method 'eagle' is not implemented yet"),
+        ({"method": "eagle"}, r"speculative_config.model \(the drafter's weights"),
         ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
         ({"method": "ngram", "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "prompt_lookup"),
         ({"method": "ngram", "bogus": 1}, "unknown key.*bogus"),

@@ -217,14 +217,29 @@ class LlamaModel(nn.Module):
         kv_caches: list[torch.Tensor],  # num_layers x (2, num_blocks, block_size, Hkv, D)
         attn_meta: AttentionMetadata,
     ) -> torch.Tensor:  # (T, hidden), final-normed
+        return self.forward_with_aux(input_ids, positions, kv_caches, attn_meta)[0]
+
+    def forward_with_aux(
+        self,
+        input_ids: torch.Tensor,  # (T,) int64
+        positions: torch.Tensor,  # (T,) int64
+        kv_caches: list[torch.Tensor],
+        attn_meta: AttentionMetadata,
+        aux_layers: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # (T, hidden) final-normed, (T, hidden) each
+        """`forward`, and the residual stream entering each layer of `aux_layers` (0: the
+        embeddings; vLLM's and HF's `hidden_states[i]` convention), which EAGLE-3 reads."""
         hidden = self.embed_tokens(input_ids)  # (T, hidden)
         rope = self.rotary.at(positions)  # shared by every layer
         residual = None
+        aux: dict[int, torch.Tensor] = {}
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            if i in aux_layers:
+                aux[i] = hidden if residual is None else hidden + residual
             hidden, residual = layer(hidden, residual, rope, kv_cache, attn_meta)
             if self.layer_hook is not None:
                 self.layer_hook(i)
-        return self.norm.add_norm(hidden, residual)[0]
+        return self.norm.add_norm(hidden, residual)[0], [aux[i] for i in aux_layers]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -280,6 +295,17 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # (T, hidden_size)
         """Run the new tokens through the model, writing their K/V into `kv_caches`."""
         return self.model(input_ids, positions, kv_caches, attn_meta)
+
+    def forward_with_aux(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_meta: AttentionMetadata,
+        aux_layers: tuple[int, ...],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`forward`, and the residual stream entering each of `aux_layers` (`LlamaModel`)."""
+        return self.model.forward_with_aux(input_ids, positions, kv_caches, attn_meta, aux_layers)
 
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """(N, hidden) hidden states -> (N, vocab_size) logits, float32 unless `float32` is

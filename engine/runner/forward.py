@@ -19,7 +19,7 @@ import torch
 from engine.cuda_graphs import DecodeGraphs, GraphRows, argmax_rows, graph_rows
 from engine.models.llama import LlamaForCausalLM
 from engine.runner.handle import LaunchedStep, ModelRunnerOutput
-from engine.runner.inputs import prepare_batch
+from engine.runner.inputs import BatchInputs, prepare_batch
 from engine.runner.sample import StepSampler, keep_hidden
 from engine.sampling.logprobs import compute_prompt_logprobs
 from engine.scheduler.output import ScheduledRequest
@@ -101,6 +101,9 @@ class EagerForward:
         self.sampling = sampling
         self.block_size = block_size
         self.keep_hidden = False  # record the sampled rows' hidden states (a drafter reads them)
+        # EAGLE: record every row's states whose next token is known (`keep_states`): () the
+        # final hidden state, else the residual stream entering these layers, concatenated
+        self.state_layers: tuple[int, ...] | None = None
 
     def complete(
         self, items: list[ScheduledRequest], layer_hook: Callable[[int], None] | None = None
@@ -118,13 +121,21 @@ class EagerForward:
         out = ModelRunnerOutput()
         sampling = self.sampling
         batch = prepare_batch(items, self.block_size, sampling.vocab_size, sampling.device)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_meta)
+        layers = self.state_layers
+        if layers is None:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_meta)
+        else:
+            hidden, aux = self.model.forward_with_aux(
+                batch.input_ids, batch.positions, self.kv_caches, batch.attn_meta, layers
+            )
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # (R, vocab) float32
         if batch.sample_rows:
             sampling.sample(logits[: batch.num_sampled], batch.sample_rows, out)
             if self.keep_hidden:
                 rows = batch.logits_indices[: batch.num_sampled]
                 keep_hidden(hidden[rows], batch.sample_rows, out)
+        if layers is not None:  # after sampling: a verifying row's accepted drafts are known
+            keep_states(torch.cat(aux, dim=-1) if layers else hidden, batch, out)
         for piece in batch.prompt_slices:
             targets = torch.tensor(piece.targets, device=sampling.device)
             out.prompt_logprobs[piece.request_id] = compute_prompt_logprobs(
@@ -169,3 +180,16 @@ class CpuForward(EagerForward):
     @staticmethod
     def _copy_out(greedy: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         return greedy, None
+
+
+def keep_states(states: torch.Tensor, batch: BatchInputs, out: ModelRunnerOutput) -> None:
+    """Record in `out.states` each item's rows of `states` (T, D) whose next token is known
+    (EAGLE feeds them to its head): all of a chunk's rows (the next prompt token, or the one
+    sampled after the last), but of a verifying chunk only its known token's row and the
+    accepted drafts' (the rejected drafts' states are of tokens the request does not have)."""
+    at = 0
+    for item in batch.items:
+        request_id = item.request.request_id
+        rows = item.num_tokens - len(item.draft_token_ids) + len(out.accepted.get(request_id, ()))
+        out.states[request_id] = (item.start, states[at : at + rows])
+        at += item.num_tokens

@@ -28,6 +28,9 @@ class ModelRunnerOutput:
     # drafters that read the model's states: the final hidden state (H,) behind each request's
     # last token (`ModelRunner.keep_hidden`)
     hidden: dict[str, torch.Tensor] = field(default_factory=dict)
+    # EAGLE: (first position, (m, D) states) of the rows whose next token is known: a chunk's
+    # rows, a verifying request's up to its last accepted draft (`EagerForward.state_layers`)
+    states: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
     logprobs: dict[str, LogprobsTensors] = field(default_factory=dict)
     prompt_logprobs: dict[str, LogprobsTensors] = field(default_factory=dict)
 

@@ -52,6 +52,7 @@ class BatchInputs:
     sample_rows: list[ScheduledRequest]  # the items that sample, in order
     num_sampled: int  # their logits rows, first: one each, 1 + len(drafts) if verifying
     prompt_slices: list[PromptLogprobsSlice]
+    items: list[ScheduledRequest] = field(default_factory=list)  # (S,) in batch (row) order
 
 
 @dataclass(slots=True)
@@ -113,7 +114,7 @@ def prepare_batch(
     meta.set_padded(lens, cu_seqlens)
     return BatchInputs(
         ids, positions, meta, logits_indices,
-        rows.sample_rows, len(rows.sample_idx), prompt_slices(rows),
+        rows.sample_rows, len(rows.sample_idx), prompt_slices(rows), rows.items,
     )  # fmt: skip
 
 

@@ -420,6 +420,9 @@ class Scheduler:
             hits = self.kv.get_computed_blocks(request) if fresh else []
             computed = len(hits) * self.kv.block_size if fresh else request.num_computed_tokens
             num_tokens = min(request.num_tokens - computed, budget)
+            # KV from elsewhere, decoding on: its drafts (proposed on arrival) verify at once
+            drafts = [] if fresh else self._drafts(request, num_tokens, budget, False)
+            num_tokens += len(drafts)
             if not self.kv.allocate_slots(request, num_tokens, hits):
                 break
             self.waiting.pop()
@@ -432,7 +435,7 @@ class Scheduler:
                 request.num_cached_tokens = computed
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(self._scheduled(request, num_tokens))
+            out.scheduled.append(self._scheduled(request, num_tokens, drafts))
             budget -= num_tokens
 
     def _append_accepted(

@@ -8,10 +8,25 @@
               ones, and blocks past them go back (KVCacheManager.trim)
 
 Methods: `ngram` (prompt lookup), `suffix` (suffix decoding: the request's tokens and earlier
-outputs). Next: MLP speculators, EAGLE, draft models.
+outputs), `mlp_speculator` (IBM's MLP heads over the target's last hidden state; trained by
+`baton train-speculator`, engine.spec_decode.train_mlp), `draft_model`, `eagle` / `eagle3`
+(engine.spec_decode.eagle: a head over the target's states). A drafter
+gets a `DrafterContext` (the target's config, device, dtype); `register_proposer` adds one.
 """
 
-from engine.spec_decode.proposer import Proposer, build_proposer
+from engine.spec_decode.proposer import (
+    DrafterContext,
+    Proposer,
+    build_proposer,
+    register_proposer,
+)
 from engine.spec_decode.stats import SpecDecodeLogger, SpecDecodeStats
 
-__all__ = ["Proposer", "SpecDecodeLogger", "SpecDecodeStats", "build_proposer"]
+__all__ = [
+    "DrafterContext",
+    "Proposer",
+    "SpecDecodeLogger",
+    "SpecDecodeStats",
+    "build_proposer",
+    "register_proposer",
+]

@@ -13,6 +13,7 @@ from engine.runner.handle import ModelRunnerOutput
 from engine.sampling.logprobs import LogprobsTensors
 from engine.scheduler.output import SchedulerOutput
 from engine.scheduler.scheduler import Scheduler
+from engine.spec_decode.eagle import save_states
 
 
 class Stepper(ABC):
@@ -54,6 +55,9 @@ class Stepper(ABC):
             result = self.runner.run(scheduled, layer_hook=layer_hook).result()
             if worker is not None:
                 _save_hidden(worker, result)
+                if result.states:  # EAGLE's: the prompt's states go with its KV
+                    requests = {it.request.request_id: it.request for it in scheduled.scheduled}
+                    save_states(worker, requests, result.states)
                 worker.wait_for_save()  # before blocks of finished requests go back
             return self.post_process(scheduled, result)
         except BaseException:
@@ -92,6 +96,10 @@ class Stepper(ABC):
                 hidden = result.hidden.get(item.request.request_id)
                 if hidden is not None:
                     item.request.spec_hidden = hidden
+        for item in scheduled.scheduled if result.states else ():  # EAGLE's, until fed
+            states = result.states.get(item.request.request_id)
+            if states is not None:
+                item.request.spec_states.append(states)
         return _with_logprobs(outputs, result)
 
 
