@@ -10,7 +10,15 @@ Each configuration runs `--repeats` times after a warm-up; the fastest counts (t
 shared). Reports output tokens/s, the ratio against no drafts, and the mean acceptance length
 (tokens per verify pass: accepted drafts + 1).
 
-    python -m bench.spec_decode [--out bench/results/spec_decode_cpu.json]
+    python -m bench.spec_decode [--out bench/results/spec_decode_cpu.json] [--speculator DIR]
+
+With `--speculator DIR` the `mlp` configuration (an MLP speculator, engine.spec_decode.
+mlp_speculator) runs too, and a third workload, `chat` (plain chat questions, batch 1). The
+speculator is trained once with
+
+    baton train-speculator --model "$(baton demo-model)" --out DIR --tie-weights \
+        --stage1-steps 30 --stage2-steps 70 --batch-size 4 --seq-len 64 --stage2-prompts 48 \
+        --lr 2e-3 --threads 2
 """
 
 from __future__ import annotations
@@ -38,7 +46,25 @@ METHODS: dict[str, dict[str, Any] | None] = {
 # Standard-library modules whose functions the editing prompts quote (present on any Python)
 SOURCE_MODULES = ("textwrap", "shlex", "json.decoder", "string", "fnmatch", "glob", "base64",
                   "calendar", "difflib")  # fmt: skip
-AIMS = {"editing_ngram_over_off": 1.5, "batch16_ngram_over_off": 1.0}  # at least
+AIMS = {"editing_ngram_over_off": 1.5, "batch16_ngram_over_off": 1.0,  # at least
+        "editing_mlp_over_off": 1.3, "editing_mlp_acceptance_length": 1.5,
+        "batch16_mlp_over_off": 1.0}  # fmt: skip
+CHAT_QUESTIONS = ("What is a Python decorator? Answer in three sentences.",
+                  "Explain what a hash table is to a new programmer.",
+                  "Give me three tips for writing clear emails.",
+                  "Why is the sky blue?")  # fmt: skip
+
+
+def chat_prompts(tokenizer: Any) -> list[list[int]]:
+    """Plain chat questions, the chat template applied."""
+    return [
+        tokenizer.encode(
+            tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                          add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )
+        for q in CHAT_QUESTIONS
+    ]  # fmt: skip
 
 
 def editing_prompts(tokenizer: Any, num: int) -> list[list[int]]:
@@ -90,10 +116,11 @@ def run(model: str, spec: dict[str, Any] | None, prompts, max_tokens: int, repea
     }, outputs
 
 
-def workload(model: str, prompts, max_tokens: int, repeats: int) -> dict[str, Any]:
+def workload(model: str, prompts, max_tokens: int, repeats: int,
+             methods: dict[str, dict[str, Any] | None]) -> dict[str, Any]:  # fmt: skip
     results: dict[str, Any] = {}
     reference = None
-    for name, spec in METHODS.items():
+    for name, spec in methods.items():
         results[name], outputs = run(model, spec, prompts, max_tokens, repeats)
         if reference is None:
             reference = outputs
@@ -109,12 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/spec_decode_cpu.json"))
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--speculator", type=Path, default=None, metavar="DIR",
+                        help="an MLP speculator for the demo model (baton train-speculator)")
     args = parser.parse_args(argv)
+    methods = dict(METHODS)
+    if args.speculator is not None:
+        methods["mlp"] = {"method": "mlp_speculator", "model": str(args.speculator)}
     from common.tokenizer import load_tokenizer
     from engine.models.demo import ensure_demo_model
 
     model = str(ensure_demo_model(progress=False))
-    prompts = editing_prompts(load_tokenizer(model), 16)
+    tokenizer = load_tokenizer(model)
+    prompts = editing_prompts(tokenizer, 16)
     result: dict[str, Any] = {
         "benchmark": "spec_decode",
         "command": "python -m bench.spec_decode " + shlex.join(argv or sys.argv[1:]),
@@ -122,13 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         "machine": describe_machine(),
         "load_average_before": load_average(),
         "model": "SmolLM2-135M-Instruct (demo), float32, CPU",
-        "methods": METHODS,
+        "methods": methods,
         "max_tokens": args.max_tokens,
-        "editing": workload(model, prompts[:1], args.max_tokens, args.repeats),
-        "batch16": workload(model, prompts, args.max_tokens, args.repeats),
+        "editing": workload(model, prompts[:1], args.max_tokens, args.repeats, methods),
+        "batch16": workload(model, prompts, args.max_tokens, args.repeats, methods),
         "aims": AIMS,
         "load_average_after": load_average(),
     }
+    if args.speculator is not None:  # batch 1, one question after another
+        chat = {"off": None, "mlp": methods["mlp"]}
+        result["chat"] = [workload(model, [p], args.max_tokens, args.repeats, chat)
+                          for p in chat_prompts(tokenizer)]  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for name in ("editing", "batch16"):
