@@ -83,7 +83,7 @@ def timed(llm: Any, prompts: list[list[int]], params: Any, batch: int) -> tuple[
 def measure(model: str, spec: dict[str, Any] | None, on: bool, workloads, args) -> dict:
     from engine import LLM, SamplingParams
 
-    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     llm = LLM(model, dtype=dtype, device=args.device, speculative_config=spec,
               async_scheduling=on, gpu_memory_utilization=0.3)  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
@@ -147,10 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s (H100)")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script")
+    parser.add_argument("--dtype", help="default bfloat16 on cuda (float32: exact comparisons)")
     parser.add_argument("--only", nargs="+", help="configurations to run (off always runs)")
     args = parser.parse_args(argv)
-    import torch
-
     from common.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(args.model))
@@ -162,14 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         if name == "off" or not args.only or name in args.only:
             results[name] = measure(str(args.model), spec, on, workloads, args)
             print(name, {w: r["tokens_per_s"] for w, r in results[name].items()}, flush=True)
-    weight_bytes = _weight_bytes(args.model, torch.bfloat16)
+    weight_bytes = _weight_bytes(args.model, args.dtype or "bfloat16")
     compare(results, weight_bytes, args.bandwidth)
     record = {
         "benchmark": "spec_decode_gpu",
         "command": "python -m bench.spec_decode_gpu " + shlex.join(argv or sys.argv[1:]),
         "machine": describe_machine(),
         "commit": git_commit(),
-        "model": "SmolLM2-135M-Instruct (demo), bfloat16",
+        "model": "SmolLM2-135M-Instruct (demo)",
+        "dtype": args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
+        "speculator": _speculator_info(args.speculator),
         "weight_bytes": weight_bytes,
         "max_tokens": args.max_tokens,
         "results": results,
@@ -178,6 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(results, indent=1))
     return 0
+
+
+def _speculator_info(path: Path | None) -> dict[str, Any] | None:
+    """The MLP speculator's config and how it was trained (baton_training.json), if any."""
+    if path is None:
+        return None
+    info = {"config": json.loads((path / "config.json").read_text())}
+    training = path / "baton_training.json"
+    if training.is_file():
+        info["training"] = json.loads(training.read_text())
+    return info
 
 
 def _weight_bytes(model_dir: Path, dtype: Any) -> int:

@@ -321,6 +321,7 @@ def _add_train_speculator(commands: Any) -> None:
                          help=f"{help_text} (default: %(default)s)")  # fmt: skip
     sub.add_argument("--tie-weights", action="store_true",
                      help="share one embedding, head and norm across the heads (smaller)")
+    sub.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.set_defaults(run=_run_train_speculator)  # fmt: skip
 
@@ -335,7 +336,7 @@ def _run_train_speculator(args: argparse.Namespace) -> int:
         inner_dim=args.inner_dim, tie_weights=args.tie_weights, seq_len=args.seq_len,
         batch_size=args.batch_size, stage1_steps=args.stage1_steps,
         stage2_steps=args.stage2_steps, stage2_prompts=args.stage2_prompts, lr=args.lr,
-        seed=args.seed, threads=args.threads,
+        seed=args.seed, threads=args.threads, device=args.device,
     )  # fmt: skip
     try:
         summary = train_speculator(options, progress=not args.quiet)

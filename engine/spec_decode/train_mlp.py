@@ -61,6 +61,7 @@ class TrainOptions:
     lr: float = 1e-3
     seed: int = 0
     threads: int | None = None
+    device: str = "cpu"  # where the target runs and the speculator trains (cuda: much faster)
 
     def check(self) -> None:
         """ValueError naming the option that is out of range."""
@@ -115,23 +116,25 @@ def speculator_loss(speculator: MLPSpeculator, batch: Batch) -> tuple[torch.Tens
         target = batch.tokens[:, i + 1 : i + 1 + length]
         target = target.masked_fill(~batch.valid[:, i + 1 : i + 1 + length], -100)
         losses.append(F.cross_entropy(logits[i].flatten(0, 1), target.flatten()))
-    return sum(losses, torch.zeros(())), [float(loss.detach()) for loss in losses]
+    return sum(losses[1:], losses[0]), [float(loss.detach()) for loss in losses]
 
 
 class Target:
     """The target model (transformers, float32, CPU) as a source of final hidden states."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, device: str = "cpu") -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
         self.hidden_size = int(self.model.config.hidden_size)
         self.vocab_size = int(self.model.config.vocab_size)
 
     @torch.no_grad()
     def hidden(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids, right-padded -> (B, T, hidden) states after the final norm."""
-        return self.model.base_model(input_ids=token_ids).last_hidden_state
+        return self.model.base_model(input_ids=token_ids.to(self.device)).last_hidden_state
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The input embeddings and the lm_head weight, both (vocab, hidden)."""
@@ -190,7 +193,7 @@ def stage1_batches(
         picked, order = order[: options.batch_size], order[options.batch_size :]
         ids = chunks[picked]  # (B, seq_len + n + 1)
         hidden = target.hidden(ids[:, : options.seq_len])  # (B, L, D)
-        tokens = ids[:, 1:]  # (B, L + n)
+        tokens = ids[:, 1:].to(target.device)  # (B, L + n)
         yield Batch(hidden, tokens, torch.ones_like(tokens, dtype=torch.bool))
 
 
@@ -224,13 +227,17 @@ def stage2_examples(
     from engine import LLM, SamplingParams
 
     n, length = options.n_predict, options.seq_len
-    llm = LLM(str(options.model), dtype="float32", seed=options.seed)
+    llm = LLM(str(options.model), dtype="float32", seed=options.seed, device=options.device,
+              gpu_memory_utilization=0.5)  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=length + n)
     outputs = llm.generate(prompts, params, use_tqdm=progress)
     del llm
-    hidden = torch.zeros(len(prompts), length, target.hidden_size)
-    tokens = torch.zeros(len(prompts), length + n, dtype=torch.long)
-    valid = torch.zeros(len(prompts), length + n, dtype=torch.bool)
+    if target.device.type == "cuda":
+        torch.cuda.empty_cache()
+    device = target.device
+    hidden = torch.zeros(len(prompts), length, target.hidden_size, device=device)
+    tokens = torch.zeros(len(prompts), length + n, dtype=torch.long, device=device)
+    valid = torch.zeros(len(prompts), length + n, dtype=torch.bool, device=device)
     kept = 0
     for prompt, output in zip(prompts, outputs, strict=True):
         answer = list(output.outputs[0].token_ids)
@@ -313,8 +320,8 @@ def train_speculator(options: TrainOptions, progress: bool = True) -> dict[str, 
     rng = random.Random(options.seed)
     tokenizer = load_tokenizer(options.model)
     text = load_text(options.data)
-    target = Target(options.model)
-    speculator = new_speculator(options, target)
+    target = Target(options.model, options.device)
+    speculator = new_speculator(options, target).to(target.device)
     trainer = Trainer(speculator, options, progress)
     summary: dict[str, Any] = {"options": _jsonable(options)}
     if options.stage1_steps:
@@ -335,7 +342,7 @@ def train_speculator(options: TrainOptions, progress: bool = True) -> dict[str, 
 def save_speculator(speculator: MLPSpeculator, out: Path) -> None:
     """Write config.json and model.safetensors (fms names) into directory `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.float().clone() for k, v in speculator_state_dict(speculator).items()}
+    weights = {k: v.float().cpu().clone() for k, v in speculator_state_dict(speculator).items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(speculator.config.to_json(), indent=2) + "\n")
 
