@@ -5,8 +5,9 @@ rather than compiled and silently not enforced, so `auto` sends such schemas to 
 
 xgrammar 0.2.9 compiles a string with minLength/maxLength to `[^"\\\r\n]{m,n}`, which lets raw
 control characters through (invalid JSON, found by the temperature-1 tests): such strings
-(without a pattern or format of their own) are given the equivalent pattern of JSON string
-characters instead.
+(without a pattern or format of their own) are written as a chain of rules of JSON string
+characters instead, or as a pattern of them past `MAX_CHAIN_LENGTH` (engine.structured.
+xgrammar_strings says why a chain: a pattern near its bound made the mask fill ~1,000x slower).
 """
 
 from __future__ import annotations
@@ -27,7 +28,20 @@ from engine.structured.backend import (
     TokenizerData,
     choice_as_ebnf,
 )
-from engine.structured.json_schema import keywords_used, map_subschemas
+from engine.structured.json_schema import keywords_used
+from engine.structured.xgrammar_strings import (
+    JSON_STRING_CHAR,
+    MAX_CHAIN_LENGTH,
+    bounded_strings_as_patterns,
+    json_schema_as_ebnf,
+)
+
+__all__ = [
+    "JSON_STRING_CHAR",
+    "MAX_CHAIN_LENGTH",
+    "XgrammarBackend",
+    "bounded_strings_as_patterns",
+]
 
 # Keywords that constrain values but that xgrammar would not enforce.
 UNSUPPORTED_JSON_KEYWORDS = frozenset(
@@ -112,8 +126,7 @@ class XgrammarBackend(StructuredOutputBackend):
             bad = sorted(unsupported_keywords(schema))
             if bad:
                 raise GrammarCompileError(params, self.name, f"unsupported keywords {bad}")
-            schema = bounded_strings_as_patterns(schema)
-            return compiler.compile_json_schema(json.dumps(schema), any_whitespace=whitespace)
+            return self._compile_json_schema(schema, whitespace)
         if kind == "json_object":
             return compiler.compile_json_schema('{"type": "object"}', any_whitespace=whitespace)
         if kind == "regex":
@@ -126,35 +139,23 @@ class XgrammarBackend(StructuredOutputBackend):
         tag = params.structural_tag
         return compiler.compile_structural_tag(tag if isinstance(tag, str) else json.dumps(tag))
 
+    def _compile_json_schema(self, schema: Any, whitespace: bool) -> xgr.CompiledGrammar:
+        """Bounded strings as chains of rules where xgrammar's grammar lets us swap them in,
+        else (or should xgrammar not read back its own grammar's text) as patterns."""
+        ebnf = json_schema_as_ebnf(schema, whitespace)
+        if ebnf is not None:
+            try:
+                return self._compiler.compile_grammar(ebnf)
+            except RuntimeError:
+                pass
+        patterned = json.dumps(bounded_strings_as_patterns(schema))
+        return self._compiler.compile_json_schema(patterned, any_whitespace=whitespace)
+
 
 def unsupported_keywords(schema: Any) -> set[str]:
     """The keywords of `UNSUPPORTED_JSON_KEYWORDS` used anywhere in `schema` (as keywords, not
     as property names)."""
     return keywords_used(schema) & UNSUPPORTED_JSON_KEYWORDS
-
-
-# A character a JSON string may hold unescaped: not a control character, '"' or '\\'. The
-# range ends at the character U+10FFFF itself: xgrammar reads no \U escape (written so, every
-# mask fill inside such a string took its slow path, ~1,300x on the H100's host), and a negated
-# class there matches single bytes, which lets a string hold invalid UTF-8.
-JSON_STRING_CHAR = "[ !#-\\[\\]-" + chr(0x10FFFF) + "]"
-
-
-def bounded_strings_as_patterns(schema: Any) -> Any:
-    """A copy of `schema` whose strings with minLength/maxLength (and no pattern or format)
-    have the pattern of as many `JSON_STRING_CHAR`s instead."""
-    return map_subschemas(schema, _bounded_string_as_pattern)
-
-
-def _bounded_string_as_pattern(node: dict[str, Any]) -> dict[str, Any]:
-    bounded = "minLength" in node or "maxLength" in node
-    if node.get("type") != "string" or not bounded or {"pattern", "format"} & node.keys():
-        return node
-    out = dict(node)
-    low = int(out.pop("minLength", 0))
-    high = out.pop("maxLength", None)
-    out["pattern"] = f"^{JSON_STRING_CHAR}{{{low},{'' if high is None else int(high)}}}$"
-    return out
 
 
 def _first_line(e: Exception) -> str:
