@@ -14,7 +14,7 @@ import pytest
 
 from cluster import free_port
 from engine import LLM, SamplingParams
-from tests.workers import ROOT, lines_until_serving
+from tests.workers import ROOT, lines_until_serving, stop_serve
 
 NUM_REQUESTS = 32
 
@@ -46,8 +46,7 @@ def cluster(tiny_model):
     lines = lines_until_serving(proc)
     yield model_dir, f"http://127.0.0.1:{port}", lines, proc
     if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+        stop_serve(proc)
 
 
 def test_serve_prints_endpoints(cluster):

@@ -32,7 +32,7 @@ from engine.kv_connector import KVConnectorConfig, make_kv_connector
 from engine.kv_connector.receive import ReceiveConnector
 from engine.request import KVHandoff, Request
 from engine.sampling_params import SamplingParams as EngineSamplingParams
-from engine.spec_decode.eagle import EagleProposer, merge_states
+from engine.spec_decode.eagle import MAX_PENDING_STATES, EagleProposer, bound_states, merge_states
 from kv_transfer import TcpKVReceiver, TcpKVSender, TransferSpec
 from tests.test_spec_decode import _prompts, _run
 
@@ -229,6 +229,19 @@ def test_merge_states():
     assert start == 4 and rows.equal(b)
     start, rows = merge_states([(3, b), (0, c)])  # a recompute covering it
     assert start == 0 and rows.equal(c)
+
+
+def test_pending_states_are_bounded():
+    """A request that does not draft for a while keeps only the last MAX_PENDING_STATES rows."""
+    n = MAX_PENDING_STATES
+    rows = torch.arange(n + 10, dtype=torch.float32).unsqueeze(1)
+    entries = [(5, rows[:n]), (5 + n, rows[n:])]
+    bound_states(entries)
+    ((start, kept),) = entries
+    assert start == 15 and kept.shape[0] == n and kept[0, 0].item() == 10.0
+    small = [(0, rows[:3])]
+    bound_states(small)
+    assert len(small) == 1 and small[0][0] == 0 and small[0][1].equal(rows[:3])
 
 
 def _core(model: Path, head: Path, connector: str | None = None, **options) -> EngineCore:

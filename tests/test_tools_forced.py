@@ -22,7 +22,7 @@ from common.tokenizer import load_tokenizer
 from engine.models.tiny import make_tiny_model
 from tests.test_tools_serve import ASK, COMPACT, NO_THINKING, SCHEMAS, SEEDS, TOOLS, WEATHER
 from tests.test_tools_serve import _create as create
-from tests.workers import ROOT, lines_until_serving
+from tests.workers import ROOT, lines_until_serving, stop_serve
 
 MARKERS = ("<tool_call>", "</tool_call>", "<think>", "</think>")
 STRICT = [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS]
@@ -60,8 +60,7 @@ def _serve(model: Path, *flags: str) -> Iterator[str]:
         lines_until_serving(proc)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        proc.kill()
-        proc.wait()
+        stop_serve(proc)
 
 
 @pytest.fixture(scope="module")

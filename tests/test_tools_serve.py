@@ -21,7 +21,7 @@ from cluster import free_port
 from common.tools.errors import ToolRequestError
 from common.tools.request import plan_tools
 from common.tools.settings import ToolSettings
-from tests.workers import ROOT, lines_until_serving
+from tests.workers import ROOT, lines_until_serving, stop_serve
 
 WEATHER = {
     "type": "object",
@@ -63,8 +63,7 @@ def server(tiny_model) -> Iterator[str]:
         lines_until_serving(proc)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        proc.kill()
-        proc.wait()
+        stop_serve(proc)
 
 
 @pytest.fixture

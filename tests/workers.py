@@ -86,6 +86,17 @@ def lines_until_serving(proc: subprocess.Popen) -> list[str]:
     pytest.fail(f"baton serve did not start: {lines}")
 
 
+def stop_serve(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Stop a `baton serve` process as a user would (SIGTERM: it drains and stops its router
+    and workers); SIGKILL only if it hangs (its children would then be orphaned)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def pd_and_colocated_routers(model_dir: Path, addresses: Mapping[str, str]) -> Iterator[dict]:
     """Two routers over started workers: "disaggregated" (the "prefill" and "decode" workers)

@@ -62,6 +62,23 @@ def merge_states(entries: Sequence[States]) -> States | None:
     return start, parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+MAX_PENDING_STATES = 4096  # rows a request holds for the head between its drafts
+
+
+def bound_states(entries: list[States]) -> None:
+    """Keep at most MAX_PENDING_STATES rows of a request's states not yet fed to the head
+    (a request that does not draft for a while: prompt logprobs owed, `disable_by_batch_size`,
+    a long prompt in chunks): the last ones. The head then sees a gap and restarts its
+    entries after it (drafts worse for a while, outputs unchanged)."""
+    if sum(states.shape[0] for _, states in entries) <= MAX_PENDING_STATES:
+        return
+    merged = merge_states(entries)
+    assert merged is not None
+    start, rows = merged
+    kept = rows[-MAX_PENDING_STATES:]
+    entries[:] = [(start + rows.shape[0] - kept.shape[0], kept)]
+
+
 def save_states(
     worker: KVConnectorWorker, requests: dict[str, Request], step: dict[str, States]
 ) -> None:

@@ -13,7 +13,7 @@ from engine.runner.handle import ModelRunnerOutput
 from engine.sampling.logprobs import LogprobsTensors
 from engine.scheduler.output import SchedulerOutput
 from engine.scheduler.scheduler import Scheduler
-from engine.spec_decode.eagle import save_states
+from engine.spec_decode.eagle import bound_states, save_states
 
 
 class Stepper(ABC):
@@ -100,6 +100,7 @@ class Stepper(ABC):
             states = result.states.get(item.request.request_id)
             if states is not None:
                 item.request.spec_states.append(states)
+                bound_states(item.request.spec_states)
         return _with_logprobs(outputs, result)
 
 
