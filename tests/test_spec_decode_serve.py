@@ -39,10 +39,10 @@ def cluster(request, tiny_model, tmp_path_factory) -> Iterator[dict]:
     prefill_flags = flags if request.param == "ngram" else (*flags, "--speculative-config", spec)
     specs = {
         "prefill": ("prefill_service", prefill_flags),
-        "decode": ("decode_service", (*flags, "--speculative-config", SPEC,
+        "decode": ("decode_service", (*flags, "--speculative-config", spec,
                                       "--metrics-port", str(ports["decode"]))),
         "colocated": ("decode_service", (*flags, "--role", "colocated", "--speculative-config",
-                                         SPEC, "--metrics-port", str(ports["colocated"]))),
+                                         spec, "--metrics-port", str(ports["colocated"]))),
     }  # fmt: skip
     with (
         started_at_once(model_dir, specs) as addresses,
@@ -65,6 +65,15 @@ def _expected(model_dir) -> list[str]:
     llm = LLM(str(model_dir), num_kv_blocks=NUM_BLOCKS)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     return [o.outputs[0].text for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+
+def _offline_drafts(model_dir, spec: str) -> int:
+    """Verify steps with drafts for PROMPTS one after another in this process's engine."""
+    llm = LLM(str(model_dir), num_kv_blocks=NUM_BLOCKS, speculative_config=spec)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    for prompt in PROMPTS:
+        llm.generate([prompt], params, use_tqdm=False)
+    return llm.engine.core.scheduler.spec_stats.num_drafts
 
 
 def _texts(router: RouterThread, stream: bool) -> list[str]:
@@ -107,6 +116,8 @@ def test_greedy_outputs_equal_the_engine_without_drafts(cluster, topology):
         "baton:spec_decode_num_accepted_tokens_total", 0
     )
     assert drafts > 0 and (accepted > 0 or cluster["method"] == "mlp_speculator")
+    if cluster["method"] == "mlp_speculator":  # drafting from the first decode step on, as offline
+        assert drafts == 2 * _offline_drafts(cluster["model"], cluster["spec"])
     assert (
         after["baton:spec_decode_num_draft_tokens_total"]
         >= after["baton:spec_decode_num_accepted_tokens_total"]
