@@ -77,8 +77,15 @@ def add_autoscale(commands: Any) -> None:
     sub.add_argument("--namespace", default="default", metavar="NS")
     sub.add_argument("--prefill-deployment", required=True, metavar="NAME")
     sub.add_argument("--decode-deployment", required=True, metavar="NAME")
-    sub.add_argument("--router-url", action="append", required=True, metavar="URL",
-                     help="a router's base URL (its /metrics is scraped); repeat for several")
+    routers = sub.add_mutually_exclusive_group(required=True)
+    routers.add_argument("--router-url", action="append", metavar="URL",
+                         help="a router's base URL (its /metrics is scraped); repeat for several")
+    routers.add_argument("--router-service", metavar="NAME",
+                         help="the routers' Service in --namespace: every ready router pod "
+                         "(its EndpointSlices) is scraped")
+    sub.add_argument("--router-port", type=int, default=None, metavar="PORT",
+                     help="with --router-service: the routers' HTTP port on each pod "
+                     "(default: the Service's port named http)")  # fmt: skip
     sub.add_argument("--interval", type=float, default=15.0, metavar="S",
                      help="seconds between decisions (default: %(default)s)")
     sub.add_argument("--kubeconfig", default="", metavar="FILE",
@@ -103,14 +110,15 @@ def run_autoscale(args: argparse.Namespace) -> int:
 
     if args.interval <= 0:
         raise UsageError(f"--interval must be > 0, got {args.interval}")
+    if args.router_port is not None and not args.router_service:
+        raise UsageError("--router-port needs --router-service")
     config = autoscale_config(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s autoscale %(message)s")
     deployments = {"prefill": args.prefill_deployment, "decode": args.decode_deployment}
     actuator = KubernetesActuator.connect(
         args.namespace, deployments, args.kubeconfig, args.worker_metrics_port
     )
-    urls = [url.rstrip("/") + "/metrics" for url in args.router_url]
-    collector = MetricsCollector(urls, actuator.worker_metrics_urls)
+    collector = MetricsCollector(router_targets(args, actuator), actuator.worker_metrics_urls)
     autoscaler = Autoscaler(actuator, collector, config, args.interval)
     if args.metrics_port is not None:
         from cluster.autoscale_metrics import AutoscalerMetrics
@@ -128,3 +136,14 @@ def run_autoscale(args: argparse.Namespace) -> int:
         return 0
     autoscaler.run(threading.Event())  # until SIGTERM / Ctrl-C
     return 0
+
+
+def router_targets(args: argparse.Namespace, actuator: Any) -> Any:
+    """The routers' /metrics URLs: those of --router-url, or a function listing every ready
+    pod of --router-service at each scrape."""
+    if args.router_url:
+        return [url.rstrip("/") + "/metrics" for url in args.router_url]
+    from cluster.autoscale.kubernetes import RouterPods
+
+    pods = RouterPods(actuator.api_client, args.namespace, args.router_service, args.router_port)
+    return pods.metrics_urls

@@ -24,13 +24,24 @@ log = logging.getLogger(__name__)
 PORT_NAME = "grpc"  # the Service port workers serve on; else a slice's first port
 
 
-def ready_addresses(slices: Any) -> list[str]:
-    """`host:port` of every ready, not terminating endpoint in a V1EndpointSliceList."""
+def list_service_slices(api: Any, namespace: str, service: str) -> Any:
+    """The V1EndpointSliceList of Service `service` (`api`: a kubernetes DiscoveryV1Api)."""
+    return api.list_namespaced_endpoint_slice(
+        namespace, label_selector=f"kubernetes.io/service-name={service}", _request_timeout=5
+    )
+
+
+def ready_addresses(
+    slices: Any, port_name: str = PORT_NAME, port_override: int | None = None
+) -> list[str]:
+    """`host:port` of every ready, not terminating endpoint in a V1EndpointSliceList: the
+    slice's port named `port_name` (else its first), or `port_override` if given."""
     found = []
     for eps in slices.items or []:
         ports = eps.ports or []
-        port = next((p.port for p in ports if p.name == PORT_NAME), None)
+        port = next((p.port for p in ports if p.name == port_name), None)
         port = port if port is not None else next((p.port for p in ports), None)
+        port = port_override if port_override is not None else port
         if port is None:
             continue
         for endpoint in eps.endpoints or []:
@@ -85,10 +96,7 @@ class EndpointSliceDiscovery:
         for role, service in self.services.items():
             try:
                 slices = await asyncio.to_thread(
-                    self.api.list_namespaced_endpoint_slice,
-                    self.namespace,
-                    label_selector=f"kubernetes.io/service-name={service}",
-                    _request_timeout=5,
+                    list_service_slices, self.api, self.namespace, service
                 )
             except Exception as error:  # the API server's errors are many; keep the last view
                 log.warning("cannot list the endpoints of service %s: %s", service, error)

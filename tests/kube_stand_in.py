@@ -27,9 +27,11 @@ class KubeState:
     namespace: str = "baton"
     replicas: dict[str, int] = field(default_factory=dict)
     pods: dict[str, list[str]] = field(default_factory=dict)  # deployment -> phase of each pod
-    # service -> [(ip, ready, terminating)], in `namespace` only; port `slice_port` named grpc
+    # service -> [(ip, ready, terminating)], in `namespace` only; ports `slice_port` named grpc
+    # and `http_port` named http
     endpoints: dict[str, list[tuple[str, bool, bool]]] = field(default_factory=dict)
     slice_port: int = 50051
+    http_port: int = 8000
     patches: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     metrics_text: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -66,7 +68,8 @@ class KubeState:
             "metadata": {"name": f"{service}-abc", "namespace": self.namespace,
                          "labels": {"kubernetes.io/service-name": service}},
             "addressType": "IPv4", "endpoints": endpoints,
-            "ports": [{"name": "grpc", "port": self.slice_port, "protocol": "TCP"}],
+            "ports": [{"name": "grpc", "port": self.slice_port, "protocol": "TCP"},
+                      {"name": "http", "port": self.http_port, "protocol": "TCP"}],
         }  # fmt: skip
         return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
                 "metadata": {}, "items": [item] if found else []}  # fmt: skip

@@ -222,6 +222,8 @@ def test_the_autoscaler_owns_the_worker_replicas_and_may_scale_them() -> None:
     rules = by_kind(manifests, "Role")["demo-baton-autoscaler"]["rules"]
     assert {"resources": ["deployments/scale"], "verbs": ["get", "update", "patch"],
             "apiGroups": ["apps"]} in rules  # fmt: skip
+    assert {"resources": ["endpointslices"], "verbs": ["get", "list", "watch"],
+            "apiGroups": ["discovery.k8s.io"]} in rules  # fmt: skip
     defaults = by_kind(render(), "Deployment")
     assert "demo-baton-autoscaler" not in defaults
     assert defaults["demo-baton-decode"]["spec"]["replicas"] == 1
@@ -417,7 +419,10 @@ def test_the_autoscaler_starts_with_baton_autoscales_flags() -> None:
     assert args.kubernetes and args.namespace == NAMESPACE
     assert (args.prefill_deployment, args.decode_deployment) == (
         "demo-baton-prefill", "demo-baton-decode")  # fmt: skip
-    assert args.router_url == [f"http://demo-baton-router.{NAMESPACE}.svc:8000"]
+    assert args.router_url is None  # not the Service's URL: every router pod, from its slices
+    assert (args.router_service, args.router_port) == ("demo-baton-router", 8000)
+    assert by_kind(manifests, "Service")["demo-baton-router"]["spec"]["ports"][0] == {
+        "name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}  # fmt: skip
     assert (args.prefill_min, args.prefill_max, args.decode_min, args.decode_max) == (2, 8, 4, 16)
     assert (args.ttft_slo, args.itl_slo) == (0.5, 0.04)
     assert (args.scale_up_cooldown, args.scale_down_cooldown) == (60.0, 600.0)

@@ -1,8 +1,9 @@
 """The autoscaler's inputs: Prometheus text scraped from the router(s) and the workers.
 
-Read with `prometheus_client.parser`. Latency percentiles come from the router's histograms
-as bucket deltas between two scrapes (what `histogram_quantile(0.9, rate(...[interval]))`
-computes), so each interval sees only its own requests. Names (vLLM's, under `baton:`):
+Read with `prometheus_client.parser`. Latency percentiles come from the routers' histograms
+as bucket deltas between two scrapes of each router, summed over the routers (what
+`histogram_quantile(0.9, sum by (le) (rate(...[interval])))` computes), so each interval sees
+only its own requests, from every router. Names (vLLM's, under `baton:`):
 
     router   time_to_first_token_seconds, inter_token_latency_seconds   histograms
     workers  num_requests_running, kv_cache_usage_perc (decode)          gauges, label `role`
@@ -63,13 +64,24 @@ def gauge_values(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     ]
 
 
-def quantile(q: float, before: Buckets, after: Buckets) -> float | None:
-    """The `q` quantile (seconds) of the observations made between two scrapes of one
-    histogram, interpolated linearly inside its bucket as Prometheus does; None if there were
-    none, or if the counts went backwards (a restarted or different process)."""
+def bucket_deltas(before: Buckets, after: Buckets) -> Buckets | None:
+    """The observations one histogram got between two scrapes, per bucket; None if any count
+    went backwards (a restarted or different process behind the same address)."""
     delta = {le: after[le] - before.get(le, 0.0) for le in after}
-    if any(v < 0 for v in delta.values()):
-        return None
+    return None if any(v < 0 for v in delta.values()) else delta
+
+
+def sum_buckets(deltas: Sequence[Buckets]) -> Buckets:
+    """Several processes' bucket deltas as one distribution (the bounds all of them have)."""
+    if not deltas:
+        return {}
+    bounds = set(deltas[0]).intersection(*deltas[1:])
+    return {le: sum(d[le] for d in deltas) for le in bounds}
+
+
+def quantile_of(q: float, delta: Buckets) -> float | None:
+    """The `q` quantile (seconds) of a histogram's bucket deltas, interpolated linearly inside
+    its bucket as Prometheus does; None if there were no observations."""
     bounds = sorted(delta)
     total = delta[bounds[-1]] if bounds else 0.0
     if total <= 0:
@@ -85,6 +97,13 @@ def quantile(q: float, before: Buckets, after: Buckets) -> float | None:
     return lower
 
 
+def quantile(q: float, before: Buckets, after: Buckets) -> float | None:
+    """The `q` quantile of the observations made between two scrapes of one histogram; None if
+    there were none, or if the counts went backwards."""
+    delta = bucket_deltas(before, after)
+    return None if delta is None else quantile_of(q, delta)
+
+
 @dataclass(frozen=True, slots=True)
 class Measurements:
     """One scrape's aggregates (the policy's inputs but the replica counts)."""
@@ -98,15 +117,20 @@ class Measurements:
 
 @dataclass
 class MetricsCollector:
-    """Scrapes the routers and the workers each interval; remembers the last histograms.
+    """Scrapes the routers and the workers each interval; remembers each router's histograms.
 
-    `worker_urls()` gives the workers' /metrics URLs at each scrape (they come and go)."""
+    `router_urls` is a list of /metrics URLs, or a function giving them at each scrape (every
+    ready router pod: they come and go); `worker_urls()` gives the workers' likewise. The
+    percentiles are those of every router's observations together: each router's bucket
+    deltas since its previous scrape, summed. A router seen for the first time (or not scraped
+    last time) only sets its baseline; one whose counts went backwards (restarted) is left out
+    of that interval; one that is gone is forgotten."""
 
-    router_urls: Sequence[str]
+    router_urls: Sequence[str] | Callable[[], Iterable[str]]
     worker_urls: Callable[[], Iterable[str]] = lambda: ()
     fetch: Callable[[str], str] = fetch_text
     quantile: float = 0.9
-    _last: dict[tuple[str, str], Buckets] = field(default_factory=dict)
+    _last: dict[str, dict[str, Buckets]] = field(default_factory=dict)  # url -> name -> buckets
 
     def collect(self) -> Measurements:
         """Scrape every target once and aggregate."""
@@ -123,20 +147,22 @@ class MetricsCollector:
         return Measurements(ttft, itl, waiting, mean_kv, running)
 
     def _router_quantiles(self) -> tuple[float | None, float | None]:
-        merged: dict[str, list[float]] = {TTFT: [], ITL: []}
-        for url in self.router_urls:
+        urls = self.router_urls() if callable(self.router_urls) else self.router_urls
+        deltas: dict[str, list[Buckets]] = {TTFT: [], ITL: []}
+        scraped: dict[str, dict[str, Buckets]] = {}
+        for url in dict.fromkeys(urls):
             text = self._scrape_one(url)
             if text is None:
                 continue
-            for name, values in merged.items():
-                after = histogram_buckets(text, name)
-                before = self._last.get((url, name))
-                self._last[(url, name)] = after
-                value = None if before is None else quantile(self.quantile, before, after)
-                if value is not None:
-                    values.append(value)
-        # With several routers, the worst one's percentile: an SLO broken on any router counts.
-        return max(merged[TTFT], default=None), max(merged[ITL], default=None)
+            scraped[url] = {name: histogram_buckets(text, name) for name in deltas}
+            before = self._last.get(url)
+            for name, found in deltas.items():
+                delta = None if before is None else bucket_deltas(before[name], scraped[url][name])
+                if delta:
+                    found.append(delta)
+        self._last = scraped  # routers not scraped now start over from their next scrape
+        ttft = quantile_of(self.quantile, sum_buckets(deltas[TTFT]))
+        return ttft, quantile_of(self.quantile, sum_buckets(deltas[ITL]))
 
     def _scrape(self, urls: Iterable[str]) -> list[str]:
         return [text for url in urls if (text := self._scrape_one(url)) is not None]

@@ -11,9 +11,13 @@ its termination grace period.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from cluster.autoscale.actuator import ROLES, Actuator, Replicas, register_actuator
+from router.discovery import list_service_slices, ready_addresses
+
+log = logging.getLogger(__name__)
 
 
 @register_actuator("kubernetes")
@@ -35,6 +39,7 @@ class KubernetesActuator(Actuator):
         if unknown:
             raise ValueError(f"deployments: unknown role {sorted(unknown)[0]!r}")
         self.namespace, self.deployments = namespace, deployments
+        self.api_client = api_client
         self.apps = client.AppsV1Api(api_client)
         self.core = client.CoreV1Api(api_client)
         self.metrics_port = metrics_port
@@ -81,3 +86,29 @@ class KubernetesActuator(Actuator):
             return []
         hosts = [f"[{ip}]" if ":" in ip else ip for ips in self._pod_ips.values() for ip in ips]
         return [f"http://{host}:{self.metrics_port}/metrics" for host in hosts]
+
+
+class RouterPods:
+    """The /metrics URLs of every ready router pod, from the router Service's EndpointSlices
+    (read as the router reads its workers'): each scrape reaches every router, not the one the
+    Service picks. `port`: the routers' HTTP port (default: the slices' port named http)."""
+
+    def __init__(
+        self, api_client: Any, namespace: str, service: str, port: int | None = None
+    ) -> None:
+        from kubernetes import client
+
+        self.api = client.DiscoveryV1Api(api_client)
+        self.namespace, self.service, self.port = namespace, service, port
+        self._urls: list[str] = []
+
+    def metrics_urls(self) -> list[str]:
+        """The routers' /metrics URLs now; the last ones known if the API server fails."""
+        try:
+            slices = list_service_slices(self.api, self.namespace, self.service)
+        except Exception as error:  # the API server's errors are many; keep the last view
+            log.warning("cannot list the endpoints of service %s: %s", self.service, error)
+            return self._urls
+        addresses = ready_addresses(slices, port_name="http", port_override=self.port)
+        self._urls = [f"http://{address}/metrics" for address in addresses]
+        return self._urls

@@ -119,8 +119,3 @@ app.kubernetes.io/component: {{ .component }}
 {{- default "default" .Values.router.serviceAccount.name }}
 {{- end }}
 {{- end }}
-
-{{/* The router's port for HTTP, for NOTES and the autoscaler. */}}
-{{- define "baton.routerURL" -}}
-http://{{ include "baton.component" (dict "root" . "component" "router") }}.{{ .Release.Namespace }}.svc:{{ .Values.router.httpPort }}
-{{- end }}
