@@ -11,7 +11,7 @@ does not start as a call object of a known tool is content too.
 from __future__ import annotations
 
 from common.tools.parser import Json, ToolParser, ToolScan, register_tool_parser
-from common.tools.scanning import UNDECIDED, decided, json_call
+from common.tools.scanning import UNDECIDED, content_until, json_call
 
 START, END = "<tool_call>", "</tool_call>"
 
@@ -26,11 +26,9 @@ class HermesToolParser(ToolParser):
     def scan(self, text: str, final: bool) -> ToolScan:
         out, pos = ToolScan(), 0
         while True:
-            start = text.find(START, pos)
-            if start < 0:
-                out.add_content(decided(text[pos:], final, START))
+            start = content_until(out, text, pos, START, final)
+            if start is None:
                 return out
-            out.add_content(text[pos:start])
             body = start + len(START)
             call = json_call(text, body, self.names)
             if call is None:  # not a call: the marker is text

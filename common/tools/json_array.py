@@ -5,7 +5,7 @@ the body of Mistral's `[TOOL_CALLS][...]`."""
 from __future__ import annotations
 
 from common.tools.parser import ToolParser, ToolScan
-from common.tools.scanning import UNDECIDED, json_call, skip_space
+from common.tools.scanning import UNDECIDED, add_json_call, json_call, skip_space
 
 
 def scan_call_array(
@@ -22,13 +22,8 @@ def scan_call_array(
         if call is None:
             return pos
         assert not isinstance(call, str)
-        out.add_call(call.name, text[call.args_start : call.args_end], call.complete)
-        if not call.complete:
-            return None
-        close = skip_space(text, call.args_end)
-        if close < len(text) and text[close] == "}":
-            close = skip_space(text, close + 1)
-        if close >= len(text):
+        close = add_json_call(out, text, call)
+        if close is None:
             return None
         if text[close] == "]":
             return close + 1

@@ -9,7 +9,7 @@ recognised only at the start of the answer; an answer that starts otherwise is a
 from __future__ import annotations
 
 from common.tools.parser import Json, ToolParser, ToolScan, register_tool_parser
-from common.tools.scanning import UNDECIDED, json_call, skip_space
+from common.tools.scanning import UNDECIDED, add_json_call, json_call, skip_space
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -39,13 +39,8 @@ class Llama3JsonToolParser(ToolParser):
                 out.add_content(text if not out.calls else text[pos:])
                 return out
             assert not isinstance(call, str)
-            out.add_call(call.name, text[call.args_start : call.args_end], call.complete)
-            if not call.complete:
-                return out
-            after = skip_space(text, call.args_end)
-            if after < len(text) and text[after] == "}":
-                after = skip_space(text, after + 1)
-            if after >= len(text):
+            after = add_json_call(out, text, call)
+            if after is None:
                 return out
             if text[after] != ";":
                 out.add_content(text[after:])

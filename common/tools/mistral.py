@@ -14,7 +14,7 @@ import regex
 
 from common.tools.json_array import scan_call_array
 from common.tools.parser import Json, ToolParser, ToolScan, register_tool_parser
-from common.tools.scanning import decided, json_object_end, skip_space
+from common.tools.scanning import content_until, json_object_end, skip_space
 
 START = "[TOOL_CALLS]"
 # v11: `NAME[ARGS]{` (Magistral may put `[CALL_ID]id` between)
@@ -33,11 +33,9 @@ class MistralToolParser(ToolParser):
     def scan(self, text: str, final: bool) -> ToolScan:
         out, pos = ToolScan(), 0
         while True:
-            start = text.find(START, pos)
-            if start < 0:
-                out.add_content(decided(text[pos:], final, START))
+            start = content_until(out, text, pos, START, final)
+            if start is None:
                 return out
-            out.add_content(text[pos:start])
             body = skip_space(text, start + len(START))
             if body >= len(text):
                 return out

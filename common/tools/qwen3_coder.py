@@ -25,7 +25,7 @@ from typing import Any
 import regex
 
 from common.tools.parser import ToolParser, ToolScan, register_tool_parser
-from common.tools.scanning import decided
+from common.tools.scanning import content_until
 
 START, END = "<tool_call>", "</tool_call>"
 FUNCTION = regex.compile(r"\s*<function=([^>\n]{1,256})>")
@@ -43,11 +43,9 @@ class Qwen3CoderToolParser(ToolParser):
     def scan(self, text: str, final: bool) -> ToolScan:
         out, pos = ToolScan(), 0
         while True:
-            start = text.find(START, pos)
-            if start < 0:
-                out.add_content(decided(text[pos:], final, START))
+            start = content_until(out, text, pos, START, final)
+            if start is None:
                 return out
-            out.add_content(text[pos:start])
             head = FUNCTION.match(text, start + len(START), partial=True)
             if head is None or (not head.partial and head.group(1) not in self.names):
                 out.add_content(START)

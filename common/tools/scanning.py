@@ -9,9 +9,12 @@ JSON object, and the head of a JSON call object (`{"name": "...", "arguments": {
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import regex
+
+if TYPE_CHECKING:
+    from common.tools.parser import ToolScan
 
 # `{"name": "NAME", "arguments": {` (or "parameters", Llama's key); group 1: NAME's JSON text
 CALL_HEAD = regex.compile(
@@ -104,3 +107,26 @@ def skip_space(text: str, pos: int) -> int:
     while pos < len(text) and text[pos].isspace():
         pos += 1
     return pos
+
+
+def content_until(out: ToolScan, text: str, pos: int, marker: str, final: bool) -> int | None:
+    """Add the content from `pos` to the next `marker` to `out`; the marker's index, or None
+    when there is none (the decided rest of the text added: a cut-off marker is held back)."""
+    start = text.find(marker, pos)
+    if start < 0:
+        out.add_content(decided(text[pos:], final, marker))
+        return None
+    out.add_content(text[pos:start])
+    return start
+
+
+def add_json_call(out: ToolScan, text: str, call: JsonCall) -> int | None:
+    """Add `call` to `out`; the index of what follows it (past spaces, and a '}' that wraps the
+    call object), None while the call is unfinished or nothing follows it yet."""
+    out.add_call(call.name, text[call.args_start : call.args_end], call.complete)
+    if not call.complete:
+        return None
+    after = skip_space(text, call.args_end)
+    if after < len(text) and text[after] == "}":
+        after = skip_space(text, after + 1)
+    return after if after < len(text) else None
