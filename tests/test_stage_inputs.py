@@ -99,3 +99,30 @@ def test_fill_rows_puts_each_list_at_the_start_of_its_row():
     out = np.full((3, 4), -1, dtype=np.int32)
     fill_rows(out, [[5, 6], [], [7, 8, 9, 10]], [2, 0, 4])
     assert out.tolist() == [[5, 6, -1, -1], [-1, -1, -1, -1], [7, 8, 9, 10]]
+
+
+def test_a_table_trimmed_after_rejected_drafts_packs_its_new_block():
+    """Rejected drafts give their block back (`KVCacheManager.trim`), and the next verify step
+    takes another in its place: the graphs' packed table must hold the new block, not the one
+    given back (it did, and the graphs then read and wrote another sequence's block)."""
+    from engine.cuda_graphs import PackedTables
+    from engine.kv_cache.manager import KVCacheManager
+    from engine.request import Request
+    from engine.sampling_params import SamplingParams
+
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_caching=False)
+    req = Request("a", list(range(6)), SamplingParams(max_tokens=20), max_tokens=20)
+    assert kv.allocate_slots(req, 6)
+    req.num_computed_tokens = 6
+    assert kv.allocate_slots(req, 3)  # verify 1 + 2 drafts: positions 6..8 reach block 3
+    staged = np.zeros(staged_size(2, 4), dtype=np.int32)
+    held = PackedTables()
+    pack_step(staged, 2, [6, 7], [kv.block_ids("a")] * 2, [1, 2], held)
+    given_back = kv.block_ids("a")[-1]
+    req.num_computed_tokens = 7  # one draft rejected: block 3 goes back
+    kv.trim(req)
+    assert kv.allocate_slots(req, 2)  # the next verify step needs a third block: another one
+    table = kv.block_ids("a")
+    assert len(table) == 3 and table[-1] != given_back
+    used = pack_step(staged, 2, [7, 8], [table] * 2, [1, 2], held)
+    assert staged[1 + 2 * 2 : used].reshape(2, 3).tolist() == [table, table]

@@ -168,7 +168,10 @@ class KVCacheManager:
             return
         extra = blocks[keep:]
         del blocks[keep:]
-        del self._block_ids[rid][keep:]
+        # A new id list, not the old one cut: the CUDA graphs' packed tables skip a row whose
+        # list object and length they saw before (engine.cuda_graphs.PackedTables: a list only
+        # grows), and a cut list regrown to its old length holds another block at its end.
+        self._block_ids[rid] = self._block_ids[rid][:keep]
         self.pool.free(reversed(extra))
 
     def free(self, request: Request) -> None:
