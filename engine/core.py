@@ -53,7 +53,8 @@ class EngineCore:
             drafting_for = DrafterContext(
                 config.model, self.runner.device, config.model.dtype,
                 num_blocks=self.runner.num_blocks, block_size=config.cache.block_size,
-                target_model=self.runner.model,
+                target_model=self.runner.model, cuda_graphs=self.runner.graphs is not None,
+                max_num_seqs=config.scheduler.max_num_seqs,
             )  # fmt: skip
             self.proposer = build_proposer(spec, drafting_for)
             if self.proposer.state_layers is not None:  # EAGLE: every position's states

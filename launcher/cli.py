@@ -303,8 +303,9 @@ def _add_train_speculator(commands: Any) -> None:
                      help="the target: a local Hugging Face model directory")
     sub.add_argument("--out", type=Path, required=True, metavar="DIR",
                      help="directory to write the speculator into")
-    sub.add_argument("--data", type=Path, nargs="+", default=[], metavar="FILE",
-                     help="text files to train on (default: Python's pydoc_data topics)")
+    sub.add_argument("--data", type=Path, nargs="+", default=[], metavar="PATH",
+                     help="text files or directories (their .py .txt .md .rst files) to train on "
+                          "(default: Python's pydoc_data topics)")
     for flag, kind, default, help_text in (
         ("--n-predict", int, 3, "heads: tokens drafted per step"),
         ("--inner-dim", int, 0, "the heads' width, 0 = the model's hidden size"),

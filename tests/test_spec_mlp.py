@@ -241,3 +241,16 @@ def test_a_trained_speculator_gets_drafts_accepted(tiny_model, tmp_path):
     _run(llm, prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
     stats = llm.engine.core.scheduler.spec_stats
     assert stats.num_accepted_tokens > 0.2 * stats.num_draft_tokens
+
+
+def test_training_text_from_a_directory(tmp_path):
+    from engine.spec_decode.train_mlp import load_text
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "b.py").write_text("def b(): pass")
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
+    assert load_text([tmp_path]) == "alpha\n\ndef b(): pass"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="--data: .*empty holds no"):
+        load_text([tmp_path / "empty"])

@@ -23,6 +23,8 @@ class DrafterContext:
     num_blocks: int | None = None  # the target's KV cache blocks (a drafter's cache may match)
     block_size: int = 16  # tokens per KV block
     target_model: torch.nn.Module | None = None  # EAGLE shares its embedding and lm_head
+    cuda_graphs: bool = False  # the target decodes through CUDA graphs: a drafter may too
+    max_num_seqs: int = 256  # the most sequences a step runs (a graphed drafter's largest batch)
 
 
 class Proposer(ABC):

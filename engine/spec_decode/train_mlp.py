@@ -40,6 +40,7 @@ from engine.spec_decode.mlp_speculator import (
 )
 
 PROMPT_CHARS = (200, 800)  # a stage-2 prompt's length in characters: from, to
+STATES_BATCH = 32  # stage-2 sequences per forward pass of the target
 
 
 @dataclass(slots=True)
@@ -91,18 +92,31 @@ class Batch:
     valid: torch.Tensor
 
 
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")  # what a --data directory contributes
+
+
 def load_text(paths: list[Path]) -> str:
-    """The training text: the files' contents, else pydoc_data's topics (always installed)."""
+    """The training text: the files' contents (a directory: its files ending in one of
+    TEXT_SUFFIXES, recursively, in name order), else pydoc_data's topics (always installed)."""
     if not paths:
         from pydoc_data.topics import topics
 
         return "\n\n".join(topics[key] for key in sorted(topics))
-    texts = []
+    files: list[Path] = []
     for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+            if not found:
+                raise ValueError(f"--data: {path} holds no {'/'.join(TEXT_SUFFIXES)} files")
+            files += found
+        else:
+            files.append(path)
+    texts = []
+    for file in files:
         try:
-            texts.append(path.read_text(encoding="utf-8", errors="replace"))
+            texts.append(file.read_text(encoding="utf-8", errors="replace"))
         except OSError as e:
-            raise ValueError(f"--data: cannot read {path}: {e.strerror}") from None
+            raise ValueError(f"--data: cannot read {file}: {e.strerror}") from None
     return "\n\n".join(texts)
 
 
@@ -135,6 +149,15 @@ class Target:
     def hidden(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids, right-padded -> (B, T, hidden) states after the final norm."""
         return self.model.base_model(input_ids=token_ids.to(self.device)).last_hidden_state
+
+    def hidden_of(self, sequences: list[list[int]]) -> torch.Tensor:
+        """The states of token sequences of any lengths, right-padded in one batch (the
+        model is causal: padding after a sequence changes none of its states)."""
+        longest = max(len(seq) for seq in sequences)
+        ids = torch.zeros(len(sequences), longest, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.tensor(seq)
+        return self.hidden(ids)
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The input embeddings and the lm_head weight, both (vocab, hidden)."""
@@ -227,7 +250,9 @@ def stage2_examples(
     from engine import LLM, SamplingParams
 
     n, length = options.n_predict, options.seq_len
-    llm = LLM(str(options.model), dtype="float32", seed=options.seed, device=options.device,
+    # On a GPU the answers of the model as it is served there (bfloat16), and faster.
+    dtype = "bfloat16" if options.device.startswith("cuda") else "float32"
+    llm = LLM(str(options.model), dtype=dtype, seed=options.seed, device=options.device,
               gpu_memory_utilization=0.5)  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=length + n)
     outputs = llm.generate(prompts, params, use_tqdm=progress)
@@ -239,16 +264,17 @@ def stage2_examples(
     tokens = torch.zeros(len(prompts), length + n, dtype=torch.long, device=device)
     valid = torch.zeros(len(prompts), length + n, dtype=torch.bool, device=device)
     kept = 0
-    for prompt, output in zip(prompts, outputs, strict=True):
-        answer = list(output.outputs[0].token_ids)
-        if len(answer) < 2:  # nothing follows the first token: no target
-            continue
-        states = target.hidden(torch.tensor([prompt + answer[:-1]]))[0]  # (P + A - 1, D)
-        used = min(length, len(answer) - 1)
-        hidden[kept, :used] = states[len(prompt) - 1 : len(prompt) - 1 + used]
-        tokens[kept, : len(answer)] = torch.tensor(answer)
-        valid[kept, : len(answer)] = True
-        kept += 1
+    answered = [(p, list(o.outputs[0].token_ids)) for p, o in zip(prompts, outputs, strict=True)]
+    answered = [(p, a) for p, a in answered if len(a) >= 2]  # one token alone has no target
+    for start in range(0, len(answered), STATES_BATCH):
+        group = answered[start : start + STATES_BATCH]
+        states = target.hidden_of([prompt + answer[:-1] for prompt, answer in group])
+        for row, (prompt, answer) in enumerate(group):
+            used = min(length, len(answer) - 1)
+            hidden[kept, :used] = states[row, len(prompt) - 1 : len(prompt) - 1 + used]
+            tokens[kept, : len(answer)] = torch.tensor(answer)
+            valid[kept, : len(answer)] = True
+            kept += 1
     if kept == 0:
         raise ValueError("stage 2: the target answered no prompt with two tokens or more")
     return Batch(hidden[:kept], tokens[:kept], valid[:kept])
@@ -317,6 +343,8 @@ def train_speculator(options: TrainOptions, progress: bool = True) -> dict[str, 
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
+    if options.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # training needs no more than TF32
     rng = random.Random(options.seed)
     tokenizer = load_tokenizer(options.model)
     text = load_text(options.data)
