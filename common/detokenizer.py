@@ -4,12 +4,17 @@ Text comes from the `tokenizers` library's `DecodeStream`, which buffers tokens 
 form valid UTF-8 and handles byte-level / metaspace decoders. Stop strings are searched only in
 the newly added text plus the (longest stop - 1) characters before it. `TokenTexts` decodes
 single tokens (the text shown beside logprobs).
+
+A prompt given as token ids may end inside a character. As in vLLM's `detokenize_incrementally`,
+that character is the prompt's (its text ends with U+FFFD for it): the answer starts after it,
+whether the answer's first tokens complete it or not (`HeldCharacter`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
@@ -26,6 +31,32 @@ logger = logging.getLogger(__name__)
 _INVALID_PREFIX_ERROR = "Invalid prefix encountered"
 # Prime the stream with at most this many prompt tokens (for leading-space context).
 _MAX_PROMPT_CONTEXT = 24
+_REPLACEMENT = "\ufffd"  # what a decode shows for bytes that are not (yet) a character
+
+
+@dataclass(slots=True)
+class HeldCharacter:
+    """The end of a prompt that stops inside a character, held back from the stream until the
+    answer's tokens complete or break that character.
+
+    `prompt_text` is the decode of `token_ids`' prompt part: its last `replacements` characters
+    are U+FFFD, for the prompt's incomplete bytes (one with byte-level decoders; one a byte with
+    byte-fallback ones).
+    """
+
+    token_ids: list[int]  # the prompt's last tokens, then the answer's so far
+    prompt_text: str
+    replacements: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.replacements = len(self.prompt_text) - len(self.prompt_text.rstrip(_REPLACEMENT))
+
+    def answer_text(self, text: str) -> str:
+        """The answer's part of `text` (the decode of `token_ids`, no longer ending inside a
+        character): what follows the prompt's text and the character its bytes begin, which
+        is either completed (one character) or stays `replacements` U+FFFD."""
+        rest = text[len(self.prompt_text) - self.replacements :]
+        return rest[self.replacements :] if rest.startswith(_REPLACEMENT) else rest[1:]
 
 
 class IncrementalDetokenizer:
@@ -64,8 +95,11 @@ class IncrementalDetokenizer:
         self._prompt_end: list[int] | None = (
             list(prompt_token_ids[-_MAX_PROMPT_CONTEXT:]) if self.detokenize else None
         )
-        # Text with no stop strings and no added-token spacing to mind: `update`'s short path.
+        self._held: HeldCharacter | None = None  # the prompt ends inside a character
+        # Text with no stop strings and no added-token spacing to mind: `update`'s short path,
+        # once the stream is primed (and no prompt character is held).
         self._plain = self.detokenize and not self.stop and not self._special_tokens
+        self._short_path = False
 
     def _special_token_texts(self, params: SamplingParams) -> dict[int, str]:
         # Only needed to drop the spaces the decoder puts between adjacent added tokens.
@@ -77,12 +111,34 @@ class IncrementalDetokenizer:
     def _prime(self, suffix: list[int]) -> None:
         # Decode the first output token in the context of a prompt suffix that ends on a
         # character boundary, so word-initial spaces come out as in a full decode.
-        for length in range(4, len(suffix) + 1):
-            if "\ufffd" not in self._tokenizer.decode(suffix[-length:]):
+        end = self._decode(suffix[-4:])  # holds the last character whole (4 bytes at most)
+        if end.endswith(_REPLACEMENT) and (text := self._decode(suffix)).endswith(_REPLACEMENT):
+            self._held = HeldCharacter(list(suffix), text)  # the stream waits for its end
+            return
+        if _REPLACEMENT not in end:
+            suffix = suffix[-4:]
+        for length in range(5, len(suffix) + 1):  # else further back, where no U+FFFD is
+            if _REPLACEMENT not in self._decode(suffix[-length:]):
                 suffix = suffix[-length:]
                 break
         for token_id in suffix:
             self._step(token_id)
+        self._short_path = self._plain
+
+    def _step_held(self, held: HeldCharacter, token_id: int) -> str:
+        # vLLM's detokenize_incrementally, until the prompt's last character is decided; then
+        # the stream takes over, primed with the tokens so far.
+        held.token_ids.append(token_id)
+        ids = held.token_ids
+        text = self._decode(ids)
+        if text.endswith(_REPLACEMENT):
+            return ""
+        self._held = None
+        self._prime(ids[-_MAX_PROMPT_CONTEXT:])
+        return held.answer_text(text)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
 
     @property
     def output_text(self) -> str:
@@ -101,7 +157,7 @@ class IncrementalDetokenizer:
         include_stop_str_in_output. Returns the matched stop string (output_text is then cut
         before it, or just after it with include_stop_str_in_output), else None.
         """
-        if self._plain and len(new_token_ids) == 1 and self._prompt_end is None:
+        if self._short_path and len(new_token_ids) == 1:
             # one token a step, no stop string to look for (per-step host time: kept lean)
             if not stop_terminated or self.include_stop_str_in_output:
                 self._output_text += self._step(new_token_ids[0]) or ""
@@ -119,7 +175,8 @@ class IncrementalDetokenizer:
         check_from = len(self._output_text)
         for token_id in new_token_ids:
             self.token_ids.append(token_id)
-            text = self._step(token_id) or ""
+            held = self._held
+            text = (self._step(token_id) if held is None else self._step_held(held, token_id)) or ""
             if self._special_tokens:
                 text = self._special_text(token_id, text)
             self._output_text += text

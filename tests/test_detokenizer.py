@@ -150,3 +150,51 @@ def test_no_spaces_between_special_tokens(tokenizer: PreTrainedTokenizerFast) ->
     detok = detokenizer(tokenizer, skip_special_tokens=False, spaces_between_special_tokens=False)
     detok.update(ids, stop_terminated=False)
     assert detok.output_text == "hi<|im_start|><|im_end|>"
+
+
+def answer_text(detok: IncrementalDetokenizer, ids: list[int], chunk: int) -> tuple[str, list[str]]:
+    """Feed `ids` `chunk` at a time; the final text and the streamed deltas."""
+    deltas = []
+    for start in range(0, len(ids), chunk):
+        assert detok.update(ids[start : start + chunk], stop_terminated=False) is None
+        deltas.append(detok.get_next_output_text(finished=False, delta=True))
+    deltas.append(detok.get_next_output_text(finished=True, delta=True))
+    return detok.output_text, deltas
+
+
+# A prompt given as token ids may end inside a character (TEXTS[1]'s unseen characters are
+# split into byte tokens). As in vLLM's detokenize_incrementally, that character belongs to the
+# prompt: the answer is the full decode's text after the prompt's text, which ends with one
+# U+FFFD for the incomplete character.
+@pytest.mark.parametrize("stop", [[], ["zz"]])  # the one-token short path, and the other
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_prompt_ending_inside_a_character(
+    tokenizer: PreTrainedTokenizerFast, chunk: int, stop: list[str]
+) -> None:
+    ids = tokenizer.encode(TEXTS[1])
+    full = tokenizer.decode(ids)
+    inside = [cut for cut in range(1, len(ids)) if tokenizer.decode(ids[:cut])[-1] == "\ufffd"]
+    assert len(inside) > 5  # guards the test: many cuts fall inside a character
+    for cut in range(1, len(ids)):
+        prompt_text = tokenizer.decode(ids[:cut])
+        detok = IncrementalDetokenizer(tokenizer, SamplingParams(stop=stop), ids[:cut])
+        text, deltas = answer_text(detok, ids[cut:], chunk)
+        assert text == "".join(deltas) == full[len(prompt_text) :], (cut, prompt_text)
+
+
+def test_answer_completing_the_prompts_character(tokenizer: PreTrainedTokenizerFast) -> None:
+    ids = tokenizer.encode("🙂 again")
+    assert tokenizer.decode(ids[:1]) == "\ufffd"
+    detok = IncrementalDetokenizer(tokenizer, SamplingParams(), ids[:1])
+    assert answer_text(detok, ids[1:2], 1)[0] == ""  # the character is the prompt's
+    assert answer_text(detok, ids[2:], 1)[0] == " again"
+
+
+def test_answer_not_completing_the_prompts_character(tokenizer: PreTrainedTokenizerFast) -> None:
+    prompt = tokenizer.encode("日")[:1]
+    answer = tokenizer.encode(" ok")
+    assert tokenizer.decode(prompt + answer) == "\ufffd ok"
+    for stop in ([], ["zz"]):
+        detok = IncrementalDetokenizer(tokenizer, SamplingParams(stop=stop), prompt)
+        text, deltas = answer_text(detok, answer, 1)
+        assert text == "".join(deltas) == " ok"

@@ -104,6 +104,22 @@ def test_stream_deltas_add_up(llm):
     assert [c.finished for c in chunks].count(True) == 1 and chunks[-1].finish_reason == "length"
 
 
+def test_prompt_ids_ending_inside_a_character(llm):
+    # The character is the prompt's (as in vLLM): the answer holds neither the prompt's U+FFFD
+    # nor the character its first token completes.
+    tokenizer = llm.get_tokenizer()
+    hello, smile = (tokenizer.encode(t, add_special_tokens=False) for t in ("hello ", "🙂"))
+    x = tokenizer.encode("x", add_special_tokens=False)
+    assert len(smile) > 2 and len(x) == 1
+    completing = SamplingParams(temperature=0, max_tokens=1, allowed_token_ids=smile[-1:])
+    breaking = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, allowed_token_ids=x)
+    prompts = [hello + smile[:-1], hello + smile[:1]]
+    outs = [o.outputs[0] for o in llm.generate(prompts, [completing, breaking], use_tqdm=False)]
+    assert [o.token_ids for o in outs] == [smile[-1:], x * 3]
+    assert [o.text for o in outs] == ["", "xxx"]
+    assert "".join(c.delta_text for c in llm.stream(prompts[1], breaking)) == "xxx"
+
+
 def test_abandoned_stream_frees_blocks(llm):
     stream = llm.stream(PROMPTS[2], SamplingParams(max_tokens=50, ignore_eos=True))
     next(stream)
