@@ -1,6 +1,8 @@
 """JSON-schema walks the backends share: which keywords a schema uses, and rewrites that keep
 its meaning in a form a backend enforces.
 
+    enforceable_schema(params, ...)     a `json` / `json_object` spec's schema as a backend
+                                        that builds it into a regex takes it, or refused
     keywords_used(schema)               every keyword, at any depth (not property names)
     map_subschemas(schema, rewrite)     `rewrite` applied to every subschema, innermost first
     without_additional_properties       objects take only their listed properties
@@ -13,9 +15,13 @@ what the schema forbids); `auto` then tries the next backend.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from typing import Any
+
+from common.structured_outputs import StructuredOutputsParams
+from engine.structured.backend import GrammarCompileError
 
 VALUE_KEYWORDS = ("enum", "const", "default", "examples")  # hold values, not schemas
 SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")  # name -> schema
@@ -28,6 +34,37 @@ ANNOTATIONS = frozenset(
 MAX_ENUM_RANGE = 1024
 
 Schema = Any  # a dict, or a list of schemas, or a bool (true/false schemas)
+
+
+def enforceable_schema(
+    params: StructuredOutputsParams,
+    backend: str,
+    any_object: Schema,
+    unenforced: Callable[[Schema], list[str]],
+) -> Schema:
+    """The schema `backend` compiles for a `json` or `json_object` spec: `any_object` (the
+    backend's form of `json_object`), or the spec's schema (a dict or JSON text) with small
+    integer ranges as enums (`bounded_integers_as_enums`) and, with
+    disable_additional_properties, its objects closed.
+
+    GrammarCompileError naming `backend` for `json_object` with disable_additional_properties
+    (only `{}` would match), and with the reasons `unenforced` gives for the schema (why the
+    backend would not enforce all of it); JSON text that does not parse raises json's error.
+    """
+    if params.kind == "json_object":
+        if params.disable_additional_properties:
+            reason = "disable_additional_properties with json_object would allow only {}"
+            raise GrammarCompileError(params, backend, reason)
+        return any_object
+    raw = params.json
+    schema = raw if isinstance(raw, dict) else json.loads(str(raw))
+    schema = bounded_integers_as_enums(schema)
+    if params.disable_additional_properties:
+        schema = without_additional_properties(schema)
+    problems = unenforced(schema)
+    if problems:
+        raise GrammarCompileError(params, backend, "; ".join(problems))
+    return schema
 
 
 def keywords_used(schema: Schema) -> set[str]:

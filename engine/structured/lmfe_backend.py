@@ -18,7 +18,6 @@ let them in). `json_object` is any JSON object whose values hold no numbers.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from typing import Any
 
@@ -35,7 +34,7 @@ from engine.structured.backend import (
     StructuredOutputBackend,
     TokenizerData,
 )
-from engine.structured.json_schema import bounded_integers_as_enums, without_additional_properties
+from engine.structured.json_schema import enforceable_schema
 from engine.structured.lmfe_json import ANY_OBJECT_SCHEMA, JsonFixes, unenforced
 from engine.structured.vocabulary import token_bytes
 
@@ -222,20 +221,7 @@ class LmfeBackend(StructuredOutputBackend):
         if params.whitespace_pattern is not None:
             reason = "whitespace_pattern is not supported (disable_any_whitespace is)"
             raise GrammarCompileError(params, self.name, reason)
-        if params.kind == "json_object" and params.disable_additional_properties:
-            reason = "disable_additional_properties with json_object would allow only {}"
-            raise GrammarCompileError(params, self.name, reason)
-        if params.kind == "json_object":
-            return ANY_OBJECT_SCHEMA
-        raw = params.json
-        schema = raw if isinstance(raw, dict) else json.loads(str(raw))
-        schema = bounded_integers_as_enums(schema)
-        if params.disable_additional_properties:
-            schema = without_additional_properties(schema)
-        problems = unenforced(schema)
-        if problems:
-            raise GrammarCompileError(params, self.name, "; ".join(problems))
-        return schema
+        return enforceable_schema(params, self.name, ANY_OBJECT_SCHEMA, unenforced)
 
 
 def _first_line(e: Exception) -> str:

@@ -34,10 +34,9 @@ from engine.structured.backend import (
 )
 from engine.structured.json_schema import (
     ANNOTATIONS,
-    bounded_integers_as_enums,
+    enforceable_schema,
     keywords_used,
     subschemas,
-    without_additional_properties,
 )
 from engine.structured.vocabulary import token_bytes
 
@@ -176,19 +175,8 @@ class OutlinesBackend(StructuredOutputBackend):
         raise GrammarCompileError(params, self.name, reason)
 
     def _json_regex(self, params: StructuredOutputsParams) -> str:
-        schema: Any = {"type": "object", "depth": 1}  # json_object (depth 2 compiles 50x slower)
-        if params.kind == "json_object" and params.disable_additional_properties:
-            reason = "disable_additional_properties with json_object would allow only {}"
-            raise GrammarCompileError(params, self.name, reason)
-        if params.kind == "json":
-            raw = params.json
-            schema = raw if isinstance(raw, dict) else json.loads(str(raw))
-            schema = bounded_integers_as_enums(schema)
-            if params.disable_additional_properties:
-                schema = without_additional_properties(schema)
-            problems = unenforced_keywords(schema)
-            if problems:
-                raise GrammarCompileError(params, self.name, "; ".join(problems))
+        any_object = {"type": "object", "depth": 1}  # json_object (depth 2 compiles 50x slower)
+        schema = enforceable_schema(params, self.name, any_object, unenforced_keywords)
         whitespace = params.whitespace_pattern
         if whitespace is None and params.disable_any_whitespace:
             whitespace = ""
