@@ -15,37 +15,45 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
+NEAR_TIE = 0.1  # nats between plain decoding's top two (float32): what rounding can flip
+
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
          "prompt_lookup_max": 3}  # fmt: skip
 
 
 def test_greedy_with_drafts_in_graphs_equals_plain(tiny_model):
+    """Where a run with drafts leaves plain decoding's tokens, it is at a near tie: it took
+    plain decoding's runner-up, within NEAR_TIE of its first choice (a wrong block read after
+    rejected drafts once gave divergences where plain decoding was sure, margins of 6)."""
     from engine import LLM, SamplingParams
 
     model = str(tiny_model("llama"))
     motifs = [[17, 230, 41, 99], [5, 6, 7, 300, 301], [88, 12, 88, 13], [250, 251]]
     prompts = [(m * 8)[: 12 + 5 * i] for i, m in enumerate(motifs * 3)]
-    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
     outputs = {}
     for spec in (None, NGRAM):
-        llm = LLM(model, device="cuda", max_num_seqs=16, kv_cache_memory_bytes=1 << 28,
-                  speculative_config=spec)  # fmt: skip
+        llm = LLM(model, device="cuda", dtype="float32", max_num_seqs=16,
+                  kv_cache_memory_bytes=1 << 28, speculative_config=spec)  # fmt: skip
         outs = llm.generate(prompts, params, use_tqdm=False)
-        outputs[spec is None] = [o.outputs[0].token_ids for o in outs]
+        outputs[spec is None] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
         core = llm.engine.core
         assert core.runner.graphs.replays > 0
         if spec is not None:
             assert core.scheduler.spec_stats.num_accepted_tokens > 0
         llm.check_integrity()
-    pairs = list(zip(outputs[True], outputs[False], strict=True))
-    same = [a == b for a, b in pairs]
-    first = [  # the first position where they differ (lengths are equal: ignore_eos)
-        next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
-        for a, b in pairs
-    ]
-    print("identical:", sum(same), "of", len(same), "first difference at:", first)
-    assert sum(same) >= len(same) // 2
-    assert min(first) >= 8
+    same = 0
+    for (plain, plain_lps), (drafted, _) in zip(outputs[True], outputs[False], strict=True):
+        at = next((i for i, (x, y) in enumerate(zip(plain, drafted, strict=True)) if x != y), None)
+        if at is None:
+            same += 1
+            continue
+        ranked = sorted(plain_lps[at].items(), key=lambda kv: -kv[1].logprob)
+        (_, first), (runner_up, second) = ranked[:2]
+        assert drafted[at] == runner_up, f"position {at}: not plain decoding's runner-up"
+        assert first.logprob - second.logprob <= NEAR_TIE, f"position {at}: no near tie"
+    print("identical:", same, "of", len(prompts))
+    assert same >= len(prompts) // 2
 
 
 def test_graphed_mlp_drafts_equal_eager_ones():
