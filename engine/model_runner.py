@@ -69,34 +69,47 @@ class ModelRunner:
         self.keep_hidden = spec is not None and spec.method in SPEC_METHODS_READING_HIDDEN
         self.eager.keep_hidden = self.keep_hidden
         self.graph_hidden: torch.Tensor | None = None  # each replay's, when kept
+        self.graph_states: torch.Tensor | None = None  # each replay's EAGLE states, when kept
+        self.state_layers: tuple[int, ...] | None = None  # `keep_states`' layers
         # The largest graph: a row per sequence, k + 1 per sequence verifying k drafts.
         drafts = 0 if spec is None else spec.num_speculative_tokens
         self.graph_rows = config.scheduler.max_num_seqs * (1 + drafts)
         self.graphs: DecodeGraphs | None = None
         self.graph: GraphForward | None = None
-        # EAGLE reads every row's states, which the decode graphs do not keep: eager steps
+        self._graphs_allowed = self.kernels.triton and not config.enforce_eager
+        # EAGLE reads every row's states, of layers its drafter names: captured in keep_states
         reads_states = spec is not None and spec.method in SPEC_METHODS_READING_STATES
-        if self.kernels.triton and not config.enforce_eager and not reads_states:
-            if self.keep_hidden:
-                size = max(default_capture_sizes(self.graph_rows))
-                self.graph_hidden = torch.empty(
-                    size, m.hidden_size, dtype=m.dtype, device=self.device
-                )
-            self.graphs = DecodeGraphs(
-                self._decode_forward,
-                self.device,
-                default_capture_sizes(self.graph_rows),
-                max_blocks=-(-m.max_model_len // self.block_size),
-                block_size=self.block_size,
-            )
-            self.graphs.capture()
-            self.graph = GraphForward(self.graphs, sampling, self.graph_hidden)
+        if self._graphs_allowed and not reads_states:
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        """Capture the decode graphs, with static buffers for what a drafter reads."""
+        m = self.config.model
+        size = max(default_capture_sizes(self.graph_rows))
+        if self.keep_hidden:
+            self.graph_hidden = torch.empty(size, m.hidden_size, dtype=m.dtype, device=self.device)
+        if self.state_layers is not None:
+            width = m.hidden_size * max(1, len(self.state_layers))
+            self.graph_states = torch.empty(size, width, dtype=m.dtype, device=self.device)
+        self.graphs = DecodeGraphs(
+            self._decode_forward,
+            self.device,
+            default_capture_sizes(self.graph_rows),
+            max_blocks=-(-m.max_model_len // self.block_size),
+            block_size=self.block_size,
+        )
+        self.graphs.capture()
+        sampling = self.eager.sampling
+        self.graph = GraphForward(self.graphs, sampling, self.graph_hidden, self.graph_states)
 
     def keep_states(self, layers: tuple[int, ...]) -> None:
         """Record each step's states of the rows whose next token is known, for EAGLE
         (`ModelRunnerOutput.states`): `()` the final hidden state, else the residual stream
-        entering each of `layers`, concatenated. Steps run to completion only."""
-        self.eager.state_layers = layers
+        entering each of `layers`, concatenated. Steps run to completion only. On a GPU the
+        decode graphs are captured now, keeping the states in a static buffer."""
+        self.eager.state_layers = self.state_layers = layers
+        if self._graphs_allowed and self.graphs is None:
+            self._capture_graphs()
 
     @property
     def graph_prompt_steps(self) -> int:
@@ -106,7 +119,16 @@ class ModelRunner:
     def _decode_forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:  # (B, vocab) in the model's dtype: what a decode graph captures
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        layers = self.state_layers
+        if layers:  # EAGLE-3: the residual stream entering these layers, concatenated
+            hidden, aux = self.model.forward_with_aux(
+                input_ids, positions, self.kv_caches, meta, layers
+            )
+        else:
+            hidden, aux = self.model(input_ids, positions, self.kv_caches, meta), []
+        if self.graph_states is not None:  # captured with the graph: EAGLE reads them
+            states = torch.cat(aux, dim=-1) if layers else hidden
+            self.graph_states[: hidden.shape[0]].copy_(states)
         if self.graph_hidden is not None:  # captured with the graph: a drafter reads them
             self.graph_hidden[: hidden.shape[0]].copy_(hidden)
         # No float32 copy of the logits in the graph: the argmax is the same on either, and

@@ -19,7 +19,7 @@ import torch
 from engine.cuda_graphs import DecodeGraphs, GraphRows, argmax_rows, graph_rows
 from engine.models.llama import LlamaForCausalLM
 from engine.runner.handle import LaunchedStep, ModelRunnerOutput
-from engine.runner.inputs import BatchInputs, prepare_batch
+from engine.runner.inputs import prepare_batch
 from engine.runner.sample import StepSampler, keep_hidden
 from engine.sampling.logprobs import compute_prompt_logprobs
 from engine.scheduler.output import ScheduledRequest
@@ -29,11 +29,16 @@ class GraphForward:
     """Steps run as rows of a captured decode graph; `rows` says whether a step qualifies."""
 
     def __init__(
-        self, graphs: DecodeGraphs, sampling: StepSampler, hidden: torch.Tensor | None = None
+        self,
+        graphs: DecodeGraphs,
+        sampling: StepSampler,
+        hidden: torch.Tensor | None = None,
+        states: torch.Tensor | None = None,
     ) -> None:
         self.graphs = graphs
         self.sampling = sampling
         self.hidden = hidden  # (B_max, H) each replay's final hidden states, if a drafter reads
+        self.states = states  # (B_max, W) each replay's EAGLE states (`keep_states`), if kept
         self.prompt_steps = 0  # steps whose prompt chunks ran in a decode graph
 
     def rows(
@@ -68,6 +73,8 @@ class GraphForward:
         if self.hidden is not None and samplers:
             at = torch.tensor(sample_rows, device=logits.device)
             keep_hidden(self.hidden.index_select(0, at), samplers, out)
+        if self.states is not None:  # a copy: EAGLE may hold rows past the next replay
+            keep_states(self.states[: len(rows.ids)].clone(), items, out)
         return out
 
     def launch(
@@ -135,7 +142,7 @@ class EagerForward:
                 rows = batch.logits_indices[: batch.num_sampled]
                 keep_hidden(hidden[rows], batch.sample_rows, out)
         if layers is not None:  # after sampling: a verifying row's accepted drafts are known
-            keep_states(torch.cat(aux, dim=-1) if layers else hidden, batch, out)
+            keep_states(torch.cat(aux, dim=-1) if layers else hidden, batch.items, out)
         for piece in batch.prompt_slices:
             targets = torch.tensor(piece.targets, device=sampling.device)
             out.prompt_logprobs[piece.request_id] = compute_prompt_logprobs(
@@ -182,13 +189,16 @@ class CpuForward(EagerForward):
         return greedy, None
 
 
-def keep_states(states: torch.Tensor, batch: BatchInputs, out: ModelRunnerOutput) -> None:
-    """Record in `out.states` each item's rows of `states` (T, D) whose next token is known
+def keep_states(
+    states: torch.Tensor, items: list[ScheduledRequest], out: ModelRunnerOutput
+) -> None:
+    """Record in `out.states` each item's rows of `states` (T, D: the items' rows in order)
+    whose next token is known
     (EAGLE feeds them to its head): all of a chunk's rows (the next prompt token, or the one
     sampled after the last), but of a verifying chunk only its known token's row and the
     accepted drafts' (the rejected drafts' states are of tokens the request does not have)."""
     at = 0
-    for item in batch.items:
+    for item in items:
         request_id = item.request.request_id
         rows = item.num_tokens - len(item.draft_token_ids) + len(out.accepted.get(request_id, ()))
         out.states[request_id] = (item.start, states[at : at + rows])

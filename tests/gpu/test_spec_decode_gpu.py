@@ -94,3 +94,38 @@ def test_mlp_speculator_drafts_through_graphs_in_the_engine(tiny_model, tmp_path
     assert core.proposer.graphed is not None and core.proposer.graphed._graphs
     assert core.scheduler.spec_stats.num_draft_tokens > 0
     llm.check_integrity()
+
+
+def test_eagle_verify_steps_run_in_graphs(tiny_model, tmp_path):
+    """EAGLE's target states come out of the decode graphs (a static buffer captured with
+    them): on a bigram target the exact EAGLE-1 head's drafts are accepted (a stale or
+    misplaced state would show as rejections) and greedy outputs are plain decoding's; a
+    random EAGLE-3 head (three layers' states) keeps them too, up to near ties."""
+    from engine import LLM, SamplingParams
+    from tests.test_spec_decode import _prompts
+    from tests.test_spec_eagle import _spec, bigram_target, exact_eagle_head, write_head
+
+    target = bigram_target(tiny_model("llama"), tmp_path / "target")
+    prompts = _prompts(8, seed=2)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    options = {"device": "cuda", "dtype": "float32", "max_num_seqs": 8,
+               "kv_cache_memory_bytes": 1 << 28}  # fmt: skip
+
+    def run(spec):
+        llm = LLM(str(target), speculative_config=spec, **options)
+        outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        core = llm.engine.core
+        assert core.runner.graphs is not None and core.runner.graphs.replays > 0
+        llm.check_integrity()
+        return outs, core.scheduler.spec_stats
+
+    plain, _ = run(None)
+    exact = exact_eagle_head(tmp_path / "eagle", target)
+    drafted, stats = run(_spec(exact, False))
+    assert stats.num_draft_tokens > 0
+    assert stats.num_accepted_tokens >= 0.95 * stats.num_draft_tokens
+    assert sum(a == b for a, b in zip(drafted, plain, strict=True)) >= len(plain) - 1
+    head3 = write_head(tmp_path / "eagle3", target, True, aux=[1, 0, 1])
+    drafted3, stats3 = run(_spec(head3, True))
+    assert stats3.num_draft_tokens > 0
+    assert sum(a == b for a, b in zip(drafted3, plain, strict=True)) >= len(plain) - 1
