@@ -110,6 +110,12 @@ def measure(model: str, spec: dict[str, Any] | None, on: bool, workloads, args) 
             "outputs": outputs,
         }
     del llm
+    release_gpu_memory()
+    return result
+
+
+def release_gpu_memory() -> None:
+    """Give a deleted engine's GPU memory back, before the next engine sizes its KV cache."""
     import gc
 
     import torch
@@ -117,7 +123,25 @@ def measure(model: str, spec: dict[str, Any] | None, on: bool, workloads, args) 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return result
+
+
+def demo_record(name: str, argv: list[str] | None, dtype: str, **fields: Any) -> dict[str, Any]:
+    """A result file's common head for the demo-model benchmarks: what ran, where, on what."""
+    return {
+        "benchmark": name,
+        "command": f"python -m bench.{name} " + shlex.join(argv or sys.argv[1:]),
+        "machine": describe_machine(),
+        "commit": git_commit(),
+        "model": "SmolLM2-135M-Instruct (demo)",
+        "dtype": dtype,
+        **fields,
+    }
+
+
+def write_results(out: Path, record: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record["results"], indent=1))
 
 
 def compare(results: dict[str, dict], weight_bytes: int, bandwidth: float) -> None:
@@ -163,21 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             print(name, {w: r["tokens_per_s"] for w, r in results[name].items()}, flush=True)
     weight_bytes = _weight_bytes(args.model, args.dtype or "bfloat16")
     compare(results, weight_bytes, args.bandwidth)
-    record = {
-        "benchmark": "spec_decode_gpu",
-        "command": "python -m bench.spec_decode_gpu " + shlex.join(argv or sys.argv[1:]),
-        "machine": describe_machine(),
-        "commit": git_commit(),
-        "model": "SmolLM2-135M-Instruct (demo)",
-        "dtype": args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
-        "speculator": _speculator_info(args.speculator),
-        "weight_bytes": weight_bytes,
-        "max_tokens": args.max_tokens,
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(results, indent=1))
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    record = demo_record("spec_decode_gpu", argv, dtype,
+                         speculator=_speculator_info(args.speculator), weight_bytes=weight_bytes,
+                         max_tokens=args.max_tokens, results=results)  # fmt: skip
+    write_results(args.out, record)
     return 0
 
 

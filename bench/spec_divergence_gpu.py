@@ -20,16 +20,12 @@ chosen tokens); `explained_by_near_tie` counts the divergences at a near tie as 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-from bench.machine import describe_machine, git_commit
 from bench.spec_decode import editing_prompts
-from bench.spec_decode_gpu import chat_prompts
+from bench.spec_decode_gpu import chat_prompts, demo_record, release_gpu_memory, write_results
 
 CONFIGS: dict[str, dict[str, Any] | None] = {
     "plain": None,
@@ -57,13 +53,7 @@ def generate(model: str, spec: dict[str, Any] | None, prompts: list[list[int]], 
         runs.append((list(out.token_ids), ranked))
     llm.check_integrity()
     del llm
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_gpu_memory()
     return runs
 
 
@@ -130,19 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             "divergences": parted,
         }
         print(name, {k: v for k, v in results[name].items() if k != "divergences"}, flush=True)
-    record = {
-        "benchmark": "spec_divergence_gpu",
-        "command": "python -m bench.spec_divergence_gpu " + shlex.join(argv or sys.argv[1:]),
-        "machine": describe_machine(),
-        "commit": git_commit(),
-        "model": "SmolLM2-135M-Instruct (demo)",
-        "dtype": args.dtype,
-        "max_tokens": args.max_tokens,
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(results, indent=1))
+    record = demo_record("spec_divergence_gpu", argv, args.dtype, max_tokens=args.max_tokens,
+                         results=results)  # fmt: skip
+    write_results(args.out, record)
     return 0
 
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import pstats
 import time
 from pathlib import Path
 
-import torch
-
 from bench.spec_decode import editing_prompts
+from bench.spec_decode_gpu import release_gpu_memory
 
 METHODS = {
     "ngram": {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2,
@@ -46,10 +44,8 @@ def profile(model: str, spec: dict | None, args: argparse.Namespace) -> None:
     label = "plain" if spec is None else spec["method"]
     print(f"== {label}: {args.max_tokens} tokens in {seconds * 1e3:.1f} ms, {steps} verify steps")
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.top)
-    del llm  # its GPU memory, before the next engine sizes its KV cache
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    del llm
+    release_gpu_memory()
 
 
 def main(argv: list[str] | None = None) -> int:
