@@ -4,7 +4,7 @@
     baton make-tiny-model DIR --arch A  write a small random-weight model for tests
     baton demo-model                    convert (once) and print the demo model's directory
     baton serve [--model DIR] [...]     router and workers on this machine
-    baton train-speculator --model DIR --out DIR   train an MLP speculator for a model
+    baton train-speculator --model DIR --out DIR   train an MLP speculator (or EAGLE head)
     baton bench run|sweep|compare ...   benchmark a server, or compare cluster configurations
     baton autoscale --kubernetes ...    scale prefill and decode Deployments on their SLOs
 
@@ -295,20 +295,24 @@ def _add_train_speculator(commands: Any) -> None:
     sub = add_subcommand(
         commands,
         "train-speculator",
-        "Train an MLP speculator (IBM's fms format) for a model: stage 1 on text, stage 2 on "
-        "the model's own answers; load it with --speculative-config "
-        '\'{"method": "mlp_speculator", "model": OUT}\'.',
+        "Train an MLP speculator (IBM's fms format) or, with --method eagle, an EAGLE-1 head for "
+        "a model: stage 1 on text, stage 2 on the model's own answers; load it with "
+        '--speculative-config \'{"method": "mlp_speculator", "model": OUT}\' (or "eagle").',
     )
     sub.add_argument("--model", type=Path, required=True, metavar="DIR",
                      help="the target: a local Hugging Face model directory")
     sub.add_argument("--out", type=Path, required=True, metavar="DIR",
                      help="directory to write the speculator into")
+    sub.add_argument("--method", choices=("mlp_speculator", "eagle"), default="mlp_speculator",
+                     help="what to train (default: %(default)s)")
     sub.add_argument("--data", type=Path, nargs="+", default=[], metavar="PATH",
                      help="text files or directories (their .py .txt .md .rst files) to train on "
                           "(default: Python's pydoc_data topics)")
+    for flag, help_text in (("--n-predict", "MLP heads: tokens drafted per step (default: 3)"),
+                            ("--inner-dim", "the MLP heads' width, 0 = the model's hidden size "
+                                            "(default: 0)")):  # fmt: skip
+        sub.add_argument(flag, type=int, default=None, metavar="N", help=help_text)
     for flag, kind, default, help_text in (
-        ("--n-predict", int, 3, "heads: tokens drafted per step"),
-        ("--inner-dim", int, 0, "the heads' width, 0 = the model's hidden size"),
         ("--seq-len", int, 64, "positions per training sequence (stage 2: tokens generated)"),
         ("--batch-size", int, 8, "sequences per step"),
         ("--stage1-steps", int, 200, "steps on text"),
@@ -321,7 +325,7 @@ def _add_train_speculator(commands: Any) -> None:
         sub.add_argument(flag, type=kind, default=default, metavar="N",
                          help=f"{help_text} (default: %(default)s)")  # fmt: skip
     sub.add_argument("--tie-weights", action="store_true",
-                     help="share one embedding, head and norm across the heads (smaller)")
+                     help="MLP: share one embedding, head and norm across the heads (smaller)")
     sub.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.set_defaults(run=_run_train_speculator)  # fmt: skip
@@ -332,21 +336,28 @@ def _run_train_speculator(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model)
     from engine.spec_decode.train_mlp import TrainOptions, train_speculator
 
+    mlp_only = {"--n-predict": args.n_predict, "--inner-dim": args.inner_dim,
+                "--tie-weights": args.tie_weights or None}  # fmt: skip
+    given = [flag for flag, value in mlp_only.items() if value is not None]
+    if args.method != "mlp_speculator" and given:
+        raise UsageError(f"{', '.join(given)}: MLP speculator options, not for --method "
+                         f"{args.method}")  # fmt: skip
     options = TrainOptions(
-        model=model_dir, out=args.out, data=list(args.data), n_predict=args.n_predict,
-        inner_dim=args.inner_dim, tie_weights=args.tie_weights, seq_len=args.seq_len,
+        model=model_dir, out=args.out, data=list(args.data),
+        n_predict=3 if args.n_predict is None else args.n_predict,
+        inner_dim=args.inner_dim or 0, tie_weights=args.tie_weights, seq_len=args.seq_len,
         batch_size=args.batch_size, stage1_steps=args.stage1_steps,
         stage2_steps=args.stage2_steps, stage2_prompts=args.stage2_prompts, lr=args.lr,
-        seed=args.seed, threads=args.threads, device=args.device,
+        seed=args.seed, threads=args.threads, device=args.device, method=args.method,
     )  # fmt: skip
     try:
         summary = train_speculator(options, progress=not args.quiet)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     print(args.out)
-    for stage in ("stage1", "stage2"):
-        if f"{stage}_head_losses" in summary:
-            print(f"{stage} loss per head: {summary[f'{stage}_head_losses']}", file=sys.stderr)
+    for key, losses in summary.items():
+        if key.startswith("stage"):  # stage1_head_losses: stage1 head losses
+            print(f"{key.replace('_', ' ')}: {losses}", file=sys.stderr)
     return 0
 
 

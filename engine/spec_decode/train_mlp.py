@@ -16,6 +16,9 @@ state the engine keeps in `Request.spec_hidden`). When the heads' width equals t
 hidden size, the embeddings and heads start from the target's input and output embeddings.
 Deterministic for a given `seed` and thread count. Saved in the fms layout (config.json and
 model.safetensors), which `"method": "mlp_speculator"` loads.
+
+The options, data, stages and Trainer are shared with `--method eagle` (engine.spec_decode.
+train_eagle): a method gives a `Trainee` (its module, loss and save).
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ import json
 import math
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 
 from engine.spec_decode.mlp_speculator import (
     MLPSpeculator,
@@ -41,6 +46,7 @@ from engine.spec_decode.mlp_speculator import (
 
 PROMPT_CHARS = (200, 800)  # a stage-2 prompt's length in characters: from, to
 STATES_BATCH = 32  # stage-2 sequences per forward pass of the target
+METHODS = ("mlp_speculator", "eagle")  # what `--method` trains
 
 
 @dataclass(slots=True)
@@ -63,9 +69,21 @@ class TrainOptions:
     seed: int = 0
     threads: int | None = None
     device: str = "cpu"  # where the target runs and the speculator trains (cuda: much faster)
+    method: str = "mlp_speculator"  # or "eagle": an EAGLE-1 head (n_predict, inner_dim unused)
+
+    @property
+    def lookahead(self) -> int:
+        """Tokens a sequence of seq_len states needs beyond seq_len: the MLP's n_predict
+        targets, EAGLE's one (row t reads token t + 1 and predicts token t + 2)."""
+        return self.n_predict if self.method == "mlp_speculator" else 1
 
     def check(self) -> None:
-        """ValueError naming the option that is out of range."""
+        """ValueError naming the option that is out of range or does not apply."""
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "eagle" and (self.tie_weights or self.inner_dim):
+            flag = "--tie-weights" if self.tie_weights else "--inner-dim"
+            raise ValueError(f"{flag} does not apply to --method eagle (MLP speculator only)")
         lows = {"n_predict": 1, "inner_dim": 0, "seq_len": 2, "batch_size": 1,
                 "stage1_steps": 0, "stage2_steps": 0, "stage2_prompts": 1}  # fmt: skip
         for name, low in lows.items():
@@ -85,7 +103,8 @@ class TrainOptions:
 class Batch:
     """Speculator training examples: `hidden` (B, L, D) target states, `tokens` (B, L + n)
     where tokens[:, t] was sampled from hidden[:, t], `valid` (B, L + n) which tokens are
-    real (a target counts only where valid)."""
+    real (a target counts only where valid; hidden[:, t] is real where tokens[:, t + 1] is).
+    n is `TrainOptions.lookahead`."""
 
     hidden: torch.Tensor
     tokens: torch.Tensor
@@ -214,7 +233,7 @@ def stage1_batches(
             rng.shuffle(more)
             order += more
         picked, order = order[: options.batch_size], order[options.batch_size :]
-        ids = chunks[picked]  # (B, seq_len + n + 1)
+        ids = chunks[picked]  # (B, seq_len + lookahead + 1)
         hidden = target.hidden(ids[:, : options.seq_len])  # (B, L, D)
         tokens = ids[:, 1:].to(target.device)  # (B, L + n)
         yield Batch(hidden, tokens, torch.ones_like(tokens, dtype=torch.bool))
@@ -246,10 +265,10 @@ def stage2_examples(
 ) -> Batch:
     """The target's greedy answers to `prompts` (the offline engine), each with the states
     that sampled its tokens: hidden[:, t] sampled tokens[:, t]; answers shorter than
-    seq_len + n_predict are padded (not valid)."""
+    seq_len + lookahead are padded (not valid)."""
     from engine import LLM, SamplingParams
 
-    n, length = options.n_predict, options.seq_len
+    n, length = options.lookahead, options.seq_len
     # On a GPU the answers of the model as it is served there (bfloat16), and faster.
     dtype = "bfloat16" if options.device.startswith("cuda") else "float32"
     llm = LLM(str(options.model), dtype=dtype, seed=options.seed, device=options.device,
@@ -301,15 +320,36 @@ def _lr_factor(step: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class Trainer:
-    """The speculator, its optimizer and schedule over both stages, and the progress bar."""
+LossFn = Callable[[Batch], tuple[torch.Tensor, list[float]]]  # -> (loss, its parts)
 
-    def __init__(self, speculator: MLPSpeculator, options: TrainOptions, progress: bool) -> None:
+
+class Trainee(NamedTuple):
+    """What a method trains: the module, its loss on a batch (the total to minimise and its
+    parts, reported), the summary's name for those parts, and how it is saved."""
+
+    module: nn.Module
+    loss: LossFn
+    parts: str  # summary keys: f"stage1_{parts}", f"stage2_{parts}"
+    save: Callable[[Path], None]  # writes the checkpoint into a directory
+
+
+def mlp_trainee(options: TrainOptions, target: Target) -> Trainee:
+    """A fresh MLP speculator for `target`, trained on the summed cross entropy of its heads."""
+    speculator = new_speculator(options, target).to(target.device)
+    return Trainee(speculator, partial(speculator_loss, speculator), "head_losses",
+                   partial(save_speculator, speculator))  # fmt: skip
+
+
+class Trainer:
+    """A module, its optimizer and schedule over both stages, and the progress bar."""
+
+    def __init__(self, trainee: Trainee, options: TrainOptions, progress: bool) -> None:
         from tqdm.auto import tqdm
 
-        self.speculator = speculator
+        self.trainee = trainee
+        self.options = options
         total = options.stage1_steps + options.stage2_steps
-        params = [p for p in speculator.parameters() if p.requires_grad]
+        params = [p for p in trainee.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: _lr_factor(step, total)
@@ -318,25 +358,26 @@ class Trainer:
                         file=sys.stderr, dynamic_ncols=True)  # fmt: skip
 
     def run(self, stage: str, batches: Iterator[Batch], steps: int) -> list[float]:
-        """`steps` optimizer steps on `batches`; the heads' mean losses over the last quarter."""
+        """`steps` optimizer steps on `batches`; the loss parts' means over the last quarter."""
         recent: list[list[float]] = []
         for step in range(steps):
-            loss, per_head = speculator_loss(self.speculator, next(batches))
+            loss, parts = self.trainee.loss(next(batches))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.speculator.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(self.trainee.module.parameters(), 1.0)
             self.optimizer.step()
             self.schedule.step()
             if step >= steps * 3 // 4:
-                recent.append(per_head)
-            self.bar.set_postfix_str(f"{stage} loss " + " ".join(f"{x:.2f}" for x in per_head))
+                recent.append(parts)
+            self.bar.set_postfix_str(f"{stage} loss " + " ".join(f"{x:.2f}" for x in parts))
             self.bar.update(1)
         return [round(sum(col) / len(col), 4) for col in zip(*recent, strict=True)]
 
 
 def train_speculator(options: TrainOptions, progress: bool = True) -> dict[str, Any]:
-    """Train a speculator for `options.model` and save it in `options.out`; returns a summary
-    (also saved there as baton_training.json). ValueError for a bad option or data."""
+    """Train a speculator (`options.method`) for `options.model` and save it in `options.out`;
+    returns a summary (also saved there as baton_training.json). ValueError for a bad option
+    or data."""
     from common.tokenizer import load_tokenizer
 
     options.check()
@@ -345,25 +386,40 @@ def train_speculator(options: TrainOptions, progress: bool = True) -> dict[str, 
     torch.manual_seed(options.seed)
     if options.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # training needs no more than TF32
-    rng = random.Random(options.seed)
     tokenizer = load_tokenizer(options.model)
     text = load_text(options.data)
     target = Target(options.model, options.device)
-    speculator = new_speculator(options, target).to(target.device)
-    trainer = Trainer(speculator, options, progress)
+    if options.method == "eagle":
+        from engine.spec_decode.train_eagle import eagle_trainee
+
+        trainee = eagle_trainee(options, target)
+    else:
+        trainee = mlp_trainee(options, target)
+    summary = run_stages(Trainer(trainee, options, progress), target, tokenizer, text, progress)
+    trainee.save(options.out)
+    (options.out / "baton_training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_stages(
+    trainer: Trainer, target: Target, tokenizer: Any, text: str, progress: bool
+) -> dict[str, Any]:
+    """Stage 1 on the text's chunks, then stage 2 on the target's answers (either skipped at 0
+    steps); the summary: the options and each stage's final loss parts."""
+    options = trainer.options
+    rng = random.Random(options.seed)
+    parts = trainer.trainee.parts
     summary: dict[str, Any] = {"options": _jsonable(options)}
     if options.stage1_steps:
-        chunks = text_chunks(tokenizer, text, options.seq_len + options.n_predict + 1)
+        chunks = text_chunks(tokenizer, text, options.seq_len + options.lookahead + 1)
         batches = stage1_batches(target, chunks, options, rng)
-        summary["stage1_head_losses"] = trainer.run("stage 1", batches, options.stage1_steps)
+        summary[f"stage1_{parts}"] = trainer.run("stage 1", batches, options.stage1_steps)
     if options.stage2_steps:
         prompts = stage2_prompts(tokenizer, text, options.stage2_prompts, rng)
         examples = stage2_examples(options, target, prompts, progress)
         batches = stage2_batches(examples, options.batch_size, rng)
-        summary["stage2_head_losses"] = trainer.run("stage 2", batches, options.stage2_steps)
+        summary[f"stage2_{parts}"] = trainer.run("stage 2", batches, options.stage2_steps)
     trainer.bar.close()
-    save_speculator(speculator, options.out)
-    (options.out / "baton_training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
