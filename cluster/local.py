@@ -108,6 +108,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_run(count: int, host: str = "127.0.0.1", avoid: range = range(0)) -> int:
+    """A port p where p .. p + count - 1 are all free now and none is in `avoid`: the base of
+    a cluster's routers, which listen on consecutive ports (`ClusterSpec.router_ports`)."""
+    for _ in range(200):
+        base = free_port(host)
+        run = range(base, base + count)
+        if run.stop <= 65536 and not set(run) & set(avoid) and all(map(_bindable, run)):
+            return base
+    raise RuntimeError(f"found no {count} consecutive free ports")
+
+
+def _bindable(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def gpu_for_worker(index: int, num_gpus: int) -> int | None:
     """The GPU of the `index`-th worker (prefill workers first, then decode, then colocated):
     round robin, so with as many GPUs as workers each worker has its own (prefill and decode

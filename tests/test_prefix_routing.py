@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from cluster import ClusterSpec, free_port, start_cluster
+from cluster import ClusterSpec, free_port, free_port_run, start_cluster
 from engine import LLM, SamplingParams
 
 FLAGS = ["--num-kv-blocks", "128", "--max-num-batched-tokens", "64"]
@@ -122,9 +122,10 @@ def test_a_prefix_held_by_the_decode_worker_is_reused_there(memory_cluster):
 @pytest.fixture()
 def redis_cluster(tiny_model, redis_server):
     model = tiny_model("qwen2")
-    spec = ClusterSpec(model, prefill=2, decode=1, port=free_port(), grpc_port=free_port(),
-                       routers=2, redis_url=redis_server.url, worker_args=FLAGS)  # fmt: skip
-    spec.grpc_port = spec.port + 100 if spec.port < 65000 else spec.port - 100
+    port = free_port_run(2)  # the two routers listen on port and port + 1
+    spec = ClusterSpec(model, prefill=2, decode=1, port=port,
+                       grpc_port=free_port_run(2, avoid=range(port, port + 2)), routers=2,
+                       redis_url=redis_server.url, worker_args=FLAGS)  # fmt: skip
     cluster = start_cluster(spec)
     bases = [f"http://127.0.0.1:{port}" for port, _ in spec.router_ports()]
     yield model, bases, redis_server

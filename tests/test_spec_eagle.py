@@ -19,6 +19,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -335,16 +336,10 @@ def test_bad_weights_are_refused(tiny_model, tmp_path):
         LLM(str(model), speculative_config=_spec(head, False))
 
 
-@pytest.mark.parametrize("eagle3", [False, True], ids=["eagle", "eagle3"])
-def test_drafts_are_those_of_transformers_states(tiny_model, tmp_path, eagle3):
-    """Each step's drafts (prompts in chunks, several requests in a batch) equal those of the
-    same head fed at once the states transformers computes for the request's tokens: the final
-    post-norm state (EAGLE-1), `hidden_states[i]` entering layer i (EAGLE-3, ids 1, 0, 1)."""
-    from transformers import AutoModelForCausalLM
-
-    model = tiny_model("llama")
-    head = write_head(tmp_path / "head", model, eagle3, aux=[1, 0, 1])
-    llm = LLM(str(model), speculative_config=_spec(head, eagle3), max_num_batched_tokens=8)
+def record_drafts(llm: LLM) -> tuple[list[tuple[list[int], list[int]]], EagleProposer, Any]:
+    """A list that gathers, from now on, each request's tokens and the drafts the engine's
+    EAGLE drafter proposed after them (requests without drafts left out); the drafter, and its
+    own `propose`, unrecorded."""
     proposer = llm.engine.core.proposer
     assert isinstance(proposer, EagleProposer)
     seen: list[tuple[list[int], list[int]]] = []
@@ -356,6 +351,20 @@ def test_drafts_are_those_of_transformers_states(tiny_model, tmp_path, eagle3):
         return drafts
 
     proposer.propose = recording  # type: ignore[method-assign]
+    return seen, proposer, propose
+
+
+@pytest.mark.parametrize("eagle3", [False, True], ids=["eagle", "eagle3"])
+def test_drafts_are_those_of_transformers_states(tiny_model, tmp_path, eagle3):
+    """Each step's drafts (prompts in chunks, several requests in a batch) equal those of the
+    same head fed at once the states transformers computes for the request's tokens: the final
+    post-norm state (EAGLE-1), `hidden_states[i]` entering layer i (EAGLE-3, ids 1, 0, 1)."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    head = write_head(tmp_path / "head", model, eagle3, aux=[1, 0, 1])
+    llm = LLM(str(model), speculative_config=_spec(head, eagle3), max_num_batched_tokens=8)
+    seen, proposer, propose = record_drafts(llm)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     _run(llm, _prompts(3, seed=5), params)
     hf = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32)

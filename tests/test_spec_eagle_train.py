@@ -17,12 +17,11 @@ from common.sampling_params import SamplingParams
 from engine import LLM
 from engine.request import Request
 from engine.sampling_params import SamplingParams as EngineSamplingParams
-from engine.spec_decode.eagle import EagleProposer
 from engine.spec_decode.train_eagle import new_eagle_head, save_eagle_head
 from engine.spec_decode.train_mlp import Target, TrainOptions
 from launcher.cli import main as baton
 from tests.test_spec_decode import _prompts, _run
-from tests.test_spec_eagle import SMALL_CACHE, _spec, _twice, bigram_target
+from tests.test_spec_eagle import SMALL_CACHE, _spec, _twice, bigram_target, record_drafts
 
 QUICK = ("--method", "eagle", "--stage1-steps", "20", "--stage2-steps", "60",
          "--stage2-prompts", "16", "--seq-len", "24", "--batch-size", "8", "--lr", "1e-2",
@@ -83,17 +82,7 @@ def test_engine_drafts_are_the_training_modules(tiny_model, tmp_path):
     model = tiny_model("llama")
     head_dir = _train(model, tmp_path / "head", tmp_path / "data.txt")
     llm = LLM(str(model), speculative_config=_spec(head_dir, False), max_num_batched_tokens=8)
-    proposer = llm.engine.core.proposer
-    assert isinstance(proposer, EagleProposer)
-    seen: list[tuple[list[int], list[int]]] = []
-    propose = proposer.propose
-
-    def recording(requests, max_drafts):
-        drafts = propose(requests, max_drafts)
-        seen.extend((list(r.all_token_ids), d) for r, d in zip(requests, drafts, strict=True) if d)
-        return drafts
-
-    proposer.propose = recording  # type: ignore[method-assign]
+    seen, _, propose = record_drafts(llm)
     expected = _run(LLM(str(model)), _prompts(3, seed=5), _greedy(10))
     assert _run(llm, _prompts(3, seed=5), _greedy(10)) == expected
     target = Target(model)
