@@ -7,12 +7,12 @@ the CPU (the fill is host work): bench.structured_outputs' SCHEMA (strings with 
     no_max_length    the strings without maxLength (xgrammar's unbounded string)
     guidance         llguidance on the same schema (engine.structured.guidance_backend)
 
-Each is compiled (process CPU ms, one thread: others' load moves wall time) and its mask is
-filled for one row token by token along two answers: bench.structured_outputs' MASK_DOCUMENT
-(strings of at most 12 characters), and one whose strings reach the bound (16); for llguidance
-without the spaces after ',' and ':' (its compact JSON has none). Vocabularies:
-bench.byte_level_tokenizer's 128,256 tokens (the 1B shape's) and the demo model's (SmolLM2,
-49,152).
+Each is compiled (process CPU ms, one thread: others' load moves wall time) by a compiler that
+has compiled nothing else, and its mask is filled for one row token by token along two answers:
+bench.structured_outputs' MASK_DOCUMENT (strings of at most 12 characters), and one whose
+strings reach the bound (16); for llguidance without the spaces after ',' and ':' (its compact
+JSON has none). Vocabularies: bench.byte_level_tokenizer's 128,256 tokens (the 1B shape's) and
+the demo model's (SmolLM2, 49,152).
 
     python -m experiments.xgrammar_bounded_strings [--out PATH.json]
 """
@@ -97,7 +97,6 @@ def measure(data: TokenizerData) -> dict[str, Any]:
     from engine.structured.guidance_backend import GuidanceBackend
     from engine.structured.xgrammar_backend import XgrammarBackend
 
-    backends = {"xgrammar": XgrammarBackend(data), "guidance": GuidanceBackend(data)}
     documents = {"mask_document": MASK_DOCUMENT, "full_strings": FULL_DOCUMENT}
     ids = {k: data.tokenizer.encode(d, add_special_tokens=False) for k, d in documents.items()}
     out: dict[str, Any] = {"document_tokens": {k: len(v) for k, v in ids.items()}}
@@ -106,6 +105,8 @@ def measure(data: TokenizerData) -> dict[str, Any]:
     compact_ids = {k: data.tokenizer.encode(d, add_special_tokens=False)
                    for k, d in compact.items()}  # fmt: skip
     for form in FORMS:
+        # fresh backends per form: xgrammar's compiler reuses the masks of rules it compiled
+        backends = {"xgrammar": XgrammarBackend(data), "guidance": GuidanceBackend(data)}
         start = time.process_time()
         grammar = compile_form(form, backends)
         compile_ms = 1000 * (time.process_time() - start)

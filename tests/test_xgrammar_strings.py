@@ -116,3 +116,32 @@ def test_long_bounds_keep_the_pattern(string_grammar):
     assert _accepts(grammar, byte_id, string(MAX_CHAIN_LENGTH + 2))
     assert not _accepts(grammar, byte_id, string(MAX_CHAIN_LENGTH + 3))
     assert not _accepts(grammar, byte_id, b'"\x01"')
+
+
+def _masks_along(grammar, byte_id, vocab_size: int, text: bytes) -> list[torch.Tensor]:
+    """The allowed-token mask before each byte token of `text` (all of which must be taken)."""
+    matcher, bitmask, masks = grammar.matcher(), allocate_bitmask(1, vocab_size), []
+    for b in text:
+        matcher.fill_bitmask(bitmask, 0)
+        masks.append(bitmask.clone())
+        assert matcher.accept_token(byte_id(b))
+    return masks
+
+
+def test_rules_compiled_before_give_the_same_masks(string_grammar, tiny_model):
+    """A schema compiled after others that share its chain's rules (xgrammar's compiler reuses
+    their token masks) masks every token as a backend that never saw them does."""
+    from common.tokenizer import load_tokenizer
+
+    compile_schema, byte_id, vocab_size = string_grammar
+    pair = {"type": "object", "properties": {"a": SCHEMA["properties"]["s"], "b": {
+        "type": "string", "maxLength": 6}}, "required": ["a", "b"]}  # fmt: skip
+    compile_schema(SCHEMA)
+    compile_schema({"type": "array", "items": {"type": "string", "maxLength": 5}})
+    tokenizer = load_tokenizer(tiny_model("qwen2"))
+    fresh = XgrammarBackend(TokenizerData(tokenizer, len(tokenizer), (2,)))
+    so = StructuredOutputsParams(json=pair, disable_any_whitespace=True)
+    text = '{"a": "中文", "b": "abcdef"}'.encode()
+    reused = _masks_along(compile_schema(pair), byte_id, vocab_size, text)
+    alone = _masks_along(fresh.compile(so), byte_id, vocab_size, text)
+    assert all(torch.equal(x, y) for x, y in zip(reused, alone, strict=True))

@@ -23,7 +23,9 @@ need = characters still required, left = characters still allowed. The cache, se
 inside each rule, decides every token at compile time (a token longer than `left` is refused
 there), and the fill costs what an unbounded string's does. Rules are shared by every string
 with the same (need, left). Compiling costs one cache entry per rule, as the pattern's
-repetition did: longer bounds keep the pattern.
+repetition did: longer bounds keep the pattern. xgrammar's compiler keeps those entries for
+later grammars (engine.structured.xgrammar_backend.COMPILER_CACHE_BYTES), so a chain's rules are
+computed once per tokenizer, not once per schema.
 """
 
 from __future__ import annotations
