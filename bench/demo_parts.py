@@ -9,10 +9,10 @@ given for a short while after a call. So the file travels in parts, one per call
     #   mkdir -p /tmp/parts && cp .gpu-demoN/* /tmp/parts/
     python -m bench.demo_parts join --parts /tmp/parts --out /tmp/demo     # there, last call
 
-`split` writes parts of PART_BYTES into `.gpu-demoN/` directories (keep them out of git:
-.git/info/exclude) and the whole file's sha256 beside the first; `join` checks that every part
-arrived and the checksum matches, then converts the GGUF into a Hugging Face directory (DEMO_DIR
-in docs/performance.md's commands).
+`split` writes parts of PART_BYTES into `.gpu-demoN/` directories (git-ignored: name them in
+the device call's `carry`) and the whole file's sha256 beside the first; `join` checks that
+every part arrived and the checksum matches, then converts the GGUF into a Hugging Face
+directory (DEMO_DIR in docs/performance.md's commands).
 """
 
 from __future__ import annotations
