@@ -8,8 +8,6 @@ tools on a server without `--enable-auto-tool-choice`."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,12 +15,11 @@ import jsonschema
 import openai
 import pytest
 
-from cluster import free_port
 from common.tokenizer import load_tokenizer
 from engine.models.tiny import make_tiny_model
 from tests.test_tools_serve import ASK, COMPACT, NO_THINKING, SCHEMAS, SEEDS, TOOLS, WEATHER
 from tests.test_tools_serve import _create as create
-from tests.workers import ROOT, lines_until_serving, stop_serve
+from tests.workers import serve_colocated
 
 MARKERS = ("<tool_call>", "</tool_call>", "<think>", "</think>")
 STRICT = [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS]
@@ -49,25 +46,11 @@ def bias(marker_model) -> Bias:
     return lambda marker, value: {**space, str(tokenizer.convert_tokens_to_ids(marker)): value}
 
 
-def _serve(model: Path, *flags: str) -> Iterator[str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "launcher", "serve", "--model", str(model), "--port", str(port),
-           "--grpc-port", str(free_port()), "--colocated", "1", "--num-kv-blocks", "128",
-           *flags]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)  # fmt: skip
-    try:
-        lines_until_serving(proc)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop_serve(proc)
-
-
 @pytest.fixture(scope="module")
 def client(marker_model) -> Iterator[openai.OpenAI]:
     flags = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
              "--reasoning-parser", "qwen3")  # fmt: skip
-    for url in _serve(marker_model, *flags):
+    with serve_colocated(marker_model, *flags) as url:
         yield openai.OpenAI(base_url=url, api_key="none", max_retries=0)
 
 
@@ -148,7 +131,7 @@ def test_required_with_parallel_calls(client) -> None:
 
 
 def test_tools_without_auto_tool_choice_on_the_server(marker_model) -> None:
-    for url in _serve(marker_model):
+    with serve_colocated(marker_model) as url:
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
         for choice in (openai.NOT_GIVEN, "auto"):
             with pytest.raises(openai.BadRequestError) as caught:

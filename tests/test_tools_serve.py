@@ -9,19 +9,16 @@ the field."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import jsonschema
 import openai
 import pytest
 
-from cluster import free_port
 from common.tools.errors import ToolRequestError
 from common.tools.request import plan_tools
 from common.tools.settings import ToolSettings
-from tests.workers import ROOT, lines_until_serving, stop_serve
+from tests.workers import serve_colocated
 
 WEATHER = {
     "type": "object",
@@ -52,18 +49,10 @@ SEEDS = range(5)
 
 @pytest.fixture(scope="module")
 def server(tiny_model) -> Iterator[str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "launcher", "serve", "--model", str(tiny_model("qwen2")),
-           "--port", str(port), "--grpc-port", str(free_port()), "--colocated", "1",
-           "--num-kv-blocks", "128", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-           "--reasoning-parser", "qwen3"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)  # fmt: skip
-    try:
-        lines_until_serving(proc)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop_serve(proc)
+    flags = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+             "--reasoning-parser", "qwen3")  # fmt: skip
+    with serve_colocated(tiny_model("qwen2"), *flags) as url:
+        yield url
 
 
 @pytest.fixture

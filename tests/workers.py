@@ -86,6 +86,25 @@ def lines_until_serving(proc: subprocess.Popen) -> list[str]:
     pytest.fail(f"baton serve did not start: {lines}")
 
 
+@contextmanager
+def serve_colocated(model: Path, *flags: str) -> Iterator[str]:
+    """`baton serve` of `model` as one colocated worker (128 KV blocks) with `flags`, on free
+    ports; yields its OpenAI base URL, stops it (SIGTERM) after."""
+    from cluster import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "launcher", "serve", "--model", str(model), "--port", str(port),
+           "--grpc-port", str(free_port()), "--colocated", "1", "--num-kv-blocks", "128",
+           *flags]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)  # fmt: skip
+    try:
+        lines_until_serving(proc)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop_serve(proc)
+
+
 def stop_serve(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
     """Stop a `baton serve` process as a user would (SIGTERM: it drains and stops its router
     and workers); SIGKILL only if it hangs (its children would then be orphaned)."""
